@@ -1,0 +1,1077 @@
+//! The bytes on the wire.
+//!
+//! Every UDP datagram is one [`Packet`]: a version byte, a type byte, then
+//! the type's fields. Handshake packets carry `snow` messages; a
+//! [`Packet::Data`] carries an encrypted inner message, one of
+//! [`ClientToServer`], [`ServerToClient`] or [`PeerToPeer`] depending on
+//! who talks to whom. Each inner message starts with its own type byte; an
+//! unknown type decodes to an error the caller counts and drops, so a newer
+//! peer never crashes an older one.
+//!
+//! Type codes 0x10 to 0x1f of [`PeerToPeer`] are reserved for file
+//! transfer.
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::identity::PublicIdentity;
+use crate::noise::Pattern;
+use std::net::SocketAddr;
+
+/// The protocol version this crate speaks; packets with another are dropped.
+pub const VERSION: u8 = 1;
+/// The largest datagram we send or accept. 1232 bytes is what fits in the
+/// IPv6 minimum MTU (1280) after the IPv6 and UDP headers, so it crosses
+/// any path without fragmentation.
+pub const MAX_PACKET: usize = 1232;
+/// A handshake initiation is padded to at least this size, so that the
+/// responder's reply is never larger than the request (no amplification).
+pub const MIN_INIT_LEN: usize = 256;
+/// version, type, receiver index, counter.
+pub const DATA_HEADER_LEN: usize = 1 + 1 + 4 + 8;
+/// Room for the inner message of a data packet: the packet minus its
+/// header and the AEAD tag.
+pub const MAX_INNER: usize = MAX_PACKET - DATA_HEADER_LEN - 16;
+/// The longest chat message body, in bytes: what fits in one packet with
+/// the [`PeerToPeer::Message`] header.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// Longest user name, in bytes.
+pub const MAX_NAME: usize = 32;
+/// Most local endpoints a client reports.
+pub const MAX_ENDPOINTS: usize = 8;
+/// Most users in one [`ServerToClient::UserList`] page.
+pub const USERS_PER_PAGE: usize = 12;
+/// Most selective acknowledgements in one [`PeerToPeer::Ack`].
+pub const MAX_SACKS: usize = 32;
+const MAX_DETAIL: usize = 200;
+
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketType {
+    HandshakeInit = 1,
+    HandshakeResponse = 2,
+    HandshakeFinish = 3,
+    Data = 4,
+    Punch = 5,
+    SessionUnknown = 6,
+}
+
+/// One datagram, borrowed from the receive buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Packet<'a> {
+    /// First handshake message; padded to [`MIN_INIT_LEN`].
+    HandshakeInit {
+        sender: u32,
+        pattern: Pattern,
+        noise: &'a [u8],
+    },
+    /// Second handshake message.
+    HandshakeResponse {
+        sender: u32,
+        receiver: u32,
+        noise: &'a [u8],
+    },
+    /// Third handshake message (XX only).
+    HandshakeFinish { receiver: u32, noise: &'a [u8] },
+    /// An encrypted inner message for the session at `receiver`.
+    Data {
+        receiver: u32,
+        counter: u64,
+        ciphertext: &'a [u8],
+    },
+    /// A hole-punching probe between peers, naming the introduction it
+    /// belongs to. Unencrypted; it only opens NAT mappings, and the
+    /// handshake that follows authenticates.
+    Punch { intro_id: u64, reply: bool },
+    /// "I have no session with that index": lets the other side start a
+    /// new handshake at once instead of waiting for a timeout.
+    SessionUnknown { receiver: u32 },
+}
+
+impl<'a> Packet<'a> {
+    pub fn decode(buf: &'a [u8]) -> Result<Self, DecodeError> {
+        if buf.len() > MAX_PACKET {
+            return Err(DecodeError::Oversized {
+                len: buf.len(),
+                max: MAX_PACKET,
+            });
+        }
+        let mut r = Reader::new(buf);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let ty = r.u8()?;
+        let p = match ty {
+            1 => {
+                if buf.len() < MIN_INIT_LEN {
+                    return Err(DecodeError::Invalid("unpadded handshake init"));
+                }
+                let sender = r.u32()?;
+                let pattern = Pattern::from_code(r.u8()?).ok_or(DecodeError::Invalid("pattern"))?;
+                let noise = r.bytes16(MAX_PACKET)?;
+                // The rest is padding.
+                Packet::HandshakeInit {
+                    sender,
+                    pattern,
+                    noise,
+                }
+            }
+            2 => Packet::HandshakeResponse {
+                sender: r.u32()?,
+                receiver: r.u32()?,
+                noise: r.rest(),
+            },
+            3 => Packet::HandshakeFinish {
+                receiver: r.u32()?,
+                noise: r.rest(),
+            },
+            4 => {
+                let receiver = r.u32()?;
+                let counter = r.u64()?;
+                let ciphertext = r.rest();
+                if ciphertext.len() < 16 {
+                    return Err(DecodeError::Truncated {
+                        needed: 16 - ciphertext.len(),
+                    });
+                }
+                Packet::Data {
+                    receiver,
+                    counter,
+                    ciphertext,
+                }
+            }
+            5 => {
+                let p = Packet::Punch {
+                    intro_id: r.u64()?,
+                    reply: r.bool()?,
+                };
+                r.finish()?;
+                p
+            }
+            6 => {
+                let p = Packet::SessionUnknown { receiver: r.u32()? };
+                r.finish()?;
+                p
+            }
+            t => return Err(DecodeError::UnknownType(t)),
+        };
+        Ok(p)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        w.u8(VERSION);
+        match self {
+            Packet::HandshakeInit {
+                sender,
+                pattern,
+                noise,
+            } => {
+                w.u8(PacketType::HandshakeInit as u8)
+                    .u32(*sender)
+                    .u8(pattern.code())
+                    .bytes16(noise);
+                if w.buf.len() < MIN_INIT_LEN {
+                    w.buf.resize(MIN_INIT_LEN, 0);
+                }
+            }
+            Packet::HandshakeResponse {
+                sender,
+                receiver,
+                noise,
+            } => {
+                w.u8(PacketType::HandshakeResponse as u8)
+                    .u32(*sender)
+                    .u32(*receiver)
+                    .bytes(noise);
+            }
+            Packet::HandshakeFinish { receiver, noise } => {
+                w.u8(PacketType::HandshakeFinish as u8)
+                    .u32(*receiver)
+                    .bytes(noise);
+            }
+            Packet::Data {
+                receiver,
+                counter,
+                ciphertext,
+            } => {
+                w.u8(PacketType::Data as u8)
+                    .u32(*receiver)
+                    .u64(*counter)
+                    .bytes(ciphertext);
+            }
+            Packet::Punch { intro_id, reply } => {
+                w.u8(PacketType::Punch as u8).u64(*intro_id).bool(*reply);
+            }
+            Packet::SessionUnknown { receiver } => {
+                w.u8(PacketType::SessionUnknown as u8).u32(*receiver);
+            }
+        }
+        w.into_inner()
+    }
+}
+
+/// Why the server refused a request, or why an introduction failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    NameTaken,
+    NameInvalid,
+    KeyAlreadyRegistered,
+    NotRegistered,
+    UnknownUser,
+    Offline,
+    Declined,
+    TimedOut,
+    NotLoggedIn,
+    SelfConnect,
+    NoSuchIntro,
+    ServerError,
+    /// A code this version does not know.
+    Other(u8),
+}
+
+impl FailReason {
+    pub fn code(self) -> u8 {
+        match self {
+            FailReason::NameTaken => 1,
+            FailReason::NameInvalid => 2,
+            FailReason::KeyAlreadyRegistered => 3,
+            FailReason::NotRegistered => 4,
+            FailReason::UnknownUser => 5,
+            FailReason::Offline => 6,
+            FailReason::Declined => 7,
+            FailReason::TimedOut => 8,
+            FailReason::NotLoggedIn => 9,
+            FailReason::SelfConnect => 10,
+            FailReason::NoSuchIntro => 11,
+            FailReason::ServerError => 12,
+            FailReason::Other(c) => c,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Self {
+        match c {
+            1 => FailReason::NameTaken,
+            2 => FailReason::NameInvalid,
+            3 => FailReason::KeyAlreadyRegistered,
+            4 => FailReason::NotRegistered,
+            5 => FailReason::UnknownUser,
+            6 => FailReason::Offline,
+            7 => FailReason::Declined,
+            8 => FailReason::TimedOut,
+            9 => FailReason::NotLoggedIn,
+            10 => FailReason::SelfConnect,
+            11 => FailReason::NoSuchIntro,
+            12 => FailReason::ServerError,
+            c => FailReason::Other(c),
+        }
+    }
+
+    /// A stable snake_case name, used as the error code in the control API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::NameTaken => "name_taken",
+            FailReason::NameInvalid => "name_invalid",
+            FailReason::KeyAlreadyRegistered => "key_already_registered",
+            FailReason::NotRegistered => "not_registered",
+            FailReason::UnknownUser => "unknown_user",
+            FailReason::Offline => "offline",
+            FailReason::Declined => "declined",
+            FailReason::TimedOut => "timed_out",
+            FailReason::NotLoggedIn => "not_logged_in",
+            FailReason::SelfConnect => "self_connect",
+            FailReason::NoSuchIntro => "no_such_request",
+            FailReason::ServerError => "server_error",
+            FailReason::Other(_) => "failed",
+        }
+    }
+}
+
+/// Checks a user name: 1 to [`MAX_NAME`] bytes of ASCII letters, digits,
+/// `-`, `_` and `.`, starting with a letter or digit.
+pub fn validate_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err("a name is 1 to 32 characters long");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err("a name may contain only letters, digits, '-', '_' and '.'");
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err("a name starts with a letter or digit");
+    }
+    Ok(())
+}
+
+/// A user in the active list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEntry {
+    pub name: String,
+    pub sign_key: [u8; 32],
+}
+
+/// Requests from a client to the rendezvous server. `rid` is chosen by the
+/// client and echoed in the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientToServer {
+    Register {
+        rid: u32,
+        name: String,
+    },
+    /// Answers the challenge from the handshake: an ed25519 signature over
+    /// `LOGIN_CONTEXT || challenge || server Noise key`.
+    Login {
+        rid: u32,
+        signature: [u8; 64],
+    },
+    ListUsers {
+        rid: u32,
+        offset: u16,
+    },
+    RequestConnect {
+        rid: u32,
+        name: String,
+        locals: Vec<SocketAddr>,
+    },
+    AgreeConnect {
+        rid: u32,
+        intro_id: u64,
+        accept: bool,
+        locals: Vec<SocketAddr>,
+    },
+    /// Also the heartbeat that keeps presence and the NAT mapping alive.
+    Ping {
+        rid: u32,
+    },
+    Logout,
+}
+
+impl ClientToServer {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        match self {
+            ClientToServer::Register { rid, name } => {
+                w.u8(1).u32(*rid).string(name);
+            }
+            ClientToServer::Login { rid, signature } => {
+                w.u8(2).u32(*rid).bytes(signature);
+            }
+            ClientToServer::ListUsers { rid, offset } => {
+                w.u8(3).u32(*rid).u16(*offset);
+            }
+            ClientToServer::RequestConnect { rid, name, locals } => {
+                w.u8(4).u32(*rid).string(name);
+                w.list(locals, |w, a| {
+                    w.socket_addr(a);
+                });
+            }
+            ClientToServer::AgreeConnect {
+                rid,
+                intro_id,
+                accept,
+                locals,
+            } => {
+                w.u8(5).u32(*rid).u64(*intro_id).bool(*accept);
+                w.list(locals, |w, a| {
+                    w.socket_addr(a);
+                });
+            }
+            ClientToServer::Ping { rid } => {
+                w.u8(6).u32(*rid);
+            }
+            ClientToServer::Logout => {
+                w.u8(7);
+            }
+        }
+        w.into_inner()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let m = match r.u8()? {
+            1 => ClientToServer::Register {
+                rid: r.u32()?,
+                name: r.string(MAX_NAME)?,
+            },
+            2 => ClientToServer::Login {
+                rid: r.u32()?,
+                signature: r.array()?,
+            },
+            3 => ClientToServer::ListUsers {
+                rid: r.u32()?,
+                offset: r.u16()?,
+            },
+            4 => ClientToServer::RequestConnect {
+                rid: r.u32()?,
+                name: r.string(MAX_NAME)?,
+                locals: r.list(MAX_ENDPOINTS, Reader::socket_addr)?,
+            },
+            5 => ClientToServer::AgreeConnect {
+                rid: r.u32()?,
+                intro_id: r.u64()?,
+                accept: r.bool()?,
+                locals: r.list(MAX_ENDPOINTS, Reader::socket_addr)?,
+            },
+            6 => ClientToServer::Ping { rid: r.u32()? },
+            7 => ClientToServer::Logout,
+            t => return Err(DecodeError::UnknownType(t)),
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+/// Where to punch, and whom: sent to both sides once the target agreed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchInstruction {
+    pub intro_id: u64,
+    pub name: String,
+    pub identity: PublicIdentity,
+    /// The peer's address as the server saw it (its NAT's public side).
+    pub public: SocketAddr,
+    /// The addresses the peer found on its own interfaces.
+    pub locals: Vec<SocketAddr>,
+    /// True for the side that sends the handshake initiation.
+    pub initiator: bool,
+}
+
+/// Answers and notices from the rendezvous server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerToClient {
+    RegisterOk {
+        rid: u32,
+        name: String,
+    },
+    LoginOk {
+        rid: u32,
+        name: String,
+        observed: SocketAddr,
+    },
+    /// A request failed.
+    Failed {
+        rid: u32,
+        reason: FailReason,
+        detail: String,
+    },
+    UserList {
+        rid: u32,
+        total: u16,
+        offset: u16,
+        users: Vec<UserEntry>,
+    },
+    /// Someone asks to connect to you; answer with `AgreeConnect`.
+    ConnectRequested {
+        intro_id: u64,
+        name: String,
+        identity: PublicIdentity,
+    },
+    /// Your request was forwarded; the outcome follows as a
+    /// `Punch` or a `ConnectFailed` with the same `intro_id`.
+    ConnectPending {
+        rid: u32,
+        intro_id: u64,
+        name: String,
+    },
+    ConnectFailed {
+        intro_id: u64,
+        name: String,
+        reason: FailReason,
+    },
+    Punch(PunchInstruction),
+    /// Answers a `Ping` (UDP ping): your address as the server sees it.
+    Pong {
+        rid: u32,
+        observed: SocketAddr,
+    },
+    /// A request without its own answer succeeded.
+    Ok {
+        rid: u32,
+    },
+}
+
+impl ServerToClient {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(128);
+        match self {
+            ServerToClient::RegisterOk { rid, name } => {
+                w.u8(1).u32(*rid).string(name);
+            }
+            ServerToClient::LoginOk {
+                rid,
+                name,
+                observed,
+            } => {
+                w.u8(2).u32(*rid).string(name).socket_addr(observed);
+            }
+            ServerToClient::Failed {
+                rid,
+                reason,
+                detail,
+            } => {
+                let detail = truncate_utf8(detail, MAX_DETAIL);
+                w.u8(3).u32(*rid).u8(reason.code()).string(detail);
+            }
+            ServerToClient::UserList {
+                rid,
+                total,
+                offset,
+                users,
+            } => {
+                w.u8(4).u32(*rid).u16(*total).u16(*offset);
+                w.list(users, |w, u| {
+                    w.string(&u.name).bytes(&u.sign_key);
+                });
+            }
+            ServerToClient::ConnectRequested {
+                intro_id,
+                name,
+                identity,
+            } => {
+                w.u8(5).u64(*intro_id).string(name);
+                identity.encode(&mut w);
+            }
+            ServerToClient::ConnectPending {
+                rid,
+                intro_id,
+                name,
+            } => {
+                w.u8(6).u32(*rid).u64(*intro_id).string(name);
+            }
+            ServerToClient::ConnectFailed {
+                intro_id,
+                name,
+                reason,
+            } => {
+                w.u8(7).u64(*intro_id).string(name).u8(reason.code());
+            }
+            ServerToClient::Punch(p) => {
+                w.u8(8).u64(p.intro_id).string(&p.name);
+                p.identity.encode(&mut w);
+                w.socket_addr(&p.public);
+                w.list(&p.locals, |w, a| {
+                    w.socket_addr(a);
+                });
+                w.bool(p.initiator);
+            }
+            ServerToClient::Pong { rid, observed } => {
+                w.u8(9).u32(*rid).socket_addr(observed);
+            }
+            ServerToClient::Ok { rid } => {
+                w.u8(10).u32(*rid);
+            }
+        }
+        w.into_inner()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let m = match r.u8()? {
+            1 => ServerToClient::RegisterOk {
+                rid: r.u32()?,
+                name: r.string(MAX_NAME)?,
+            },
+            2 => ServerToClient::LoginOk {
+                rid: r.u32()?,
+                name: r.string(MAX_NAME)?,
+                observed: r.socket_addr()?,
+            },
+            3 => ServerToClient::Failed {
+                rid: r.u32()?,
+                reason: FailReason::from_code(r.u8()?),
+                detail: r.string(MAX_DETAIL)?,
+            },
+            4 => ServerToClient::UserList {
+                rid: r.u32()?,
+                total: r.u16()?,
+                offset: r.u16()?,
+                users: r.list(USERS_PER_PAGE, |r| {
+                    Ok(UserEntry {
+                        name: r.string(MAX_NAME)?,
+                        sign_key: r.array()?,
+                    })
+                })?,
+            },
+            5 => ServerToClient::ConnectRequested {
+                intro_id: r.u64()?,
+                name: r.string(MAX_NAME)?,
+                identity: PublicIdentity::decode(&mut r)?,
+            },
+            6 => ServerToClient::ConnectPending {
+                rid: r.u32()?,
+                intro_id: r.u64()?,
+                name: r.string(MAX_NAME)?,
+            },
+            7 => ServerToClient::ConnectFailed {
+                intro_id: r.u64()?,
+                name: r.string(MAX_NAME)?,
+                reason: FailReason::from_code(r.u8()?),
+            },
+            8 => ServerToClient::Punch(PunchInstruction {
+                intro_id: r.u64()?,
+                name: r.string(MAX_NAME)?,
+                identity: PublicIdentity::decode(&mut r)?,
+                public: r.socket_addr()?,
+                locals: r.list(MAX_ENDPOINTS, Reader::socket_addr)?,
+                initiator: r.bool()?,
+            }),
+            9 => ServerToClient::Pong {
+                rid: r.u32()?,
+                observed: r.socket_addr()?,
+            },
+            10 => ServerToClient::Ok { rid: r.u32()? },
+            t => return Err(DecodeError::UnknownType(t)),
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+/// Messages between two peers inside their session.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PeerToPeer {
+    /// A chat message. `seq` numbers the sender's messages to this peer
+    /// across sessions and restarts; `base` is the lowest `seq` the sender
+    /// has not yet seen acknowledged, so a receiver that lost its state can
+    /// skip ahead instead of waiting forever. `sent_ms` is the sender's
+    /// wall clock in Unix milliseconds, for display only.
+    Message {
+        seq: u64,
+        base: u64,
+        sent_ms: u64,
+        body: Vec<u8>,
+    },
+    /// Every `seq` below `upto` arrived, and so did each in `sacks`.
+    Ack {
+        upto: u64,
+        sacks: Vec<u64>,
+    },
+    /// Keeps the NAT mapping and the session alive (heartbeat).
+    Keepalive,
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// The sender closes the session.
+    Close,
+}
+
+impl std::fmt::Debug for PeerToPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Message bodies never reach a log.
+            PeerToPeer::Message {
+                seq, base, body, ..
+            } => f
+                .debug_struct("Message")
+                .field("seq", seq)
+                .field("base", base)
+                .field("len", &body.len())
+                .finish(),
+            PeerToPeer::Ack { upto, sacks } => f
+                .debug_struct("Ack")
+                .field("upto", upto)
+                .field("sacks", sacks)
+                .finish(),
+            PeerToPeer::Keepalive => f.write_str("Keepalive"),
+            PeerToPeer::Ping { nonce } => write!(f, "Ping({nonce})"),
+            PeerToPeer::Pong { nonce } => write!(f, "Pong({nonce})"),
+            PeerToPeer::Close => f.write_str("Close"),
+        }
+    }
+}
+
+impl PeerToPeer {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(32);
+        match self {
+            PeerToPeer::Message {
+                seq,
+                base,
+                sent_ms,
+                body,
+            } => {
+                w.u8(1).u64(*seq).u64(*base).u64(*sent_ms).bytes16(body);
+            }
+            PeerToPeer::Ack { upto, sacks } => {
+                w.u8(2).u64(*upto);
+                w.list(sacks, |w, s| {
+                    w.u64(*s);
+                });
+            }
+            PeerToPeer::Keepalive => {
+                w.u8(3);
+            }
+            PeerToPeer::Ping { nonce } => {
+                w.u8(4).u64(*nonce);
+            }
+            PeerToPeer::Pong { nonce } => {
+                w.u8(5).u64(*nonce);
+            }
+            PeerToPeer::Close => {
+                w.u8(6);
+            }
+        }
+        w.into_inner()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let m = match r.u8()? {
+            1 => PeerToPeer::Message {
+                seq: r.u64()?,
+                base: r.u64()?,
+                sent_ms: r.u64()?,
+                body: r.bytes16(MAX_MESSAGE_BYTES)?.to_vec(),
+            },
+            2 => PeerToPeer::Ack {
+                upto: r.u64()?,
+                sacks: r.list(MAX_SACKS, Reader::u64)?,
+            },
+            3 => PeerToPeer::Keepalive,
+            4 => PeerToPeer::Ping { nonce: r.u64()? },
+            5 => PeerToPeer::Pong { nonce: r.u64()? },
+            6 => PeerToPeer::Close,
+            t => return Err(DecodeError::UnknownType(t)),
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use rand::{Rng, RngCore, SeedableRng};
+
+    fn hex(b: &[u8]) -> String {
+        crate::identity::to_hex(b)
+    }
+
+    #[test]
+    fn golden_packets() {
+        // These bytes are frozen: changing them breaks old peers.
+        assert_eq!(
+            hex(&Packet::Punch {
+                intro_id: 0x0102030405060708,
+                reply: true
+            }
+            .encode()),
+            "0105010203040506070801"
+        );
+        assert_eq!(
+            hex(&Packet::SessionUnknown {
+                receiver: 0xdeadbeef
+            }
+            .encode()),
+            "0106deadbeef"
+        );
+        assert_eq!(
+            hex(&Packet::Data {
+                receiver: 1,
+                counter: 2,
+                ciphertext: &[0xaa; 16]
+            }
+            .encode()),
+            format!("010400000001{:016x}{}", 2, "aa".repeat(16))
+        );
+        let init = Packet::HandshakeInit {
+            sender: 9,
+            pattern: Pattern::XX,
+            noise: &[1, 2, 3],
+        }
+        .encode();
+        assert_eq!(init.len(), MIN_INIT_LEN);
+        assert_eq!(hex(&init[..12]), "0101000000090100030102".to_owned() + "03");
+        assert_eq!(
+            hex(&ClientToServer::Register {
+                rid: 7,
+                name: "bob".into()
+            }
+            .encode()),
+            "0100000007000362".to_owned() + "6f62"
+        );
+        assert_eq!(
+            hex(&PeerToPeer::Ack {
+                upto: 3,
+                sacks: vec![5]
+            }
+            .encode()),
+            "02000000000000000301".to_owned() + "0000000000000005"
+        );
+        assert_eq!(
+            hex(&ServerToClient::Failed {
+                rid: 1,
+                reason: FailReason::Offline,
+                detail: "x".into()
+            }
+            .encode()),
+            "0300000001060001".to_owned() + "78"
+        );
+    }
+
+    fn sample_identity() -> PublicIdentity {
+        Identity::generate().public()
+    }
+
+    fn random_addr(rng: &mut impl Rng) -> SocketAddr {
+        if rng.gen() {
+            SocketAddr::from((rng.gen::<[u8; 4]>(), rng.gen()))
+        } else {
+            SocketAddr::from((rng.gen::<[u8; 16]>(), rng.gen()))
+        }
+    }
+
+    fn random_name(rng: &mut impl Rng) -> String {
+        let n = rng.gen_range(1..=MAX_NAME);
+        (0..n).map(|_| rng.gen_range(b'a'..=b'z') as char).collect()
+    }
+
+    fn random_c2s(rng: &mut impl Rng) -> ClientToServer {
+        let locals = (0..rng.gen_range(0..=MAX_ENDPOINTS))
+            .map(|_| random_addr(rng))
+            .collect();
+        match rng.gen_range(0..7) {
+            0 => ClientToServer::Register {
+                rid: rng.gen(),
+                name: random_name(rng),
+            },
+            1 => ClientToServer::Login {
+                rid: rng.gen(),
+                signature: [rng.gen(); 64],
+            },
+            2 => ClientToServer::ListUsers {
+                rid: rng.gen(),
+                offset: rng.gen(),
+            },
+            3 => ClientToServer::RequestConnect {
+                rid: rng.gen(),
+                name: random_name(rng),
+                locals,
+            },
+            4 => ClientToServer::AgreeConnect {
+                rid: rng.gen(),
+                intro_id: rng.gen(),
+                accept: rng.gen(),
+                locals,
+            },
+            5 => ClientToServer::Ping { rid: rng.gen() },
+            _ => ClientToServer::Logout,
+        }
+    }
+
+    fn random_s2c(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
+        match rng.gen_range(0..10) {
+            0 => ServerToClient::RegisterOk {
+                rid: rng.gen(),
+                name: random_name(rng),
+            },
+            1 => ServerToClient::LoginOk {
+                rid: rng.gen(),
+                name: random_name(rng),
+                observed: random_addr(rng),
+            },
+            2 => ServerToClient::Failed {
+                rid: rng.gen(),
+                reason: FailReason::from_code(rng.gen()),
+                detail: random_name(rng),
+            },
+            3 => ServerToClient::UserList {
+                rid: rng.gen(),
+                total: rng.gen(),
+                offset: rng.gen(),
+                users: (0..rng.gen_range(0..=USERS_PER_PAGE))
+                    .map(|_| UserEntry {
+                        name: random_name(rng),
+                        sign_key: rng.gen(),
+                    })
+                    .collect(),
+            },
+            4 => ServerToClient::ConnectRequested {
+                intro_id: rng.gen(),
+                name: random_name(rng),
+                identity: id.clone(),
+            },
+            5 => ServerToClient::ConnectPending {
+                rid: rng.gen(),
+                intro_id: rng.gen(),
+                name: random_name(rng),
+            },
+            6 => ServerToClient::ConnectFailed {
+                intro_id: rng.gen(),
+                name: random_name(rng),
+                reason: FailReason::from_code(rng.gen()),
+            },
+            7 => ServerToClient::Punch(PunchInstruction {
+                intro_id: rng.gen(),
+                name: random_name(rng),
+                identity: id.clone(),
+                public: random_addr(rng),
+                locals: (0..rng.gen_range(0..=MAX_ENDPOINTS))
+                    .map(|_| random_addr(rng))
+                    .collect(),
+                initiator: rng.gen(),
+            }),
+            8 => ServerToClient::Pong {
+                rid: rng.gen(),
+                observed: random_addr(rng),
+            },
+            _ => ServerToClient::Ok { rid: rng.gen() },
+        }
+    }
+
+    fn random_p2p(rng: &mut impl Rng) -> PeerToPeer {
+        match rng.gen_range(0..6) {
+            0 => {
+                let mut body = vec![0u8; rng.gen_range(0..=MAX_MESSAGE_BYTES)];
+                rng.fill_bytes(&mut body);
+                PeerToPeer::Message {
+                    seq: rng.gen(),
+                    base: rng.gen(),
+                    sent_ms: rng.gen(),
+                    body,
+                }
+            }
+            1 => PeerToPeer::Ack {
+                upto: rng.gen(),
+                sacks: (0..rng.gen_range(0..=MAX_SACKS))
+                    .map(|_| rng.gen())
+                    .collect(),
+            },
+            2 => PeerToPeer::Keepalive,
+            3 => PeerToPeer::Ping { nonce: rng.gen() },
+            4 => PeerToPeer::Pong { nonce: rng.gen() },
+            _ => PeerToPeer::Close,
+        }
+    }
+
+    #[test]
+    fn inner_messages_round_trip_and_fit_in_a_packet() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let id = sample_identity();
+        for _ in 0..3000 {
+            let m = random_c2s(&mut rng);
+            let b = m.encode();
+            assert!(b.len() <= MAX_INNER, "{m:?} is {} bytes", b.len());
+            assert_eq!(ClientToServer::decode(&b).unwrap(), m);
+            let m = random_s2c(&mut rng, &id);
+            let b = m.encode();
+            assert!(b.len() <= MAX_INNER, "{m:?} is {} bytes", b.len());
+            assert_eq!(ServerToClient::decode(&b).unwrap(), m);
+            let m = random_p2p(&mut rng);
+            let b = m.encode();
+            assert!(b.len() <= MAX_INNER, "{m:?} is {} bytes", b.len());
+            assert_eq!(PeerToPeer::decode(&b).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn truncated_messages_are_errors_not_panics() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let id = sample_identity();
+        for _ in 0..300 {
+            let encodings = [
+                random_c2s(&mut rng).encode(),
+                random_s2c(&mut rng, &id).encode(),
+                random_p2p(&mut rng).encode(),
+            ];
+            for (kind, b) in encodings.iter().enumerate() {
+                for cut in 0..b.len() {
+                    let r = match kind {
+                        0 => ClientToServer::decode(&b[..cut]).map(|_| ()),
+                        1 => ServerToClient::decode(&b[..cut]).map(|_| ()),
+                        _ => PeerToPeer::decode(&b[..cut]).map(|_| ()),
+                    };
+                    assert!(r.is_err(), "a truncated message decoded");
+                }
+                // Trailing garbage is refused too.
+                let mut long = b.clone();
+                long.push(0);
+                assert!(ClientToServer::decode(&long).is_err() || kind != 0);
+                assert!(ServerToClient::decode(&long).is_err() || kind != 1);
+                assert!(PeerToPeer::decode(&long).is_err() || kind != 2);
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..50_000 {
+            let mut b = vec![0u8; rng.gen_range(0..1500)];
+            rng.fill_bytes(&mut b);
+            if rng.gen_bool(0.5) && b.len() > 2 {
+                // Make the header plausible so decoding goes deeper.
+                b[0] = VERSION;
+                b[1] = rng.gen_range(0..8);
+            }
+            let _ = Packet::decode(&b);
+            let inner = &b[b.len().min(1)..];
+            let _ = ClientToServer::decode(inner);
+            let _ = ServerToClient::decode(inner);
+            let _ = PeerToPeer::decode(inner);
+        }
+    }
+
+    #[test]
+    fn bad_packets_get_specific_errors() {
+        assert_eq!(Packet::decode(&[2, 4]), Err(DecodeError::Version(2)));
+        assert_eq!(
+            Packet::decode(&[VERSION, 99]),
+            Err(DecodeError::UnknownType(99))
+        );
+        assert!(matches!(
+            Packet::decode(&vec![VERSION; MAX_PACKET + 1]),
+            Err(DecodeError::Oversized { .. })
+        ));
+        assert_eq!(
+            Packet::decode(&[VERSION, 1, 0, 0, 0, 1, 0, 0, 0]),
+            Err(DecodeError::Invalid("unpadded handshake init"))
+        );
+        assert!(Packet::decode(&[VERSION, 4, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xaa]).is_err());
+        assert_eq!(
+            PeerToPeer::decode(&[0x10]),
+            Err(DecodeError::UnknownType(0x10))
+        );
+        let mut big = vec![1u8];
+        big.extend_from_slice(&[0; 24]);
+        big.extend_from_slice(&((MAX_MESSAGE_BYTES + 1) as u16).to_be_bytes());
+        big.extend(std::iter::repeat(0).take(MAX_MESSAGE_BYTES + 1));
+        assert!(matches!(
+            PeerToPeer::decode(&big),
+            Err(DecodeError::Oversized { .. })
+        ));
+    }
+
+    #[test]
+    fn names_are_validated() {
+        for ok in ["bob", "a", "alice-2", "x.y_z", &"a".repeat(32)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-bob",
+            "bob smith",
+            "bøb",
+            "a/b",
+            &"a".repeat(33),
+            "\u{0}",
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
