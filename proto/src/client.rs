@@ -1,1 +1,662 @@
+//! The rendezvous client: one daemon's link to the server.
+//!
+//! States: `Idle` (waiting to retry) → `Handshaking` → `Established`
+//! (logged in once the server accepted the challenge signature). While
+//! established it sends a `Ping` every heartbeat interval: that keeps both
+//! presence at the server and the NAT mapping open. The link starts over
+//! with a new handshake when the server stops answering, says it lost the
+//! session (`SessionUnknown`, as after a restart), or the keys get old.
+//!
+//! Requests carry a client-chosen `rid`; the answer comes back as
+//! [`LinkEvent::Response`] with the same `rid`, or a timeout error.
 
+use crate::identity::{Identity, PublicIdentity};
+use crate::noise::{Handshake, Pattern, Transport};
+use crate::server::identity_payload;
+use crate::wire::{ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient};
+use crate::Transmit;
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// First handshake retry delay; doubles up to [`HANDSHAKE_RETRY_MAX`].
+pub const HANDSHAKE_RETRY_MIN: Duration = Duration::from_secs(1);
+pub const HANDSHAKE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// After this many unanswered IK attempts with a pinned key, one XX
+/// attempt finds out whether the server's key changed.
+const IK_ATTEMPTS_BEFORE_PROBE: u32 = 3;
+/// Missed heartbeats after which the server is considered gone.
+const MISSED_HEARTBEATS: u32 = 3;
+/// Most requests waiting for the link to come up.
+const MAX_QUEUED: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub server: SocketAddr,
+    /// The server's Noise key, if pinned. Without one the first handshake
+    /// is XX and the key learned is reported in [`LinkEvent::Connected`].
+    pub server_key: Option<[u8; 32]>,
+    /// The registered name to log in with, if any.
+    pub name: Option<String>,
+    /// Heartbeat interval: 25 s by default, the WireGuard figure that keeps
+    /// common NAT mappings open.
+    pub heartbeat: Duration,
+    /// How long a request waits for its answer.
+    pub request_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(server: SocketAddr) -> Self {
+        Self {
+            server,
+            server_key: None,
+            name: None,
+            heartbeat: Duration::from_secs(25),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    Failed { reason: FailReason, detail: String },
+    TimedOut,
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestError::Failed { reason, detail } if detail.is_empty() => {
+                f.write_str(reason.as_str())
+            }
+            RequestError::Failed { detail, .. } => f.write_str(detail),
+            RequestError::TimedOut => f.write_str("the rendezvous server did not answer in time"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// The handshake finished. `learned` is true when the key was not
+    /// pinned before (trust on first use): pin it now.
+    Connected {
+        server_key: [u8; 32],
+        learned: bool,
+    },
+    /// The server presented a different key from the pinned one. The link
+    /// stops until the operator resolves it.
+    ServerKeyMismatch {
+        pinned: [u8; 32],
+        offered: [u8; 32],
+    },
+    LoggedIn {
+        name: String,
+        observed: SocketAddr,
+    },
+    LoginFailed {
+        reason: FailReason,
+        detail: String,
+    },
+    /// The link went down; it reconnects by itself.
+    Disconnected {
+        reason: &'static str,
+    },
+    Response {
+        rid: u32,
+        result: Result<ServerToClient, RequestError>,
+    },
+    ConnectRequested {
+        intro_id: u64,
+        name: String,
+        identity: PublicIdentity,
+    },
+    ConnectFailed {
+        intro_id: u64,
+        name: String,
+        reason: FailReason,
+    },
+    Punch(PunchInstruction),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Connecting,
+    Connected,
+    LoggedIn,
+    KeyMismatch,
+}
+
+enum State {
+    Idle {
+        retry_at: Instant,
+    },
+    Handshaking {
+        hs: Handshake,
+        local_index: u32,
+        retry_at: Instant,
+    },
+    Established(Box<Established>),
+    KeyMismatch,
+}
+
+struct Established {
+    transport: Transport,
+    server_key: [u8; 32],
+    challenge: [u8; 16],
+    logged_in: bool,
+    last_rx: Instant,
+    next_heartbeat: Instant,
+}
+
+pub struct ServerLink {
+    identity: Identity,
+    config: ClientConfig,
+    state: State,
+    attempts: u32,
+    probe_xx: bool,
+    queue: VecDeque<(u32, ClientToServer)>,
+    inflight: HashMap<u32, Instant>,
+    internal: HashMap<u32, Instant>,
+    events: VecDeque<LinkEvent>,
+    transmits: VecDeque<Transmit>,
+    next_rid: u32,
+    observed: Option<SocketAddr>,
+    rng: rand::rngs::StdRng,
+}
+
+impl ServerLink {
+    pub fn new(identity: Identity, config: ClientConfig, now: Instant, seed: u64) -> Self {
+        Self {
+            identity,
+            config,
+            state: State::Idle { retry_at: now },
+            attempts: 0,
+            probe_xx: false,
+            queue: VecDeque::new(),
+            inflight: HashMap::new(),
+            internal: HashMap::new(),
+            events: VecDeque::new(),
+            transmits: VecDeque::new(),
+            next_rid: 1,
+            observed: None,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn server_addr(&self) -> SocketAddr {
+        self.config.server
+    }
+
+    pub fn server_key(&self) -> Option<[u8; 32]> {
+        self.config.server_key
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.config.name.as_deref()
+    }
+
+    /// Our address as the server last saw it.
+    pub fn observed(&self) -> Option<SocketAddr> {
+        self.observed
+    }
+
+    pub fn state(&self) -> LinkState {
+        match &self.state {
+            State::Idle { .. } | State::Handshaking { .. } => LinkState::Connecting,
+            State::Established(e) if e.logged_in => LinkState::LoggedIn,
+            State::Established(_) => LinkState::Connected,
+            State::KeyMismatch => LinkState::KeyMismatch,
+        }
+    }
+
+    /// Is this local index ours (for demultiplexing)?
+    pub fn owns_index(&self, index: u32) -> bool {
+        match &self.state {
+            State::Handshaking { local_index, .. } => *local_index == index,
+            State::Established(e) => e.transport.local_index == index,
+            _ => false,
+        }
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let state = match &self.state {
+            State::Idle { retry_at } => Some(*retry_at),
+            State::Handshaking { retry_at, .. } => Some(*retry_at),
+            State::Established(e) => Some(e.next_heartbeat),
+            State::KeyMismatch => None,
+        };
+        let requests = self
+            .inflight
+            .values()
+            .chain(self.internal.values())
+            .min()
+            .copied();
+        [state, requests].into_iter().flatten().min()
+    }
+
+    fn fresh_rid(&mut self) -> u32 {
+        let rid = self.next_rid;
+        self.next_rid = self.next_rid.wrapping_add(1).max(1);
+        rid
+    }
+
+    /// Sends a request; its answer comes back as a [`LinkEvent::Response`]
+    /// with the returned `rid`. Requests made while the link is down wait
+    /// for it (until their timeout).
+    pub fn request(&mut self, now: Instant, build: impl FnOnce(u32) -> ClientToServer) -> u32 {
+        let rid = self.fresh_rid();
+        let msg = build(rid);
+        self.inflight.insert(rid, now + self.config.request_timeout);
+        let needs_login = !matches!(msg, ClientToServer::Register { .. });
+        match &self.state {
+            State::Established(e) if e.logged_in || !needs_login => self.send(msg),
+            _ if self.queue.len() < MAX_QUEUED => self.queue.push_back((rid, msg)),
+            _ => {
+                self.inflight.remove(&rid);
+                self.events.push_back(LinkEvent::Response {
+                    rid,
+                    result: Err(RequestError::TimedOut),
+                });
+            }
+        }
+        rid
+    }
+
+    /// Forces a new handshake and login now (the `login` command).
+    pub fn reconnect(&mut self, now: Instant) {
+        if matches!(self.state, State::KeyMismatch) {
+            self.probe_xx = false;
+        }
+        self.attempts = 0;
+        self.state = State::Idle { retry_at: now };
+        self.handle_timeout(now);
+    }
+
+    /// Replaces the pinned server key (after the operator checked it).
+    pub fn set_server_key(&mut self, key: Option<[u8; 32]>) {
+        self.config.server_key = key;
+    }
+
+    pub fn close(&mut self) {
+        if let State::Established(_) = self.state {
+            self.send(ClientToServer::Logout);
+        }
+        self.state = State::KeyMismatch;
+    }
+
+    fn send(&mut self, msg: ClientToServer) {
+        let State::Established(e) = &mut self.state else {
+            return;
+        };
+        match e.transport.seal(&msg.encode()) {
+            Ok(payload) => self.transmits.push_back(Transmit {
+                dst: self.config.server,
+                payload,
+            }),
+            Err(err) => tracing::warn!(error = %err, "cannot seal request"),
+        }
+    }
+
+    fn start_handshake(&mut self, now: Instant) {
+        let pattern = match self.config.server_key {
+            Some(_) if !self.probe_xx => Pattern::IK,
+            _ => Pattern::XX,
+        };
+        let hs = Handshake::initiator(
+            pattern,
+            self.identity.noise_private(),
+            self.config.server_key.as_ref(),
+        );
+        let mut hs = match hs {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start handshake");
+                return;
+            }
+        };
+        let payload = match pattern {
+            Pattern::IK => identity_payload(&self.identity.public()),
+            Pattern::XX => Vec::new(),
+        };
+        let noise = match hs.write(&payload) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write handshake");
+                return;
+            }
+        };
+        let local_index = self.rng.gen::<u32>().max(1);
+        let packet = Packet::HandshakeInit {
+            sender: local_index,
+            pattern,
+            noise: &noise,
+        }
+        .encode();
+        self.attempts += 1;
+        let delay = self.backoff();
+        tracing::debug!(?pattern, attempt = self.attempts, "HANDSHAKE(INIT)");
+        self.transmits.push_back(Transmit {
+            dst: self.config.server,
+            payload: packet,
+        });
+        // A retry is a new handshake with a new ephemeral key, as in
+        // WireGuard, not a resend of the same bytes.
+        self.state = State::Handshaking {
+            hs,
+            local_index,
+            retry_at: now + delay,
+        };
+    }
+
+    /// Exponential backoff with ±20 % jitter, reset after success.
+    fn backoff(&mut self) -> Duration {
+        let exp = self.attempts.saturating_sub(1).min(8);
+        let base = (HANDSHAKE_RETRY_MIN * 2u32.pow(exp)).min(HANDSHAKE_RETRY_MAX);
+        base.mul_f64(self.rng.gen_range(0.8..1.2))
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // Request deadlines.
+        let expired: Vec<u32> = self
+            .inflight
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(r, _)| *r)
+            .collect();
+        for rid in expired {
+            self.inflight.remove(&rid);
+            self.queue.retain(|(r, _)| *r != rid);
+            self.events.push_back(LinkEvent::Response {
+                rid,
+                result: Err(RequestError::TimedOut),
+            });
+        }
+        self.internal.retain(|_, d| *d > now);
+
+        match &mut self.state {
+            State::Idle { retry_at } if *retry_at <= now => self.start_handshake(now),
+            State::Handshaking { retry_at, .. } if *retry_at <= now => {
+                if self.config.server_key.is_some()
+                    && !self.probe_xx
+                    && self.attempts >= IK_ATTEMPTS_BEFORE_PROBE
+                {
+                    // The pinned key may be stale: find out with XX, which
+                    // shows the server's key before we reveal ours.
+                    self.probe_xx = true;
+                }
+                self.start_handshake(now)
+            }
+            State::Established(e) if e.next_heartbeat <= now => {
+                let silent = now.saturating_duration_since(e.last_rx);
+                if silent >= self.config.heartbeat * MISSED_HEARTBEATS {
+                    tracing::info!(?silent, "LINK(HEARTBEAT_TIMEOUT)");
+                    self.link_down(now, "the rendezvous server stopped answering");
+                } else if e.transport.wants_rekey(now) {
+                    tracing::debug!("LINK(REKEY)");
+                    self.start_handshake(now);
+                } else {
+                    e.next_heartbeat = now + self.config.heartbeat;
+                    let rid = self.fresh_rid();
+                    self.internal.insert(rid, now + self.config.heartbeat);
+                    self.send(ClientToServer::Ping { rid });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn link_down(&mut self, now: Instant, reason: &'static str) {
+        if matches!(self.state, State::Established(_)) {
+            self.events.push_back(LinkEvent::Disconnected { reason });
+        }
+        self.attempts = 0;
+        self.state = State::Idle { retry_at: now };
+        self.start_handshake(now);
+    }
+
+    /// Handles a datagram from the server address.
+    pub fn handle_datagram(&mut self, now: Instant, packet: &Packet<'_>) {
+        match *packet {
+            Packet::HandshakeResponse {
+                sender,
+                receiver,
+                noise,
+            } => self.on_response(now, sender, receiver, noise),
+            Packet::Data {
+                receiver,
+                counter,
+                ciphertext,
+            } => self.on_data(now, receiver, counter, ciphertext),
+            Packet::SessionUnknown { receiver } => {
+                let ours = matches!(&self.state, State::Established(e) if e.transport.remote_index == receiver);
+                if ours {
+                    tracing::info!("LINK(SESSION_UNKNOWN)");
+                    self.link_down(now, "the rendezvous server lost our session (restarted?)");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_response(&mut self, now: Instant, sender: u32, receiver: u32, noise: &[u8]) {
+        let State::Handshaking {
+            hs, local_index, ..
+        } = &mut self.state
+        else {
+            return;
+        };
+        if *local_index != receiver {
+            return;
+        }
+        let Ok(payload) = hs.read(noise) else {
+            tracing::debug!("HANDSHAKE(BAD_RESPONSE)");
+            return;
+        };
+        let Ok(challenge) = <[u8; 16]>::try_from(payload.as_slice()) else {
+            return;
+        };
+        let Some(server_key) = hs.remote_static() else {
+            return;
+        };
+        if let Some(pinned) = self.config.server_key {
+            if pinned != server_key {
+                tracing::error!("LINK(SERVER_KEY_MISMATCH)");
+                self.events.push_back(LinkEvent::ServerKeyMismatch {
+                    pinned,
+                    offered: server_key,
+                });
+                self.state = State::KeyMismatch;
+                return;
+            }
+        }
+        let learned = self.config.server_key.is_none();
+        let State::Handshaking {
+            mut hs,
+            local_index,
+            ..
+        } = std::mem::replace(&mut self.state, State::Idle { retry_at: now })
+        else {
+            unreachable!("matched above");
+        };
+        if hs.pattern == Pattern::XX {
+            let Ok(msg3) = hs.write(&identity_payload(&self.identity.public())) else {
+                return;
+            };
+            self.transmits.push_back(Transmit {
+                dst: self.config.server,
+                payload: Packet::HandshakeFinish {
+                    receiver: sender,
+                    noise: &msg3,
+                }
+                .encode(),
+            });
+        }
+        let Ok(transport) = hs.into_transport(local_index, sender, now) else {
+            return;
+        };
+        self.config.server_key = Some(server_key);
+        self.attempts = 0;
+        self.probe_xx = false;
+        self.state = State::Established(Box::new(Established {
+            transport,
+            server_key,
+            challenge,
+            logged_in: false,
+            last_rx: now,
+            next_heartbeat: now + self.config.heartbeat,
+        }));
+        tracing::info!("LINK(CONNECTED)");
+        self.events.push_back(LinkEvent::Connected {
+            server_key,
+            learned,
+        });
+        self.login(now);
+        // Registration does not need a login; everything else waits for it.
+        let queued = std::mem::take(&mut self.queue);
+        for (rid, msg) in queued {
+            if matches!(msg, ClientToServer::Register { .. }) {
+                self.send(msg);
+            } else {
+                self.queue.push_back((rid, msg));
+            }
+        }
+    }
+
+    fn login(&mut self, now: Instant) {
+        let State::Established(e) = &self.state else {
+            return;
+        };
+        if self.config.name.is_none() {
+            return;
+        }
+        let signature = self.identity.sign_login(&e.challenge, &e.server_key);
+        let rid = self.fresh_rid();
+        self.internal.insert(rid, now + self.config.request_timeout);
+        self.send(ClientToServer::Login { rid, signature });
+    }
+
+    fn on_data(&mut self, now: Instant, receiver: u32, counter: u64, ciphertext: &[u8]) {
+        let State::Established(e) = &mut self.state else {
+            return;
+        };
+        if e.transport.local_index != receiver {
+            return;
+        }
+        let Ok(plain) = e.transport.open(counter, ciphertext) else {
+            tracing::debug!("DROP(AUTH)");
+            return;
+        };
+        e.last_rx = now;
+        let msg = match ServerToClient::decode(&plain) {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::debug!(error = %err, "DROP(MALFORMED_INNER)");
+                return;
+            }
+        };
+        self.on_message(now, msg);
+    }
+
+    fn on_message(&mut self, now: Instant, msg: ServerToClient) {
+        match msg {
+            ServerToClient::LoginOk {
+                rid,
+                name,
+                observed,
+            } if self.internal.remove(&rid).is_some() => {
+                if let State::Established(e) = &mut self.state {
+                    e.logged_in = true;
+                }
+                self.observed = Some(observed);
+                tracing::info!(%name, %observed, "LINK(LOGGED_IN)");
+                self.events
+                    .push_back(LinkEvent::LoggedIn { name, observed });
+                for (_, msg) in std::mem::take(&mut self.queue) {
+                    self.send(msg);
+                }
+            }
+            ServerToClient::Failed {
+                rid,
+                reason,
+                detail,
+            } if self.internal.remove(&rid).is_some() => {
+                tracing::warn!(reason = reason.as_str(), %detail, "LINK(LOGIN_FAILED)");
+                self.events
+                    .push_back(LinkEvent::LoginFailed { reason, detail });
+                // Requests waiting for a login cannot succeed now.
+                for (rid, _) in std::mem::take(&mut self.queue) {
+                    self.inflight.remove(&rid);
+                    self.events.push_back(LinkEvent::Response {
+                        rid,
+                        result: Err(RequestError::Failed {
+                            reason: FailReason::NotLoggedIn,
+                            detail: "not logged in: register a name first".into(),
+                        }),
+                    });
+                }
+            }
+            ServerToClient::Pong { rid, observed } if self.internal.remove(&rid).is_some() => {
+                self.observed = Some(observed);
+            }
+            ServerToClient::RegisterOk { rid, ref name } => {
+                // Remember the name and log in with it.
+                let registered = self.inflight.contains_key(&rid);
+                if registered {
+                    let logged_in = matches!(&self.state, State::Established(e) if e.logged_in);
+                    let renamed = self.config.name.as_deref() != Some(name);
+                    self.config.name = Some(name.clone());
+                    if !logged_in || renamed {
+                        self.login(now);
+                    }
+                }
+                self.respond(rid, Ok(msg));
+            }
+            ServerToClient::Failed {
+                rid,
+                reason,
+                detail,
+            } => self.respond(rid, Err(RequestError::Failed { reason, detail })),
+            ServerToClient::LoginOk { rid, .. }
+            | ServerToClient::UserList { rid, .. }
+            | ServerToClient::ConnectPending { rid, .. }
+            | ServerToClient::Pong { rid, .. }
+            | ServerToClient::Ok { rid } => self.respond(rid, Ok(msg)),
+            ServerToClient::ConnectRequested {
+                intro_id,
+                name,
+                identity,
+            } => self.events.push_back(LinkEvent::ConnectRequested {
+                intro_id,
+                name,
+                identity,
+            }),
+            ServerToClient::ConnectFailed {
+                intro_id,
+                name,
+                reason,
+            } => self.events.push_back(LinkEvent::ConnectFailed {
+                intro_id,
+                name,
+                reason,
+            }),
+            ServerToClient::Punch(p) => self.events.push_back(LinkEvent::Punch(p)),
+        }
+    }
+
+    fn respond(&mut self, rid: u32, result: Result<ServerToClient, RequestError>) {
+        if self.inflight.remove(&rid).is_some() {
+            self.events.push_back(LinkEvent::Response { rid, result });
+        }
+    }
+}

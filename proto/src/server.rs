@@ -1,1 +1,854 @@
+//! The rendezvous server as a sans-IO machine.
+//!
+//! It answers Noise handshakes from clients (IK when the client pinned the
+//! server's key, XX on first contact), checks each client's identity
+//! binding, logs users in with a fresh challenge, tracks presence from
+//! heartbeats, and introduces users to each other: a `RequestConnect` from
+//! A is forwarded to B as `ConnectRequested`; B's `AgreeConnect` sends both
+//! a `Punch` instruction with the other's observed and local endpoints and
+//! identity.
+//!
+//! Accounts live behind [`AccountStore`]; the binary backs it with SQLite.
+//!
+//! Until a client's address is proven (a data packet from it authenticated)
+//! no reply is larger than the packet that caused it, so the server cannot
+//! be used to amplify traffic toward a spoofed address.
 
+use crate::codec::Writer;
+use crate::identity::{Identity, PublicIdentity};
+use crate::noise::{Handshake, Pattern, Transport};
+use crate::wire::{
+    validate_name, ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient, UserEntry,
+    USERS_PER_PAGE,
+};
+use crate::Transmit;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// What a registration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    Created,
+    /// The name was already bound to this same key.
+    AlreadyYours,
+    NameTaken,
+    /// This key already has another name.
+    KeyHasName(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub identity: PublicIdentity,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("account store: {0}")]
+pub struct StoreError(pub String);
+
+/// Durable accounts. `register` must be atomic: of two registrations racing
+/// for one name exactly one wins, and an `Ok` means it survives a crash.
+pub trait AccountStore {
+    fn register(
+        &mut self,
+        name: &str,
+        identity: &PublicIdentity,
+    ) -> Result<RegisterOutcome, StoreError>;
+    fn by_key(&mut self, sign_key: &[u8; 32]) -> Result<Option<Account>, StoreError>;
+    fn by_name(&mut self, name: &str) -> Result<Option<Account>, StoreError>;
+}
+
+/// Accounts in memory, for tests.
+#[derive(Default)]
+pub struct MemoryStore {
+    accounts: BTreeMap<String, PublicIdentity>,
+}
+
+impl AccountStore for MemoryStore {
+    fn register(
+        &mut self,
+        name: &str,
+        identity: &PublicIdentity,
+    ) -> Result<RegisterOutcome, StoreError> {
+        if let Some(existing) = self.accounts.get(name) {
+            return Ok(if existing.sign_key == identity.sign_key {
+                RegisterOutcome::AlreadyYours
+            } else {
+                RegisterOutcome::NameTaken
+            });
+        }
+        if let Some((n, _)) = self
+            .accounts
+            .iter()
+            .find(|(_, i)| i.sign_key == identity.sign_key)
+        {
+            return Ok(RegisterOutcome::KeyHasName(n.clone()));
+        }
+        self.accounts.insert(name.to_owned(), identity.clone());
+        Ok(RegisterOutcome::Created)
+    }
+
+    fn by_key(&mut self, sign_key: &[u8; 32]) -> Result<Option<Account>, StoreError> {
+        Ok(self
+            .accounts
+            .iter()
+            .find(|(_, i)| &i.sign_key == sign_key)
+            .map(|(n, i)| Account {
+                name: n.clone(),
+                identity: i.clone(),
+            }))
+    }
+
+    fn by_name(&mut self, name: &str) -> Result<Option<Account>, StoreError> {
+        Ok(self.accounts.get(name).map(|i| Account {
+            name: name.to_owned(),
+            identity: i.clone(),
+        }))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A user with no packet for this long is dropped from the active list:
+    /// three missed heartbeats at the default 25 s, plus slack.
+    pub presence_timeout: Duration,
+    /// An introduction not answered in this long fails with `TimedOut`.
+    pub intro_timeout: Duration,
+    /// An unfinished XX handshake is forgotten after this long.
+    pub handshake_timeout: Duration,
+    /// Most sessions (finished or not) held at once.
+    pub max_sessions: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            presence_timeout: Duration::from_secs(80),
+            intro_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            max_sessions: 100_000,
+        }
+    }
+}
+
+/// Counters for the operator's logs.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ServerStats {
+    pub malformed: u64,
+    pub auth_failed: u64,
+    pub unknown_session: u64,
+    pub handshakes: u64,
+    pub logins: u64,
+    pub registrations: u64,
+    pub introductions: u64,
+    pub amplification_refused: u64,
+    pub store_errors: u64,
+}
+
+struct Session {
+    addr: SocketAddr,
+    transport: Transport,
+    identity: PublicIdentity,
+    challenge: [u8; 16],
+    proven: bool,
+    user: Option<String>,
+    last_seen: Instant,
+}
+
+struct PendingXx {
+    hs: Handshake,
+    remote_index: u32,
+    addr: SocketAddr,
+    challenge: [u8; 16],
+    started: Instant,
+}
+
+struct Intro {
+    from: String,
+    to: String,
+    from_locals: Vec<SocketAddr>,
+    created: Instant,
+}
+
+/// How often expiry is checked while anything can expire.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct Server {
+    identity: Identity,
+    config: ServerConfig,
+    sessions: HashMap<u32, Session>,
+    pending: HashMap<u32, PendingXx>,
+    by_name: HashMap<String, u32>,
+    intros: HashMap<u64, Intro>,
+    transmits: VecDeque<Transmit>,
+    next_sweep: Option<Instant>,
+    stats: ServerStats,
+    rng: rand::rngs::StdRng,
+}
+
+impl Server {
+    /// `seed` makes index, challenge and introduction ids reproducible in
+    /// tests; pass fresh randomness in production.
+    pub fn new(identity: Identity, config: ServerConfig, seed: u64) -> Self {
+        Self {
+            identity,
+            config,
+            sessions: HashMap::new(),
+            pending: HashMap::new(),
+            by_name: HashMap::new(),
+            intros: HashMap::new(),
+            transmits: VecDeque::new(),
+            next_sweep: None,
+            stats: ServerStats::default(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.identity.noise_public()
+    }
+
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Names of the users logged in now.
+    pub fn active_users(&self) -> Vec<String> {
+        let mut v: Vec<_> = self.by_name.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    fn fresh_index(&mut self) -> u32 {
+        loop {
+            let i = self.rng.gen();
+            if i != 0 && !self.sessions.contains_key(&i) && !self.pending.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    fn arm_sweep(&mut self, now: Instant) {
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + SWEEP_INTERVAL);
+        }
+    }
+
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        buf: &[u8],
+        store: &mut dyn AccountStore,
+    ) {
+        let packet = match Packet::decode(buf) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.malformed += 1;
+                tracing::debug!(%from, error = %e, "DROP(MALFORMED)");
+                return;
+            }
+        };
+        match packet {
+            Packet::HandshakeInit {
+                sender,
+                pattern,
+                noise,
+            } => self.on_init(now, from, buf.len(), sender, pattern, noise),
+            Packet::HandshakeFinish { receiver, noise } => {
+                self.on_finish(now, from, receiver, noise)
+            }
+            Packet::Data {
+                receiver,
+                counter,
+                ciphertext,
+            } => self.on_data(now, from, buf.len(), receiver, counter, ciphertext, store),
+            Packet::HandshakeResponse { .. }
+            | Packet::Punch { .. }
+            | Packet::SessionUnknown { .. } => {
+                self.stats.malformed += 1;
+                tracing::debug!(%from, "DROP(UNEXPECTED)");
+            }
+        }
+    }
+
+    /// Sends `payload` to an address not yet proven, unless it is larger
+    /// than the request that caused it.
+    fn reply_unproven(&mut self, dst: SocketAddr, request_len: usize, payload: Vec<u8>) {
+        if payload.len() > request_len {
+            self.stats.amplification_refused += 1;
+            tracing::warn!(%dst, "DROP(AMPLIFICATION)");
+            return;
+        }
+        self.transmits.push_back(Transmit { dst, payload });
+    }
+
+    fn on_init(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        request_len: usize,
+        sender: u32,
+        pattern: Pattern,
+        noise: &[u8],
+    ) {
+        if self.sessions.len() + self.pending.len() >= self.config.max_sessions {
+            tracing::warn!(%from, "DROP(FULL)");
+            return;
+        }
+        let mut hs = match Handshake::responder(pattern, self.identity.noise_private()) {
+            Ok(hs) => hs,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build responder");
+                return;
+            }
+        };
+        let payload = match hs.read(noise) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.auth_failed += 1;
+                tracing::debug!(%from, "HANDSHAKE(BAD_INIT)");
+                return;
+            }
+        };
+        let mut challenge = [0u8; 16];
+        self.rng.fill(&mut challenge);
+        let local_index = self.fresh_index();
+        let identity = match pattern {
+            Pattern::IK => match self.read_identity(&hs, &payload) {
+                Some(id) => Some(id),
+                None => return,
+            },
+            Pattern::XX => None,
+        };
+        let msg2 = match hs.write(&challenge) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "HANDSHAKE(WRITE_FAILED)");
+                return;
+            }
+        };
+        let reply = Packet::HandshakeResponse {
+            sender: local_index,
+            receiver: sender,
+            noise: &msg2,
+        }
+        .encode();
+        self.stats.handshakes += 1;
+        match identity {
+            Some(identity) => {
+                let transport = match hs.into_transport(local_index, sender, now) {
+                    Ok(t) => t,
+                    Err(_) => return,
+                };
+                self.sessions.insert(
+                    local_index,
+                    Session {
+                        addr: from,
+                        transport,
+                        identity,
+                        challenge,
+                        proven: false,
+                        user: None,
+                        last_seen: now,
+                    },
+                );
+            }
+            None => {
+                self.pending.insert(
+                    local_index,
+                    PendingXx {
+                        hs,
+                        remote_index: sender,
+                        addr: from,
+                        challenge,
+                        started: now,
+                    },
+                );
+            }
+        }
+        self.arm_sweep(now);
+        self.reply_unproven(from, request_len, reply);
+    }
+
+    fn read_identity(&mut self, hs: &Handshake, payload: &[u8]) -> Option<PublicIdentity> {
+        let mut r = crate::codec::Reader::new(payload);
+        let id = PublicIdentity::decode(&mut r)
+            .ok()
+            .filter(|_| r.finish().is_ok());
+        let Some(id) = id else {
+            self.stats.malformed += 1;
+            return None;
+        };
+        let rs = hs.remote_static()?;
+        if let Err(e) = id.verify_for_noise_key(&rs) {
+            self.stats.auth_failed += 1;
+            tracing::info!(error = %e, "HANDSHAKE(BAD_IDENTITY)");
+            return None;
+        }
+        Some(id)
+    }
+
+    fn on_finish(&mut self, now: Instant, from: SocketAddr, receiver: u32, noise: &[u8]) {
+        let Some(mut p) = self.pending.remove(&receiver) else {
+            self.stats.unknown_session += 1;
+            return;
+        };
+        let payload = match p.hs.read(noise) {
+            Ok(pl) => pl,
+            Err(_) => {
+                self.stats.auth_failed += 1;
+                // Keep waiting for a genuine third message.
+                self.pending.insert(receiver, p);
+                return;
+            }
+        };
+        let Some(identity) = self.read_identity(&p.hs, &payload) else {
+            return;
+        };
+        let Ok(transport) = p.hs.into_transport(receiver, p.remote_index, now) else {
+            return;
+        };
+        let _ = from;
+        self.sessions.insert(
+            receiver,
+            Session {
+                addr: p.addr,
+                transport,
+                identity,
+                challenge: p.challenge,
+                proven: false,
+                user: None,
+                last_seen: now,
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_data(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        request_len: usize,
+        receiver: u32,
+        counter: u64,
+        ciphertext: &[u8],
+        store: &mut dyn AccountStore,
+    ) {
+        let Some(s) = self.sessions.get_mut(&receiver) else {
+            self.stats.unknown_session += 1;
+            let reply = Packet::SessionUnknown { receiver }.encode();
+            self.reply_unproven(from, request_len, reply);
+            return;
+        };
+        let plain = match s.transport.open(counter, ciphertext) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.auth_failed += 1;
+                tracing::debug!(%from, error = %e, "DROP(AUTH)");
+                return;
+            }
+        };
+        // An authenticated packet proves the address; follow the client if
+        // its NAT moved it (roaming).
+        s.proven = true;
+        s.addr = from;
+        s.last_seen = now;
+        let msg = match ClientToServer::decode(&plain) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.malformed += 1;
+                tracing::debug!(%from, error = %e, "DROP(MALFORMED_INNER)");
+                return;
+            }
+        };
+        self.on_message(now, receiver, msg, store);
+    }
+
+    fn send(&mut self, index: u32, msg: &ServerToClient) {
+        let Some(s) = self.sessions.get_mut(&index) else {
+            return;
+        };
+        match s.transport.seal(&msg.encode()) {
+            Ok(payload) => self.transmits.push_back(Transmit {
+                dst: s.addr,
+                payload,
+            }),
+            Err(e) => tracing::warn!(error = %e, "cannot seal"),
+        }
+    }
+
+    fn fail(&mut self, index: u32, rid: u32, reason: FailReason, detail: impl Into<String>) {
+        self.send(
+            index,
+            &ServerToClient::Failed {
+                rid,
+                reason,
+                detail: detail.into(),
+            },
+        );
+    }
+
+    fn user_of(&self, index: u32) -> Option<String> {
+        self.sessions.get(&index).and_then(|s| s.user.clone())
+    }
+
+    fn on_message(
+        &mut self,
+        now: Instant,
+        index: u32,
+        msg: ClientToServer,
+        store: &mut dyn AccountStore,
+    ) {
+        match msg {
+            ClientToServer::Register { rid, name } => self.on_register(index, rid, name, store),
+            ClientToServer::Login { rid, signature } => self.on_login(index, rid, signature, store),
+            ClientToServer::Ping { rid } => {
+                let observed = self.sessions[&index].addr;
+                self.send(index, &ServerToClient::Pong { rid, observed });
+            }
+            ClientToServer::Logout => self.remove_session(index, "logout"),
+            ClientToServer::ListUsers { rid, offset } => {
+                if self.user_of(index).is_none() {
+                    return self.fail(index, rid, FailReason::NotLoggedIn, "log in first");
+                }
+                let mut users: Vec<UserEntry> = self
+                    .by_name
+                    .iter()
+                    .filter_map(|(n, i)| {
+                        self.sessions.get(i).map(|s| UserEntry {
+                            name: n.clone(),
+                            sign_key: s.identity.sign_key,
+                        })
+                    })
+                    .collect();
+                users.sort_by(|a, b| a.name.cmp(&b.name));
+                let total = users.len().min(u16::MAX as usize) as u16;
+                let page: Vec<_> = users
+                    .into_iter()
+                    .skip(offset as usize)
+                    .take(USERS_PER_PAGE)
+                    .collect();
+                self.send(
+                    index,
+                    &ServerToClient::UserList {
+                        rid,
+                        total,
+                        offset,
+                        users: page,
+                    },
+                );
+            }
+            ClientToServer::RequestConnect { rid, name, locals } => {
+                self.on_request_connect(now, index, rid, name, locals, store)
+            }
+            ClientToServer::AgreeConnect {
+                rid,
+                intro_id,
+                accept,
+                locals,
+            } => self.on_agree(index, rid, intro_id, accept, locals),
+        }
+    }
+
+    fn on_register(&mut self, index: u32, rid: u32, name: String, store: &mut dyn AccountStore) {
+        if let Err(why) = validate_name(&name) {
+            return self.fail(index, rid, FailReason::NameInvalid, why);
+        }
+        let identity = self.sessions[&index].identity.clone();
+        match store.register(&name, &identity) {
+            Ok(RegisterOutcome::Created) | Ok(RegisterOutcome::AlreadyYours) => {
+                self.stats.registrations += 1;
+                tracing::info!(%name, fingerprint = %identity.fingerprint(), "REGISTER(OK)");
+                self.send(index, &ServerToClient::RegisterOk { rid, name });
+            }
+            Ok(RegisterOutcome::NameTaken) => self.fail(
+                index,
+                rid,
+                FailReason::NameTaken,
+                format!("the name {name} belongs to another key"),
+            ),
+            Ok(RegisterOutcome::KeyHasName(other)) => self.fail(
+                index,
+                rid,
+                FailReason::KeyAlreadyRegistered,
+                format!("this key is already registered as {other}"),
+            ),
+            Err(e) => {
+                self.stats.store_errors += 1;
+                tracing::error!(error = %e, "REGISTER(STORE_ERROR)");
+                self.fail(index, rid, FailReason::ServerError, "storage error");
+            }
+        }
+    }
+
+    fn on_login(
+        &mut self,
+        index: u32,
+        rid: u32,
+        signature: [u8; 64],
+        store: &mut dyn AccountStore,
+    ) {
+        let server_key = self.identity.noise_public();
+        let s = &self.sessions[&index];
+        if !s
+            .identity
+            .verify_login(&s.challenge, &server_key, &signature)
+        {
+            self.stats.auth_failed += 1;
+            return self.fail(index, rid, FailReason::NotLoggedIn, "bad login signature");
+        }
+        let sign_key = s.identity.sign_key;
+        let account = match store.by_key(&sign_key) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return self.fail(
+                    index,
+                    rid,
+                    FailReason::NotRegistered,
+                    "no account for this key; register a name first",
+                )
+            }
+            Err(e) => {
+                self.stats.store_errors += 1;
+                tracing::error!(error = %e, "LOGIN(STORE_ERROR)");
+                return self.fail(index, rid, FailReason::ServerError, "storage error");
+            }
+        };
+        let name = account.name;
+        if let Some(old) = self.by_name.insert(name.clone(), index) {
+            if old != index {
+                tracing::info!(%name, "LOGIN(REPLACES_SESSION)");
+                self.sessions.remove(&old);
+            }
+        }
+        let s = self.sessions.get_mut(&index).expect("session exists");
+        s.user = Some(name.clone());
+        let observed = s.addr;
+        self.stats.logins += 1;
+        tracing::info!(%name, %observed, "LOGIN(OK)");
+        self.send(
+            index,
+            &ServerToClient::LoginOk {
+                rid,
+                name,
+                observed,
+            },
+        );
+    }
+
+    fn on_request_connect(
+        &mut self,
+        now: Instant,
+        index: u32,
+        rid: u32,
+        name: String,
+        locals: Vec<SocketAddr>,
+        store: &mut dyn AccountStore,
+    ) {
+        let Some(me) = self.user_of(index) else {
+            return self.fail(index, rid, FailReason::NotLoggedIn, "log in first");
+        };
+        if name == me {
+            return self.fail(index, rid, FailReason::SelfConnect, "that is you");
+        }
+        match store.by_name(&name) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return self.fail(
+                    index,
+                    rid,
+                    FailReason::UnknownUser,
+                    format!("no user named {name}"),
+                )
+            }
+            Err(e) => {
+                self.stats.store_errors += 1;
+                tracing::error!(error = %e, "CONNECT(STORE_ERROR)");
+                return self.fail(index, rid, FailReason::ServerError, "storage error");
+            }
+        }
+        let Some(&target) = self.by_name.get(&name) else {
+            return self.fail(
+                index,
+                rid,
+                FailReason::Offline,
+                format!("{name} is not online"),
+            );
+        };
+        let intro_id = loop {
+            let id: u64 = self.rng.gen();
+            if id != 0 && !self.intros.contains_key(&id) {
+                break id;
+            }
+        };
+        let identity = self.sessions[&index].identity.clone();
+        self.intros.insert(
+            intro_id,
+            Intro {
+                from: me.clone(),
+                to: name.clone(),
+                from_locals: locals,
+                created: now,
+            },
+        );
+        self.arm_sweep(now);
+        tracing::info!(from = %me, to = %name, "INTRO(REQUESTED)");
+        self.send(
+            target,
+            &ServerToClient::ConnectRequested {
+                intro_id,
+                name: me,
+                identity,
+            },
+        );
+        self.send(
+            index,
+            &ServerToClient::ConnectPending {
+                rid,
+                intro_id,
+                name,
+            },
+        );
+    }
+
+    fn on_agree(
+        &mut self,
+        index: u32,
+        rid: u32,
+        intro_id: u64,
+        accept: bool,
+        locals: Vec<SocketAddr>,
+    ) {
+        let me = self.user_of(index);
+        let matches =
+            matches!((&me, self.intros.get(&intro_id)), (Some(me), Some(i)) if &i.to == me);
+        if !matches {
+            return self.fail(
+                index,
+                rid,
+                FailReason::NoSuchIntro,
+                "no pending request with that id",
+            );
+        }
+        let intro = self.intros.remove(&intro_id).expect("checked");
+        let requester = self.by_name.get(&intro.from).copied();
+        let Some(requester) = requester else {
+            return self.fail(
+                index,
+                rid,
+                FailReason::Offline,
+                format!("{} went offline", intro.from),
+            );
+        };
+        self.send(index, &ServerToClient::Ok { rid });
+        if !accept {
+            tracing::info!(from = %intro.from, to = %intro.to, "INTRO(DECLINED)");
+            return self.send(
+                requester,
+                &ServerToClient::ConnectFailed {
+                    intro_id,
+                    name: intro.to,
+                    reason: FailReason::Declined,
+                },
+            );
+        }
+        self.stats.introductions += 1;
+        tracing::info!(from = %intro.from, to = %intro.to, "INTRO(PUNCH)");
+        let (a, b) = (&self.sessions[&requester], &self.sessions[&index]);
+        let to_requester = PunchInstruction {
+            intro_id,
+            name: intro.to.clone(),
+            identity: b.identity.clone(),
+            public: b.addr,
+            locals,
+            initiator: true,
+        };
+        let to_target = PunchInstruction {
+            intro_id,
+            name: intro.from.clone(),
+            identity: a.identity.clone(),
+            public: a.addr,
+            locals: intro.from_locals,
+            initiator: false,
+        };
+        self.send(requester, &ServerToClient::Punch(to_requester));
+        self.send(index, &ServerToClient::Punch(to_target));
+    }
+
+    fn remove_session(&mut self, index: u32, why: &str) {
+        if let Some(s) = self.sessions.remove(&index) {
+            if let Some(name) = s.user {
+                if self.by_name.get(&name) == Some(&index) {
+                    self.by_name.remove(&name);
+                    tracing::info!(%name, why, "PRESENCE(GONE)");
+                }
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.next_sweep {
+            Some(t) if t <= now => {}
+            _ => return,
+        }
+        self.next_sweep = None;
+        let expired: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                now.saturating_duration_since(s.last_seen) >= self.config.presence_timeout
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        for i in expired {
+            self.remove_session(i, "heartbeats stopped");
+        }
+        let hs_timeout = self.config.handshake_timeout;
+        self.pending
+            .retain(|_, p| now.saturating_duration_since(p.started) < hs_timeout);
+        let old: Vec<u64> = self
+            .intros
+            .iter()
+            .filter(|(_, i)| now.saturating_duration_since(i.created) >= self.config.intro_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for intro_id in old {
+            let intro = self.intros.remove(&intro_id).expect("listed");
+            tracing::info!(from = %intro.from, to = %intro.to, "INTRO(TIMED_OUT)");
+            for (who, other) in [(&intro.from, &intro.to), (&intro.to, &intro.from)] {
+                if let Some(&i) = self.by_name.get(who) {
+                    self.send(
+                        i,
+                        &ServerToClient::ConnectFailed {
+                            intro_id,
+                            name: other.clone(),
+                            reason: FailReason::TimedOut,
+                        },
+                    );
+                }
+            }
+        }
+        if !self.sessions.is_empty() || !self.pending.is_empty() || !self.intros.is_empty() {
+            self.next_sweep = Some(now + SWEEP_INTERVAL);
+        }
+    }
+}
+
+/// Encodes a client's identity payload for the handshake.
+pub fn identity_payload(id: &PublicIdentity) -> Vec<u8> {
+    let mut w = Writer::new();
+    id.encode(&mut w);
+    w.into_inner()
+}
