@@ -30,6 +30,16 @@ const IK_ATTEMPTS_BEFORE_PROBE: u32 = 3;
 const MISSED_HEARTBEATS: u32 = 3;
 /// Most requests waiting for the link to come up.
 const MAX_QUEUED: usize = 256;
+/// A request without an answer is sent again after this long (the server
+/// answers a repeated `rid` from its memory instead of running it twice).
+const REQUEST_RESEND: Duration = Duration::from_millis(700);
+/// Push ids remembered to drop repeats.
+const SEEN_PUSHES: usize = 64;
+
+struct Req {
+    deadline: Instant,
+    resend: Option<(Instant, ClientToServer)>,
+}
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -132,7 +142,7 @@ enum State {
         retry_at: Instant,
     },
     Handshaking {
-        hs: Handshake,
+        hs: Box<Handshake>,
         local_index: u32,
         retry_at: Instant,
     },
@@ -145,8 +155,13 @@ struct Established {
     server_key: [u8; 32],
     challenge: [u8; 16],
     logged_in: bool,
+    /// The login in flight: its rid, when to send it again, and the bytes.
+    /// A lost login is resent like any request; the server answers a
+    /// repeated rid from its cache.
+    login: Option<(u32, Instant, ClientToServer)>,
     last_rx: Instant,
     next_heartbeat: Instant,
+    seen_pushes: VecDeque<u32>,
 }
 
 pub struct ServerLink {
@@ -156,7 +171,7 @@ pub struct ServerLink {
     attempts: u32,
     probe_xx: bool,
     queue: VecDeque<(u32, ClientToServer)>,
-    inflight: HashMap<u32, Instant>,
+    inflight: HashMap<u32, Req>,
     internal: HashMap<u32, Instant>,
     events: VecDeque<LinkEvent>,
     transmits: VecDeque<Transmit>,
@@ -233,15 +248,25 @@ impl ServerLink {
         let state = match &self.state {
             State::Idle { retry_at } => Some(*retry_at),
             State::Handshaking { retry_at, .. } => Some(*retry_at),
-            State::Established(e) => Some(e.next_heartbeat),
+            State::Established(e) => Some(match &e.login {
+                Some((_, at, _)) => e.next_heartbeat.min(*at),
+                None => e.next_heartbeat,
+            }),
             State::KeyMismatch => None,
         };
+        // Resends only happen on an established session; counting them
+        // otherwise would ask for a wakeup that does nothing.
+        let established = matches!(self.state, State::Established(_));
         let requests = self
             .inflight
             .values()
-            .chain(self.internal.values())
-            .min()
-            .copied();
+            .flat_map(|r| {
+                let resend = r.resend.as_ref().filter(|_| established).map(|x| x.0);
+                [Some(r.deadline), resend]
+            })
+            .flatten()
+            .chain(self.internal.values().copied())
+            .min();
         [state, requests].into_iter().flatten().min()
     }
 
@@ -257,10 +282,18 @@ impl ServerLink {
     pub fn request(&mut self, now: Instant, build: impl FnOnce(u32) -> ClientToServer) -> u32 {
         let rid = self.fresh_rid();
         let msg = build(rid);
-        self.inflight.insert(rid, now + self.config.request_timeout);
+        self.inflight.insert(
+            rid,
+            Req {
+                deadline: now + self.config.request_timeout,
+                resend: None,
+            },
+        );
         let needs_login = !matches!(msg, ClientToServer::Register { .. });
         match &self.state {
-            State::Established(e) if e.logged_in || !needs_login => self.send(msg),
+            State::Established(e) if e.logged_in || !needs_login => {
+                self.send_request(now, rid, msg)
+            }
             _ if self.queue.len() < MAX_QUEUED => self.queue.push_back((rid, msg)),
             _ => {
                 self.inflight.remove(&rid);
@@ -293,6 +326,13 @@ impl ServerLink {
             self.send(ClientToServer::Logout);
         }
         self.state = State::KeyMismatch;
+    }
+
+    fn send_request(&mut self, now: Instant, rid: u32, msg: ClientToServer) {
+        self.send(msg.clone());
+        if let Some(r) = self.inflight.get_mut(&rid) {
+            r.resend = Some((now + REQUEST_RESEND, msg));
+        }
     }
 
     fn send(&mut self, msg: ClientToServer) {
@@ -353,7 +393,7 @@ impl ServerLink {
         // A retry is a new handshake with a new ephemeral key, as in
         // WireGuard, not a resend of the same bytes.
         self.state = State::Handshaking {
-            hs,
+            hs: Box::new(hs),
             local_index,
             retry_at: now + delay,
         };
@@ -371,8 +411,8 @@ impl ServerLink {
         let expired: Vec<u32> = self
             .inflight
             .iter()
-            .filter(|(_, d)| **d <= now)
-            .map(|(r, _)| *r)
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(rid, _)| *rid)
             .collect();
         for rid in expired {
             self.inflight.remove(&rid);
@@ -383,6 +423,21 @@ impl ServerLink {
             });
         }
         self.internal.retain(|_, d| *d > now);
+        if matches!(self.state, State::Established(_)) {
+            let mut again = Vec::new();
+            for r in self.inflight.values_mut() {
+                if let Some((at, msg)) = &mut r.resend {
+                    if *at <= now {
+                        *at = now + REQUEST_RESEND;
+                        again.push(msg.clone());
+                    }
+                }
+            }
+            for msg in again {
+                tracing::debug!("REQUEST(RESEND)");
+                self.send(msg);
+            }
+        }
 
         match &mut self.state {
             State::Idle { retry_at } if *retry_at <= now => self.start_handshake(now),
@@ -396,6 +451,14 @@ impl ServerLink {
                     self.probe_xx = true;
                 }
                 self.start_handshake(now)
+            }
+            State::Established(e) if e.login.as_ref().is_some_and(|l| l.1 <= now) => {
+                if let Some((_, at, msg)) = &mut e.login {
+                    *at = now + REQUEST_RESEND;
+                    let msg = msg.clone();
+                    tracing::debug!("LOGIN(RESEND)");
+                    self.send(msg);
+                }
             }
             State::Established(e) if e.next_heartbeat <= now => {
                 let silent = now.saturating_duration_since(e.last_rx);
@@ -513,8 +576,10 @@ impl ServerLink {
             server_key,
             challenge,
             logged_in: false,
+            login: None,
             last_rx: now,
             next_heartbeat: now + self.config.heartbeat,
+            seen_pushes: VecDeque::new(),
         }));
         tracing::info!("LINK(CONNECTED)");
         self.events.push_back(LinkEvent::Connected {
@@ -526,7 +591,7 @@ impl ServerLink {
         let queued = std::mem::take(&mut self.queue);
         for (rid, msg) in queued {
             if matches!(msg, ClientToServer::Register { .. }) {
-                self.send(msg);
+                self.send_request(now, rid, msg);
             } else {
                 self.queue.push_back((rid, msg));
             }
@@ -542,8 +607,22 @@ impl ServerLink {
         }
         let signature = self.identity.sign_login(&e.challenge, &e.server_key);
         let rid = self.fresh_rid();
-        self.internal.insert(rid, now + self.config.request_timeout);
-        self.send(ClientToServer::Login { rid, signature });
+        let msg = ClientToServer::Login { rid, signature };
+        if let State::Established(e) = &mut self.state {
+            e.login = Some((rid, now + REQUEST_RESEND, msg.clone()));
+        }
+        self.send(msg);
+    }
+
+    /// True (and the login settled) if `rid` answers the login in flight.
+    fn settle_login(&mut self, rid: u32) -> bool {
+        match &mut self.state {
+            State::Established(e) if e.login.as_ref().is_some_and(|l| l.0 == rid) => {
+                e.login = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn on_data(&mut self, now: Instant, receiver: u32, counter: u64, ciphertext: &[u8]) {
@@ -574,7 +653,7 @@ impl ServerLink {
                 rid,
                 name,
                 observed,
-            } if self.internal.remove(&rid).is_some() => {
+            } if self.settle_login(rid) => {
                 if let State::Established(e) = &mut self.state {
                     e.logged_in = true;
                 }
@@ -582,15 +661,15 @@ impl ServerLink {
                 tracing::info!(%name, %observed, "LINK(LOGGED_IN)");
                 self.events
                     .push_back(LinkEvent::LoggedIn { name, observed });
-                for (_, msg) in std::mem::take(&mut self.queue) {
-                    self.send(msg);
+                for (rid, msg) in std::mem::take(&mut self.queue) {
+                    self.send_request(now, rid, msg);
                 }
             }
             ServerToClient::Failed {
                 rid,
                 reason,
                 detail,
-            } if self.internal.remove(&rid).is_some() => {
+            } if self.settle_login(rid) => {
                 tracing::warn!(reason = reason.as_str(), %detail, "LINK(LOGIN_FAILED)");
                 self.events
                     .push_back(LinkEvent::LoginFailed { reason, detail });
@@ -651,6 +730,20 @@ impl ServerLink {
                 reason,
             }),
             ServerToClient::Punch(p) => self.events.push_back(LinkEvent::Punch(p)),
+            ServerToClient::Push { push_id, msg } => {
+                self.send(ClientToServer::PushAck { push_id });
+                let State::Established(e) = &mut self.state else {
+                    return;
+                };
+                if e.seen_pushes.contains(&push_id) {
+                    return;
+                }
+                if e.seen_pushes.len() >= SEEN_PUSHES {
+                    e.seen_pushes.pop_front();
+                }
+                e.seen_pushes.push_back(push_id);
+                self.on_message(now, *msg);
+            }
         }
     }
 

@@ -1,1 +1,879 @@
+//! What a daemon runs: one [`ServerLink`] and a [`PeerSession`] plus a
+//! [`Reliable`] stream per peer, behind one UDP socket.
+//!
+//! The node demultiplexes datagrams by receiver index (handshake responses
+//! and data), by introduction id (punch probes) and by identity (handshake
+//! initiations, whose payload names the sender). It turns the link's
+//! introductions into sessions, feeds chat messages through each peer's
+//! reliable stream, pins each peer's identity at first contact, refuses
+//! any other key for that name afterwards, and reconnects by itself to a
+//! known peer while messages for it are waiting.
+//!
+//! Drain order after every input: [`Node::poll_event`] until `None`, then
+//! [`Node::poll_transmit`], then [`Node::poll_timeout`]. A
+//! [`NodeEvent::Delivered`] is emitted before the acknowledgement for it is
+//! queued, so a caller that stores it while draining events acknowledges
+//! only what it stored.
 
+use crate::client::{ClientConfig, LinkEvent, LinkState, RequestError, ServerLink};
+use crate::codec::Reader;
+use crate::identity::{Identity, PublicIdentity};
+use crate::noise::{Handshake, Pattern};
+use crate::peer::{PeerConfig, PeerEvent, PeerSession, PunchPlan, SessionPhase};
+use crate::reliable::{Outgoing, Reliable, ReliableEvent};
+use crate::wire::{ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
+use crate::Transmit;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub client: ClientConfig,
+    pub peer: PeerConfig,
+    /// Backoff between automatic reconnection attempts to a peer with
+    /// messages waiting: doubles from `reconnect_min` to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(server: SocketAddr) -> Self {
+        Self {
+            client: ClientConfig::new(server),
+            peer: PeerConfig::default(),
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    ServerConnected {
+        server_key: [u8; 32],
+        learned: bool,
+    },
+    ServerKeyMismatch {
+        pinned: [u8; 32],
+        offered: [u8; 32],
+    },
+    ServerDown {
+        reason: String,
+    },
+    LoggedIn {
+        name: String,
+        observed: SocketAddr,
+    },
+    LoginFailed {
+        reason: FailReason,
+        detail: String,
+    },
+    /// The answer to a request made with a returned `rid`.
+    Response {
+        rid: u32,
+        result: Result<ServerToClient, RequestError>,
+    },
+    /// Someone wants to connect. `auto_accepted` when it is a known
+    /// contact with the pinned key.
+    ConnectRequest {
+        name: String,
+        identity: PublicIdentity,
+        auto_accepted: bool,
+    },
+    ConnectFailed {
+        name: String,
+        reason: FailReason,
+    },
+    /// A peer presented another key than the one pinned for its name; the
+    /// session was refused.
+    KeyMismatch {
+        name: String,
+        pinned: PublicIdentity,
+        offered: PublicIdentity,
+    },
+    PeerUp {
+        name: String,
+        endpoint: SocketAddr,
+        identity: PublicIdentity,
+    },
+    PeerDown {
+        name: String,
+        reason: String,
+    },
+    PathChanged {
+        name: String,
+        endpoint: SocketAddr,
+    },
+    Delivered {
+        peer: String,
+        seq: u64,
+        sent_ms: u64,
+        body: Vec<u8>,
+    },
+    Acked {
+        peer: String,
+        seq: u64,
+    },
+    Pong {
+        peer: String,
+        nonce: u64,
+        rtt: Duration,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("no pending connection request from {0}")]
+    NoRequest(String),
+    #[error("not connected to {0}")]
+    NotConnected(String),
+}
+
+/// What `peers` shows of one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub phase: SessionPhase,
+    pub endpoint: Option<SocketAddr>,
+    pub rtt: Option<Duration>,
+    pub fingerprint: Option<String>,
+    pub queued: usize,
+}
+
+struct PeerEntry {
+    pinned: Option<PublicIdentity>,
+    reliable: Reliable,
+    session: Option<PeerSession>,
+    auto_connect: bool,
+    connecting: bool,
+    next_reconnect: Instant,
+    backoff: Duration,
+    last_endpoint: Option<SocketAddr>,
+}
+
+impl PeerEntry {
+    fn new(
+        now: Instant,
+        recv_next: u64,
+        pinned: Option<PublicIdentity>,
+        backoff: Duration,
+    ) -> Self {
+        Self {
+            pinned,
+            reliable: Reliable::new(recv_next),
+            session: None,
+            auto_connect: false,
+            connecting: false,
+            next_reconnect: now,
+            backoff,
+            last_endpoint: None,
+        }
+    }
+
+    fn identity(&self) -> Option<&PublicIdentity> {
+        self.pinned
+            .as_ref()
+            .or_else(|| self.session.as_ref().map(|s| s.remote()))
+    }
+
+    fn is_up(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.is_up())
+    }
+}
+
+/// Most `SessionUnknown` answers sent per second.
+const SESSION_UNKNOWN_INTERVAL: Duration = Duration::from_millis(100);
+
+pub struct Node {
+    identity: Identity,
+    config: NodeConfig,
+    link: ServerLink,
+    peers: BTreeMap<String, PeerEntry>,
+    /// Connection requests waiting for `accept` or `decline`.
+    incoming: HashMap<String, (u64, PublicIdentity)>,
+    /// Our `RequestConnect`s in flight: rid → (peer, made automatically).
+    outgoing: HashMap<u32, (String, bool)>,
+    locals: Vec<SocketAddr>,
+    events: VecDeque<NodeEvent>,
+    transmits: VecDeque<Transmit>,
+    last_unknown_reply: Option<Instant>,
+    /// Datagrams dropped because they did not parse.
+    pub malformed: u64,
+    rng: rand::rngs::StdRng,
+}
+
+impl Node {
+    pub fn new(identity: Identity, config: NodeConfig, now: Instant, seed: u64) -> Self {
+        let link = ServerLink::new(identity.clone(), config.client.clone(), now, seed);
+        Self {
+            identity,
+            config,
+            link,
+            peers: BTreeMap::new(),
+            incoming: HashMap::new(),
+            outgoing: HashMap::new(),
+            locals: Vec::new(),
+            events: VecDeque::new(),
+            transmits: VecDeque::new(),
+            last_unknown_reply: None,
+            malformed: 0,
+            rng: rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1)),
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn link(&self) -> &ServerLink {
+        &self.link
+    }
+
+    pub fn link_state(&self) -> LinkState {
+        self.link.state()
+    }
+
+    /// Our own addresses, reported to peers as punching candidates.
+    pub fn set_locals(&mut self, locals: Vec<SocketAddr>) {
+        self.locals = locals;
+    }
+
+    /// A peer known from before: its pinned identity and where its
+    /// message stream to us stands.
+    pub fn add_contact(
+        &mut self,
+        now: Instant,
+        name: &str,
+        identity: PublicIdentity,
+        recv_next: u64,
+    ) {
+        let backoff = self.config.reconnect_min;
+        let e = self
+            .peers
+            .entry(name.to_owned())
+            .or_insert_with(|| PeerEntry::new(now, recv_next, None, backoff));
+        e.pinned = Some(identity);
+    }
+
+    fn entry(&mut self, now: Instant, name: &str) -> &mut PeerEntry {
+        let backoff = self.config.reconnect_min;
+        self.peers
+            .entry(name.to_owned())
+            .or_insert_with(|| PeerEntry::new(now, 0, None, backoff))
+    }
+
+    pub fn register(&mut self, now: Instant, name: &str) -> u32 {
+        let name = name.to_owned();
+        let rid = self
+            .link
+            .request(now, |rid| ClientToServer::Register { rid, name });
+        self.pump(now);
+        rid
+    }
+
+    pub fn relogin(&mut self, now: Instant) {
+        self.link.reconnect(now);
+        self.pump(now);
+    }
+
+    pub fn list_users(&mut self, now: Instant, offset: u16) -> u32 {
+        let rid = self
+            .link
+            .request(now, |rid| ClientToServer::ListUsers { rid, offset });
+        self.pump(now);
+        rid
+    }
+
+    pub fn ping_server(&mut self, now: Instant) -> u32 {
+        let rid = self.link.request(now, |rid| ClientToServer::Ping { rid });
+        self.pump(now);
+        rid
+    }
+
+    /// Asks the server to introduce us to `name`.
+    pub fn connect(&mut self, now: Instant, name: &str) -> u32 {
+        let rid = self.request_connect(now, name, false);
+        self.pump(now);
+        rid
+    }
+
+    fn request_connect(&mut self, now: Instant, name: &str, auto: bool) -> u32 {
+        let locals = self.locals.clone();
+        let n = name.to_owned();
+        let rid = self
+            .link
+            .request(now, |rid| ClientToServer::RequestConnect {
+                rid,
+                name: n,
+                locals,
+            });
+        self.outgoing.insert(rid, (name.to_owned(), auto));
+        let e = self.entry(now, name);
+        e.auto_connect = true;
+        e.connecting = true;
+        rid
+    }
+
+    pub fn pending_requests(&self) -> Vec<(String, PublicIdentity)> {
+        let mut v: Vec<_> = self
+            .incoming
+            .iter()
+            .map(|(n, (_, id))| (n.clone(), id.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Agrees to (or declines) `name`'s pending request.
+    pub fn answer(&mut self, now: Instant, name: &str, accept: bool) -> Result<u32, NodeError> {
+        let (intro_id, identity) = self
+            .incoming
+            .remove(name)
+            .ok_or_else(|| NodeError::NoRequest(name.to_owned()))?;
+        if accept {
+            // Pin the key we were shown; the punch must carry the same.
+            let e = self.entry(now, name);
+            e.pinned.get_or_insert(identity);
+            e.auto_connect = true;
+            e.connecting = true;
+        }
+        let locals = self.locals.clone();
+        let rid = self.link.request(now, |rid| ClientToServer::AgreeConnect {
+            rid,
+            intro_id,
+            accept,
+            locals,
+        });
+        self.pump(now);
+        Ok(rid)
+    }
+
+    /// Queues a chat message; it is sent when a session is up, connecting
+    /// to a known peer by itself if needed.
+    pub fn send_message(&mut self, now: Instant, name: &str, msg: Outgoing) {
+        let e = self.entry(now, name);
+        e.reliable.push(msg);
+        if !e.auto_connect {
+            e.auto_connect = true;
+            e.next_reconnect = now;
+        }
+        self.pump(now);
+    }
+
+    pub fn is_up(&self, name: &str) -> bool {
+        self.peers.get(name).is_some_and(|e| e.is_up())
+    }
+
+    pub fn is_known(&self, name: &str) -> bool {
+        self.peers.get(name).is_some_and(|e| e.identity().is_some())
+    }
+
+    /// Closes the session with `name`; no automatic reconnection follows
+    /// until the next `send` or `connect`.
+    pub fn close(&mut self, now: Instant, name: &str) -> Result<(), NodeError> {
+        let e = self
+            .peers
+            .get_mut(name)
+            .filter(|e| e.session.is_some())
+            .ok_or_else(|| NodeError::NotConnected(name.to_owned()))?;
+        if let Some(mut s) = e.session.take() {
+            s.close(now);
+            while let Some(t) = s.poll_transmit() {
+                self.transmits.push_back(t);
+            }
+        }
+        e.auto_connect = false;
+        e.connecting = false;
+        self.events.push_back(NodeEvent::PeerDown {
+            name: name.to_owned(),
+            reason: "closed by you".into(),
+        });
+        Ok(())
+    }
+
+    pub fn ping(&mut self, now: Instant, name: &str) -> Result<u64, NodeError> {
+        let nonce = self
+            .peers
+            .get_mut(name)
+            .and_then(|e| e.session.as_mut())
+            .and_then(|s| s.ping(now))
+            .ok_or_else(|| NodeError::NotConnected(name.to_owned()))?;
+        self.pump(now);
+        Ok(nonce)
+    }
+
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .filter(|(_, e)| e.session.is_some() || e.reliable.pending() > 0 || e.pinned.is_some())
+            .map(|(name, e)| PeerStatus {
+                name: name.clone(),
+                phase: e
+                    .session
+                    .as_ref()
+                    .map(|s| s.phase())
+                    .unwrap_or(SessionPhase::Closed),
+                endpoint: e.session.as_ref().and_then(|s| s.endpoint()),
+                rtt: e
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.rtt())
+                    .or(e.reliable.srtt()),
+                fingerprint: e.identity().map(|i| i.fingerprint()),
+                queued: e.reliable.pending(),
+            })
+            .collect()
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let link = self.link.poll_timeout();
+        let peers = self.peers.values().flat_map(|e| {
+            let session = e.session.as_ref().and_then(|s| s.poll_timeout());
+            let reliable = if e.is_up() {
+                e.reliable.poll_timeout()
+            } else {
+                None
+            };
+            let reconnect = if self.wants_reconnect(e) {
+                Some(e.next_reconnect)
+            } else {
+                None
+            };
+            [session, reliable, reconnect]
+        });
+        std::iter::once(link).chain(peers).flatten().min()
+    }
+
+    fn wants_reconnect(&self, e: &PeerEntry) -> bool {
+        e.session.is_none()
+            && e.auto_connect
+            && !e.connecting
+            && e.reliable.pending() > 0
+            && e.identity().is_some()
+            && self.link.state() == LinkState::LoggedIn
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.link.handle_timeout(now);
+        for e in self.peers.values_mut() {
+            if let Some(s) = e.session.as_mut() {
+                s.handle_timeout(now);
+            }
+        }
+        let due: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, e)| self.wants_reconnect(e) && e.next_reconnect <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let max = self.config.reconnect_max;
+            let e = self.peers.get_mut(&name).expect("listed");
+            let jitter = e.backoff.mul_f64(self.rng.gen_range(0.0..0.2));
+            e.next_reconnect = now + e.backoff + jitter;
+            e.backoff = (e.backoff * 2).min(max);
+            tracing::debug!(peer = %name, "RECONNECT(REQUEST)");
+            self.request_connect(now, &name, true);
+        }
+        self.pump(now);
+    }
+
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, buf: &[u8]) {
+        let packet = match Packet::decode(buf) {
+            Ok(p) => p,
+            Err(e) => {
+                self.malformed += 1;
+                tracing::debug!(%from, error = %e, "DROP(MALFORMED)");
+                return;
+            }
+        };
+        let from_server = from == self.link.server_addr();
+        match packet {
+            Packet::HandshakeResponse { receiver, .. } | Packet::Data { receiver, .. }
+                if from_server && self.link.owns_index(receiver) =>
+            {
+                self.link.handle_datagram(now, &packet)
+            }
+            Packet::SessionUnknown { .. } if from_server => self.link.handle_datagram(now, &packet),
+            Packet::HandshakeInit {
+                sender,
+                pattern: Pattern::IK,
+                noise,
+            } if !from_server => self.on_init(now, from, sender, noise),
+            Packet::HandshakeResponse {
+                sender,
+                receiver,
+                noise,
+            } => {
+                if let Some(s) = self.session_by_index(receiver) {
+                    s.handle_response(now, from, sender, receiver, noise);
+                }
+            }
+            Packet::Data {
+                receiver,
+                counter,
+                ciphertext,
+            } => match self.session_by_index(receiver) {
+                Some(s) => s.handle_data(now, from, receiver, counter, ciphertext),
+                None if !from_server => self.reply_unknown(now, from, receiver),
+                None => {}
+            },
+            Packet::Punch { intro_id, reply } => {
+                let s = self
+                    .peers
+                    .values_mut()
+                    .filter_map(|e| e.session.as_mut())
+                    .find(|s| s.intro_id() == Some(intro_id));
+                if let Some(s) = s {
+                    s.handle_punch(now, from, reply);
+                }
+            }
+            Packet::SessionUnknown { receiver } => {
+                let s = self
+                    .peers
+                    .values_mut()
+                    .filter_map(|e| e.session.as_mut())
+                    .find(|s| s.owns_remote_index(receiver) && s.endpoint() == Some(from));
+                if let Some(s) = s {
+                    s.handle_session_unknown(now);
+                }
+            }
+            _ => {
+                self.malformed += 1;
+            }
+        }
+        self.pump(now);
+    }
+
+    fn session_by_index(&mut self, index: u32) -> Option<&mut PeerSession> {
+        self.peers
+            .values_mut()
+            .filter_map(|e| e.session.as_mut())
+            .find(|s| s.owns_index(index))
+    }
+
+    fn reply_unknown(&mut self, now: Instant, from: SocketAddr, receiver: u32) {
+        if self
+            .last_unknown_reply
+            .is_some_and(|t| now.saturating_duration_since(t) < SESSION_UNKNOWN_INTERVAL)
+        {
+            return;
+        }
+        self.last_unknown_reply = Some(now);
+        self.transmits.push_back(Transmit {
+            dst: from,
+            payload: Packet::SessionUnknown { receiver }.encode(),
+        });
+    }
+
+    fn on_init(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
+        let Ok(mut hs) = Handshake::responder(Pattern::IK, self.identity.noise_private()) else {
+            return;
+        };
+        let Ok(payload) = hs.read(noise) else {
+            tracing::debug!(%from, "HANDSHAKE(BAD_INIT)");
+            return;
+        };
+        let mut r = Reader::new(&payload);
+        let Some(identity) = PublicIdentity::decode(&mut r)
+            .ok()
+            .filter(|_| r.finish().is_ok())
+        else {
+            return;
+        };
+        let Some(rs) = hs.remote_static() else { return };
+        if identity.verify_for_noise_key(&rs).is_err() {
+            tracing::warn!(%from, "HANDSHAKE(BAD_IDENTITY)");
+            return;
+        }
+        // Only peers we were introduced to or know: find the entry whose
+        // identity (pinned, or from the introduction) has this key.
+        let name = self
+            .peers
+            .iter()
+            .find(|(_, e)| {
+                e.identity()
+                    .is_some_and(|i| i.sign_key == identity.sign_key)
+            })
+            .map(|(n, _)| n.clone());
+        let Some(name) = name else {
+            tracing::info!(%from, fingerprint = %identity.fingerprint(), "HANDSHAKE(UNKNOWN_PEER)");
+            return;
+        };
+        let seed = self.rng.gen();
+        let peer_config = self.config.peer.clone();
+        let local = self.identity.clone();
+        let e = self.peers.get_mut(&name).expect("found");
+        let s = e
+            .session
+            .get_or_insert_with(|| PeerSession::idle(local, identity.clone(), peer_config, seed));
+        s.handle_init(now, from, sender, hs, &identity);
+    }
+
+    /// Moves events and packets between the sub-machines.
+    fn pump(&mut self, now: Instant) {
+        while let Some(ev) = self.link.poll_event() {
+            self.on_link_event(now, ev);
+        }
+        while let Some(t) = self.link.poll_transmit() {
+            self.transmits.push_back(t);
+        }
+        let names: Vec<String> = self.peers.keys().cloned().collect();
+        for name in names {
+            self.pump_peer(now, &name);
+        }
+    }
+
+    fn pump_peer(&mut self, now: Instant, name: &str) {
+        let Some(e) = self.peers.get_mut(name) else {
+            return;
+        };
+        let mut down = None;
+        if let Some(s) = e.session.as_mut() {
+            while let Some(ev) = s.poll_event() {
+                match ev {
+                    PeerEvent::Up { endpoint } => {
+                        e.last_endpoint = Some(endpoint);
+                        e.backoff = self.config.reconnect_min;
+                        e.connecting = false;
+                        e.reliable.path_changed(now);
+                        let identity = s.remote().clone();
+                        e.pinned = Some(identity.clone());
+                        self.events.push_back(NodeEvent::PeerUp {
+                            name: name.to_owned(),
+                            endpoint,
+                            identity,
+                        });
+                    }
+                    PeerEvent::Down { reason } => down = Some(reason),
+                    PeerEvent::PathChanged { endpoint } => {
+                        e.last_endpoint = Some(endpoint);
+                        e.reliable.path_changed(now);
+                        self.events.push_back(NodeEvent::PathChanged {
+                            name: name.to_owned(),
+                            endpoint,
+                        });
+                    }
+                    PeerEvent::Pong { nonce, rtt } => self.events.push_back(NodeEvent::Pong {
+                        peer: name.to_owned(),
+                        nonce,
+                        rtt,
+                    }),
+                    PeerEvent::Received(PeerToPeer::Message {
+                        seq,
+                        base,
+                        sent_ms,
+                        body,
+                    }) => e.reliable.handle_message(seq, base, sent_ms, body),
+                    PeerEvent::Received(PeerToPeer::Ack { upto, sacks }) => {
+                        e.reliable.handle_ack(now, upto, &sacks)
+                    }
+                    PeerEvent::Received(_) => {}
+                }
+            }
+        }
+        while let Some(ev) = e.reliable.poll_event() {
+            self.events.push_back(match ev {
+                ReliableEvent::Delivered { seq, sent_ms, body } => NodeEvent::Delivered {
+                    peer: name.to_owned(),
+                    seq,
+                    sent_ms,
+                    body,
+                },
+                ReliableEvent::Acked { seq } => NodeEvent::Acked {
+                    peer: name.to_owned(),
+                    seq,
+                },
+            });
+        }
+        if let Some(s) = e.session.as_mut() {
+            if s.is_up() {
+                while let Some(p) = e.reliable.poll_packet(now) {
+                    if !s.send(now, &p) {
+                        break;
+                    }
+                }
+            }
+            while let Some(t) = s.poll_transmit() {
+                self.transmits.push_back(t);
+            }
+        }
+        if let Some(reason) = down {
+            e.session = None;
+            e.connecting = false;
+            e.next_reconnect = now + e.backoff;
+            self.events.push_back(NodeEvent::PeerDown {
+                name: name.to_owned(),
+                reason,
+            });
+        }
+    }
+
+    fn on_link_event(&mut self, now: Instant, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Connected {
+                server_key,
+                learned,
+            } => self.events.push_back(NodeEvent::ServerConnected {
+                server_key,
+                learned,
+            }),
+            LinkEvent::ServerKeyMismatch { pinned, offered } => self
+                .events
+                .push_back(NodeEvent::ServerKeyMismatch { pinned, offered }),
+            LinkEvent::Disconnected { reason } => self.events.push_back(NodeEvent::ServerDown {
+                reason: reason.to_owned(),
+            }),
+            LinkEvent::LoggedIn { name, observed } => {
+                for e in self.peers.values_mut() {
+                    e.next_reconnect = now;
+                    e.connecting = false;
+                }
+                self.events
+                    .push_back(NodeEvent::LoggedIn { name, observed })
+            }
+            LinkEvent::LoginFailed { reason, detail } => self
+                .events
+                .push_back(NodeEvent::LoginFailed { reason, detail }),
+            LinkEvent::Response { rid, result } => {
+                if let Some((name, auto)) = self.outgoing.remove(&rid) {
+                    if let Err(err) = &result {
+                        if let Some(e) = self.peers.get_mut(&name) {
+                            e.connecting = false;
+                        }
+                        let reason = match err {
+                            RequestError::Failed { reason, .. } => *reason,
+                            RequestError::TimedOut => FailReason::TimedOut,
+                        };
+                        if auto {
+                            tracing::debug!(peer = %name, reason = reason.as_str(), "RECONNECT(FAILED)");
+                        } else {
+                            self.events
+                                .push_back(NodeEvent::ConnectFailed { name, reason });
+                        }
+                    }
+                }
+                self.events.push_back(NodeEvent::Response { rid, result });
+            }
+            LinkEvent::ConnectRequested {
+                intro_id,
+                name,
+                identity,
+            } => {
+                if identity.verify().is_err() {
+                    tracing::warn!(peer = %name, "INTRO(BAD_IDENTITY)");
+                    return;
+                }
+                let pinned = self.peers.get(&name).and_then(|e| e.pinned.clone());
+                match pinned {
+                    Some(p) if p.sign_key == identity.sign_key => {
+                        let locals = self.locals.clone();
+                        self.link.request(now, |rid| ClientToServer::AgreeConnect {
+                            rid,
+                            intro_id,
+                            accept: true,
+                            locals,
+                        });
+                        let e = self.entry(now, &name);
+                        e.connecting = true;
+                        self.events.push_back(NodeEvent::ConnectRequest {
+                            name,
+                            identity,
+                            auto_accepted: true,
+                        });
+                    }
+                    Some(p) => {
+                        let locals = Vec::new();
+                        self.link.request(now, |rid| ClientToServer::AgreeConnect {
+                            rid,
+                            intro_id,
+                            accept: false,
+                            locals,
+                        });
+                        self.events.push_back(NodeEvent::KeyMismatch {
+                            name,
+                            pinned: p,
+                            offered: identity,
+                        });
+                    }
+                    None => {
+                        self.incoming
+                            .insert(name.clone(), (intro_id, identity.clone()));
+                        self.events.push_back(NodeEvent::ConnectRequest {
+                            name,
+                            identity,
+                            auto_accepted: false,
+                        });
+                    }
+                }
+            }
+            LinkEvent::ConnectFailed {
+                intro_id,
+                name,
+                reason,
+            } => {
+                if self
+                    .incoming
+                    .get(&name)
+                    .is_some_and(|(i, _)| *i == intro_id)
+                {
+                    self.incoming.remove(&name);
+                }
+                if let Some(e) = self.peers.get_mut(&name) {
+                    e.connecting = false;
+                }
+                self.events
+                    .push_back(NodeEvent::ConnectFailed { name, reason });
+            }
+            LinkEvent::Punch(p) => {
+                if p.identity.verify().is_err() {
+                    tracing::warn!(peer = %p.name, "PUNCH(BAD_IDENTITY)");
+                    return;
+                }
+                let pinned = self.peers.get(&p.name).and_then(|e| e.pinned.clone());
+                if let Some(pinned) = pinned {
+                    if pinned.sign_key != p.identity.sign_key {
+                        self.events.push_back(NodeEvent::KeyMismatch {
+                            name: p.name,
+                            pinned,
+                            offered: p.identity,
+                        });
+                        return;
+                    }
+                }
+                let mut candidates = vec![p.public];
+                candidates.extend(p.locals.iter().filter(|a| **a != p.public));
+                let seed = self.rng.gen();
+                let s = PeerSession::punch(
+                    now,
+                    self.identity.clone(),
+                    p.identity.clone(),
+                    self.config.peer.clone(),
+                    PunchPlan {
+                        intro_id: p.intro_id,
+                        candidates,
+                        initiator: p.initiator,
+                    },
+                    seed,
+                );
+                let e = self.entry(now, &p.name);
+                // A new introduction replaces a session that is not up.
+                if !e.is_up() {
+                    e.session = Some(s);
+                }
+            }
+        }
+    }
+}

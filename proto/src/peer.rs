@@ -1,1 +1,784 @@
+//! One end-to-end encrypted session with a peer.
+//!
+//! ```text
+//!  Punching ──punch answered──▶ Handshaking ──response──▶ Established
+//!     │ (responder waits for the peer's handshake)            │
+//!     └──────────────────── timeout ─────────────▶ Closed ◀───┘ dead / closed
+//! ```
+//!
+//! Punching: after a punch instruction both sides send [`Packet::Punch`]
+//! probes to every candidate endpoint of the other (its public address as
+//! the server saw it, and its local addresses) until one answers; that
+//! opens both NATs. The initiator then runs a Noise IK handshake toward the
+//! endpoint that answered, with the responder's key from the introduction.
+//! Each side's handshake payload carries its identity binding, checked
+//! against the identity the server introduced (and any key pinned before)
+//! before anything else is accepted. As in WireGuard the responder sends
+//! data only after the initiator's first data packet confirmed the keys.
+//!
+//! Established: keepalives every `keepalive` when nothing else was sent,
+//! a new handshake when the keys get old (`REKEY_AFTER_TIME`) or when the
+//! peer reports it lost the session, and death after `dead_after` of
+//! silence.
 
+use crate::codec::Reader;
+use crate::identity::{Identity, PublicIdentity};
+use crate::noise::{Handshake, Pattern, Transport, REJECT_AFTER_TIME, REKEY_AFTER_TIME};
+use crate::server::identity_payload;
+use crate::wire::{Packet, PeerToPeer};
+use crate::Transmit;
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Send a keepalive when nothing was sent for this long: 25 s, the
+    /// WireGuard persistent-keepalive figure, under the ~30 s after which
+    /// many NATs forget an idle UDP mapping.
+    pub keepalive: Duration,
+    /// The session is dead after this long without a packet from the peer.
+    pub dead_after: Duration,
+    /// Interval between punch probes to each candidate.
+    pub punch_interval: Duration,
+    /// Give up punching and handshaking after this long.
+    pub connect_timeout: Duration,
+    /// Interval between handshake initiations while waiting for a response
+    /// (WireGuard's REKEY_TIMEOUT is 5 s; a chat wants to be quicker on
+    /// loopback and LANs, with jitter so both sides don't collide).
+    pub handshake_retry: Duration,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        Self {
+            keepalive: Duration::from_secs(25),
+            dead_after: Duration::from_secs(80),
+            punch_interval: Duration::from_millis(250),
+            connect_timeout: Duration::from_secs(10),
+            handshake_retry: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A responder that has not seen the initiator start a new handshake this
+/// long after `REKEY_AFTER_TIME` starts one itself.
+const RESPONDER_REKEY_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The session is up (first time, or again after a new handshake).
+    Up { endpoint: SocketAddr },
+    /// The session ended; `reason` says why, for the user.
+    Down { reason: String },
+    /// The peer's packets now come from another address.
+    PathChanged { endpoint: SocketAddr },
+    /// An answer to [`PeerSession::ping`].
+    Pong { nonce: u64, rtt: Duration },
+    /// A message for the layers above (chat, acknowledgements).
+    Received(PeerToPeer),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionPhase {
+    Punching,
+    Handshaking,
+    Established,
+    Closed,
+}
+
+struct Hs {
+    hs: Handshake,
+    local_index: u32,
+    dst: SocketAddr,
+    started: Instant,
+    retry_at: Instant,
+    deadline: Instant,
+}
+
+struct Est {
+    current: Transport,
+    previous: Option<Transport>,
+    dst: SocketAddr,
+    /// The peer has shown it holds `current` (we initiated it, or data
+    /// arrived under it). Until then we keep sending under `previous`.
+    confirmed: bool,
+    previous_confirmed: bool,
+    last_rx: Instant,
+    last_tx: Instant,
+    rekey: Option<Hs>,
+}
+
+impl Est {
+    /// Whether the session can carry data: under confirmed keys, current
+    /// or (during a rekey we answered) previous.
+    fn usable(&self) -> bool {
+        self.confirmed || (self.previous_confirmed && self.previous.is_some())
+    }
+}
+
+enum State {
+    Punching {
+        intro_id: u64,
+        candidates: Vec<SocketAddr>,
+        next_probe: Instant,
+        deadline: Instant,
+        initiator: bool,
+    },
+    Handshaking(Box<Hs>),
+    Established(Box<Est>),
+    Closed,
+}
+
+/// What a punch instruction says to do: which introduction, which
+/// endpoints to probe, and whether we start the handshake.
+#[derive(Clone, Debug)]
+pub struct PunchPlan {
+    pub intro_id: u64,
+    pub candidates: Vec<SocketAddr>,
+    pub initiator: bool,
+}
+
+pub struct PeerSession {
+    local: Identity,
+    remote: PublicIdentity,
+    config: PeerConfig,
+    state: State,
+    /// The sender index of the last initiation we answered, and our
+    /// answer: a duplicate of it gets the same answer, not new keys.
+    answered: Option<(u32, Vec<u8>)>,
+    up: bool,
+    rtt: Option<Duration>,
+    pings: HashMap<u64, Instant>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PeerEvent>,
+    rng: rand::rngs::StdRng,
+}
+
+impl PeerSession {
+    fn new(
+        local: Identity,
+        remote: PublicIdentity,
+        config: PeerConfig,
+        state: State,
+        seed: u64,
+    ) -> Self {
+        Self {
+            local,
+            remote,
+            config,
+            state,
+            answered: None,
+            up: false,
+            rtt: None,
+            pings: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Starts punching after a punch instruction.
+    pub fn punch(
+        now: Instant,
+        local: Identity,
+        remote: PublicIdentity,
+        config: PeerConfig,
+        plan: PunchPlan,
+        seed: u64,
+    ) -> Self {
+        let PunchPlan {
+            intro_id,
+            mut candidates,
+            initiator,
+        } = plan;
+        candidates.dedup();
+        let deadline = now + config.connect_timeout;
+        let mut s = Self::new(
+            local,
+            remote,
+            config,
+            State::Punching {
+                intro_id,
+                candidates,
+                next_probe: now,
+                deadline,
+                initiator,
+            },
+            seed,
+        );
+        s.handle_timeout(now);
+        s
+    }
+
+    /// Starts a handshake straight to a known endpoint (reconnecting to a
+    /// peer whose address we still know).
+    pub fn dial(
+        now: Instant,
+        local: Identity,
+        remote: PublicIdentity,
+        config: PeerConfig,
+        dst: SocketAddr,
+        seed: u64,
+    ) -> Self {
+        let mut s = Self::new(local, remote, config, State::Closed, seed);
+        let deadline = now + s.config.connect_timeout;
+        if let Some(hs) = s.start_handshake(now, dst, deadline) {
+            s.state = State::Handshaking(Box::new(hs));
+        }
+        s
+    }
+
+    /// A session with nothing under way, for a peer whose handshake
+    /// initiation the caller is about to pass to [`Self::handle_init`].
+    pub fn idle(local: Identity, remote: PublicIdentity, config: PeerConfig, seed: u64) -> Self {
+        Self::new(local, remote, config, State::Closed, seed)
+    }
+
+    pub fn remote(&self) -> &PublicIdentity {
+        &self.remote
+    }
+
+    pub fn phase(&self) -> SessionPhase {
+        match &self.state {
+            State::Punching { .. } => SessionPhase::Punching,
+            State::Handshaking(_) => SessionPhase::Handshaking,
+            State::Established(e) if e.usable() => SessionPhase::Established,
+            State::Established(_) => SessionPhase::Handshaking,
+            State::Closed => SessionPhase::Closed,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.phase() == SessionPhase::Established
+    }
+
+    pub fn intro_id(&self) -> Option<u64> {
+        match &self.state {
+            State::Punching { intro_id, .. } => Some(*intro_id),
+            _ => None,
+        }
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        match &self.state {
+            State::Established(e) => Some(e.dst),
+            State::Handshaking(h) => Some(h.dst),
+            _ => None,
+        }
+    }
+
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// Local indices this session answers to.
+    pub fn owns_index(&self, index: u32) -> bool {
+        match &self.state {
+            State::Handshaking(h) => h.local_index == index,
+            State::Established(e) => {
+                e.current.local_index == index
+                    || e.previous.as_ref().is_some_and(|p| p.local_index == index)
+                    || e.rekey.as_ref().is_some_and(|h| h.local_index == index)
+            }
+            _ => false,
+        }
+    }
+
+    /// Does `SessionUnknown { receiver }` refer to our current keys?
+    pub fn owns_remote_index(&self, index: u32) -> bool {
+        matches!(&self.state, State::Established(e) if e.current.remote_index == index)
+    }
+
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::Punching {
+                next_probe,
+                deadline,
+                ..
+            } => Some((*next_probe).min(*deadline)),
+            State::Handshaking(h) => Some(h.retry_at.min(h.deadline)),
+            // Mirrors `handle_timeout` rule by rule: a deadline that the
+            // handler would not act on must not be asked for.
+            State::Established(e) => {
+                let dead = e.last_rx + self.config.dead_after;
+                let keepalive = e.usable().then(|| e.last_tx + self.config.keepalive);
+                let (rekey, expiry, age) = match &e.rekey {
+                    Some(h) => (Some(h.retry_at.min(h.deadline)), None, None),
+                    None => {
+                        let grace = if e.current.initiator {
+                            Duration::ZERO
+                        } else {
+                            RESPONDER_REKEY_GRACE
+                        };
+                        let age = e
+                            .confirmed
+                            .then(|| e.current.created + REKEY_AFTER_TIME + grace);
+                        (None, Some(e.current.created + REJECT_AFTER_TIME), age)
+                    }
+                };
+                [Some(dead), keepalive, rekey, expiry, age]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
+            State::Closed => None,
+        }
+    }
+
+    fn start_handshake(&mut self, now: Instant, dst: SocketAddr, deadline: Instant) -> Option<Hs> {
+        let mut hs = Handshake::initiator(
+            Pattern::IK,
+            self.local.noise_private(),
+            Some(&self.remote.noise_key),
+        )
+        .ok()?;
+        let noise = hs.write(&identity_payload(&self.local.public())).ok()?;
+        let local_index = self.rng.gen::<u32>().max(1);
+        self.transmits.push_back(Transmit {
+            dst,
+            payload: Packet::HandshakeInit {
+                sender: local_index,
+                pattern: Pattern::IK,
+                noise: &noise,
+            }
+            .encode(),
+        });
+        let jitter = self
+            .config
+            .handshake_retry
+            .mul_f64(self.rng.gen_range(0.0..0.3));
+        tracing::debug!(%dst, "HANDSHAKE(INIT)");
+        Some(Hs {
+            hs,
+            local_index,
+            dst,
+            started: now,
+            retry_at: now + self.config.handshake_retry + jitter,
+            deadline,
+        })
+    }
+
+    fn go_down(&mut self, reason: impl Into<String>) {
+        let reason = reason.into();
+        tracing::info!(%reason, "SESSION(DOWN)");
+        self.state = State::Closed;
+        self.up = false;
+        self.events.push_back(PeerEvent::Down { reason });
+    }
+
+    /// Sends a message on the session; false if it cannot carry data now.
+    pub fn send(&mut self, now: Instant, msg: &PeerToPeer) -> bool {
+        let State::Established(e) = &mut self.state else {
+            return false;
+        };
+        let keys = if e.confirmed {
+            &mut e.current
+        } else {
+            match e.previous.as_mut().filter(|_| e.previous_confirmed) {
+                Some(p) => p,
+                None => return false,
+            }
+        };
+        if keys.expired(now) {
+            return false;
+        }
+        match keys.seal(&msg.encode()) {
+            Ok(payload) => {
+                e.last_tx = now;
+                self.transmits.push_back(Transmit {
+                    dst: e.dst,
+                    payload,
+                });
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Sends a ping; the answer comes as [`PeerEvent::Pong`].
+    pub fn ping(&mut self, now: Instant) -> Option<u64> {
+        let nonce = self.rng.gen();
+        if self.send(now, &PeerToPeer::Ping { nonce }) {
+            self.pings.insert(nonce, now);
+            Some(nonce)
+        } else {
+            None
+        }
+    }
+
+    /// Closes politely.
+    pub fn close(&mut self, now: Instant) {
+        self.send(now, &PeerToPeer::Close);
+        self.state = State::Closed;
+        self.up = false;
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.state {
+            State::Punching {
+                intro_id,
+                candidates,
+                next_probe,
+                deadline,
+                ..
+            } => {
+                if now >= *deadline {
+                    return self.go_down("no path to the peer: hole punching timed out");
+                }
+                if now >= *next_probe {
+                    *next_probe = now + self.config.punch_interval;
+                    let probe = Packet::Punch {
+                        intro_id: *intro_id,
+                        reply: false,
+                    }
+                    .encode();
+                    for c in candidates.iter() {
+                        self.transmits.push_back(Transmit {
+                            dst: *c,
+                            payload: probe.clone(),
+                        });
+                    }
+                }
+            }
+            State::Handshaking(h) => {
+                if now >= h.deadline {
+                    return self.go_down("the peer did not answer the handshake");
+                }
+                if now >= h.retry_at {
+                    let (dst, deadline) = (h.dst, h.deadline);
+                    if let Some(hs) = self.start_handshake(now, dst, deadline) {
+                        self.state = State::Handshaking(Box::new(hs));
+                    }
+                }
+            }
+            State::Established(e) => {
+                if now >= e.last_rx + self.config.dead_after {
+                    let secs = self.config.dead_after.as_secs();
+                    return self.go_down(format!("no packet from the peer for {secs} s"));
+                }
+                if e.current.expired(now) && e.rekey.is_none() {
+                    return self.go_down("session keys expired without a new handshake");
+                }
+                if let Some(h) = &e.rekey {
+                    if now >= h.deadline {
+                        e.rekey = None;
+                    } else if now >= h.retry_at {
+                        let (dst, deadline) = (h.dst, h.deadline);
+                        let hs = self.start_handshake(now, dst, deadline);
+                        if let State::Established(e) = &mut self.state {
+                            e.rekey = hs;
+                        }
+                        return;
+                    }
+                }
+                let State::Established(e) = &mut self.state else {
+                    return;
+                };
+                let age = now.saturating_duration_since(e.current.created);
+                let wants =
+                    e.current.wants_rekey(now) || age >= REKEY_AFTER_TIME + RESPONDER_REKEY_GRACE;
+                if wants && e.rekey.is_none() && e.confirmed {
+                    tracing::debug!("SESSION(REKEY)");
+                    let (dst, deadline) = (e.dst, now + self.config.connect_timeout);
+                    let hs = self.start_handshake(now, dst, deadline);
+                    if let State::Established(e) = &mut self.state {
+                        e.rekey = hs;
+                    }
+                    return;
+                }
+                if e.usable() && now >= e.last_tx + self.config.keepalive {
+                    self.send(now, &PeerToPeer::Keepalive);
+                }
+            }
+            State::Closed => {}
+        }
+    }
+
+    /// A punch probe or reply for our introduction arrived from `from`.
+    pub fn handle_punch(&mut self, now: Instant, from: SocketAddr, reply: bool) {
+        let State::Punching {
+            intro_id,
+            initiator,
+            deadline,
+            ..
+        } = &self.state
+        else {
+            return;
+        };
+        let (intro_id, initiator, deadline) = (*intro_id, *initiator, *deadline);
+        if !reply {
+            self.transmits.push_back(Transmit {
+                dst: from,
+                payload: Packet::Punch {
+                    intro_id,
+                    reply: true,
+                }
+                .encode(),
+            });
+        }
+        if initiator {
+            tracing::debug!(%from, "PUNCH(PATH_FOUND)");
+            if let Some(hs) = self.start_handshake(now, from, deadline) {
+                self.state = State::Handshaking(Box::new(hs));
+            }
+        }
+    }
+
+    /// The peer's handshake initiation, already read into `hs` by the
+    /// caller, with the payload decoded as `identity`. Returns false if it
+    /// was refused.
+    pub fn handle_init(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        sender: u32,
+        mut hs: Handshake,
+        identity: &PublicIdentity,
+    ) -> bool {
+        if identity.sign_key != self.remote.sign_key {
+            return false;
+        }
+        if let Some(rs) = hs.remote_static() {
+            if identity.verify_for_noise_key(&rs).is_err() {
+                return false;
+            }
+        } else {
+            return false;
+        }
+        if let Some((_, response)) = self.answered.as_ref().filter(|a| a.0 == sender) {
+            tracing::debug!("HANDSHAKE(DUPLICATE_INIT)");
+            self.transmits.push_back(Transmit {
+                dst: from,
+                payload: response.clone(),
+            });
+            return true;
+        }
+        // Both sides initiating at once: the larger key yields.
+        let initiating = matches!(self.state, State::Handshaking(_))
+            || matches!(&self.state, State::Established(e) if e.rekey.is_some());
+        if initiating && self.local.sign_key() < self.remote.sign_key {
+            tracing::debug!("HANDSHAKE(CROSSED_KEEP_OURS)");
+            return false;
+        }
+        let Ok(noise) = hs.write(&identity_payload(&self.local.public())) else {
+            return false;
+        };
+        let local_index = self.rng.gen::<u32>().max(1);
+        let Ok(transport) = hs.into_transport(local_index, sender, now) else {
+            return false;
+        };
+        let response = Packet::HandshakeResponse {
+            sender: local_index,
+            receiver: sender,
+            noise: &noise,
+        }
+        .encode();
+        self.answered = Some((sender, response.clone()));
+        self.transmits.push_back(Transmit {
+            dst: from,
+            payload: response,
+        });
+        tracing::debug!(%from, "HANDSHAKE(RESPONDED)");
+        self.install(now, transport, from, false);
+        true
+    }
+
+    /// A response to our handshake initiation.
+    pub fn handle_response(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        sender: u32,
+        receiver: u32,
+        noise: &[u8],
+    ) {
+        let slot = match &mut self.state {
+            State::Handshaking(h) if h.local_index == receiver => Some(&mut **h),
+            State::Established(e) => e.rekey.as_mut().filter(|h| h.local_index == receiver),
+            _ => None,
+        };
+        let Some(h) = slot else {
+            return;
+        };
+        let Ok(payload) = h.hs.read(noise) else {
+            tracing::debug!("HANDSHAKE(BAD_RESPONSE)");
+            return;
+        };
+        let mut r = Reader::new(&payload);
+        let id = PublicIdentity::decode(&mut r)
+            .ok()
+            .filter(|_| r.finish().is_ok());
+        let ok = id.as_ref().is_some_and(|id| {
+            id.sign_key == self.remote.sign_key
+                && id.verify_for_noise_key(&self.remote.noise_key).is_ok()
+        });
+        if !ok {
+            tracing::warn!("HANDSHAKE(BAD_IDENTITY)");
+            return;
+        }
+        let started = h.started;
+        let local_index = h.local_index;
+        let hs = match &mut self.state {
+            State::Handshaking(_) => match std::mem::replace(&mut self.state, State::Closed) {
+                State::Handshaking(h) => h.hs,
+                _ => unreachable!(),
+            },
+            State::Established(e) => e.rekey.take().expect("matched above").hs,
+            _ => unreachable!(),
+        };
+        let Ok(transport) = hs.into_transport(local_index, sender, now) else {
+            return;
+        };
+        self.rtt = Some(now.saturating_duration_since(started));
+        self.install(now, transport, from, true);
+        // Confirm the keys to the responder at once.
+        self.send(now, &PeerToPeer::Keepalive);
+    }
+
+    fn install(&mut self, now: Instant, transport: Transport, from: SocketAddr, confirmed: bool) {
+        match &mut self.state {
+            State::Established(e) => {
+                let old = std::mem::replace(&mut e.current, transport);
+                e.previous = Some(old);
+                e.previous_confirmed = e.confirmed;
+                e.dst = from;
+                e.confirmed = confirmed;
+                e.last_rx = now;
+            }
+            _ => {
+                self.state = State::Established(Box::new(Est {
+                    current: transport,
+                    previous: None,
+                    dst: from,
+                    confirmed,
+                    previous_confirmed: false,
+                    last_rx: now,
+                    last_tx: now,
+                    rekey: None,
+                }));
+            }
+        }
+        self.announce_up(from);
+    }
+
+    fn announce_up(&mut self, endpoint: SocketAddr) {
+        if !self.up && self.is_up() {
+            self.up = true;
+            tracing::info!(%endpoint, "SESSION(UP)");
+            self.events.push_back(PeerEvent::Up { endpoint });
+        }
+    }
+
+    /// The peer said it has no session for our current keys (it
+    /// restarted): start a new handshake to the same endpoint.
+    pub fn handle_session_unknown(&mut self, now: Instant) {
+        let State::Established(e) = &self.state else {
+            return;
+        };
+        if e.rekey.is_some() {
+            return;
+        }
+        let dst = e.dst;
+        tracing::info!("SESSION(PEER_LOST_STATE)");
+        let deadline = now + self.config.connect_timeout;
+        if let Some(hs) = self.start_handshake(now, dst, deadline) {
+            self.state = State::Handshaking(Box::new(hs));
+            if self.up {
+                self.up = false;
+                self.events.push_back(PeerEvent::Down {
+                    reason: "the peer restarted; reconnecting".into(),
+                });
+            }
+        }
+    }
+
+    pub fn handle_data(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        receiver: u32,
+        counter: u64,
+        ciphertext: &[u8],
+    ) {
+        let State::Established(e) = &mut self.state else {
+            return;
+        };
+        let is_current = e.current.local_index == receiver;
+        let t = if is_current {
+            &mut e.current
+        } else {
+            match e.previous.as_mut().filter(|p| p.local_index == receiver) {
+                Some(p) => p,
+                None => return,
+            }
+        };
+        if t.expired(now) {
+            return;
+        }
+        let Ok(plain) = t.open(counter, ciphertext) else {
+            tracing::debug!("DROP(AUTH)");
+            return;
+        };
+        e.last_rx = now;
+        if is_current && !e.confirmed {
+            e.confirmed = true;
+            // The initiator switched to these keys; the old ones go.
+            e.previous = None;
+        } else if !is_current && !e.previous_confirmed {
+            // A replayed or duplicated initiation made newer keys after the
+            // ones the initiator actually took: keep the ones in use.
+            tracing::debug!("SESSION(KEEP_CONFIRMED_KEYS)");
+            if let Some(p) = e.previous.take() {
+                e.current = p;
+                e.confirmed = true;
+            }
+        }
+        let moved = e.dst != from && is_current;
+        if moved {
+            // Authenticated packets from a new address: the peer's NAT
+            // rebound or it roamed. Follow it.
+            e.dst = from;
+        }
+        self.announce_up(from);
+        if moved && self.up {
+            self.events
+                .push_back(PeerEvent::PathChanged { endpoint: from });
+        }
+        let msg = match PeerToPeer::decode(&plain) {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::debug!(error = %err, "DROP(MALFORMED_INNER)");
+                return;
+            }
+        };
+        match msg {
+            PeerToPeer::Keepalive => {}
+            PeerToPeer::Ping { nonce } => {
+                self.send(now, &PeerToPeer::Pong { nonce });
+            }
+            PeerToPeer::Pong { nonce } => {
+                if let Some(sent) = self.pings.remove(&nonce) {
+                    let rtt = now.saturating_duration_since(sent);
+                    self.rtt = Some(rtt);
+                    self.events.push_back(PeerEvent::Pong { nonce, rtt });
+                }
+            }
+            PeerToPeer::Close => self.go_down("the peer closed the session"),
+            m @ (PeerToPeer::Message { .. } | PeerToPeer::Ack { .. }) => {
+                self.events.push_back(PeerEvent::Received(m))
+            }
+        }
+    }
+}

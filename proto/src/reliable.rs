@@ -219,7 +219,7 @@ impl Reliable {
                 self.rttvar = r / 2;
             }
             Some(srtt) => {
-                let diff = if srtt > r { srtt - r } else { r - srtt };
+                let diff = srtt.abs_diff(r);
                 self.rttvar = self.rttvar.mul_f64(0.75) + diff.mul_f64(0.25);
                 self.srtt = Some(srtt.mul_f64(0.875) + r.mul_f64(0.125));
             }

@@ -147,7 +147,24 @@ pub struct ServerStats {
     pub store_errors: u64,
 }
 
+/// Pushes are resent this often until acknowledged…
+const PUSH_RESEND: Duration = Duration::from_millis(500);
+/// …this many times at most.
+const PUSH_TRIES: u8 = 20;
+/// Answers remembered per session, so a retransmitted request gets the
+/// same answer instead of running twice.
+const RECENT_ANSWERS: usize = 32;
+
+struct Pending {
+    msg: ServerToClient,
+    next: Instant,
+    tries: u8,
+}
+
 struct Session {
+    pushes: BTreeMap<u32, Pending>,
+    next_push: u32,
+    recent: VecDeque<(u32, Vec<ServerToClient>)>,
     addr: SocketAddr,
     transport: Transport,
     identity: PublicIdentity,
@@ -355,6 +372,9 @@ impl Server {
                 self.sessions.insert(
                     local_index,
                     Session {
+                        pushes: BTreeMap::new(),
+                        next_push: 1,
+                        recent: VecDeque::new(),
                         addr: from,
                         transport,
                         identity,
@@ -424,6 +444,9 @@ impl Server {
         self.sessions.insert(
             receiver,
             Session {
+                pushes: BTreeMap::new(),
+                next_push: 1,
+                recent: VecDeque::new(),
                 addr: p.addr,
                 transport,
                 identity,
@@ -476,7 +499,56 @@ impl Server {
         self.on_message(now, receiver, msg, store);
     }
 
+    /// Sends an answer and remembers it under its request's `rid`.
     fn send(&mut self, index: u32, msg: &ServerToClient) {
+        let rid = match msg {
+            ServerToClient::RegisterOk { rid, .. }
+            | ServerToClient::LoginOk { rid, .. }
+            | ServerToClient::Failed { rid, .. }
+            | ServerToClient::UserList { rid, .. }
+            | ServerToClient::ConnectPending { rid, .. }
+            | ServerToClient::Pong { rid, .. }
+            | ServerToClient::Ok { rid } => Some(*rid),
+            _ => None,
+        };
+        if let (Some(rid), Some(s)) = (rid, self.sessions.get_mut(&index)) {
+            match s.recent.iter_mut().find(|(r, _)| *r == rid) {
+                Some((_, answers)) => answers.push(msg.clone()),
+                None => {
+                    if s.recent.len() >= RECENT_ANSWERS {
+                        s.recent.pop_front();
+                    }
+                    s.recent.push_back((rid, vec![msg.clone()]));
+                }
+            }
+        }
+        self.transmit(index, msg);
+    }
+
+    /// Sends a notice reliably: resent until the client acknowledges it.
+    fn push(&mut self, now: Instant, index: u32, msg: ServerToClient) {
+        let Some(s) = self.sessions.get_mut(&index) else {
+            return;
+        };
+        let push_id = s.next_push;
+        s.next_push = s.next_push.wrapping_add(1).max(1);
+        let wrapped = ServerToClient::Push {
+            push_id,
+            msg: Box::new(msg),
+        };
+        s.pushes.insert(
+            push_id,
+            Pending {
+                msg: wrapped.clone(),
+                next: now + PUSH_RESEND,
+                tries: 1,
+            },
+        );
+        self.arm_sweep(now);
+        self.transmit(index, &wrapped);
+    }
+
+    fn transmit(&mut self, index: u32, msg: &ServerToClient) {
         let Some(s) = self.sessions.get_mut(&index) else {
             return;
         };
@@ -511,7 +583,30 @@ impl Server {
         msg: ClientToServer,
         store: &mut dyn AccountStore,
     ) {
+        let rid = match &msg {
+            ClientToServer::Register { rid, .. }
+            | ClientToServer::Login { rid, .. }
+            | ClientToServer::ListUsers { rid, .. }
+            | ClientToServer::RequestConnect { rid, .. }
+            | ClientToServer::AgreeConnect { rid, .. } => Some(*rid),
+            _ => None,
+        };
+        if let Some(rid) = rid {
+            let s = &self.sessions[&index];
+            if let Some((_, answers)) = s.recent.iter().find(|(r, _)| *r == rid) {
+                // A retransmitted request: answer again, do not run it twice.
+                for a in answers.clone() {
+                    self.transmit(index, &a);
+                }
+                return;
+            }
+        }
         match msg {
+            ClientToServer::PushAck { push_id } => {
+                if let Some(s) = self.sessions.get_mut(&index) {
+                    s.pushes.remove(&push_id);
+                }
+            }
             ClientToServer::Register { rid, name } => self.on_register(index, rid, name, store),
             ClientToServer::Login { rid, signature } => self.on_login(index, rid, signature, store),
             ClientToServer::Ping { rid } => {
@@ -558,7 +653,7 @@ impl Server {
                 intro_id,
                 accept,
                 locals,
-            } => self.on_agree(index, rid, intro_id, accept, locals),
+            } => self.on_agree(now, index, rid, intro_id, accept, locals),
         }
     }
 
@@ -705,9 +800,10 @@ impl Server {
         );
         self.arm_sweep(now);
         tracing::info!(from = %me, to = %name, "INTRO(REQUESTED)");
-        self.send(
+        self.push(
+            now,
             target,
-            &ServerToClient::ConnectRequested {
+            ServerToClient::ConnectRequested {
                 intro_id,
                 name: me,
                 identity,
@@ -725,6 +821,7 @@ impl Server {
 
     fn on_agree(
         &mut self,
+        now: Instant,
         index: u32,
         rid: u32,
         intro_id: u64,
@@ -755,9 +852,10 @@ impl Server {
         self.send(index, &ServerToClient::Ok { rid });
         if !accept {
             tracing::info!(from = %intro.from, to = %intro.to, "INTRO(DECLINED)");
-            return self.send(
+            return self.push(
+                now,
                 requester,
-                &ServerToClient::ConnectFailed {
+                ServerToClient::ConnectFailed {
                     intro_id,
                     name: intro.to,
                     reason: FailReason::Declined,
@@ -783,8 +881,8 @@ impl Server {
             locals: intro.from_locals,
             initiator: false,
         };
-        self.send(requester, &ServerToClient::Punch(to_requester));
-        self.send(index, &ServerToClient::Punch(to_target));
+        self.push(now, requester, ServerToClient::Punch(to_requester));
+        self.push(now, index, ServerToClient::Punch(to_target));
     }
 
     fn remove_session(&mut self, index: u32, why: &str) {
@@ -829,9 +927,10 @@ impl Server {
             tracing::info!(from = %intro.from, to = %intro.to, "INTRO(TIMED_OUT)");
             for (who, other) in [(&intro.from, &intro.to), (&intro.to, &intro.from)] {
                 if let Some(&i) = self.by_name.get(who) {
-                    self.send(
+                    self.push(
+                        now,
                         i,
-                        &ServerToClient::ConnectFailed {
+                        ServerToClient::ConnectFailed {
                             intro_id,
                             name: other.clone(),
                             reason: FailReason::TimedOut,
@@ -839,6 +938,18 @@ impl Server {
                     );
                 }
             }
+        }
+        let mut resend = Vec::new();
+        for (index, s) in self.sessions.iter_mut() {
+            s.pushes.retain(|_, p| p.tries < PUSH_TRIES);
+            for p in s.pushes.values_mut().filter(|p| p.next <= now) {
+                p.tries += 1;
+                p.next = now + PUSH_RESEND;
+                resend.push((*index, p.msg.clone()));
+            }
+        }
+        for (index, msg) in resend {
+            self.transmit(index, &msg);
         }
         if !self.sessions.is_empty() || !self.pending.is_empty() || !self.intros.is_empty() {
             self.next_sweep = Some(now + SWEEP_INTERVAL);

@@ -345,6 +345,10 @@ pub enum ClientToServer {
         rid: u32,
     },
     Logout,
+    /// Acknowledges a [`ServerToClient::Push`].
+    PushAck {
+        push_id: u32,
+    },
 }
 
 impl ClientToServer {
@@ -383,6 +387,9 @@ impl ClientToServer {
             ClientToServer::Logout => {
                 w.u8(7);
             }
+            ClientToServer::PushAck { push_id } => {
+                w.u8(8).u32(*push_id);
+            }
         }
         w.into_inner()
     }
@@ -415,6 +422,7 @@ impl ClientToServer {
             },
             6 => ClientToServer::Ping { rid: r.u32()? },
             7 => ClientToServer::Logout,
+            8 => ClientToServer::PushAck { push_id: r.u32()? },
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;
@@ -488,6 +496,13 @@ pub enum ServerToClient {
     Ok {
         rid: u32,
     },
+    /// A notice the server sends unasked (`ConnectRequested`,
+    /// `ConnectFailed`, `Punch`), resent until the client answers with
+    /// `PushAck`; the client ignores a `push_id` it has seen.
+    Push {
+        push_id: u32,
+        msg: Box<ServerToClient>,
+    },
 }
 
 impl ServerToClient {
@@ -560,6 +575,9 @@ impl ServerToClient {
             ServerToClient::Ok { rid } => {
                 w.u8(10).u32(*rid);
             }
+            ServerToClient::Push { push_id, msg } => {
+                w.u8(11).u32(*push_id).bytes(&msg.encode());
+            }
         }
         w.into_inner()
     }
@@ -620,10 +638,35 @@ impl ServerToClient {
                 observed: r.socket_addr()?,
             },
             10 => ServerToClient::Ok { rid: r.u32()? },
+            11 => {
+                let push_id = r.u32()?;
+                let rest = r.rest();
+                if rest.first() == Some(&11) {
+                    return Err(DecodeError::Invalid("nested push"));
+                }
+                let msg = Self::decode(rest)?;
+                if !msg.is_pushable() {
+                    return Err(DecodeError::Invalid("pushed message type"));
+                }
+                ServerToClient::Push {
+                    push_id,
+                    msg: Box::new(msg),
+                }
+            }
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;
         Ok(m)
+    }
+
+    /// Unasked notices, the only messages a `Push` may carry.
+    pub fn is_pushable(&self) -> bool {
+        matches!(
+            self,
+            ServerToClient::ConnectRequested { .. }
+                | ServerToClient::ConnectFailed { .. }
+                | ServerToClient::Punch(_)
+        )
     }
 }
 
@@ -845,7 +888,8 @@ mod tests {
         let locals = (0..rng.gen_range(0..=MAX_ENDPOINTS))
             .map(|_| random_addr(rng))
             .collect();
-        match rng.gen_range(0..7) {
+        match rng.gen_range(0..8) {
+            7 => ClientToServer::PushAck { push_id: rng.gen() },
             0 => ClientToServer::Register {
                 rid: rng.gen(),
                 name: random_name(rng),
@@ -875,6 +919,17 @@ mod tests {
     }
 
     fn random_s2c(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
+        let m = random_s2c_plain(rng, id);
+        if m.is_pushable() && rng.gen() {
+            return ServerToClient::Push {
+                push_id: rng.gen(),
+                msg: Box::new(m),
+            };
+        }
+        m
+    }
+
+    fn random_s2c_plain(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
         match rng.gen_range(0..10) {
             0 => ServerToClient::RegisterOk {
                 rid: rng.gen(),
@@ -1050,7 +1105,7 @@ mod tests {
         let mut big = vec![1u8];
         big.extend_from_slice(&[0; 24]);
         big.extend_from_slice(&((MAX_MESSAGE_BYTES + 1) as u16).to_be_bytes());
-        big.extend(std::iter::repeat(0).take(MAX_MESSAGE_BYTES + 1));
+        big.extend(std::iter::repeat_n(0, MAX_MESSAGE_BYTES + 1));
         assert!(matches!(
             PeerToPeer::decode(&big),
             Err(DecodeError::Oversized { .. })

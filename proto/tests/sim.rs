@@ -1,0 +1,520 @@
+//! A deterministic network simulator: a rendezvous server and two nodes
+//! exchanging datagrams in virtual time, with seeded latency, jitter
+//! (reordering), loss and duplication. Minutes of protocol run in
+//! milliseconds, and a failing seed reproduces exactly.
+
+use proto::client::LinkState;
+use proto::identity::Identity;
+use proto::node::{Node, NodeConfig, NodeEvent};
+use proto::reliable::Outgoing;
+use proto::server::{MemoryStore, Server, ServerConfig};
+use proto::wire::FailReason;
+use rand::{Rng, SeedableRng};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+struct Link {
+    latency: Duration,
+    jitter: Duration,
+    loss: f64,
+    duplicate: f64,
+}
+
+impl Link {
+    fn clean() -> Self {
+        Link {
+            latency: Duration::from_millis(10),
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            duplicate: 0.0,
+        }
+    }
+
+    fn bad() -> Self {
+        Link {
+            latency: Duration::from_millis(30),
+            jitter: Duration::from_millis(40),
+            loss: 0.1,
+            duplicate: 0.05,
+        }
+    }
+}
+
+struct Sim {
+    now: Instant,
+    start: Instant,
+    server_id: Identity,
+    server: Option<Server>,
+    store: MemoryStore,
+    server_addr: SocketAddr,
+    nodes: Vec<Option<Node>>,
+    addrs: Vec<SocketAddr>,
+    identities: Vec<Identity>,
+    wire: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
+    events: Vec<Vec<NodeEvent>>,
+    link: Link,
+    rng: rand::rngs::StdRng,
+    stalls: u32,
+}
+
+fn node_config(server: SocketAddr) -> NodeConfig {
+    let mut c = NodeConfig::new(server);
+    c.client.heartbeat = Duration::from_secs(5);
+    c.peer.keepalive = Duration::from_secs(5);
+    c.peer.dead_after = Duration::from_secs(16);
+    c
+}
+
+impl Sim {
+    fn new(seed: u64, link: Link) -> Self {
+        let now = Instant::now();
+        let server_id = Identity::generate();
+        let server_addr: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let mut sim = Sim {
+            now,
+            start: now,
+            server: Some(Server::new(
+                server_id.clone(),
+                ServerConfig::default(),
+                seed,
+            )),
+            server_id,
+            store: MemoryStore::default(),
+            server_addr,
+            nodes: Vec::new(),
+            addrs: Vec::new(),
+            identities: Vec::new(),
+            wire: Vec::new(),
+            events: Vec::new(),
+            link,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            stalls: 0,
+        };
+        for i in 0..2 {
+            let id = Identity::generate();
+            let addr: SocketAddr = format!("192.0.2.{}:4000", i + 10).parse().unwrap();
+            let node = Node::new(id.clone(), node_config(server_addr), now, seed + i);
+            sim.nodes.push(Some(node));
+            sim.addrs.push(addr);
+            sim.identities.push(id);
+            sim.events.push(Vec::new());
+        }
+        sim
+    }
+
+    fn node(&mut self, i: usize) -> &mut Node {
+        self.nodes[i].as_mut().expect("node running")
+    }
+
+    fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
+        if self.rng.gen_bool(self.link.loss) {
+            return;
+        }
+        let copies = if self.rng.gen_bool(self.link.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let jitter = if self.link.jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                self.link.jitter.mul_f64(self.rng.gen())
+            };
+            self.wire.push((
+                self.now + self.link.latency + jitter,
+                from,
+                to,
+                payload.clone(),
+            ));
+        }
+    }
+
+    /// Drains every machine: events first, then transmits.
+    fn drain(&mut self) {
+        for i in 0..self.nodes.len() {
+            let Some(n) = self.nodes[i].as_mut() else {
+                continue;
+            };
+            let mut out = Vec::new();
+            while let Some(e) = n.poll_event() {
+                self.events[i].push(e);
+            }
+            while let Some(t) = n.poll_transmit() {
+                out.push(t);
+            }
+            let from = self.addrs[i];
+            for t in out {
+                self.send(from, t.dst, t.payload);
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(s) = self.server.as_mut() {
+            while let Some(t) = s.poll_transmit() {
+                out.push(t);
+            }
+        }
+        let from = self.server_addr;
+        for t in out {
+            self.send(from, t.dst, t.payload);
+        }
+    }
+
+    /// Advances to the next arrival or deadline and handles it.
+    fn step(&mut self) {
+        self.drain();
+        let mut next = self.wire.iter().map(|w| w.0).min();
+        for n in self.nodes.iter().flatten() {
+            next = [next, n.poll_timeout()].into_iter().flatten().min();
+        }
+        if let Some(s) = &self.server {
+            next = [next, s.poll_timeout()].into_iter().flatten().min();
+        }
+        let next = next.expect("something is always scheduled");
+        if next <= self.now {
+            self.stalls += 1;
+            assert!(
+                self.stalls < 10_000,
+                "a machine keeps asking for a timeout it does not consume: nodes {:?}, server {:?}, now {:?}",
+                self.nodes.iter().map(|n| n.as_ref().and_then(|n| n.poll_timeout()).map(|t| t.saturating_duration_since(self.start))).collect::<Vec<_>>(),
+                self.server.as_ref().and_then(|s| s.poll_timeout()).map(|t| t.saturating_duration_since(self.start)),
+                self.now - self.start,
+            );
+        } else {
+            self.stalls = 0;
+        }
+        self.now = self.now.max(next);
+        let now = self.now;
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.wire)
+            .into_iter()
+            .partition(|w| w.0 <= now);
+        self.wire = rest;
+        for (_, from, to, bytes) in due {
+            if to == self.server_addr {
+                if let Some(s) = self.server.as_mut() {
+                    s.handle_datagram(now, from, &bytes, &mut self.store);
+                }
+            } else if let Some(i) = self.addrs.iter().position(|a| *a == to) {
+                if let Some(n) = self.nodes[i].as_mut() {
+                    n.handle_datagram(now, from, &bytes);
+                }
+            }
+        }
+        for n in self.nodes.iter_mut().flatten() {
+            if n.poll_timeout().is_some_and(|t| t <= now) {
+                n.handle_timeout(now);
+            }
+        }
+        if let Some(s) = self.server.as_mut() {
+            if s.poll_timeout().is_some_and(|t| t <= now) {
+                s.handle_timeout(now);
+            }
+        }
+        self.drain();
+    }
+
+    /// Steps until `done` holds, failing after `limit` of virtual time.
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&mut Sim) -> bool) {
+        let deadline = self.now + limit;
+        while !done(self) {
+            assert!(
+                self.now < deadline,
+                "condition not reached after {:?} of virtual time",
+                self.now - self.start
+            );
+            self.step();
+        }
+    }
+
+    fn take_events(&mut self, i: usize) -> Vec<NodeEvent> {
+        std::mem::take(&mut self.events[i])
+    }
+
+    fn has_event(&self, i: usize, f: impl Fn(&NodeEvent) -> bool) -> bool {
+        self.events[i].iter().any(f)
+    }
+
+    fn register_both(&mut self) {
+        let now = self.now;
+        self.node(0).register(now, "alice");
+        self.node(1).register(now, "bob");
+        self.run_until(Duration::from_secs(60), |s| {
+            (0..2).all(|i| s.nodes[i].as_ref().unwrap().link_state() == LinkState::LoggedIn)
+        });
+    }
+
+    fn connect(&mut self) {
+        let now = self.now;
+        self.node(0).connect(now, "bob");
+        self.run_until(Duration::from_secs(60), |s| {
+            s.has_event(
+                1,
+                |e| matches!(e, NodeEvent::ConnectRequest { name, .. } if name == "alice"),
+            )
+        });
+        let now = self.now;
+        self.node(1).answer(now, "alice", true).unwrap();
+        self.run_until(Duration::from_secs(60), |s| {
+            s.nodes[0].as_ref().unwrap().is_up("bob") && s.nodes[1].as_ref().unwrap().is_up("alice")
+        });
+    }
+
+    fn delivered(&self, i: usize, peer: &str) -> Vec<Vec<u8>> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                NodeEvent::Delivered { peer: p, body, .. } if p == peer => Some(body.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn msg(seq: u64) -> Outgoing {
+    Outgoing {
+        seq,
+        sent_ms: 0,
+        body: format!("message {seq}").into_bytes(),
+    }
+}
+
+fn chat(seed: u64, link: Link, n: u64) {
+    let mut sim = Sim::new(seed, link);
+    sim.register_both();
+    sim.connect();
+    let now = sim.now;
+    for seq in 0..n {
+        sim.node(0).send_message(now, "bob", msg(seq));
+        sim.node(1).send_message(now, "alice", msg(seq));
+    }
+    sim.run_until(Duration::from_secs(600), |s| {
+        s.delivered(1, "alice").len() as u64 >= n && s.delivered(0, "bob").len() as u64 >= n
+    });
+    let expect: Vec<Vec<u8>> = (0..n).map(|s| msg(s).body).collect();
+    assert_eq!(sim.delivered(1, "alice"), expect, "seed {seed}");
+    assert_eq!(sim.delivered(0, "bob"), expect, "seed {seed}");
+}
+
+#[test]
+fn introduction_and_chat_on_a_clean_link() {
+    chat(1, Link::clean(), 1000);
+}
+
+#[test]
+fn chat_survives_loss_duplication_and_reordering() {
+    for seed in 10..18 {
+        chat(seed, Link::bad(), 200);
+    }
+}
+
+#[test]
+fn decline_reaches_the_requester() {
+    let mut sim = Sim::new(2, Link::clean());
+    sim.register_both();
+    let now = sim.now;
+    sim.node(0).connect(now, "bob");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(1, |e| matches!(e, NodeEvent::ConnectRequest { .. }))
+    });
+    let now = sim.now;
+    sim.node(1).answer(now, "alice", false).unwrap();
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(0, |e| {
+            matches!(e, NodeEvent::ConnectFailed { name, reason: FailReason::Declined } if name == "bob")
+        })
+    });
+    assert!(!sim.node(0).is_up("bob"));
+}
+
+#[test]
+fn unknown_and_offline_users_fail_clearly() {
+    let mut sim = Sim::new(3, Link::clean());
+    let now = sim.now;
+    sim.node(0).register(now, "alice");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.nodes[0].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
+    let now = sim.now;
+    sim.node(0).connect(now, "nobody");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(0, |e| {
+            matches!(
+                e,
+                NodeEvent::ConnectFailed {
+                    reason: FailReason::UnknownUser,
+                    ..
+                }
+            )
+        })
+    });
+    // bob registers, then goes away without logging out.
+    let now = sim.now;
+    sim.node(1).register(now, "bob");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.nodes[1].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
+    sim.nodes[1] = None;
+    // Presence expires after the server's timeout (80 s).
+    sim.run_until(Duration::from_secs(200), |s| {
+        s.server.as_ref().unwrap().active_users() == vec!["alice".to_string()]
+    });
+    let now = sim.now;
+    sim.node(0).connect(now, "bob");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(0, |e| {
+            matches!(
+                e,
+                NodeEvent::ConnectFailed {
+                    reason: FailReason::Offline,
+                    ..
+                }
+            )
+        })
+    });
+}
+
+#[test]
+fn duplicate_name_is_refused() {
+    let mut sim = Sim::new(4, Link::clean());
+    let now = sim.now;
+    sim.node(0).register(now, "alice");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.nodes[0].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
+    let now = sim.now;
+    let rid = sim.node(1).register(now, "alice");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(1, |e| {
+            matches!(e, NodeEvent::Response { rid: r, result: Err(proto::client::RequestError::Failed { reason: FailReason::NameTaken, .. }) } if *r == rid)
+        })
+    });
+}
+
+#[test]
+fn both_log_in_again_after_the_server_restarts() {
+    let mut sim = Sim::new(5, Link::clean());
+    sim.register_both();
+    sim.connect();
+    sim.take_events(0);
+    sim.take_events(1);
+    // The server process dies: its sessions are gone, its key and accounts
+    // are not.
+    let id = sim.server_id.clone();
+    sim.server = Some(Server::new(id, ServerConfig::default(), 99));
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.has_event(0, |e| matches!(e, NodeEvent::LoggedIn { .. }))
+            && s.has_event(1, |e| matches!(e, NodeEvent::LoggedIn { .. }))
+    });
+    assert_eq!(
+        sim.server.as_ref().unwrap().active_users(),
+        vec!["alice", "bob"]
+    );
+    // The peer session never needed the server.
+    assert!(sim.node(0).is_up("bob"));
+}
+
+#[test]
+fn queued_messages_reach_a_peer_that_restarts() {
+    let mut sim = Sim::new(6, Link::clean());
+    sim.register_both();
+    sim.connect();
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    // bob's daemon stops; alice queues more.
+    sim.nodes[1] = None;
+    let now = sim.now;
+    for seq in 1..20 {
+        sim.node(0).send_message(now, "bob", msg(seq));
+    }
+    sim.run_until(Duration::from_secs(120), |s| {
+        s.has_event(0, |e| matches!(e, NodeEvent::PeerDown { .. }))
+    });
+    // bob comes back with what its database kept: alice pinned, and
+    // message 0 delivered.
+    let now = sim.now;
+    let alice = sim.identities[0].public();
+    let mut config = node_config(sim.server_addr);
+    config.client.name = Some("bob".into());
+    config.client.server_key = Some(sim.server_id.noise_public());
+    let mut bob = Node::new(sim.identities[1].clone(), config, now, 77);
+    bob.add_contact(now, "alice", alice, 1);
+    sim.nodes[1] = Some(bob);
+    sim.events[1].clear();
+    sim.run_until(Duration::from_secs(300), |s| {
+        s.delivered(1, "alice").len() == 19
+    });
+    let expect: Vec<Vec<u8>> = (1..20).map(|s| msg(s).body).collect();
+    assert_eq!(sim.delivered(1, "alice"), expect);
+}
+
+#[test]
+fn a_changed_peer_key_is_refused() {
+    let mut sim = Sim::new(8, Link::clean());
+    sim.register_both();
+    let now = sim.now;
+    // alice pinned some other key for "bob" before.
+    let impostor = Identity::generate().public();
+    sim.node(0).add_contact(now, "bob", impostor, 0);
+    sim.node(0).connect(now, "bob");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(1, |e| matches!(e, NodeEvent::ConnectRequest { .. }))
+    });
+    let now = sim.now;
+    sim.node(1).answer(now, "alice", true).unwrap();
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(
+            0,
+            |e| matches!(e, NodeEvent::KeyMismatch { name, .. } if name == "bob"),
+        )
+    });
+    sim.run_until(Duration::from_secs(15), |_| false_after());
+    assert!(!sim.node(0).is_up("bob"));
+}
+
+fn false_after() -> bool {
+    true
+}
+
+#[test]
+fn server_sends_no_reply_larger_than_an_unproven_request() {
+    use proto::wire::Packet;
+    let id = Identity::generate();
+    let mut server = Server::new(id.clone(), ServerConfig::default(), 1);
+    let mut store = MemoryStore::default();
+    let now = Instant::now();
+    let from: SocketAddr = "198.51.100.1:1".parse().unwrap();
+    // A real XX initiation, padded to the minimum.
+    let mut hs = proto::noise::Handshake::initiator(
+        proto::noise::Pattern::XX,
+        Identity::generate().noise_private(),
+        None,
+    )
+    .unwrap();
+    let noise = hs.write(&[]).unwrap();
+    let init = Packet::HandshakeInit {
+        sender: 1,
+        pattern: proto::noise::Pattern::XX,
+        noise: &noise,
+    }
+    .encode();
+    server.handle_datagram(now, from, &init, &mut store);
+    let reply = server.poll_transmit().expect("a response");
+    assert!(reply.payload.len() <= init.len());
+    // A data packet for an unknown session gets a tiny answer.
+    let data = Packet::Data {
+        receiver: 5,
+        counter: 0,
+        ciphertext: &[0; 16],
+    }
+    .encode();
+    server.handle_datagram(now, from, &data, &mut store);
+    let reply = server.poll_transmit().expect("session unknown");
+    assert!(reply.payload.len() <= data.len());
+    // Garbage is counted and dropped.
+    server.handle_datagram(now, from, &[1, 2, 3], &mut store);
+    assert!(server.poll_transmit().is_none());
+    assert_eq!(server.stats().malformed, 1);
+}
