@@ -1,1 +1,363 @@
+//! The control API of `p2pd`: JSON lines over a Unix socket.
+//!
+//! One request per line, each with a client-chosen `id` and a `cmd`; one
+//! response per request, carrying the same `id`. Responses come in the
+//! order the requests finish, which is not always the order they were
+//! sent (`connect` waits for the peer; `send` does not wait for delivery).
+//! After a `watch` request the connection also carries events, one per
+//! line, each with an `event` field and no `id`.
+//!
+//! ```text
+//! > {"id":1,"cmd":"send","peer":"bob","text":"hi"}
+//! < {"id":1,"ok":true,"result":{"peer":"bob","queued":false,"seq":0}}
+//! > {"id":2,"cmd":"send","peer":"nobody","text":"hi"}
+//! < {"id":2,"ok":false,"error":{"code":"not_connected","message":"..."}}
+//! ```
+//!
+//! The reference with every command, result and event is
+//! `docs/control-api.md`; these types are the single definition that both
+//! `p2pd` and `p2pctl` use.
 
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the daemon reads; longer lines get a
+/// `bad_request` error and the connection is closed.
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// A request line: `{"id": N, "cmd": "...", ...arguments}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Who we are, and the state of the server link.
+    Whoami,
+    /// Registers `name` for our key at the rendezvous server and logs in.
+    Register { name: String },
+    /// Logs in again now (it happens by itself at start and after the
+    /// server restarts).
+    Login,
+    /// Active users at the server.
+    Users,
+    /// Asks the server to introduce us to `peer`; answers once the session
+    /// is up or the introduction failed.
+    Connect { peer: String },
+    /// Agrees to `peer`'s pending connection request; answers once the
+    /// session is up or failed.
+    Accept { peer: String },
+    /// Declines `peer`'s pending connection request.
+    Decline { peer: String },
+    /// Round-trip time to a connected peer.
+    Ping { peer: String },
+    /// Queues a chat message to `peer`: it is stored before the answer and
+    /// delivered when the peer is reachable.
+    Send { peer: String, text: String },
+    /// Stored messages with `peer`, oldest first, at most `limit` (the
+    /// newest ones).
+    History {
+        peer: String,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Peers with a session, queued messages or a pinned key, and pending
+    /// connection requests.
+    Peers,
+    /// Closes the session with `peer`.
+    Close { peer: String },
+    /// Turns this connection into a stream of [`Event`]s.
+    Watch,
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ControlError>,
+}
+
+impl Response {
+    pub fn ok(id: u64, result: impl Serialize) -> Self {
+        Self {
+            id,
+            ok: true,
+            // Serializing our own plain structs cannot fail.
+            result: Some(serde_json::to_value(result).unwrap_or(serde_json::Value::Null)),
+            error: None,
+        }
+    }
+
+    pub fn err(id: u64, error: ControlError) -> Self {
+        Self {
+            id,
+            ok: false,
+            result: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// Why a command failed: a stable `code` for scripts and a sentence for
+/// people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ControlError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request line was not valid JSON or not a known command.
+    BadRequest,
+    /// An argument is invalid (a name, an empty or oversized message).
+    InvalidArgument,
+    /// Not logged in at the rendezvous server.
+    NotLoggedIn,
+    /// The server knows no such user.
+    UnknownUser,
+    /// The user is registered but not online.
+    Offline,
+    /// The name belongs to another key.
+    NameTaken,
+    /// The peer declined, or a key did not match the pinned one.
+    Refused,
+    /// No session with that peer (and no way to reach it by itself).
+    NotConnected,
+    /// No pending request from that peer.
+    NoRequest,
+    /// No answer in time.
+    TimedOut,
+    /// The rendezvous server's key differs from the pinned one.
+    ServerKeyMismatch,
+    /// The daemon could not do it (storage, internal).
+    Internal,
+}
+
+/// What `whoami` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whoami {
+    pub name: Option<String>,
+    pub fingerprint: String,
+    pub server: String,
+    /// `connecting`, `connected`, `logged_in` or `key_mismatch`.
+    pub server_state: String,
+    pub server_fingerprint: Option<String>,
+    pub observed: Option<String>,
+    pub data_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub name: String,
+    pub fingerprint: String,
+}
+
+/// What `connect` and `accept` answer once the session is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connected {
+    pub peer: String,
+    pub endpoint: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    pub peer: String,
+    pub seq: u64,
+    /// True when the peer is not connected now: the message waits in the
+    /// outbox and goes out when the peer is reachable.
+    pub queued: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub peer: String,
+    pub rtt_ms: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    In,
+    Out,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageState {
+    /// Outgoing, not yet acknowledged by the peer.
+    Queued,
+    /// Outgoing, acknowledged by the peer's daemon.
+    Delivered,
+    /// Incoming.
+    Received,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub peer: String,
+    pub direction: Direction,
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch, by the sender's clock.
+    pub sent_ms: u64,
+    pub state: MessageState,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub name: String,
+    /// `punching`, `handshaking`, `established` or `closed`.
+    pub state: String,
+    pub endpoint: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub fingerprint: Option<String>,
+    pub queued: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeersResult {
+    pub peers: Vec<PeerInfo>,
+    /// Connection requests waiting for `accept` or `decline`.
+    pub requests: Vec<UserInfo>,
+}
+
+/// An event line on a watching connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A chat message arrived (and is stored).
+    Message {
+        peer: String,
+        seq: u64,
+        sent_ms: u64,
+        text: String,
+    },
+    /// The peer's daemon acknowledged our message.
+    Delivered { peer: String, seq: u64 },
+    /// Someone asks to connect; answer with `accept` or `decline`.
+    ConnectRequest {
+        peer: String,
+        fingerprint: String,
+        /// A known contact with its pinned key: accepted by itself.
+        auto_accepted: bool,
+    },
+    ConnectFailed { peer: String, reason: String },
+    PeerUp {
+        peer: String,
+        endpoint: String,
+        fingerprint: String,
+    },
+    PeerDown { peer: String, reason: String },
+    PathChanged { peer: String, endpoint: String },
+    /// A peer showed a different key than the one pinned for its name;
+    /// the session was refused.
+    KeyMismatch {
+        peer: String,
+        pinned: String,
+        offered: String,
+    },
+    /// The rendezvous link changed state.
+    Server {
+        /// `connected`, `logged_in`, `down`, `login_failed` or
+        /// `key_mismatch`.
+        state: String,
+        detail: String,
+    },
+    /// Something went wrong that no request is waiting for.
+    Error { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_from_the_documented_lines() {
+        let r: Request = serde_json::from_str(r#"{"id":1,"cmd":"send","peer":"bob","text":"hi"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request {
+                id: 1,
+                command: Command::Send {
+                    peer: "bob".into(),
+                    text: "hi".into()
+                }
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"id":2,"cmd":"history","peer":"bob"}"#).unwrap();
+        assert_eq!(
+            r.command,
+            Command::History {
+                peer: "bob".into(),
+                limit: None
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"whoami","id":3}"#).unwrap();
+        assert_eq!(r.command, Command::Whoami);
+    }
+
+    #[test]
+    fn bad_requests_are_errors_not_panics() {
+        for line in [
+            "",
+            "{",
+            "null",
+            r#"{"id":1}"#,
+            r#"{"id":1,"cmd":"launch"}"#,
+            r#"{"id":1,"cmd":"send","peer":"bob"}"#,
+            r#"{"id":-1,"cmd":"whoami"}"#,
+            r#"{"id":1,"cmd":"send","peer":7,"text":"x"}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(line).is_err(), "{line}");
+        }
+    }
+
+    #[test]
+    fn responses_and_events_have_the_documented_shape() {
+        let ok = Response::ok(
+            1,
+            Sent {
+                peer: "bob".into(),
+                seq: 0,
+                queued: false,
+            },
+        );
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"id":1,"ok":true,"result":{"peer":"bob","queued":false,"seq":0}}"#
+        );
+        let err = Response::err(2, ControlError::new(ErrorCode::NotConnected, "no"));
+        assert_eq!(
+            serde_json::to_string(&err).unwrap(),
+            r#"{"id":2,"ok":false,"error":{"code":"not_connected","message":"no"}}"#
+        );
+        let ev = Event::PeerDown {
+            peer: "bob".into(),
+            reason: "closed".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&ev).unwrap(),
+            r#"{"event":"peer_down","peer":"bob","reason":"closed"}"#
+        );
+    }
+}

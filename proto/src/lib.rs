@@ -20,6 +20,8 @@
 //!   handshake, keepalive, rekey, built by polling the smaller machines.
 //! * [`node`]: what a daemon runs ([`node::Node`]): a server link plus its
 //!   peer sessions, with the demultiplexing of one UDP socket.
+//! * [`keyfile`]: an identity kept on disk (mode 0600); the one module
+//!   that touches the filesystem.
 //! * [`control`]: the JSON request/response/event types of the daemon's
 //!   control socket, shared by `p2pd` and `p2pctl`.
 //!
@@ -37,6 +39,7 @@ pub mod client;
 pub mod codec;
 pub mod control;
 pub mod identity;
+pub mod keyfile;
 pub mod node;
 pub mod noise;
 pub mod peer;
