@@ -1,1 +1,43 @@
-pub fn x() {}
+//! `p2pd`: the per-user chat daemon.
+//!
+//! # Map
+//!
+//! * [`daemon`]: the one task that owns the protocol [`proto::node::Node`],
+//!   the UDP socket and the database; it runs the node from its deadlines
+//!   and turns control requests into node calls and node events into
+//!   stored messages, answers and watch events.
+//! * [`ctl`]: the control socket: accepts same-user connections and moves
+//!   JSON lines between them and the daemon task.
+//! * [`store`]: the SQLite database (contacts, history, outbox).
+//! * [`paths`]: where things live by default.
+//!
+//! Data flows one way per direction: datagram → node → events (stored
+//! first) → transmits; request line → daemon → node → response line.
+
+pub mod ctl;
+pub mod daemon;
+pub mod paths;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the daemon needs to start, resolved (no defaults left).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The rendezvous server.
+    pub server: SocketAddr,
+    /// The server's Noise key, if given on the command line. Otherwise the
+    /// key pinned in the database is used, or the first one seen is
+    /// pinned (trust on first use).
+    pub server_key: Option<[u8; 32]>,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Local UDP address to bind (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Heartbeat interval to the server.
+    pub heartbeat: Duration,
+}
+
+pub use daemon::run;

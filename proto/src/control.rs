@@ -253,7 +253,10 @@ pub enum Event {
         text: String,
     },
     /// The peer's daemon acknowledged our message.
-    Delivered { peer: String, seq: u64 },
+    Delivered {
+        peer: String,
+        seq: u64,
+    },
     /// Someone asks to connect; answer with `accept` or `decline`.
     ConnectRequest {
         peer: String,
@@ -261,14 +264,23 @@ pub enum Event {
         /// A known contact with its pinned key: accepted by itself.
         auto_accepted: bool,
     },
-    ConnectFailed { peer: String, reason: String },
+    ConnectFailed {
+        peer: String,
+        reason: String,
+    },
     PeerUp {
         peer: String,
         endpoint: String,
         fingerprint: String,
     },
-    PeerDown { peer: String, reason: String },
-    PathChanged { peer: String, endpoint: String },
+    PeerDown {
+        peer: String,
+        reason: String,
+    },
+    PathChanged {
+        peer: String,
+        endpoint: String,
+    },
     /// A peer showed a different key than the one pinned for its name;
     /// the session was refused.
     KeyMismatch {
@@ -284,7 +296,9 @@ pub enum Event {
         detail: String,
     },
     /// Something went wrong that no request is waiting for.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[cfg(test)]
@@ -293,7 +307,8 @@ mod tests {
 
     #[test]
     fn requests_parse_from_the_documented_lines() {
-        let r: Request = serde_json::from_str(r#"{"id":1,"cmd":"send","peer":"bob","text":"hi"}"#).unwrap();
+        let r: Request =
+            serde_json::from_str(r#"{"id":1,"cmd":"send","peer":"bob","text":"hi"}"#).unwrap();
         assert_eq!(
             r,
             Request {

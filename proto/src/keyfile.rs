@@ -142,14 +142,20 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         }
-        assert!(matches!(load_or_create(&p), Err(KeyFileError::Damaged { .. })));
+        assert!(matches!(
+            load_or_create(&p),
+            Err(KeyFileError::Damaged { .. })
+        ));
         // Never overwritten: the user's bytes are still there.
         assert_eq!(fs::read(&p).unwrap(), b"short");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
-            assert!(matches!(load_or_create(&p), Err(KeyFileError::TooOpen { .. })));
+            assert!(matches!(
+                load_or_create(&p),
+                Err(KeyFileError::TooOpen { .. })
+            ));
         }
         fs::remove_dir_all(&d).unwrap();
     }

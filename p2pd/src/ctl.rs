@@ -1,0 +1,240 @@
+//! The control socket.
+//!
+//! A Unix socket, mode 0600 in a 0700 directory, that refuses connections
+//! from other users (peer credentials). Each connection is a task that
+//! reads request lines, hands parsed requests to the daemon task, and
+//! writes back whatever the daemon sends it (responses, and events once
+//! it watches). A bad line gets an error response; the connection stays.
+
+use proto::control::{ControlError, ErrorCode, Request, Response, MAX_REQUEST_LINE};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// Lines queued to one connection; a watcher that falls this far behind
+/// is dropped rather than letting the daemon's memory grow.
+pub const CONNECTION_QUEUE: usize = 4096;
+
+/// What a connection task sends the daemon task.
+#[derive(Debug)]
+pub enum Input {
+    Request {
+        conn: u64,
+        request: Request,
+        out: mpsc::Sender<Out>,
+    },
+    Closed {
+        conn: u64,
+    },
+}
+
+/// A line for a connection.
+#[derive(Debug)]
+pub enum Out {
+    Response(String),
+    Event(String),
+}
+
+/// Removes the socket file when the daemon stops.
+pub struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another p2pd is already running on {0}")]
+    AlreadyRunning(String),
+    #[error("cannot create control socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the control socket, removing a stale one left by a daemon that
+/// died, and refusing if a live daemon answers on it.
+pub async fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), BindError> {
+    let shown = path.display().to_string();
+    let io = |source| BindError::Io {
+        path: shown.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            set_mode(dir, 0o700).map_err(io)?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(BindError::AlreadyRunning(shown));
+        }
+        tracing::info!(path = %shown, "CONTROL(STALE_SOCKET_REMOVED)");
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    let guard = SocketGuard(path.to_owned());
+    set_mode(path, 0o600).map_err(io)?;
+    Ok((listener, guard))
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Accepts connections until dropped (the tasks live in `tasks`, which
+/// aborts them all when it is dropped).
+pub async fn accept_loop(listener: UnixListener, to_daemon: mpsc::Sender<Input>) {
+    let mut tasks = JoinSet::new();
+    let me = unsafe { libc::geteuid() };
+    let mut next_conn = 0u64;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "CONTROL(ACCEPT_FAILED)");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == me => {}
+            Ok(cred) => {
+                tracing::warn!(uid = cred.uid(), "CONTROL(REFUSED_OTHER_USER)");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CONTROL(NO_PEER_CREDENTIALS)");
+                continue;
+            }
+        }
+        next_conn += 1;
+        tasks.spawn(connection(next_conn, stream, to_daemon.clone()));
+        // Reap finished connections so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut buf = Vec::new();
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(CONNECTION_QUEUE);
+    // Requests handed to the daemon and not answered yet: after the client
+    // stops writing, the connection stays until they are.
+    let mut pending = 0usize;
+    let mut reading = true;
+    let mut watching = false;
+    loop {
+        if !reading && pending == 0 && !watching {
+            break;
+        }
+        tokio::select! {
+            line = next_line(&mut rd, &mut buf), if reading => match line {
+                Ok(Some(bytes)) => {
+                    let line = String::from_utf8_lossy(&bytes);
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    match serde_json::from_str::<Request>(&line) {
+                        Ok(request) => {
+                            watching |= matches!(request.command, proto::control::Command::Watch);
+                            pending += 1;
+                            let input = Input::Request { conn, request, out: out_tx.clone() };
+                            if to_daemon.send(input).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            let resp = bad_request(&line, &e.to_string());
+                            if write_line(&mut wr, &resp).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => reading = false,
+                Err(Some(message)) => {
+                    let resp = bad_request("", &message);
+                    let _ = write_line(&mut wr, &resp).await;
+                    break;
+                }
+                Err(None) => break,
+            },
+            out = out_rx.recv() => match out {
+                Some(Out::Response(line)) => {
+                    pending = pending.saturating_sub(1);
+                    if write_line(&mut wr, &line).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Out::Event(line)) => {
+                    if write_line(&mut wr, &line).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    let _ = to_daemon.send(Input::Closed { conn }).await;
+}
+
+/// Reads one line of at most [`MAX_REQUEST_LINE`] bytes into `buf`.
+/// Cancel-safe: bytes read before a cancellation stay in `buf`, and the
+/// caller clears it only after taking a whole line.
+/// `Err(Some(message))` for a line too long, `Err(None)` for I/O failure.
+async fn next_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Vec<u8>>, Option<String>> {
+    loop {
+        let room = (MAX_REQUEST_LINE + 1).saturating_sub(buf.len()) as u64;
+        let n = (&mut *r)
+            .take(room)
+            .read_until(b'\n', buf)
+            .await
+            .map_err(|_| None)?;
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            return Ok(Some(std::mem::take(buf)));
+        }
+        if buf.len() > MAX_REQUEST_LINE {
+            return Err(Some(format!(
+                "request line longer than {MAX_REQUEST_LINE} bytes"
+            )));
+        }
+        if n == 0 {
+            // End of input; a last line without a newline still counts.
+            return Ok((!buf.is_empty()).then(|| std::mem::take(buf)));
+        }
+    }
+}
+
+fn bad_request(line: &str, detail: &str) -> String {
+    // Answer with the request's id when the line has one, so a pipelining
+    // client can match the error to its request.
+    let id = serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("id").and_then(|i| i.as_u64()))
+        .unwrap_or(0);
+    let resp = Response::err(
+        id,
+        ControlError::new(ErrorCode::BadRequest, format!("bad request: {detail}")),
+    );
+    serde_json::to_string(&resp).unwrap_or_default()
+}
+
+async fn write_line(wr: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    wr.write_all(&buf).await
+}

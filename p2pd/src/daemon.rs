@@ -1,0 +1,932 @@
+//! The daemon task: the thin shell around [`proto::node::Node`].
+//!
+//! One task owns the node, the UDP socket and the database, so none of
+//! them needs a lock. It waits for the first of: a datagram, a control
+//! request, the node's next deadline (or a waiting request's), shutdown.
+//! After each, it drains the node in the order the node's contract
+//! states: events first (written to the database in one transaction,
+//! then answered and broadcast), then datagrams. So a received message is
+//! on disk before the acknowledgement that tells the sender to forget it.
+
+use crate::ctl::{self, Input, Out};
+use crate::store::Store;
+use crate::Config;
+use anyhow::Context;
+use proto::client::{LinkState, RequestError};
+use proto::control::{
+    Command, Connected, ControlError, ErrorCode, Event, PeerInfo, PeersResult, PingResult, Request,
+    Response, Sent, UserInfo, Whoami,
+};
+use proto::identity::{fingerprint, to_hex, PublicIdentity};
+use proto::node::{Node, NodeConfig, NodeError, NodeEvent};
+use proto::peer::SessionPhase;
+use proto::reliable::Outgoing;
+use proto::wire::{validate_name, FailReason, ServerToClient, MAX_MESSAGE_BYTES};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// How long `connect` waits: the server's introduction timeout (60 s)
+/// plus punching and the handshake.
+const CONNECT_WAIT: Duration = Duration::from_secs(90);
+/// How long `accept` waits for the session after agreeing.
+const ACCEPT_WAIT: Duration = Duration::from_secs(40);
+const PING_WAIT: Duration = Duration::from_secs(5);
+/// Requests answered by the server: a little over the link's own request
+/// timeout, which answers first in the normal case.
+const SERVER_WAIT: Duration = Duration::from_secs(15);
+const HISTORY_DEFAULT: u32 = 50;
+
+enum Wait {
+    /// The answer to a server request with this rid.
+    Rid(u32, RidKind),
+    /// The session with this peer coming up (or failing).
+    Up(String),
+    Pong(String, u64),
+    Login,
+}
+
+enum RidKind {
+    Register,
+    Users(Vec<UserInfo>),
+    Decline,
+}
+
+struct Waiter {
+    id: u64,
+    out: mpsc::Sender<Out>,
+    wait: Wait,
+    deadline: Instant,
+}
+
+struct Daemon {
+    config: Config,
+    node: Node,
+    store: Store,
+    udp: Arc<UdpSocket>,
+    waiters: Vec<Waiter>,
+    watchers: HashMap<u64, mpsc::Sender<Out>>,
+}
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let key_path = config.data_dir.join("identity.key");
+    let (identity, created) = proto::keyfile::load_or_create(&key_path)?;
+    if created {
+        tracing::info!(path = %key_path.display(), fingerprint = %identity.fingerprint(), "IDENTITY(CREATED)");
+    }
+    let db_path = config.data_dir.join("p2pd.db");
+    let store = Store::open(&db_path)
+        .with_context(|| format!("cannot open database {}", db_path.display()))?;
+
+    let mut node_config = NodeConfig::new(config.server);
+    node_config.client.heartbeat = config.heartbeat;
+    node_config.client.name = store.setting("name")?;
+    let pinned_server = match store.setting("server_key")? {
+        Some(hex) => proto::identity::key_from_hex(&hex),
+        None => None,
+    };
+    if let (Some(given), Some(pinned)) = (config.server_key, pinned_server) {
+        if given != pinned {
+            tracing::warn!(
+                given = %fingerprint(&given),
+                pinned = %fingerprint(&pinned),
+                "SERVER_KEY(REPINNED_FROM_COMMAND_LINE)"
+            );
+        }
+    }
+    node_config.client.server_key = config.server_key.or(pinned_server);
+
+    let udp = UdpSocket::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot bind UDP socket {}", config.listen))?;
+    let local = udp.local_addr()?;
+    let now = Instant::now();
+    let mut node = Node::new(identity, node_config, now, rand::random());
+    node.set_locals(local_candidates(local, config.server));
+    for c in store.contacts()? {
+        if let Some(id) = c.identity {
+            node.add_contact(now, &c.name, id, c.recv_next);
+        }
+    }
+    let outbox = store.outbox()?;
+    if !outbox.is_empty() {
+        tracing::info!(messages = outbox.len(), "OUTBOX(RESTORED)");
+    }
+    for q in outbox {
+        let msg = Outgoing {
+            seq: q.seq,
+            sent_ms: q.sent_ms,
+            body: q.body.into_bytes(),
+        };
+        node.send_message(now, &q.peer, msg);
+    }
+
+    let (listener, _socket_guard) = ctl::bind(&config.socket).await?;
+    let (to_daemon, mut inbox) = mpsc::channel::<Input>(1024);
+    // Dropping this handle at the end of `run` stops the accept loop; the
+    // connection tasks it owns go with it.
+    let accept = AbortOnDrop(tokio::spawn(ctl::accept_loop(listener, to_daemon)));
+    eprintln!(
+        "p2pd: fingerprint {}, udp {}, control socket {}, server {}",
+        node.identity().fingerprint(),
+        local,
+        config.socket.display(),
+        config.server
+    );
+    tracing::info!(udp = %local, socket = %config.socket.display(), server = %config.server, "DAEMON(STARTED)");
+
+    let mut d = Daemon {
+        config,
+        node,
+        store,
+        udp: Arc::new(udp),
+        waiters: Vec::new(),
+        watchers: HashMap::new(),
+    };
+    d.drain(Instant::now()).await;
+
+    tokio::pin!(shutdown);
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let deadline = d.next_deadline();
+        let udp = d.udp.clone();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = udp.recv_from(&mut buf) => match r {
+                Ok((n, from)) => d.node.handle_datagram(Instant::now(), from, &buf[..n]),
+                // An unconnected UDP socket can still report ICMP errors
+                // on some systems; they say nothing about our session.
+                Err(e) => tracing::debug!(error = %e, "UDP(RECV_ERROR)"),
+            },
+            input = inbox.recv() => match input {
+                Some(input) => d.on_input(Instant::now(), input),
+                None => break,
+            },
+            _ = sleep_until(deadline) => {
+                let now = Instant::now();
+                if d.node.poll_timeout().is_some_and(|t| t <= now) {
+                    d.node.handle_timeout(now);
+                }
+                d.expire_waiters(now);
+            }
+        }
+        d.drain(Instant::now()).await;
+    }
+
+    tracing::info!("DAEMON(STOPPING)");
+    drop(accept);
+    d.node.shutdown(Instant::now());
+    d.drain(Instant::now()).await;
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Our local endpoints to offer a peer on the same network: the address
+/// the system would use to reach the server, with our port.
+fn local_candidates(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let probe = std::net::UdpSocket::bind((bound.ip(), 0)).and_then(|s| {
+        s.connect(server)?;
+        s.local_addr()
+    });
+    match probe {
+        Ok(a) => vec![SocketAddr::new(a.ip(), bound.port())],
+        Err(_) => Vec::new(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ControlError {
+    ControlError::new(code, message)
+}
+
+fn fail_error(reason: FailReason, detail: &str, what: &str) -> ControlError {
+    let code = match reason {
+        FailReason::NameTaken | FailReason::KeyAlreadyRegistered => ErrorCode::NameTaken,
+        FailReason::NameInvalid | FailReason::SelfConnect => ErrorCode::InvalidArgument,
+        FailReason::NotRegistered | FailReason::NotLoggedIn => ErrorCode::NotLoggedIn,
+        FailReason::UnknownUser => ErrorCode::UnknownUser,
+        FailReason::Offline => ErrorCode::Offline,
+        FailReason::Declined => ErrorCode::Refused,
+        FailReason::TimedOut => ErrorCode::TimedOut,
+        FailReason::NoSuchIntro => ErrorCode::NoRequest,
+        _ => ErrorCode::Internal,
+    };
+    let message = if detail.is_empty() {
+        format!("{what}: {}", reason.as_str().replace('_', " "))
+    } else {
+        format!("{what}: {detail}")
+    };
+    err(code, message)
+}
+
+fn request_error(e: &RequestError, what: &str) -> ControlError {
+    match e {
+        RequestError::Failed { reason, detail } => fail_error(*reason, detail, what),
+        RequestError::TimedOut => err(
+            ErrorCode::TimedOut,
+            format!("{what}: the rendezvous server did not answer"),
+        ),
+    }
+}
+
+fn phase_str(p: SessionPhase) -> &'static str {
+    match p {
+        SessionPhase::Punching => "punching",
+        SessionPhase::Handshaking => "handshaking",
+        SessionPhase::Established => "established",
+        SessionPhase::Closed => "closed",
+    }
+}
+
+fn link_str(s: LinkState) -> &'static str {
+    match s {
+        LinkState::Connecting => "connecting",
+        LinkState::Connected => "connected",
+        LinkState::LoggedIn => "logged_in",
+        LinkState::KeyMismatch => "key_mismatch",
+    }
+}
+
+fn send_line(out: &mpsc::Sender<Out>, line: Out) -> bool {
+    out.try_send(line).is_ok()
+}
+
+fn respond(out: &mpsc::Sender<Out>, resp: Response) {
+    if let Ok(line) = serde_json::to_string(&resp) {
+        // A client that stopped reading loses its answers, not the daemon.
+        let _ = send_line(out, Out::Response(line));
+    }
+}
+
+impl Daemon {
+    fn next_deadline(&self) -> Option<Instant> {
+        let waiters = self.waiters.iter().map(|w| w.deadline).min();
+        [self.node.poll_timeout(), waiters]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn wait(&mut self, id: u64, out: mpsc::Sender<Out>, wait: Wait, for_: Duration) {
+        self.waiters.push(Waiter {
+            id,
+            out,
+            wait,
+            deadline: Instant::now() + for_,
+        });
+    }
+
+    /// Answers (and removes) every waiter `f` picks.
+    fn settle(
+        &mut self,
+        mut f: impl FnMut(&mut Wait) -> Option<Result<serde_json::Value, ControlError>>,
+    ) {
+        let mut i = 0;
+        while i < self.waiters.len() {
+            match f(&mut self.waiters[i].wait) {
+                Some(result) => {
+                    let w = self.waiters.swap_remove(i);
+                    let resp = match result {
+                        Ok(v) => Response::ok(w.id, v),
+                        Err(e) => Response::err(w.id, e),
+                    };
+                    respond(&w.out, resp);
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    fn expire_waiters(&mut self, now: Instant) {
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.deadline <= now);
+        self.waiters = keep;
+        for w in due {
+            let what = match &w.wait {
+                Wait::Up(p) => format!("no session with {p} in time"),
+                Wait::Pong(p, _) => format!("{p} did not answer the ping"),
+                Wait::Login => "the rendezvous server did not answer the login".into(),
+                Wait::Rid(..) => "the rendezvous server did not answer".into(),
+            };
+            respond(&w.out, Response::err(w.id, err(ErrorCode::TimedOut, what)));
+        }
+    }
+
+    fn broadcast(&mut self, event: Event) {
+        let Ok(line) = serde_json::to_string(&event) else {
+            return;
+        };
+        self.watchers.retain(|conn, out| {
+            let ok = send_line(out, Out::Event(line.clone()));
+            if !ok {
+                tracing::warn!(conn, "CONTROL(WATCHER_TOO_SLOW_DROPPED)");
+            }
+            ok
+        });
+    }
+
+    fn on_input(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Closed { conn } => {
+                self.watchers.remove(&conn);
+            }
+            Input::Request { conn, request, out } => {
+                let Request { id, command } = request;
+                tracing::debug!(conn, id, ?command, "CONTROL(REQUEST)");
+                match self.command(now, conn, id, command, &out) {
+                    Ok(Some(v)) => respond(&out, Response::ok(id, v)),
+                    Ok(None) => {} // answered later
+                    Err(e) => respond(&out, Response::err(id, e)),
+                }
+            }
+        }
+    }
+
+    fn check_name(name: &str) -> Result<(), ControlError> {
+        validate_name(name).map_err(|e| err(ErrorCode::InvalidArgument, format!("{name:?}: {e}")))
+    }
+
+    fn require_login(&self) -> Result<(), ControlError> {
+        match self.node.link_state() {
+            LinkState::LoggedIn => Ok(()),
+            LinkState::KeyMismatch => Err(err(
+                ErrorCode::ServerKeyMismatch,
+                "the rendezvous server's key changed; see the daemon's log",
+            )),
+            _ if self.node.link().name().is_none() => Err(err(
+                ErrorCode::NotLoggedIn,
+                "not registered: run `p2pctl register NAME` first",
+            )),
+            _ => Err(err(
+                ErrorCode::NotLoggedIn,
+                format!(
+                    "not logged in: the rendezvous server {} is not reachable yet",
+                    self.config.server
+                ),
+            )),
+        }
+    }
+
+    /// Runs one command: `Ok(Some(result))` answers now, `Ok(None)` means a
+    /// waiter will answer.
+    fn command(
+        &mut self,
+        now: Instant,
+        conn: u64,
+        id: u64,
+        command: Command,
+        out: &mpsc::Sender<Out>,
+    ) -> Result<Option<serde_json::Value>, ControlError> {
+        let json = |v: &dyn erased::Ser| Ok(Some(v.to_value()));
+        match command {
+            Command::Whoami => {
+                let link = self.node.link();
+                json(&Whoami {
+                    name: link.name().map(str::to_owned),
+                    fingerprint: self.node.identity().fingerprint(),
+                    server: self.config.server.to_string(),
+                    server_state: link_str(link.state()).into(),
+                    server_fingerprint: link.server_key().map(|k| fingerprint(&k)),
+                    observed: link.observed().map(|a| a.to_string()),
+                    data_dir: self.config.data_dir.display().to_string(),
+                })
+            }
+            Command::Register { name } => {
+                Self::check_name(&name)?;
+                if self.node.link_state() == LinkState::KeyMismatch {
+                    self.require_login()?;
+                }
+                let rid = self.node.register(now, &name);
+                self.wait(
+                    id,
+                    out.clone(),
+                    Wait::Rid(rid, RidKind::Register),
+                    SERVER_WAIT,
+                );
+                Ok(None)
+            }
+            Command::Login => {
+                if self.node.link().name().is_none() {
+                    return Err(err(
+                        ErrorCode::NotLoggedIn,
+                        "not registered: run `p2pctl register NAME` first",
+                    ));
+                }
+                self.node.relogin(now);
+                self.wait(id, out.clone(), Wait::Login, SERVER_WAIT);
+                Ok(None)
+            }
+            Command::Users => {
+                self.require_login()?;
+                let rid = self.node.list_users(now, 0);
+                self.wait(
+                    id,
+                    out.clone(),
+                    Wait::Rid(rid, RidKind::Users(Vec::new())),
+                    SERVER_WAIT,
+                );
+                Ok(None)
+            }
+            Command::Connect { peer } => {
+                Self::check_name(&peer)?;
+                if let Some(c) = self.connected(&peer) {
+                    return json(&c);
+                }
+                self.require_login()?;
+                self.node.connect(now, &peer);
+                self.wait(id, out.clone(), Wait::Up(peer), CONNECT_WAIT);
+                Ok(None)
+            }
+            Command::Accept { peer } => {
+                Self::check_name(&peer)?;
+                self.node.answer(now, &peer, true).map_err(node_error)?;
+                self.wait(id, out.clone(), Wait::Up(peer), ACCEPT_WAIT);
+                Ok(None)
+            }
+            Command::Decline { peer } => {
+                Self::check_name(&peer)?;
+                let rid = self.node.answer(now, &peer, false).map_err(node_error)?;
+                self.wait(
+                    id,
+                    out.clone(),
+                    Wait::Rid(rid, RidKind::Decline),
+                    SERVER_WAIT,
+                );
+                Ok(None)
+            }
+            Command::Ping { peer } => {
+                Self::check_name(&peer)?;
+                let nonce = self.node.ping(now, &peer).map_err(node_error)?;
+                self.wait(id, out.clone(), Wait::Pong(peer, nonce), PING_WAIT);
+                Ok(None)
+            }
+            Command::Send { peer, text } => {
+                Self::check_name(&peer)?;
+                if text.is_empty() {
+                    return Err(err(ErrorCode::InvalidArgument, "empty message"));
+                }
+                if text.len() > MAX_MESSAGE_BYTES {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "message is {} bytes; the most is {MAX_MESSAGE_BYTES}",
+                            text.len()
+                        ),
+                    ));
+                }
+                let up = self.node.is_up(&peer);
+                if !up && !self.node.is_known(&peer) {
+                    return Err(err(
+                        ErrorCode::NotConnected,
+                        format!("not connected to {peer}: run `p2pctl connect {peer}` first"),
+                    ));
+                }
+                let sent_ms = now_ms();
+                let seq = self
+                    .store
+                    .enqueue(&peer, sent_ms, &text)
+                    .map_err(|e| err(ErrorCode::Internal, format!("message not stored: {e}")))?;
+                self.node.send_message(
+                    now,
+                    &peer,
+                    Outgoing {
+                        seq,
+                        sent_ms,
+                        body: text.into_bytes(),
+                    },
+                );
+                json(&Sent {
+                    peer,
+                    seq,
+                    queued: !up,
+                })
+            }
+            Command::History { peer, limit } => {
+                Self::check_name(&peer)?;
+                let h = self
+                    .store
+                    .history(&peer, limit.unwrap_or(HISTORY_DEFAULT))
+                    .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+                json(&h)
+            }
+            Command::Peers => {
+                let peers = self
+                    .node
+                    .peer_status()
+                    .into_iter()
+                    .map(|p| PeerInfo {
+                        name: p.name,
+                        state: phase_str(p.phase).into(),
+                        endpoint: p.endpoint.map(|e| e.to_string()),
+                        rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                        fingerprint: p.fingerprint,
+                        queued: p.queued,
+                    })
+                    .collect();
+                let requests = self
+                    .node
+                    .pending_requests()
+                    .into_iter()
+                    .map(|(name, id)| UserInfo {
+                        name,
+                        fingerprint: id.fingerprint(),
+                    })
+                    .collect();
+                json(&PeersResult { peers, requests })
+            }
+            Command::Close { peer } => {
+                Self::check_name(&peer)?;
+                self.node.close(now, &peer).map_err(node_error)?;
+                json(&serde_json::json!({ "peer": peer }))
+            }
+            Command::Watch => {
+                self.watchers.insert(conn, out.clone());
+                json(&serde_json::json!({ "watching": true }))
+            }
+        }
+    }
+
+    fn connected(&self, peer: &str) -> Option<Connected> {
+        self.node
+            .peer_status()
+            .into_iter()
+            .find(|p| p.name == peer && p.phase == SessionPhase::Established)
+            .map(|p| Connected {
+                peer: p.name,
+                endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                fingerprint: p.fingerprint.unwrap_or_default(),
+            })
+    }
+
+    /// Drains the node: events (stored, then answered and broadcast),
+    /// then datagrams, until it has nothing more to say.
+    async fn drain(&mut self, now: Instant) {
+        loop {
+            let mut events = Vec::new();
+            while let Some(e) = self.node.poll_event() {
+                events.push(e);
+            }
+            if !events.is_empty() {
+                self.persist(&events);
+                for e in events {
+                    self.on_event(now, e);
+                }
+                continue;
+            }
+            let mut sent_any = false;
+            while let Some(t) = self.node.poll_transmit() {
+                sent_any = true;
+                if let Err(e) = self.udp.send_to(&t.payload, t.dst).await {
+                    tracing::debug!(dst = %t.dst, error = %e, "UDP(SEND_ERROR)");
+                }
+            }
+            if !sent_any {
+                break;
+            }
+        }
+    }
+
+    /// Writes what the events change, in one transaction.
+    fn persist(&mut self, events: &[NodeEvent]) {
+        let result = (|| {
+            let batch = self.store.batch()?;
+            for e in events {
+                match e {
+                    NodeEvent::Delivered {
+                        peer,
+                        seq,
+                        sent_ms,
+                        body,
+                    } => batch.received(peer, *seq, *sent_ms, &String::from_utf8_lossy(body))?,
+                    NodeEvent::Acked { peer, seq } => batch.delivered(peer, *seq)?,
+                    _ => {}
+                }
+            }
+            batch.commit()
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "STORE(WRITE_FAILED)");
+            self.broadcast(Event::Error {
+                message: format!("could not store messages: {e}"),
+            });
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, event: NodeEvent) {
+        match event {
+            NodeEvent::ServerConnected {
+                server_key,
+                learned,
+            } => {
+                if learned {
+                    tracing::warn!(
+                        fingerprint = %fingerprint(&server_key),
+                        "SERVER_KEY(PINNED_ON_FIRST_USE)"
+                    );
+                    eprintln!(
+                        "p2pd: pinned the rendezvous server's key on first use: {} (fingerprint {})",
+                        to_hex(&server_key),
+                        fingerprint(&server_key)
+                    );
+                }
+                if let Err(e) = self.store.set_setting("server_key", &to_hex(&server_key)) {
+                    tracing::error!(error = %e, "STORE(WRITE_FAILED)");
+                }
+                self.broadcast(Event::Server {
+                    state: "connected".into(),
+                    detail: format!("server key {}", fingerprint(&server_key)),
+                });
+            }
+            NodeEvent::ServerKeyMismatch { pinned, offered } => {
+                let detail = format!(
+                    "REFUSING the rendezvous server: its key is {} but {} was pinned. \
+                     If the server really changed its key, restart p2pd with --server-key {}",
+                    fingerprint(&offered),
+                    fingerprint(&pinned),
+                    to_hex(&offered)
+                );
+                tracing::error!("SERVER_KEY(MISMATCH) {detail}");
+                eprintln!("p2pd: {detail}");
+                self.broadcast(Event::Server {
+                    state: "key_mismatch".into(),
+                    detail: detail.clone(),
+                });
+                self.settle(|w| {
+                    matches!(w, Wait::Login | Wait::Rid(..))
+                        .then(|| Err(err(ErrorCode::ServerKeyMismatch, detail.clone())))
+                });
+            }
+            NodeEvent::ServerDown { reason } => {
+                tracing::warn!(%reason, "SERVER(DOWN)");
+                self.broadcast(Event::Server {
+                    state: "down".into(),
+                    detail: reason,
+                });
+            }
+            NodeEvent::LoggedIn { name, observed } => {
+                tracing::info!(%name, %observed, "SERVER(LOGGED_IN)");
+                if let Err(e) = self.store.set_setting("name", &name) {
+                    tracing::error!(error = %e, "STORE(WRITE_FAILED)");
+                }
+                self.broadcast(Event::Server {
+                    state: "logged_in".into(),
+                    detail: format!("as {name}, seen from {observed}"),
+                });
+                let v = serde_json::json!({ "name": name, "observed": observed.to_string() });
+                self.settle(|w| matches!(w, Wait::Login).then(|| Ok(v.clone())));
+            }
+            NodeEvent::LoginFailed { reason, detail } => {
+                let e = fail_error(reason, &detail, "login failed");
+                tracing::warn!(%e, "SERVER(LOGIN_FAILED)");
+                self.broadcast(Event::Server {
+                    state: "login_failed".into(),
+                    detail: e.message.clone(),
+                });
+                self.settle(|w| matches!(w, Wait::Login).then(|| Err(e.clone())));
+            }
+            NodeEvent::Response { rid, result } => self.on_response(now, rid, result),
+            NodeEvent::ConnectRequest {
+                name,
+                identity,
+                auto_accepted,
+            } => {
+                tracing::info!(peer = %name, auto_accepted, "INTRO(REQUESTED)");
+                self.broadcast(Event::ConnectRequest {
+                    peer: name,
+                    fingerprint: identity.fingerprint(),
+                    auto_accepted,
+                });
+            }
+            NodeEvent::ConnectFailed { name, reason } => {
+                let e = fail_error(reason, "", &format!("cannot connect to {name}"));
+                tracing::info!(peer = %name, reason = reason.as_str(), "INTRO(FAILED)");
+                self.broadcast(Event::ConnectFailed {
+                    peer: name.clone(),
+                    reason: reason.as_str().into(),
+                });
+                self.settle(|w| matches!(w, Wait::Up(p) if *p == name).then(|| Err(e.clone())));
+            }
+            NodeEvent::KeyMismatch {
+                name,
+                pinned,
+                offered,
+            } => {
+                let msg = format!(
+                    "REFUSED {name}: it presented key {} but {} is pinned for that name",
+                    offered.fingerprint(),
+                    pinned.fingerprint()
+                );
+                tracing::error!("PEER(KEY_MISMATCH) {msg}");
+                self.broadcast(Event::KeyMismatch {
+                    peer: name.clone(),
+                    pinned: pinned.fingerprint(),
+                    offered: offered.fingerprint(),
+                });
+                self.settle(|w| {
+                    matches!(w, Wait::Up(p) if *p == name)
+                        .then(|| Err(err(ErrorCode::Refused, msg.clone())))
+                });
+            }
+            NodeEvent::PeerUp {
+                name,
+                endpoint,
+                identity,
+            } => {
+                tracing::info!(peer = %name, %endpoint, "PEER(UP)");
+                self.pin(&name, &identity);
+                let c = Connected {
+                    peer: name.clone(),
+                    endpoint: endpoint.to_string(),
+                    fingerprint: identity.fingerprint(),
+                };
+                self.broadcast(Event::PeerUp {
+                    peer: name.clone(),
+                    endpoint: endpoint.to_string(),
+                    fingerprint: identity.fingerprint(),
+                });
+                let v = serde_json::to_value(&c).unwrap_or_default();
+                self.settle(|w| matches!(w, Wait::Up(p) if *p == name).then(|| Ok(v.clone())));
+            }
+            NodeEvent::PeerDown { name, reason } => {
+                tracing::info!(peer = %name, %reason, "PEER(DOWN)");
+                self.broadcast(Event::PeerDown {
+                    peer: name.clone(),
+                    reason: reason.clone(),
+                });
+                let e = err(ErrorCode::NotConnected, format!("{name}: {reason}"));
+                self.settle(|w| {
+                    matches!(w, Wait::Up(p) | Wait::Pong(p, _) if *p == name)
+                        .then(|| Err(e.clone()))
+                });
+            }
+            NodeEvent::PathChanged { name, endpoint } => {
+                tracing::info!(peer = %name, %endpoint, "PEER(PATH_CHANGED)");
+                self.broadcast(Event::PathChanged {
+                    peer: name,
+                    endpoint: endpoint.to_string(),
+                });
+            }
+            NodeEvent::Delivered {
+                peer,
+                seq,
+                sent_ms,
+                body,
+            } => self.broadcast(Event::Message {
+                peer,
+                seq,
+                sent_ms,
+                text: String::from_utf8_lossy(&body).into_owned(),
+            }),
+            NodeEvent::Acked { peer, seq } => self.broadcast(Event::Delivered { peer, seq }),
+            NodeEvent::Pong { peer, nonce, rtt } => {
+                let v = serde_json::to_value(PingResult {
+                    peer: peer.clone(),
+                    rtt_ms: rtt.as_secs_f64() * 1000.0,
+                })
+                .unwrap_or_default();
+                self.settle(|w| {
+                    matches!(w, Wait::Pong(p, n) if *p == peer && *n == nonce)
+                        .then(|| Ok(v.clone()))
+                });
+            }
+        }
+    }
+
+    fn pin(&mut self, name: &str, identity: &PublicIdentity) {
+        if let Err(e) = self.store.pin(name, identity) {
+            tracing::error!(error = %e, "STORE(WRITE_FAILED)");
+        }
+    }
+
+    fn on_response(
+        &mut self,
+        now: Instant,
+        rid: u32,
+        result: Result<ServerToClient, RequestError>,
+    ) {
+        let Some(i) = self
+            .waiters
+            .iter()
+            .position(|w| matches!(&w.wait, Wait::Rid(r, _) if *r == rid))
+        else {
+            return;
+        };
+        let w = &mut self.waiters[i];
+        let Wait::Rid(_, kind) = &mut w.wait else {
+            return;
+        };
+        let answer: Result<serde_json::Value, ControlError> = match (kind, result) {
+            (RidKind::Register, Ok(ServerToClient::RegisterOk { name, .. })) => {
+                if let Err(e) = self.store.set_setting("name", &name) {
+                    tracing::error!(error = %e, "STORE(WRITE_FAILED)");
+                }
+                Ok(serde_json::json!({
+                    "name": name,
+                    "fingerprint": self.node.identity().fingerprint(),
+                }))
+            }
+            (RidKind::Register, Err(e)) => Err(request_error(&e, "registration refused")),
+            (
+                RidKind::Users(acc),
+                Ok(ServerToClient::UserList {
+                    total,
+                    offset,
+                    users,
+                    ..
+                }),
+            ) => {
+                let got = users.len();
+                acc.extend(users.into_iter().map(|u| UserInfo {
+                    fingerprint: fingerprint(&u.sign_key),
+                    name: u.name,
+                }));
+                let next = offset as usize + got;
+                if got > 0 && next < total as usize {
+                    // More pages: ask for the next one under a new rid.
+                    let next_rid = self
+                        .node
+                        .list_users(now, next.min(u16::MAX as usize) as u16);
+                    if let Wait::Rid(r, _) = &mut self.waiters[i].wait {
+                        *r = next_rid;
+                    }
+                    return;
+                }
+                Ok(serde_json::to_value(&*acc).unwrap_or_default())
+            }
+            (RidKind::Users(_), Err(e)) => Err(request_error(&e, "cannot list users")),
+            (RidKind::Decline, Ok(_)) => Ok(serde_json::json!({ "declined": true })),
+            (RidKind::Decline, Err(e)) => Err(request_error(&e, "decline failed")),
+            (_, Ok(other)) => Err(err(
+                ErrorCode::Internal,
+                format!("unexpected answer from the server: {other:?}"),
+            )),
+        };
+        let w = self.waiters.swap_remove(i);
+        let resp = match answer {
+            Ok(v) => Response::ok(w.id, v),
+            Err(e) => Response::err(w.id, e),
+        };
+        respond(&w.out, resp);
+    }
+}
+
+fn node_error(e: NodeError) -> ControlError {
+    match e {
+        NodeError::NoRequest(name) => err(
+            ErrorCode::NoRequest,
+            format!("no pending connection request from {name}"),
+        ),
+        NodeError::NotConnected(name) => err(
+            ErrorCode::NotConnected,
+            format!("not connected to {name}: run `p2pctl connect {name}` first"),
+        ),
+    }
+}
+
+/// Lets `command` return any result type through one helper.
+mod erased {
+    pub trait Ser {
+        fn to_value(&self) -> serde_json::Value;
+    }
+
+    impl<T: serde::Serialize> Ser for T {
+        fn to_value(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The daemon's database: contacts with their pinned keys, message
+//! history and outbox, and where each peer's message streams stand.
+//!
+//! SQLite in WAL mode with `synchronous=FULL`: a message `send` accepted is
+//! on disk before the answer, and a received message is on disk before
+//! its acknowledgement leaves (the daemon writes events before it sends
+//! packets). Each batch of events is one transaction.
+
+use proto::codec::{Reader, Writer};
+use proto::control::{Direction, HistoryEntry, MessageState};
+use proto::identity::PublicIdentity;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database was written by a newer p2pd (schema {0}, we know {SCHEMA_VERSION})")]
+    TooNew(i64),
+}
+
+/// A known peer as stored.
+#[derive(Debug, Clone)]
+pub struct Contact {
+    pub name: String,
+    pub identity: Option<PublicIdentity>,
+    pub recv_next: u64,
+}
+
+/// An outgoing message not yet acknowledged.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub peer: String,
+    pub seq: u64,
+    pub sent_ms: u64,
+    pub body: String,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(version));
+        }
+        if version < 1 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS settings (
+                     key TEXT PRIMARY KEY,
+                     value TEXT NOT NULL
+                 );
+                 CREATE TABLE IF NOT EXISTS contacts (
+                     name TEXT PRIMARY KEY,
+                     identity BLOB,
+                     send_next INTEGER NOT NULL DEFAULT 0,
+                     recv_next INTEGER NOT NULL DEFAULT 0
+                 );
+                 CREATE TABLE IF NOT EXISTS messages (
+                     id INTEGER PRIMARY KEY,
+                     peer TEXT NOT NULL REFERENCES contacts(name),
+                     direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+                     seq INTEGER NOT NULL,
+                     sent_ms INTEGER NOT NULL,
+                     state TEXT NOT NULL CHECK (state IN ('queued', 'delivered', 'received')),
+                     body TEXT NOT NULL,
+                     UNIQUE (peer, direction, seq)
+                 );
+                 CREATE INDEX IF NOT EXISTS messages_outbox ON messages(state) WHERE state = 'queued';
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        Ok(Self { conn })
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, identity, recv_next FROM contacts ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            let blob: Option<Vec<u8>> = r.get(1)?;
+            Ok(Contact {
+                name: r.get(0)?,
+                identity: blob.and_then(|b| decode_identity(&b)),
+                recv_next: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn contact_identity(&self, name: &str) -> Result<Option<PublicIdentity>, StoreError> {
+        let blob: Option<Option<Vec<u8>>> = self
+            .conn
+            .query_row(
+                "SELECT identity FROM contacts WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(blob.flatten().and_then(|b| decode_identity(&b)))
+    }
+
+    /// Pins `identity` for `name` (the node already refused a different
+    /// key, so this only ever sets or confirms it).
+    pub fn pin(&self, name: &str, identity: &PublicIdentity) -> Result<(), StoreError> {
+        let mut w = Writer::new();
+        identity.encode(&mut w);
+        self.conn.execute(
+            "INSERT INTO contacts (name, identity) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET identity = excluded.identity",
+            params![name, w.into_inner()],
+        )?;
+        Ok(())
+    }
+
+    /// Stores an outgoing message in the outbox and gives it the peer's
+    /// next sequence number.
+    pub fn enqueue(&mut self, peer: &str, sent_ms: u64, body: &str) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("INSERT OR IGNORE INTO contacts (name) VALUES (?1)", [peer])?;
+        let seq: i64 = tx.query_row(
+            "UPDATE contacts SET send_next = send_next + 1 WHERE name = ?1 RETURNING send_next - 1",
+            [peer],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO messages (peer, direction, seq, sent_ms, state, body)
+             VALUES (?1, 'out', ?2, ?3, 'queued', ?4)",
+            params![peer, seq, sent_ms as i64, body],
+        )?;
+        tx.commit()?;
+        Ok(seq as u64)
+    }
+
+    pub fn outbox(&self) -> Result<Vec<Queued>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT peer, seq, sent_ms, body FROM messages
+             WHERE state = 'queued' ORDER BY peer, seq",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Queued {
+                peer: r.get(0)?,
+                seq: r.get::<_, i64>(1)? as u64,
+                sent_ms: r.get::<_, i64>(2)? as u64,
+                body: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Starts a batch: everything until [`Batch::commit`] is one
+    /// transaction.
+    pub fn batch(&mut self) -> Result<Batch<'_>, StoreError> {
+        Ok(Batch {
+            tx: self.conn.transaction()?,
+        })
+    }
+
+    pub fn history(&self, peer: &str, limit: u32) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT direction, seq, sent_ms, state, body FROM messages
+             WHERE peer = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![peer, limit], |r| {
+            let dir: String = r.get(0)?;
+            let state: String = r.get(3)?;
+            Ok(HistoryEntry {
+                peer: peer.to_owned(),
+                direction: if dir == "in" {
+                    Direction::In
+                } else {
+                    Direction::Out
+                },
+                seq: r.get::<_, i64>(1)? as u64,
+                sent_ms: r.get::<_, i64>(2)? as u64,
+                state: match state.as_str() {
+                    "queued" => MessageState::Queued,
+                    "delivered" => MessageState::Delivered,
+                    _ => MessageState::Received,
+                },
+                text: r.get(4)?,
+            })
+        })?;
+        let mut v: Vec<HistoryEntry> = rows.collect::<Result<_, _>>()?;
+        v.reverse();
+        Ok(v)
+    }
+}
+
+pub struct Batch<'a> {
+    tx: rusqlite::Transaction<'a>,
+}
+
+impl Batch<'_> {
+    /// A message arrived in order: keep it and move the peer's receive
+    /// position past it, together.
+    pub fn received(
+        &self,
+        peer: &str,
+        seq: u64,
+        sent_ms: u64,
+        body: &str,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute("INSERT OR IGNORE INTO contacts (name) VALUES (?1)", [peer])?;
+        self.tx.execute(
+            "INSERT OR IGNORE INTO messages (peer, direction, seq, sent_ms, state, body)
+             VALUES (?1, 'in', ?2, ?3, 'received', ?4)",
+            params![peer, seq as i64, sent_ms as i64, body],
+        )?;
+        self.tx.execute(
+            "UPDATE contacts SET recv_next = MAX(recv_next, ?2) WHERE name = ?1",
+            params![peer, (seq + 1) as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn delivered(&self, peer: &str, seq: u64) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE messages SET state = 'delivered'
+             WHERE peer = ?1 AND direction = 'out' AND seq = ?2",
+            params![peer, seq as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.tx.commit()?)
+    }
+}
+
+fn decode_identity(bytes: &[u8]) -> Option<PublicIdentity> {
+    let mut r = Reader::new(bytes);
+    let id = PublicIdentity::decode(&mut r).ok()?;
+    r.finish().ok()?;
+    id.verify().ok()?;
+    Some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::identity::Identity;
+
+    fn temp(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("p2pd-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("p2pd.db")
+    }
+
+    #[test]
+    fn outbox_history_and_positions_survive_reopening() {
+        let path = temp("reopen");
+        let bob = Identity::generate().public();
+        {
+            let mut s = Store::open(&path).unwrap();
+            assert_eq!(s.enqueue("bob", 1, "one").unwrap(), 0);
+            assert_eq!(s.enqueue("bob", 2, "two").unwrap(), 1);
+            s.pin("bob", &bob).unwrap();
+            let b = s.batch().unwrap();
+            b.delivered("bob", 0).unwrap();
+            b.received("bob", 0, 5, "hello").unwrap();
+            b.received("bob", 0, 5, "hello").unwrap();
+            b.commit().unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        let out = s.outbox().unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].seq, out[0].body.as_str()), (1, "two"));
+        let c = s.contacts().unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].recv_next, 1);
+        assert_eq!(c[0].identity.as_ref(), Some(&bob));
+        assert_eq!(s.enqueue("bob", 3, "three").unwrap(), 2);
+        let h = s.history("bob", 10).unwrap();
+        let texts: Vec<_> = h.iter().map(|e| e.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two", "hello", "three"]);
+        assert_eq!(h[0].state, MessageState::Delivered);
+        assert_eq!(h[2].direction, Direction::In);
+        assert_eq!(s.history("bob", 1).unwrap()[0].text, "three");
+    }
+
+    #[test]
+    fn a_damaged_identity_blob_reads_as_unknown() {
+        let path = temp("blob");
+        let s = Store::open(&path).unwrap();
+        s.conn
+            .execute(
+                "INSERT INTO contacts (name, identity) VALUES ('eve', x'0102')",
+                [],
+            )
+            .unwrap();
+        assert!(s.contact_identity("eve").unwrap().is_none());
+    }
+}
