@@ -1,1 +1,550 @@
-fn main() {}
+//! `p2pctl`: the command line for `p2pd`.
+//!
+//! Each command is one JSON request line on the daemon's control socket
+//! (see `docs/control-api.md`) and one response line; `send` without text
+//! pipelines one request per stdin line, and `watch` prints the event
+//! stream until the daemon stops or the output is closed.
+
+use clap::{Parser, Subcommand};
+use proto::control::{
+    Command, ControlError, Direction, ErrorCode, Event, HistoryEntry, MessageState, PeersResult,
+    Request, Response, UserInfo,
+};
+use serde_json::Value;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Control the p2pd chat daemon.
+///
+/// Exit status: 0 success, 1 other failure, 2 bad arguments, 3 daemon not
+/// running, 4 unknown user, 5 not connected / offline / nothing pending,
+/// 6 refused (declined, key mismatch, name taken), 7 timed out.
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Args {
+    /// The daemon's control socket [default: $XDG_RUNTIME_DIR/p2p-chat/p2pd.sock].
+    #[arg(long, global = true, env = "P2PD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show our name, key fingerprint and the rendezvous link.
+    Whoami,
+    /// Register NAME for this daemon's key at the rendezvous server, and
+    /// log in with it.
+    Register { name: String },
+    /// Log in to the rendezvous server again now.
+    Login,
+    /// List the users active at the rendezvous server.
+    Users,
+    /// Ask NAME for a session; waits until it is up or refused.
+    Connect { name: String },
+    /// Agree to NAME's connection request; waits until the session is up.
+    Accept { name: String },
+    /// Decline NAME's connection request.
+    Decline { name: String },
+    /// Measure the round trip to a connected peer.
+    Ping { name: String },
+    /// Send TEXT to NAME. Without TEXT, each line of standard input is one
+    /// message (empty lines are skipped).
+    Send {
+        name: String,
+        /// The message; several words are joined with spaces.
+        text: Vec<String>,
+    },
+    /// Print events as they happen: messages, connection requests,
+    /// peers coming and going.
+    Watch,
+    /// Show the stored messages with NAME.
+    History {
+        name: String,
+        /// How many of the newest messages.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// List peers (sessions, queued messages, pinned keys) and pending
+    /// connection requests.
+    Peers,
+    /// Close the session with NAME.
+    Close { name: String },
+}
+
+/// A failure and the exit status it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<ControlError> for Failure {
+    fn from(e: ControlError) -> Self {
+        let code = match e.code {
+            ErrorCode::BadRequest | ErrorCode::InvalidArgument => 2,
+            ErrorCode::UnknownUser => 4,
+            ErrorCode::NotConnected
+            | ErrorCode::Offline
+            | ErrorCode::NoRequest
+            | ErrorCode::NotLoggedIn => 5,
+            ErrorCode::Refused | ErrorCode::NameTaken | ErrorCode::ServerKeyMismatch => 6,
+            ErrorCode::TimedOut => 7,
+            ErrorCode::Internal => 1,
+        };
+        Failure {
+            code,
+            message: e.message,
+        }
+    }
+}
+
+fn io_failure(e: std::io::Error) -> Failure {
+    Failure {
+        code: 1,
+        message: format!("lost the connection to p2pd: {e}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("p2pctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) if f.code == 0 => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("p2pctl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+struct Conn {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl Conn {
+    async fn open(path: &std::path::Path) -> Result<Self, Failure> {
+        let stream = UnixStream::connect(path).await.map_err(|e| Failure {
+            code: 3,
+            message: format!(
+                "cannot reach p2pd at {}: {e}\n\
+                 Is the daemon running? Start it with `systemctl --user start p2pd`, \
+                 or run `p2pd --server HOST:PORT` (set --socket or P2PD_SOCKET if it uses another socket).",
+                path.display()
+            ),
+        })?;
+        let (rd, wr) = stream.into_split();
+        Ok(Conn {
+            lines: BufReader::new(rd).lines(),
+            wr,
+            next_id: 1,
+        })
+    }
+
+    async fn send(&mut self, command: Command) -> Result<u64, Failure> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut line = serde_json::to_string(&Request { id, command }).map_err(|e| Failure {
+            code: 1,
+            message: e.to_string(),
+        })?;
+        line.push('\n');
+        self.wr
+            .write_all(line.as_bytes())
+            .await
+            .map_err(io_failure)?;
+        Ok(id)
+    }
+
+    /// The next line from the daemon, parsed as JSON.
+    async fn next(&mut self) -> Result<Value, Failure> {
+        let line = self
+            .lines
+            .next_line()
+            .await
+            .map_err(io_failure)?
+            .ok_or_else(|| Failure {
+                code: 1,
+                message: "p2pd closed the connection (did it stop?)".into(),
+            })?;
+        serde_json::from_str(&line).map_err(|e| Failure {
+            code: 1,
+            message: format!("unreadable answer from p2pd: {e}"),
+        })
+    }
+
+    /// The response to request `id`, skipping event lines.
+    async fn response(&mut self) -> Result<Response, Failure> {
+        loop {
+            let v = self.next().await?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            return serde_json::from_value(v).map_err(|e| Failure {
+                code: 1,
+                message: format!("unreadable answer from p2pd: {e}"),
+            });
+        }
+    }
+
+    /// Sends one command and waits for its result.
+    async fn call(&mut self, command: Command) -> Result<Value, Failure> {
+        self.send(command).await?;
+        let r = self.response().await?;
+        into_result(r)
+    }
+}
+
+fn into_result(r: Response) -> Result<Value, Failure> {
+    if r.ok {
+        Ok(r.result.unwrap_or(Value::Null))
+    } else {
+        Err(r.error.map(Failure::from).unwrap_or(Failure {
+            code: 1,
+            message: "p2pd reported an error without details".into(),
+        }))
+    }
+}
+
+/// Writes to stdout; a closed pipe (`p2pctl watch | head`) ends the
+/// program quietly with success.
+fn out(text: &str) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    let r = writeln!(stdout, "{text}").and_then(|_| stdout.flush());
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure {
+            code: 0,
+            message: String::new(),
+        }),
+        Err(e) => Err(Failure {
+            code: 1,
+            message: format!("cannot write output: {e}"),
+        }),
+    }
+}
+
+fn field<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(|x| x.as_str()).unwrap_or("")
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(p2pd::paths::default_socket);
+    let json = args.json;
+    let mut conn = Conn::open(&socket).await?;
+    let print = |v: &Value, text: String| -> Result<(), Failure> {
+        if json {
+            out(&v.to_string())
+        } else {
+            out(&text)
+        }
+    };
+    match args.command {
+        Cmd::Whoami => {
+            let v = conn.call(Command::Whoami).await?;
+            let text = format!(
+                "name:        {}\nfingerprint: {}\nserver:      {} ({})\nserver key:  {}\nseen as:     {}\ndata:        {}",
+                v.get("name").and_then(|n| n.as_str()).unwrap_or("(not registered)"),
+                field(&v, "fingerprint"),
+                field(&v, "server"),
+                field(&v, "server_state").replace('_', " "),
+                v.get("server_fingerprint").and_then(|n| n.as_str()).unwrap_or("(not known yet)"),
+                v.get("observed").and_then(|n| n.as_str()).unwrap_or("-"),
+                field(&v, "data_dir"),
+            );
+            print(&v, text)
+        }
+        Cmd::Register { name } => {
+            let v = conn.call(Command::Register { name }).await?;
+            let text = format!(
+                "registered {} (fingerprint {})",
+                field(&v, "name"),
+                field(&v, "fingerprint")
+            );
+            print(&v, text)
+        }
+        Cmd::Login => {
+            let v = conn.call(Command::Login).await?;
+            let text = format!(
+                "logged in as {}, seen from {}",
+                field(&v, "name"),
+                field(&v, "observed")
+            );
+            print(&v, text)
+        }
+        Cmd::Users => {
+            let v = conn.call(Command::Users).await?;
+            let users: Vec<UserInfo> = serde_json::from_value(v.clone()).unwrap_or_default();
+            let width = users.iter().map(|u| u.name.len()).max().unwrap_or(0);
+            let text = users
+                .iter()
+                .map(|u| format!("{:width$}  {}", u.name, u.fingerprint))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if json {
+                out(&v.to_string())
+            } else if users.is_empty() {
+                out("no active users")
+            } else {
+                out(&text)
+            }
+        }
+        Cmd::Connect { name } => {
+            let v = conn.call(Command::Connect { peer: name }).await?;
+            print(&v, connected_text(&v))
+        }
+        Cmd::Accept { name } => {
+            let v = conn.call(Command::Accept { peer: name }).await?;
+            print(&v, connected_text(&v))
+        }
+        Cmd::Decline { name } => {
+            let v = conn.call(Command::Decline { peer: name.clone() }).await?;
+            print(&v, format!("declined {name}"))
+        }
+        Cmd::Ping { name } => {
+            let v = conn.call(Command::Ping { peer: name.clone() }).await?;
+            let rtt = v.get("rtt_ms").and_then(|r| r.as_f64()).unwrap_or(0.0);
+            print(&v, format!("{name}: round trip {rtt:.2} ms"))
+        }
+        Cmd::Send { name, text } if !text.is_empty() => {
+            let text = text.join(" ");
+            let v = conn
+                .call(Command::Send {
+                    peer: name.clone(),
+                    text,
+                })
+                .await?;
+            let seq = v.get("seq").and_then(|s| s.as_u64()).unwrap_or(0);
+            let queued = v.get("queued").and_then(|s| s.as_bool()).unwrap_or(false);
+            let text = if queued {
+                format!("queued for {name} (#{seq}): it goes out when {name} is reachable")
+            } else {
+                format!("sent to {name} (#{seq})")
+            };
+            print(&v, text)
+        }
+        Cmd::Send { name, .. } => send_stdin(&mut conn, &name, json).await,
+        Cmd::Watch => {
+            conn.call(Command::Watch).await?;
+            loop {
+                let v = conn.next().await.map_err(|mut f| {
+                    f.message = "p2pd closed the event stream (did it stop?)".into();
+                    f
+                })?;
+                if json {
+                    out(&v.to_string())?;
+                } else if let Ok(e) = serde_json::from_value::<Event>(v) {
+                    out(&event_text(&e))?;
+                }
+            }
+        }
+        Cmd::History { name, limit } => {
+            let v = conn
+                .call(Command::History {
+                    peer: name.clone(),
+                    limit: Some(limit),
+                })
+                .await?;
+            if json {
+                return out(&v.to_string());
+            }
+            let entries: Vec<HistoryEntry> = serde_json::from_value(v).unwrap_or_default();
+            if entries.is_empty() {
+                return out(&format!("no messages with {name}"));
+            }
+            for e in entries {
+                let who = match e.direction {
+                    Direction::In => e.peer.clone(),
+                    Direction::Out => "me".into(),
+                };
+                let mark = match e.state {
+                    MessageState::Queued => " (queued)",
+                    _ => "",
+                };
+                out(&format!("{} <{who}> {}{mark}", clock(e.sent_ms), e.text))?;
+            }
+            Ok(())
+        }
+        Cmd::Peers => {
+            let v = conn.call(Command::Peers).await?;
+            if json {
+                return out(&v.to_string());
+            }
+            let p: PeersResult = serde_json::from_value(v).map_err(|e| Failure {
+                code: 1,
+                message: format!("unreadable answer from p2pd: {e}"),
+            })?;
+            if p.peers.is_empty() && p.requests.is_empty() {
+                return out("no peers");
+            }
+            for peer in &p.peers {
+                let rtt = peer
+                    .rtt_ms
+                    .map(|r| format!(" rtt {r:.1} ms"))
+                    .unwrap_or_default();
+                let queued = if peer.queued > 0 {
+                    format!(" {} queued", peer.queued)
+                } else {
+                    String::new()
+                };
+                out(&format!(
+                    "{}  {}{}{rtt}{queued}  {}",
+                    peer.name,
+                    peer.state,
+                    peer.endpoint
+                        .as_ref()
+                        .map(|e| format!(" {e}"))
+                        .unwrap_or_default(),
+                    peer.fingerprint.as_deref().unwrap_or("")
+                ))?;
+            }
+            for r in &p.requests {
+                out(&format!(
+                    "{}  wants to connect ({}): p2pctl accept {} / p2pctl decline {}",
+                    r.name, r.fingerprint, r.name, r.name
+                ))?;
+            }
+            Ok(())
+        }
+        Cmd::Close { name } => {
+            let v = conn.call(Command::Close { peer: name.clone() }).await?;
+            print(&v, format!("closed the session with {name}"))
+        }
+    }
+}
+
+/// One message per stdin line, pipelined: up to `WINDOW` requests are in
+/// flight, so a thousand lines take a thousand database writes, not a
+/// thousand round trips. The first refusal stops the run; what was sent
+/// before it stays sent.
+async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failure> {
+    const WINDOW: usize = 64;
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut in_flight = 0usize;
+    let mut sent = 0u64;
+    let mut queued = 0u64;
+    let mut eof = false;
+    loop {
+        while !eof && in_flight < WINDOW {
+            match stdin.next_line().await {
+                Ok(Some(line)) => {
+                    if line.is_empty() {
+                        continue;
+                    }
+                    conn.send(Command::Send {
+                        peer: name.to_owned(),
+                        text: line,
+                    })
+                    .await?;
+                    in_flight += 1;
+                }
+                Ok(None) => eof = true,
+                Err(e) => {
+                    return Err(Failure {
+                        code: 1,
+                        message: format!("cannot read standard input: {e}"),
+                    })
+                }
+            }
+        }
+        if in_flight == 0 {
+            break;
+        }
+        let r = conn.response().await?;
+        in_flight -= 1;
+        let v = into_result(r).map_err(|mut f| {
+            f.message = format!("{} (after {sent} messages sent)", f.message);
+            f
+        })?;
+        sent += 1;
+        if v.get("queued").and_then(|q| q.as_bool()) == Some(true) {
+            queued += 1;
+        }
+        if json {
+            out(&v.to_string())?;
+        }
+    }
+    if !json {
+        let extra = if queued > 0 {
+            format!(", {queued} queued until {name} is reachable")
+        } else {
+            String::new()
+        };
+        out(&format!("sent {sent} messages to {name}{extra}"))?;
+    }
+    Ok(())
+}
+
+fn connected_text(v: &Value) -> String {
+    format!(
+        "connected to {} at {} (fingerprint {})",
+        field(v, "peer"),
+        field(v, "endpoint"),
+        field(v, "fingerprint")
+    )
+}
+
+/// `HH:MM:SS` (UTC) of a millisecond Unix time.
+fn clock(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+fn event_text(e: &Event) -> String {
+    match e {
+        Event::Message {
+            peer,
+            sent_ms,
+            text,
+            ..
+        } => format!("{} <{peer}> {text}", clock(*sent_ms)),
+        Event::Delivered { peer, seq } => format!("-- delivered to {peer} (#{seq})"),
+        Event::ConnectRequest {
+            peer,
+            fingerprint,
+            auto_accepted: true,
+        } => format!("-- {peer} ({fingerprint}) reconnects: accepted (known key)"),
+        Event::ConnectRequest { peer, fingerprint, .. } => format!(
+            "-- {peer} wants to connect, fingerprint {fingerprint}: p2pctl accept {peer} / p2pctl decline {peer}"
+        ),
+        Event::ConnectFailed { peer, reason } => {
+            format!("-- cannot connect to {peer}: {}", reason.replace('_', " "))
+        }
+        Event::PeerUp {
+            peer,
+            endpoint,
+            fingerprint,
+        } => format!("-- connected to {peer} at {endpoint} ({fingerprint})"),
+        Event::PeerDown { peer, reason } => format!("-- {peer} disconnected: {reason}"),
+        Event::PathChanged { peer, endpoint } => format!("-- {peer} moved to {endpoint}"),
+        Event::KeyMismatch {
+            peer,
+            pinned,
+            offered,
+        } => format!(
+            "!! REFUSED {peer}: it shows key {offered}, but {pinned} is pinned for that name"
+        ),
+        Event::Server { state, detail } => format!("-- server {}: {detail}", state.replace('_', " ")),
+        Event::Error { message } => format!("!! {message}"),
+    }
+}

@@ -1,0 +1,269 @@
+//! The I/O shell around [`proto::server::Server`]: one UDP socket, the
+//! clock, the key file and the account database.
+//!
+//! [`bind`] does everything that can fail at start (data directory, key
+//! file, database, socket) and returns a [`Bound`] server; [`Bound::run`]
+//! then owns the socket, the machine and the store until shutdown. The
+//! loop waits on exactly three things: a datagram, the machine's next
+//! deadline (`poll_timeout`), and the shutdown future. After each of them
+//! it drains every queued transmit before waiting again.
+//!
+//! This is the only place that reads the clock: the machine gets
+//! `Instant::now()` as an argument.
+
+use crate::store::SqliteStore;
+use anyhow::Context;
+use proto::identity::{fingerprint, to_hex, Identity};
+use proto::server::{Server, ServerConfig};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+
+/// File name of the server's identity inside the data directory.
+pub const SERVER_KEY: &str = "server.key";
+
+/// Receive buffer: above the protocol's largest packet
+/// ([`proto::wire::MAX_PACKET`], 1232 bytes), so an oversized datagram
+/// arrives whole and is refused by the decoder rather than truncated into
+/// something that might parse.
+const RECV_BUF: usize = 2048;
+
+/// How often the counters are logged while running.
+const STATS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// After a receive error that is not one of the known transient ones, wait
+/// this long before the next receive so a persistent failure logs a few
+/// lines a second instead of spinning a core.
+const RECV_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the server needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP address to listen on; port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// Holds `server.key` and `accounts.db`; created (mode 0700) if absent.
+    pub data_dir: PathBuf,
+    /// A user silent for this long drops off the active list
+    /// ([`ServerConfig::presence_timeout`]).
+    pub presence_timeout: Duration,
+}
+
+impl Config {
+    /// A config with the default presence timeout.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen,
+            data_dir: data_dir.into(),
+            presence_timeout: ServerConfig::default().presence_timeout,
+        }
+    }
+}
+
+/// Creates the data directory, readable by its owner only: it holds the
+/// server's private key.
+pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))
+}
+
+/// Loads `<data_dir>/server.key`, creating the directory and the key if
+/// needed. Returns the identity and whether it was just created.
+pub fn load_server_key(data_dir: &Path) -> anyhow::Result<(Identity, bool)> {
+    ensure_data_dir(data_dir)?;
+    let path = data_dir.join(SERVER_KEY);
+    // KeyFileError already names the file.
+    let (identity, created) = proto::keyfile::load_or_create(&path)?;
+    if created {
+        tracing::info!(path = %path.display(), "KEY(CREATED)");
+    }
+    Ok((identity, created))
+}
+
+/// A server with its socket bound and its files open, not yet serving.
+pub struct Bound {
+    socket: UdpSocket,
+    local_addr: SocketAddr,
+    server: Server,
+    store: SqliteStore,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("local_addr", &self.local_addr)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens everything the server needs; errors name the file or socket.
+pub async fn bind(config: Config) -> anyhow::Result<Bound> {
+    let (identity, _) = load_server_key(&config.data_dir)?;
+    // DbError names the database file.
+    let store = SqliteStore::open_in(&config.data_dir)?;
+    let socket = UdpSocket::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on UDP {}", config.listen))?;
+    let local_addr = socket
+        .local_addr()
+        .with_context(|| format!("cannot read the address of UDP socket {}", config.listen))?;
+    let server_config = ServerConfig {
+        presence_timeout: config.presence_timeout,
+        ..ServerConfig::default()
+    };
+    // Fresh OS randomness: indices and challenges must not be guessable.
+    let server = Server::new(identity, server_config, rand::random());
+    let bound = Bound {
+        socket,
+        local_addr,
+        server,
+        store,
+    };
+    let key = bound.public_key();
+    tracing::info!(
+        listen = %local_addr,
+        data_dir = %config.data_dir.display(),
+        server_key = %to_hex(&key),
+        fingerprint = %fingerprint(&key),
+        presence_timeout_s = config.presence_timeout.as_secs(),
+        "START"
+    );
+    Ok(bound)
+}
+
+/// Binds and serves until `shutdown` completes.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    bind(config).await?.run(shutdown).await
+}
+
+impl Bound {
+    /// The address actually bound (the real port when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's Noise static key, which clients pin.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.server.public_key()
+    }
+
+    /// The startup line for the operator:
+    /// `rendezvous: listening on <addr>, server key <hex> (fingerprint <fp>)`.
+    pub fn banner(&self) -> String {
+        let key = self.public_key();
+        format!(
+            "rendezvous: listening on {}, server key {} (fingerprint {})",
+            self.local_addr,
+            to_hex(&key),
+            fingerprint(&key)
+        )
+    }
+
+    /// Serves until `shutdown` completes. Bad packets and send failures are
+    /// logged and survived; the loop ends only by shutdown.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Bound {
+            socket,
+            local_addr,
+            mut server,
+            mut store,
+        } = self;
+        tokio::pin!(shutdown);
+        let mut buf = vec![0u8; RECV_BUF];
+        let mut next_stats = Instant::now() + STATS_INTERVAL;
+        loop {
+            // The stats line has its own deadline; the machine's comes from
+            // poll_timeout and is None while there is nothing to expire.
+            let wake = server
+                .poll_timeout()
+                .map_or(next_stats, |t| t.min(next_stats));
+            tokio::select! {
+                // Shutdown first, so a flood of datagrams cannot starve it.
+                biased;
+                () = &mut shutdown => break,
+                received = socket.recv_from(&mut buf) => match received {
+                    Ok((len, from)) => {
+                        // `get` rather than indexing: the length comes from
+                        // the kernel, but nothing here needs to trust it.
+                        let datagram = buf.get(..len).unwrap_or(&[]);
+                        // The store is called synchronously on this task: a
+                        // login or registration is one indexed read or one
+                        // small fsynced write, rare next to heartbeats, and
+                        // a single writer keeps the machine's order of
+                        // events equal to the database's.
+                        server.handle_datagram(Instant::now(), from, datagram, &mut store);
+                    }
+                    Err(e) => on_recv_error(e).await,
+                },
+                () = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    if server.poll_timeout().is_some_and(|t| t <= now) {
+                        server.handle_timeout(now);
+                    }
+                    if now >= next_stats {
+                        log_stats(&server, "periodic");
+                        next_stats = now + STATS_INTERVAL;
+                    }
+                }
+            }
+            flush(&socket, &mut server).await;
+        }
+        log_stats(&server, "shutdown");
+        tracing::info!(listen = %local_addr, "STOP");
+        Ok(())
+    }
+}
+
+/// Sends everything the machine queued. A failed send (unreachable
+/// network, an IPv6 destination on an IPv4 socket) loses one datagram,
+/// which the protocol's retransmissions already cover.
+async fn flush(socket: &UdpSocket, server: &mut Server) {
+    while let Some(t) = server.poll_transmit() {
+        if let Err(e) = socket.send_to(&t.payload, t.dst).await {
+            tracing::warn!(dst = %t.dst, len = t.payload.len(), error = %e, "SEND(FAILED)");
+        }
+    }
+}
+
+async fn on_recv_error(e: std::io::Error) {
+    use std::io::ErrorKind;
+    match e.kind() {
+        // ICMP errors from an earlier send surface here on some systems;
+        // they concern one peer, not the socket.
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::Interrupted => {
+            tracing::debug!(error = %e, "RECV(TRANSIENT)");
+        }
+        _ => {
+            tracing::warn!(error = %e, "RECV(FAILED)");
+            tokio::time::sleep(RECV_ERROR_PAUSE).await;
+        }
+    }
+}
+
+fn log_stats(server: &Server, why: &str) {
+    let s = server.stats();
+    tracing::info!(
+        why,
+        active_users = server.active_users().len(),
+        malformed = s.malformed,
+        auth_failed = s.auth_failed,
+        unknown_session = s.unknown_session,
+        handshakes = s.handshakes,
+        logins = s.logins,
+        registrations = s.registrations,
+        introductions = s.introductions,
+        amplification_refused = s.amplification_refused,
+        store_errors = s.store_errors,
+        "STATS"
+    );
+}
