@@ -1,1 +1,306 @@
+//! A lab for end-to-end tests: real `rendezvous`, `p2pd` and `p2pctl`
+//! processes on loopback, each lab in its own temporary directory with
+//! its own ports and sockets.
+//!
+//! The binaries are the ones `cargo test --workspace` builds next to the
+//! test executable (`target/<profile>/`). Every process is killed when the
+//! lab is dropped; when a test fails, the lab prints every process's log.
 
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Where cargo put the binaries: the parent of the `deps` directory that
+/// holds this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// What a finished `p2pctl` run gave.
+#[derive(Debug)]
+pub struct Output {
+    pub args: Vec<String>,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Asserts success and returns stdout.
+    #[track_caller]
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "p2pctl {:?} failed: {self:#?}", self.args);
+        &self.stdout
+    }
+
+    /// Asserts the exit code.
+    #[track_caller]
+    pub fn fails_with(&self, code: i32) -> &str {
+        assert_eq!(self.code, code, "p2pctl {:?}: {self:#?}", self.args);
+        &self.stderr
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("p2pctl {:?} printed no JSON ({e}): {self:#?}", self.args))
+    }
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub server: Option<String>,
+    procs: Vec<Proc>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        // Short: Unix socket paths must stay under ~100 bytes.
+        let dir = std::env::temp_dir().join(format!("p2p-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("lab directory");
+        Lab {
+            dir,
+            server: None,
+            procs: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self, name: &str, program: &Path, args: &[String]) {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info,proto=debug")
+            .env_remove("P2PD_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        self.procs.retain(|p| p.name != name);
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        });
+    }
+
+    /// Starts the rendezvous server on `addr` (port 0 on first start) and
+    /// waits for its banner to learn the address.
+    pub fn start_rendezvous(&mut self) {
+        let listen = self.server.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let log = self.dir.join("rendezvous.log");
+        let before = fs::read_to_string(&log).map(|s| s.len()).unwrap_or(0);
+        let args = vec![
+            "--listen".into(),
+            listen,
+            "--data-dir".into(),
+            self.dir.join("rendezvous").display().to_string(),
+        ];
+        self.spawn("rendezvous", &bin("rendezvous"), &args);
+        let addr = self.wait_for("rendezvous banner", Duration::from_secs(20), |lab| {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            text.get(before..)
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.split("listening on ").nth(1))
+                        .map(|rest| rest.split(',').next().unwrap_or("").to_owned())
+                })
+                .filter(|_| lab.running("rendezvous"))
+        });
+        self.server = Some(addr);
+    }
+
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    /// Starts a daemon called `name` (its data dir and socket are named
+    /// after it) and waits until its control socket answers.
+    pub fn start_daemon(&mut self, name: &str) {
+        let server = self.server.clone().expect("rendezvous started first");
+        let args = vec![
+            "--server".into(),
+            server,
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            self.dir.join(name).display().to_string(),
+            "--socket".into(),
+            self.socket(name).display().to_string(),
+            // Fast heartbeats: a restarted server is noticed in seconds.
+            "--heartbeat".into(),
+            "1".into(),
+        ];
+        self.spawn(name, &bin("p2pd"), &args);
+        self.wait_for("daemon control socket", Duration::from_secs(20), |lab| {
+            (lab.ctl(name, &["whoami"]).code == 0).then_some(())
+        });
+    }
+
+    pub fn running(&mut self, name: &str) -> bool {
+        self.procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// Stops a process with SIGTERM, as systemd would, and waits for it.
+    pub fn stop(&mut self, name: &str) -> i32 {
+        let p = self
+            .procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let _ = Command::new("kill")
+            .args(["-TERM", &p.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = p.child.kill();
+                panic!("{name} did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `p2pctl --socket <name's socket> args...`.
+    pub fn ctl(&self, name: &str, args: &[&str]) -> Output {
+        self.ctl_stdin(name, args, None)
+    }
+
+    pub fn ctl_stdin(&self, name: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(bin("p2pctl"));
+        cmd.arg("--socket")
+            .arg(self.socket(name))
+            .args(args)
+            .env_remove("P2PD_SOCKET")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start p2pctl");
+        if let Some(bytes) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            let bytes = bytes.to_vec();
+            // Write from a thread: p2pctl may answer before reading all.
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&bytes);
+            });
+        }
+        let out = child.wait_with_output().expect("p2pctl output");
+        Output {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Starts `p2pctl --json watch` for `name`, its output going to a file
+    /// read by [`Lab::watched`].
+    pub fn watch(&mut self, name: &str) {
+        let args = vec![
+            "--socket".into(),
+            self.socket(name).display().to_string(),
+            "--json".into(),
+            "watch".into(),
+        ];
+        self.spawn(&format!("watch-{name}"), &bin("p2pctl"), &args);
+    }
+
+    /// The events a watcher printed so far.
+    pub fn watched(&self, name: &str) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.dir.join(format!("watch-{name}.log")))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Polls `f` every 50 ms until it gives a value; fails the test with
+    /// every log after `limit`. (A wait with a generous limit, not a
+    /// timing assertion.)
+    #[track_caller]
+    pub fn wait_for<T>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut f: impl FnMut(&mut Lab) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("waited {limit:?} for {what}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in &self.procs {
+            let text = fs::read_to_string(&p.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(80).collect();
+            s.push_str(&format!("----- {} ({}) -----\n", p.name, p.log.display()));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+            eprintln!("lab kept at {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The core capability end to end: a real rendezvous server and two real
+//! daemons on loopback, driven only through `p2pctl`.
+
+use e2e::Lab;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn incoming_texts(lab: &Lab, daemon: &str, peer: &str) -> Vec<String> {
+    let out = lab.ctl(daemon, &["--json", "history", peer, "-n", "5000"]);
+    out.json()
+        .as_array()
+        .expect("history is a list")
+        .iter()
+        .filter(|m| m["direction"] == "in")
+        .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
+    let mut lab = Lab::new("chat");
+    lab.start_rendezvous();
+    lab.start_daemon("a");
+    lab.start_daemon("b");
+
+    // Register, and a name that is taken.
+    let reg = lab.ctl("a", &["--json", "register", "alice"]);
+    let alice_fp = reg.json()["fingerprint"].as_str().unwrap().to_owned();
+    lab.ctl("b", &["register", "bob"]).ok();
+    let taken = lab.ctl("b", &["register", "alice"]);
+    assert!(taken.fails_with(6).contains("another key"), "{taken:?}");
+    let bad = lab.ctl("b", &["register", "no spaces"]);
+    bad.fails_with(2);
+
+    // Both are listed, with the fingerprints they show themselves.
+    let bob_fp = lab.ctl("b", &["--json", "whoami"]).json()["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let users = lab.ctl("a", &["--json", "users"]).json();
+    let listed: Vec<(String, String)> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["name"].as_str().unwrap().into(),
+                u["fingerprint"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("alice".into(), alice_fp.clone()),
+            ("bob".into(), bob_fp.clone())
+        ]
+    );
+
+    // Unknown users and unconnected peers fail clearly.
+    lab.ctl("a", &["connect", "nobody"]).fails_with(4);
+    let not = lab.ctl("a", &["send", "bob", "too early"]);
+    assert!(not.fails_with(5).contains("p2pctl connect bob"), "{not:?}");
+
+    lab.watch("b");
+    lab.wait_for("bob's watcher", WAIT, |lab| {
+        (!lab.watched("b").is_empty() || lab.running("watch-b")).then_some(())
+    });
+
+    // bob declines once.
+    let a_dir = lab.socket("a");
+    let connect = std::thread::spawn({
+        let dir = a_dir.clone();
+        move || run_ctl(&dir, &["connect", "bob"])
+    });
+    lab.wait_for("alice's request at bob", WAIT, |lab| {
+        let peers = lab.ctl("b", &["--json", "peers"]).json();
+        (peers["requests"][0]["name"] == "alice").then_some(())
+    });
+    assert!(lab
+        .watched("b")
+        .iter()
+        .any(|e| e["event"] == "connect_request" && e["fingerprint"] == alice_fp.as_str()));
+    lab.ctl("b", &["decline", "alice"]).ok();
+    let (code, _, stderr) = connect.join().unwrap();
+    assert_eq!(code, 6, "declined connect: {stderr}");
+    assert!(stderr.contains("declined"), "{stderr}");
+    lab.ctl("b", &["decline", "alice"]).fails_with(5);
+
+    // Then accepts.
+    let connect = std::thread::spawn({
+        let dir = a_dir.clone();
+        move || run_ctl(&dir, &["--json", "connect", "bob"])
+    });
+    lab.wait_for("alice's second request", WAIT, |lab| {
+        let peers = lab.ctl("b", &["--json", "peers"]).json();
+        (peers["requests"][0]["name"] == "alice").then_some(())
+    });
+    let accepted = lab.ctl("b", &["--json", "accept", "alice"]).json();
+    assert_eq!(accepted["fingerprint"], alice_fp.as_str());
+    let (code, stdout, stderr) = connect.join().unwrap();
+    assert_eq!(code, 0, "connect: {stderr}");
+    let connected: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(connected["fingerprint"], bob_fp.as_str());
+
+    // Messages both ways.
+    lab.ctl("a", &["send", "bob", "hello", "bob"]).ok();
+    lab.ctl_stdin("b", &["send", "alice"], Some(b"hi alice\n"))
+        .ok();
+    lab.wait_for("bob's reply", WAIT, |lab| {
+        (incoming_texts(lab, "a", "bob") == ["hi alice"]).then_some(())
+    });
+
+    // A thousand piped lines: all delivered, once, in order.
+    let lines: String = (1..=1000).map(|i| format!("line {i}\n")).collect();
+    let sent = lab.ctl_stdin("a", &["send", "bob"], Some(lines.as_bytes()));
+    assert!(sent.ok().contains("sent 1000 messages"), "{sent:?}");
+    let mut expect = vec!["hello bob".to_string()];
+    expect.extend((1..=1000).map(|i| format!("line {i}")));
+    lab.wait_for("1000 lines at bob", WAIT, |lab| {
+        (incoming_texts(lab, "b", "alice").len() >= expect.len()).then_some(())
+    });
+    assert_eq!(incoming_texts(&lab, "b", "alice"), expect);
+    // The watcher saw the same stream.
+    let streamed: Vec<String> = lab
+        .watched("b")
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(streamed, expect);
+    // And alice's side knows they were delivered.
+    lab.wait_for("acknowledgements at alice", WAIT, |lab| {
+        let h = lab
+            .ctl("a", &["--json", "history", "bob", "-n", "5000"])
+            .json();
+        h.as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["direction"] == "out")
+            .all(|m| m["state"] == "delivered")
+            .then_some(())
+    });
+
+    // Ping, close, and what a closed session says.
+    let ping = lab.ctl("a", &["--json", "ping", "bob"]).json();
+    assert!(ping["rtt_ms"].as_f64().unwrap() >= 0.0);
+    lab.ctl("a", &["close", "bob"]).ok();
+    lab.ctl("a", &["ping", "bob"]).fails_with(5);
+    lab.wait_for("bob sees the close", WAIT, |lab| {
+        lab.watched("b")
+            .iter()
+            .any(|e| e["event"] == "peer_down")
+            .then_some(())
+    });
+
+    // bob's daemon stops; alice queues; bob comes back and gets them.
+    assert_eq!(lab.stop("b"), 0, "p2pd exits 0 on SIGTERM");
+    assert!(!lab.socket("b").exists(), "the control socket is removed");
+    for i in 1..=3 {
+        let q = lab
+            .ctl("a", &["--json", "send", "bob", &format!("queued {i}")])
+            .json();
+        assert_eq!(q["queued"], true);
+    }
+    lab.start_daemon("b");
+    lab.wait_for(
+        "queued messages at restarted bob",
+        Duration::from_secs(60),
+        |lab| {
+            let got = incoming_texts(lab, "b", "alice");
+            (got.len() >= expect.len() + 3).then_some(got)
+        },
+    );
+    let mut expect_all = expect.clone();
+    expect_all.extend((1..=3).map(|i| format!("queued {i}")));
+    assert_eq!(incoming_texts(&lab, "b", "alice"), expect_all);
+
+    // The rendezvous restarts; both daemons log in again by themselves.
+    assert_eq!(lab.stop("rendezvous"), 0);
+    lab.wait_for("daemons notice the server is gone", WAIT, |lab| {
+        let s = lab.ctl("a", &["--json", "whoami"]).json();
+        (s["server_state"] != "logged_in").then_some(())
+    });
+    lab.start_rendezvous();
+    lab.wait_for("both logged in again", Duration::from_secs(60), |lab| {
+        let a = lab.ctl("a", &["--json", "whoami"]).json();
+        let b = lab.ctl("b", &["--json", "whoami"]).json();
+        (a["server_state"] == "logged_in" && b["server_state"] == "logged_in").then_some(())
+    });
+    let users = lab.ctl("b", &["--json", "users"]).json();
+    assert_eq!(users.as_array().unwrap().len(), 2, "{users}");
+}
+
+/// `p2pctl` from another thread: (exit code, stdout, stderr).
+fn run_ctl(socket: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(e2e::bin("p2pctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("p2pctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
