@@ -490,7 +490,8 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
         } else {
             String::new()
         };
-        out(&format!("sent {sent} messages to {name}{extra}"))?;
+        let noun = if sent == 1 { "message" } else { "messages" };
+        out(&format!("sent {sent} {noun} to {name}{extra}"))?;
     }
     Ok(())
 }

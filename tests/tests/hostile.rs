@@ -1,0 +1,125 @@
+//! Hostile input at the edges of the real processes: garbage on the
+//! control socket and on the UDP ports gets an error or a counted drop,
+//! and everything keeps working.
+
+use e2e::Lab;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+fn request(
+    stream: &mut UnixStream,
+    reader: &mut BufReader<UnixStream>,
+    line: &[u8],
+) -> serde_json::Value {
+    stream.write_all(line).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+#[test]
+fn garbage_gets_errors_and_the_daemons_keep_working() {
+    let mut lab = Lab::new("hostile");
+    lab.start_rendezvous();
+    lab.start_daemon("a");
+    lab.ctl("a", &["register", "alice"]).ok();
+
+    // The control socket: every bad line gets a structured error with the
+    // request's id when it has one; the connection stays usable.
+    let mut stream = UnixStream::connect(lab.socket("a")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for (line, id) in [
+        (&b"{"[..], 0),
+        (b"[1,2,3]", 0),
+        (b"{\"id\":7,\"cmd\":\"launch_missiles\"}", 7),
+        (b"{\"id\":8,\"cmd\":\"send\",\"peer\":\"bob\"}", 8),
+        (b"\xff\xfe not utf-8", 0),
+    ] {
+        let r = request(&mut stream, &mut reader, line);
+        assert_eq!(r["ok"], false, "{r}");
+        assert_eq!(r["error"]["code"], "bad_request", "{r}");
+        assert_eq!(r["id"], id, "{r}");
+    }
+    let r = request(
+        &mut stream,
+        &mut reader,
+        b"{\"id\":9,\"cmd\":\"send\",\"peer\":\"../etc\",\"text\":\"x\"}",
+    );
+    assert_eq!(r["error"]["code"], "invalid_argument", "{r}");
+    let long = "x".repeat(2000);
+    let line = format!("{{\"id\":10,\"cmd\":\"send\",\"peer\":\"bob\",\"text\":\"{long}\"}}");
+    let r = request(&mut stream, &mut reader, line.as_bytes());
+    assert_eq!(r["error"]["code"], "invalid_argument", "{r}");
+    let r = request(&mut stream, &mut reader, b"{\"id\":11,\"cmd\":\"whoami\"}");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["name"], "alice");
+    // An endless line is refused, and the daemon still answers others.
+    let huge = vec![b'a'; 100 * 1024];
+    stream.write_all(&huge).unwrap();
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    assert!(answer.contains("longer than"), "{answer}");
+    drop(stream);
+
+    // UDP garbage at the daemon's and the server's ports.
+    let whoami = lab.ctl("a", &["--json", "whoami"]).json();
+    let server: std::net::SocketAddr = lab.server.clone().unwrap().parse().unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let daemon_port = lab
+        .logs()
+        .lines()
+        .find_map(|l| {
+            l.split(", udp ")
+                .nth(1)
+                .map(|r| r.split(',').next().unwrap().to_owned())
+        })
+        .expect("daemon banner with its UDP address");
+    let daemon: std::net::SocketAddr = daemon_port.parse().unwrap();
+    for junk in [
+        &[][..],
+        &[1][..],
+        &[1, 4, 0, 0, 0, 0][..],
+        &[0xff; 1400][..],
+        &[1, 1, 0, 0, 0, 1][..],
+    ] {
+        udp.send_to(junk, server).unwrap();
+        udp.send_to(junk, daemon).unwrap();
+    }
+    // Both still serve: the user list comes from the server through the
+    // daemon.
+    let users = lab.ctl("a", &["--json", "users"]).json();
+    assert_eq!(users[0]["name"], "alice", "{users}");
+    assert_eq!(
+        lab.ctl("a", &["--json", "whoami"]).json()["fingerprint"],
+        whoami["fingerprint"]
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_to_start() {
+    let mut lab = Lab::new("twice");
+    lab.start_rendezvous();
+    lab.start_daemon("a");
+    let out = std::process::Command::new(e2e::bin("p2pd"))
+        .args([
+            "--server",
+            lab.server.as_deref().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(lab.dir.join("a2"))
+        .arg("--socket")
+        .arg(lab.socket("a"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    // The first one is unharmed.
+    lab.ctl("a", &["whoami"]).ok();
+}
