@@ -575,6 +575,7 @@ impl Daemon {
                 json(&serde_json::json!({ "peer": peer }))
             }
             Command::Watch => {
+                tracing::info!(conn, "CONTROL(WATCH)");
                 self.watchers.insert(conn, out.clone());
                 json(&serde_json::json!({ "watching": true }))
             }

@@ -240,7 +240,19 @@ impl Lab {
             "--json".into(),
             "watch".into(),
         ];
+        let log = self.dir.join(format!("{name}.log"));
+        let count = || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("CONTROL(WATCH)")
+                .count()
+        };
+        let before = count();
         self.spawn(&format!("watch-{name}"), &bin("p2pctl"), &args);
+        // Events before the subscription are not replayed: wait for it.
+        self.wait_for("the watcher to subscribe", Duration::from_secs(20), |_| {
+            (count() > before).then_some(())
+        });
     }
 
     /// The events a watcher printed so far.

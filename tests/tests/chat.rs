@@ -64,9 +64,6 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
     assert!(not.fails_with(5).contains("p2pctl connect bob"), "{not:?}");
 
     lab.watch("b");
-    lab.wait_for("bob's watcher", WAIT, |lab| {
-        (!lab.watched("b").is_empty() || lab.running("watch-b")).then_some(())
-    });
 
     // bob declines once.
     let a_dir = lab.socket("a");
@@ -78,10 +75,12 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
         let peers = lab.ctl("b", &["--json", "peers"]).json();
         (peers["requests"][0]["name"] == "alice").then_some(())
     });
-    assert!(lab
-        .watched("b")
-        .iter()
-        .any(|e| e["event"] == "connect_request" && e["fingerprint"] == alice_fp.as_str()));
+    lab.wait_for("the request in bob's event stream", WAIT, |lab| {
+        lab.watched("b")
+            .iter()
+            .any(|e| e["event"] == "connect_request" && e["fingerprint"] == alice_fp.as_str())
+            .then_some(())
+    });
     lab.ctl("b", &["decline", "alice"]).ok();
     let (code, _, stderr) = connect.join().unwrap();
     assert_eq!(code, 6, "declined connect: {stderr}");
@@ -123,12 +122,17 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
     });
     assert_eq!(incoming_texts(&lab, "b", "alice"), expect);
     // The watcher saw the same stream.
-    let streamed: Vec<String> = lab
-        .watched("b")
-        .iter()
-        .filter(|e| e["event"] == "message")
-        .map(|e| e["text"].as_str().unwrap().to_owned())
-        .collect();
+    let watched_messages = |lab: &Lab| -> Vec<String> {
+        lab.watched("b")
+            .iter()
+            .filter(|e| e["event"] == "message")
+            .map(|e| e["text"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let streamed = lab.wait_for("1000 lines in bob's event stream", WAIT, |lab| {
+        let m = watched_messages(lab);
+        (m.len() >= expect.len()).then_some(m)
+    });
     assert_eq!(streamed, expect);
     // And alice's side knows they were delivered.
     lab.wait_for("acknowledgements at alice", WAIT, |lab| {
