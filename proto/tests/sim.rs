@@ -55,6 +55,9 @@ struct Sim {
     link: Link,
     rng: rand::rngs::StdRng,
     stalls: u32,
+    /// Drop everything between the two nodes (a NAT pair that defeats
+    /// hole punching).
+    block_peers: bool,
 }
 
 fn node_config(server: SocketAddr) -> NodeConfig {
@@ -89,6 +92,7 @@ impl Sim {
             link,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             stalls: 0,
+            block_peers: false,
         };
         for i in 0..2 {
             let id = Identity::generate();
@@ -107,6 +111,9 @@ impl Sim {
     }
 
     fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
+        if self.block_peers && self.addrs.contains(&from) && self.addrs.contains(&to) {
+            return;
+        }
         if self.rng.gen_bool(self.link.loss) {
             return;
         }
@@ -517,4 +524,52 @@ fn server_sends_no_reply_larger_than_an_unproven_request() {
     server.handle_datagram(now, from, &[1, 2, 3], &mut store);
     assert!(server.poll_transmit().is_none());
     assert_eq!(server.stats().malformed, 1);
+}
+
+#[test]
+fn a_changed_server_key_is_refused_loudly() {
+    let mut sim = Sim::new(9, Link::clean());
+    // Both learn the server's key on first use.
+    sim.register_both();
+    sim.take_events(0);
+    sim.take_events(1);
+    // The server comes back with different keys (an impostor, or a lost
+    // key file): the nodes must not log in to it.
+    sim.server = Some(Server::new(
+        Identity::generate(),
+        ServerConfig::default(),
+        9,
+    ));
+    sim.run_until(Duration::from_secs(120), |s| {
+        (0..2).all(|i| {
+            s.has_event(i, |e| matches!(e, NodeEvent::ServerKeyMismatch { .. }))
+                && s.nodes[i].as_ref().unwrap().link_state() == LinkState::KeyMismatch
+        })
+    });
+    // Refused for good: no login happened, and the nodes stopped trying
+    // (nothing left to wake them) until the user re-pins the key.
+    for i in 0..2 {
+        assert!(!sim.has_event(i, |e| matches!(e, NodeEvent::LoggedIn { .. })));
+        assert_eq!(sim.nodes[i].as_ref().unwrap().poll_timeout(), None);
+    }
+    assert!(sim.server.as_ref().unwrap().active_users().is_empty());
+}
+
+#[test]
+fn punching_that_finds_no_path_fails_clearly() {
+    let mut sim = Sim::new(10, Link::clean());
+    sim.register_both();
+    sim.block_peers = true;
+    let now = sim.now;
+    sim.node(0).connect(now, "bob");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(1, |e| matches!(e, NodeEvent::ConnectRequest { .. }))
+    });
+    let now = sim.now;
+    sim.node(1).answer(now, "alice", true).unwrap();
+    sim.run_until(Duration::from_secs(120), |s| {
+        s.has_event(0, |e| matches!(e, NodeEvent::PeerDown { name, reason } if name == "bob" && reason.contains("punching")))
+    });
+    assert!(!sim.node(0).is_up("bob"));
+    assert!(!sim.has_event(0, |e| matches!(e, NodeEvent::PeerUp { .. })));
 }

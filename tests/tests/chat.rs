@@ -195,6 +195,9 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
     });
     let users = lab.ctl("b", &["--json", "users"]).json();
     assert_eq!(users.as_array().unwrap().len(), 2, "{users}");
+    // And a login on request works too.
+    let login = lab.ctl("a", &["login"]);
+    assert!(login.ok().starts_with("logged in as alice"), "{login:?}");
 }
 
 /// `p2pctl` from another thread: (exit code, stdout, stderr).

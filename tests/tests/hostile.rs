@@ -123,3 +123,26 @@ fn a_second_daemon_on_the_same_socket_refuses_to_start() {
     // The first one is unharmed.
     lab.ctl("a", &["whoami"]).ok();
 }
+
+#[test]
+fn a_rendezvous_with_another_key_is_refused_and_the_user_told() {
+    let mut lab = Lab::new("impostor");
+    lab.start_rendezvous();
+    lab.start_daemon("a");
+    lab.ctl("a", &["register", "alice"]).ok();
+    // The server at the same address comes back with a new key.
+    assert_eq!(lab.stop("rendezvous"), 0);
+    std::fs::remove_dir_all(lab.dir.join("rendezvous")).unwrap();
+    lab.start_rendezvous();
+    lab.wait_for(
+        "the daemon to refuse the new key",
+        Duration::from_secs(60),
+        |lab| {
+            let s = lab.ctl("a", &["--json", "whoami"]).json();
+            (s["server_state"] == "key_mismatch").then_some(())
+        },
+    );
+    let users = lab.ctl("a", &["users"]);
+    assert!(users.fails_with(6).contains("key changed"), "{users:?}");
+    assert!(lab.logs().contains("REFUSING the rendezvous server"));
+}
