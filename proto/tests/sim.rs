@@ -573,3 +573,44 @@ fn punching_that_finds_no_path_fails_clearly() {
     assert!(!sim.node(0).is_up("bob"));
     assert!(!sim.has_event(0, |e| matches!(e, NodeEvent::PeerUp { .. })));
 }
+
+#[test]
+fn a_long_session_rekeys_without_dropping_a_message() {
+    for (seed, link) in [(11, Link::clean()), (12, Link::bad())] {
+        let mut sim = Sim::new(seed, link);
+        sim.register_both();
+        sim.connect();
+        // Ten minutes: five rekeys at REKEY_AFTER_TIME (120 s), with chat
+        // in both directions throughout.
+        let mut seq = 0;
+        let start = sim.now;
+        while sim.now < start + Duration::from_secs(600) {
+            let now = sim.now;
+            sim.node(0).send_message(now, "bob", msg(seq));
+            sim.node(1).send_message(now, "alice", msg(seq));
+            seq += 1;
+            let t = sim.now;
+            sim.run_until(Duration::from_secs(10), |s| {
+                s.now >= t + Duration::from_secs(7)
+            });
+        }
+        sim.run_until(Duration::from_secs(120), |s| {
+            s.delivered(1, "alice").len() as u64 >= seq && s.delivered(0, "bob").len() as u64 >= seq
+        });
+        let expect: Vec<Vec<u8>> = (0..seq).map(|s| msg(s).body).collect();
+        assert_eq!(sim.delivered(1, "alice"), expect, "seed {seed}");
+        assert_eq!(sim.delivered(0, "bob"), expect, "seed {seed}");
+        // Keys expire at REJECT_AFTER_TIME (180 s): a session still up after
+        // 600 s has rekeyed, more than once.
+        for i in 0..2 {
+            assert!(
+                !sim.has_event(i, |e| matches!(e, NodeEvent::PeerDown { .. })),
+                "seed {seed}: node {i} lost the session: {:?}",
+                sim.events[i]
+                    .iter()
+                    .filter(|e| matches!(e, NodeEvent::PeerDown { .. }))
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+}
