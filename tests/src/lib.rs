@@ -195,6 +195,17 @@ impl Lab {
         }
     }
 
+    /// Kills a process with SIGKILL (a crash: no cleanup runs).
+    pub fn kill(&mut self, name: &str) {
+        let p = self
+            .procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+
     /// Runs `p2pctl --socket <name's socket> args...`.
     pub fn ctl(&self, name: &str, args: &[&str]) -> Output {
         self.ctl_stdin(name, args, None)

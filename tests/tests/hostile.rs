@@ -146,3 +146,48 @@ fn a_rendezvous_with_another_key_is_refused_and_the_user_told() {
     assert!(users.fails_with(6).contains("key changed"), "{users:?}");
     assert!(lab.logs().contains("REFUSING the rendezvous server"));
 }
+
+/// The control socket is the user's alone: even with its mode opened up,
+/// another uid gets no answer (peer credentials). Needs root to act as
+/// another user; CI runs as root.
+#[test]
+fn another_user_gets_nothing_from_the_control_socket() {
+    if euid() != 0 {
+        eprintln!("SKIPPED: needs root to connect as another user");
+        return;
+    }
+    let mut lab = Lab::new("cred");
+    lab.start_rendezvous();
+    lab.start_daemon("a");
+    let mode = std::fs::metadata(lab.socket("a")).unwrap().permissions();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.mode() & 0o777, 0o600, "socket mode");
+    // Open it up, so only the credential check stands in the way.
+    std::fs::set_permissions(&lab.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(lab.socket("a"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(e2e::bin("p2pctl"))
+        .arg("--socket")
+        .arg(lab.socket("a"))
+        .arg("whoami")
+        .output()
+        .expect("setpriv");
+    assert_ne!(out.status.code(), Some(0), "another user was answered");
+    assert!(
+        lab.logs().contains("CONTROL(REFUSED_OTHER_USER)"),
+        "{}",
+        lab.logs()
+    );
+    // The owner still is.
+    lab.ctl("a", &["whoami"]).ok();
+}
+
+fn euid() -> u32 {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(u32::MAX)
+}
