@@ -7,6 +7,13 @@
 //! buffers what arrives early, drops duplicates and acknowledges
 //! cumulatively (`upto`) plus selectively (`sacks`).
 //!
+//! Only the cumulative acknowledgement lets the sender forget a message.
+//! A selective one is advisory, as in TCP (RFC 2018 allows the receiver to
+//! renege): it stops retransmission, but the message stays in flight until
+//! `upto` passes it, because the receiver holds it in memory only, undelivered
+//! and unstored, and a receiver that restarts before the gap fills has lost
+//! it. A new session ([`Reliable::path_changed`]) forgets all SACK marks.
+//!
 //! This state belongs to the peer, not to one session: it lives across
 //! session restarts, and [`Reliable::path_changed`] resends what was in
 //! flight on the new path at once.
@@ -36,6 +43,8 @@ struct InFlight {
     msg: Outgoing,
     sent_at: Instant,
     retransmitted: bool,
+    /// Selectively acknowledged: not retransmitted while the session lasts.
+    sacked: bool,
     deadline: Instant,
 }
 
@@ -129,7 +138,11 @@ impl Reliable {
             });
         }
         let base = self.base();
-        if let Some(f) = self.inflight.values_mut().find(|f| f.deadline <= now) {
+        if let Some(f) = self
+            .inflight
+            .values_mut()
+            .find(|f| !f.sacked && f.deadline <= now)
+        {
             f.retransmitted = true;
             f.sent_at = now;
             f.deadline = now + self.rto;
@@ -147,6 +160,7 @@ impl Reliable {
                         msg,
                         sent_at: now,
                         retransmitted: false,
+                        sacked: false,
                         deadline: now + self.rto,
                     },
                 );
@@ -157,7 +171,11 @@ impl Reliable {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.inflight.values().map(|f| f.deadline).min()
+        self.inflight
+            .values()
+            .filter(|f| !f.sacked)
+            .map(|f| f.deadline)
+            .min()
     }
 
     /// The path changed or a new session came up: resend what was in
@@ -167,6 +185,8 @@ impl Reliable {
         self.srtt = None;
         for f in self.inflight.values_mut() {
             f.deadline = now;
+            // The peer may have restarted and lost what it held early.
+            f.sacked = false;
         }
     }
 
@@ -197,17 +217,26 @@ impl Reliable {
     }
 
     pub fn handle_ack(&mut self, now: Instant, upto: u64, sacks: &[u64]) {
-        let mut acked: Vec<u64> = self.inflight.range(..upto).map(|(s, _)| *s).collect();
-        acked.extend(sacks.iter().filter(|s| self.inflight.contains_key(s)));
-        acked.sort_unstable();
-        acked.dedup();
+        let acked: Vec<u64> = self.inflight.range(..upto).map(|(s, _)| *s).collect();
         for seq in acked {
             let f = self.inflight.remove(&seq).expect("listed");
             // Karn's rule: no RTT sample from a retransmitted message.
-            if !f.retransmitted {
+            if !f.retransmitted && !f.sacked {
                 self.sample_rtt(now.saturating_duration_since(f.sent_at));
             }
             self.events.push_back(ReliableEvent::Acked { seq });
+        }
+        let mut samples = Vec::new();
+        for seq in sacks {
+            if let Some(f) = self.inflight.get_mut(seq) {
+                if !f.sacked && !f.retransmitted {
+                    samples.push(now.saturating_duration_since(f.sent_at));
+                }
+                f.sacked = true;
+            }
+        }
+        for r in samples {
+            self.sample_rtt(r);
         }
     }
 
@@ -401,7 +430,50 @@ mod tests {
         while a.poll_packet(now).is_some() {
             more += 1;
         }
-        assert_eq!(more, 11);
+        // Only the cumulative acknowledgement frees window space.
+        assert_eq!(more, 10);
+    }
+
+    #[test]
+    fn selectively_acked_messages_survive_a_receiver_restart() {
+        let mut a = Reliable::new(0);
+        for s in 0..3 {
+            a.push(out(s));
+        }
+        let now = Instant::now();
+        let mut b = Reliable::new(0);
+        // Message 0 is lost; 1 and 2 arrive early and are SACKed.
+        let _lost = a.poll_packet(now).unwrap();
+        for _ in 0..2 {
+            let p = a.poll_packet(now).unwrap();
+            apply(&mut b, now, p);
+        }
+        let ack = b.poll_packet(now).unwrap();
+        apply(&mut a, now, ack);
+        assert_eq!(
+            a.pending(),
+            3,
+            "SACKed messages stay until cumulatively acked"
+        );
+        assert!(std::iter::from_fn(|| a.poll_event()).next().is_none());
+        // The receiver restarts with nothing stored; a new session.
+        let mut b = Reliable::new(0);
+        let later = now + Duration::from_millis(50);
+        a.path_changed(later);
+        let mut delivered = Vec::new();
+        for _ in 0..10 {
+            while let Some(p) = a.poll_packet(later) {
+                apply(&mut b, later, p);
+            }
+            while let Some(p) = b.poll_packet(later) {
+                apply(&mut a, later, p);
+            }
+            while let Some(ReliableEvent::Delivered { seq, .. }) = b.poll_event() {
+                delivered.push(seq);
+            }
+        }
+        assert_eq!(delivered, vec![0, 1, 2]);
+        assert_eq!(a.pending(), 0);
     }
 
     #[test]
