@@ -677,6 +677,12 @@ impl Node {
                         });
                     }
                     PeerEvent::Down { reason } => down = Some(reason),
+                    PeerEvent::Interrupted { reason } => {
+                        self.events.push_back(NodeEvent::PeerDown {
+                            name: name.to_owned(),
+                            reason,
+                        })
+                    }
                     PeerEvent::PathChanged { endpoint } => {
                         e.last_endpoint = Some(endpoint);
                         e.reliable.path_changed(now);

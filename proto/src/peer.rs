@@ -72,6 +72,10 @@ pub enum PeerEvent {
     Up { endpoint: SocketAddr },
     /// The session ended; `reason` says why, for the user.
     Down { reason: String },
+    /// The session stopped carrying data but this machine is already
+    /// handshaking again (the peer restarted): down for the user, not
+    /// over. `Up` or `Down` follows.
+    Interrupted { reason: String },
     /// The peer's packets now come from another address.
     PathChanged { endpoint: SocketAddr },
     /// An answer to [`PeerSession::ping`].
@@ -655,6 +659,9 @@ impl PeerSession {
                 e.previous_confirmed = e.confirmed;
                 e.dst = from;
                 e.confirmed = confirmed;
+                // New keys are in: a rekey of ours still under way (we
+                // yielded in a crossed handshake) would only replace them.
+                e.rekey = None;
                 e.last_rx = now;
             }
             _ => {
@@ -697,7 +704,7 @@ impl PeerSession {
             self.state = State::Handshaking(Box::new(hs));
             if self.up {
                 self.up = false;
-                self.events.push_back(PeerEvent::Down {
+                self.events.push_back(PeerEvent::Interrupted {
                     reason: "the peer restarted; reconnecting".into(),
                 });
             }

@@ -507,8 +507,9 @@ impl Server {
             | ServerToClient::Failed { rid, .. }
             | ServerToClient::UserList { rid, .. }
             | ServerToClient::ConnectPending { rid, .. }
-            | ServerToClient::Pong { rid, .. }
             | ServerToClient::Ok { rid } => Some(*rid),
+            // A ping is harmless to run twice: heartbeats must not push
+            // the answers that matter out of the cache.
             _ => None,
         };
         if let (Some(rid), Some(s)) = (rid, self.sessions.get_mut(&index)) {

@@ -614,3 +614,32 @@ fn a_long_session_rekeys_without_dropping_a_message() {
         }
     }
 }
+
+#[test]
+fn a_peer_that_restarts_quickly_is_rejoined_directly() {
+    let mut sim = Sim::new(13, Link::clean());
+    sim.register_both();
+    sim.connect();
+    // bob's daemon restarts at once, with alice pinned from its database.
+    let now = sim.now;
+    let mut config = node_config(sim.server_addr);
+    config.client.name = Some("bob".into());
+    config.client.server_key = Some(sim.server_id.noise_public());
+    let mut bob = Node::new(sim.identities[1].clone(), config, now, 78);
+    bob.add_contact(now, "alice", sim.identities[0].public(), 0);
+    sim.nodes[1] = Some(bob);
+    sim.events[1].clear();
+    sim.take_events(0);
+    // alice's next message meets "session unknown", and she handshakes
+    // again straight to bob's address: no new introduction.
+    sim.node(0).send_message(now, "bob", msg(0));
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    assert!(sim.has_event(
+        0,
+        |e| matches!(e, NodeEvent::PeerDown { reason, .. } if reason.contains("restarted"))
+    ));
+    assert!(!sim.has_event(1, |e| matches!(e, NodeEvent::ConnectRequest { .. })));
+    assert!(sim.node(0).is_up("bob"));
+}
