@@ -11,7 +11,7 @@
 //! [`LinkEvent::Response`] with the same `rid`, or a timeout error.
 
 use crate::identity::{Identity, PublicIdentity};
-use crate::noise::{Handshake, Pattern, Transport};
+use crate::noise::{Handshake, Pattern, Transport, REKEY_AFTER_TIME};
 use crate::server::identity_payload;
 use crate::wire::{ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient};
 use crate::Transmit;
@@ -28,11 +28,16 @@ pub const HANDSHAKE_RETRY_MAX: Duration = Duration::from_secs(30);
 const IK_ATTEMPTS_BEFORE_PROBE: u32 = 3;
 /// Missed heartbeats after which the server is considered gone.
 const MISSED_HEARTBEATS: u32 = 3;
+/// Heartbeats per interval once one went unanswered.
+const HEARTBEAT_PROBES: u32 = 5;
 /// Most requests waiting for the link to come up.
 const MAX_QUEUED: usize = 256;
 /// A request without an answer is sent again after this long (the server
 /// answers a repeated `rid` from its memory instead of running it twice).
 const REQUEST_RESEND: Duration = Duration::from_millis(700);
+/// How often a lost XX third message is sent again before the link starts
+/// over with a new handshake.
+const MAX_FINISH_RESENDS: u8 = 3;
 /// Push ids remembered to drop repeats.
 const SEEN_PUSHES: usize = 64;
 
@@ -161,7 +166,14 @@ struct Established {
     login: Option<(u32, Instant, ClientToServer)>,
     last_rx: Instant,
     next_heartbeat: Instant,
-    seen_pushes: VecDeque<u32>,
+    /// This session replaced a logged-in one for a rekey: its login is
+    /// not news to the layers above.
+    quiet: bool,
+    /// XX's third message, kept until the server shows it has the session
+    /// (any authenticated packet from it): if it was lost, the server
+    /// answers our data with `SessionUnknown`, and we send it again
+    /// instead of starting over.
+    finish: Option<(Vec<u8>, u8)>,
 }
 
 pub struct ServerLink {
@@ -177,6 +189,12 @@ pub struct ServerLink {
     transmits: VecDeque<Transmit>,
     next_rid: u32,
     observed: Option<SocketAddr>,
+    /// A rekey handshake is under way (since the server was last heard
+    /// at this instant): the link counts as logged in meanwhile.
+    rekeying: Option<Instant>,
+    /// Notices already handled, across sessions: the server moves unacked
+    /// notices to the new session when we log in again after a rekey.
+    seen_pushes: VecDeque<u32>,
     rng: rand::rngs::StdRng,
 }
 
@@ -195,8 +213,18 @@ impl ServerLink {
             transmits: VecDeque::new(),
             next_rid: 1,
             observed: None,
+            rekeying: None,
+            seen_pushes: VecDeque::new(),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
+        .with_random_rids()
+    }
+
+    /// Request ids start at a random point, so that a restarted client's
+    /// ids do not meet the server's cached answers for its previous run.
+    fn with_random_rids(mut self) -> Self {
+        self.next_rid = self.rng.gen::<u32>().max(1);
+        self
     }
 
     pub fn server_addr(&self) -> SocketAddr {
@@ -218,6 +246,7 @@ impl ServerLink {
 
     pub fn state(&self) -> LinkState {
         match &self.state {
+            State::Handshaking { .. } if self.rekeying.is_some() => LinkState::LoggedIn,
             State::Idle { .. } | State::Handshaking { .. } => LinkState::Connecting,
             State::Established(e) if e.logged_in => LinkState::LoggedIn,
             State::Established(_) => LinkState::Connected,
@@ -248,10 +277,14 @@ impl ServerLink {
         let state = match &self.state {
             State::Idle { retry_at } => Some(*retry_at),
             State::Handshaking { retry_at, .. } => Some(*retry_at),
-            State::Established(e) => Some(match &e.login {
-                Some((_, at, _)) => e.next_heartbeat.min(*at),
-                None => e.next_heartbeat,
-            }),
+            State::Established(e) => {
+                let rekey = e.transport.created + REKEY_AFTER_TIME;
+                let t = e.next_heartbeat.min(rekey);
+                Some(match &e.login {
+                    Some((_, at, _)) => t.min(*at),
+                    None => t,
+                })
+            }
             State::KeyMismatch => None,
         };
         // Resends only happen on an established session; counting them
@@ -401,6 +434,11 @@ impl ServerLink {
 
     /// Exponential backoff with ±20 % jitter, reset after success.
     fn backoff(&mut self) -> Duration {
+        if self.rekeying.is_some() {
+            // A rekey on a working link: retry briskly, a lost packet is
+            // the likely cause.
+            return HANDSHAKE_RETRY_MIN.mul_f64(self.rng.gen_range(0.8..1.2));
+        }
         let exp = self.attempts.saturating_sub(1).min(8);
         let base = (HANDSHAKE_RETRY_MIN * 2u32.pow(exp)).min(HANDSHAKE_RETRY_MAX);
         base.mul_f64(self.rng.gen_range(0.8..1.2))
@@ -423,11 +461,15 @@ impl ServerLink {
             });
         }
         self.internal.retain(|_, d| *d > now);
-        if matches!(self.state, State::Established(_)) {
+        if let State::Established(e) = &self.state {
+            // Before the login, only a registration may go (anything else
+            // would be refused as "not logged in").
+            let logged_in = e.logged_in;
             let mut again = Vec::new();
             for r in self.inflight.values_mut() {
                 if let Some((at, msg)) = &mut r.resend {
-                    if *at <= now {
+                    let allowed = logged_in || matches!(msg, ClientToServer::Register { .. });
+                    if *at <= now && allowed {
                         *at = now + REQUEST_RESEND;
                         again.push(msg.clone());
                     }
@@ -442,6 +484,18 @@ impl ServerLink {
         match &mut self.state {
             State::Idle { retry_at } if *retry_at <= now => self.start_handshake(now),
             State::Handshaking { retry_at, .. } if *retry_at <= now => {
+                let silent_since = self.rekeying.filter(|heard| {
+                    now.saturating_duration_since(*heard)
+                        >= self.config.heartbeat * MISSED_HEARTBEATS
+                });
+                if silent_since.is_some() {
+                    // The rekey got no answer for as long as a heartbeat
+                    // may go unanswered: a lost link now, not lost packets.
+                    self.rekeying = None;
+                    self.events.push_back(LinkEvent::Disconnected {
+                        reason: "the rendezvous server stopped answering",
+                    });
+                }
                 if self.config.server_key.is_some()
                     && !self.probe_xx
                     && self.attempts >= IK_ATTEMPTS_BEFORE_PROBE
@@ -460,16 +514,28 @@ impl ServerLink {
                     self.send(msg);
                 }
             }
+            State::Established(e) if e.transport.wants_rekey(now) || e.transport.expired(now) => {
+                // A new handshake on the same link, as WireGuard does at
+                // REKEY_AFTER_TIME; the server moves our login's state to
+                // the new session, and nobody above notices.
+                tracing::debug!("LINK(REKEY)");
+                self.rekeying = e.logged_in.then_some(e.last_rx);
+                self.start_handshake(now);
+            }
             State::Established(e) if e.next_heartbeat <= now => {
                 let silent = now.saturating_duration_since(e.last_rx);
                 if silent >= self.config.heartbeat * MISSED_HEARTBEATS {
                     tracing::info!(?silent, "LINK(HEARTBEAT_TIMEOUT)");
                     self.link_down(now, "the rendezvous server stopped answering");
-                } else if e.transport.wants_rekey(now) {
-                    tracing::debug!("LINK(REKEY)");
-                    self.start_handshake(now);
                 } else {
-                    e.next_heartbeat = now + self.config.heartbeat;
+                    // The last heartbeat went unanswered: probe faster, so
+                    // a few lost packets do not look like a dead server.
+                    let interval = if silent >= self.config.heartbeat {
+                        self.config.heartbeat / HEARTBEAT_PROBES
+                    } else {
+                        self.config.heartbeat
+                    };
+                    e.next_heartbeat = now + interval;
                     let rid = self.fresh_rid();
                     self.internal.insert(rid, now + self.config.heartbeat);
                     self.send(ClientToServer::Ping { rid });
@@ -503,6 +569,22 @@ impl ServerLink {
             } => self.on_data(now, receiver, counter, ciphertext),
             Packet::SessionUnknown { receiver } => {
                 let ours = matches!(&self.state, State::Established(e) if e.transport.remote_index == receiver);
+                if let State::Established(e) = &mut self.state {
+                    if let Some((packet, tries)) =
+                        e.finish.as_mut().filter(|f| f.1 < MAX_FINISH_RESENDS)
+                    {
+                        if ours {
+                            *tries += 1;
+                            tracing::debug!("HANDSHAKE(FINISH_RESENT)");
+                            let payload = packet.clone();
+                            self.transmits.push_back(Transmit {
+                                dst: self.config.server,
+                                payload,
+                            });
+                            return;
+                        }
+                    }
+                }
                 if ours {
                     tracing::info!("LINK(SESSION_UNKNOWN)");
                     self.link_down(now, "the rendezvous server lost our session (restarted?)");
@@ -552,17 +634,20 @@ impl ServerLink {
         else {
             unreachable!("matched above");
         };
+        let mut finish = None;
         if hs.pattern == Pattern::XX {
             let Ok(msg3) = hs.write(&identity_payload(&self.identity.public())) else {
                 return;
             };
+            let packet = Packet::HandshakeFinish {
+                receiver: sender,
+                noise: &msg3,
+            }
+            .encode();
+            finish = Some((packet.clone(), 0));
             self.transmits.push_back(Transmit {
                 dst: self.config.server,
-                payload: Packet::HandshakeFinish {
-                    receiver: sender,
-                    noise: &msg3,
-                }
-                .encode(),
+                payload: packet,
             });
         }
         let Ok(transport) = hs.into_transport(local_index, sender, now) else {
@@ -579,13 +664,19 @@ impl ServerLink {
             login: None,
             last_rx: now,
             next_heartbeat: now + self.config.heartbeat,
-            seen_pushes: VecDeque::new(),
+            quiet: self.rekeying.take().is_some(),
+            finish,
         }));
-        tracing::info!("LINK(CONNECTED)");
-        self.events.push_back(LinkEvent::Connected {
-            server_key,
-            learned,
-        });
+        let quiet = matches!(&self.state, State::Established(e) if e.quiet);
+        if quiet {
+            tracing::debug!("LINK(REKEYED)");
+        } else {
+            tracing::info!("LINK(CONNECTED)");
+            self.events.push_back(LinkEvent::Connected {
+                server_key,
+                learned,
+            });
+        }
         self.login(now);
         // Registration does not need a login; everything else waits for it.
         let queued = std::mem::take(&mut self.queue);
@@ -637,6 +728,7 @@ impl ServerLink {
             return;
         };
         e.last_rx = now;
+        e.finish = None;
         let msg = match ServerToClient::decode(&plain) {
             Ok(m) => m,
             Err(err) => {
@@ -654,13 +746,19 @@ impl ServerLink {
                 name,
                 observed,
             } if self.settle_login(rid) => {
+                let mut quiet = false;
                 if let State::Established(e) = &mut self.state {
                     e.logged_in = true;
+                    quiet = e.quiet && self.observed == Some(observed);
                 }
                 self.observed = Some(observed);
-                tracing::info!(%name, %observed, "LINK(LOGGED_IN)");
-                self.events
-                    .push_back(LinkEvent::LoggedIn { name, observed });
+                if quiet {
+                    tracing::debug!(%name, "LINK(LOGGED_IN_AFTER_REKEY)");
+                } else {
+                    tracing::info!(%name, %observed, "LINK(LOGGED_IN)");
+                    self.events
+                        .push_back(LinkEvent::LoggedIn { name, observed });
+                }
                 for (rid, msg) in std::mem::take(&mut self.queue) {
                     self.send_request(now, rid, msg);
                 }
@@ -732,16 +830,13 @@ impl ServerLink {
             ServerToClient::Punch(p) => self.events.push_back(LinkEvent::Punch(p)),
             ServerToClient::Push { push_id, msg } => {
                 self.send(ClientToServer::PushAck { push_id });
-                let State::Established(e) = &mut self.state else {
-                    return;
-                };
-                if e.seen_pushes.contains(&push_id) {
+                if self.seen_pushes.contains(&push_id) {
                     return;
                 }
-                if e.seen_pushes.len() >= SEEN_PUSHES {
-                    e.seen_pushes.pop_front();
+                if self.seen_pushes.len() >= SEEN_PUSHES {
+                    self.seen_pushes.pop_front();
                 }
-                e.seen_pushes.push_back(push_id);
+                self.seen_pushes.push_back(push_id);
                 self.on_message(now, *msg);
             }
         }

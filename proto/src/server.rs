@@ -373,7 +373,9 @@ impl Server {
                     local_index,
                     Session {
                         pushes: BTreeMap::new(),
-                        next_push: 1,
+                        // Random, so a client's memory of handled notices
+                        // never matches a new session's ids by accident.
+                        next_push: self.rng.gen::<u32>().max(1),
                         recent: VecDeque::new(),
                         addr: from,
                         transport,
@@ -445,7 +447,7 @@ impl Server {
             receiver,
             Session {
                 pushes: BTreeMap::new(),
-                next_push: 1,
+                next_push: self.rng.gen::<u32>().max(1),
                 recent: VecDeque::new(),
                 addr: p.addr,
                 transport,
@@ -726,7 +728,21 @@ impl Server {
         if let Some(old) = self.by_name.insert(name.clone(), index) {
             if old != index {
                 tracing::info!(%name, "LOGIN(REPLACES_SESSION)");
-                self.sessions.remove(&old);
+                // The same key on a new session: a rekey, or a client that
+                // restarted. Unacknowledged notices and cached answers move
+                // with it (request ids are random per client run, so a
+                // restarted client does not meet its old answers).
+                if let Some(prev) = self.sessions.remove(&old) {
+                    if let Some(s) = self.sessions.get_mut(&index) {
+                        s.pushes.extend(prev.pushes);
+                        let mut recent = prev.recent;
+                        recent.extend(std::mem::take(&mut s.recent));
+                        while recent.len() > RECENT_ANSWERS {
+                            recent.pop_front();
+                        }
+                        s.recent = recent;
+                    }
+                }
             }
         }
         let s = self.sessions.get_mut(&index).expect("session exists");
