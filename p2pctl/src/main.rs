@@ -435,17 +435,20 @@ async fn run(args: Args) -> Result<(), Failure> {
 
 /// One message per stdin line, pipelined: up to `WINDOW` requests are in
 /// flight, so a thousand lines take a thousand database writes, not a
-/// thousand round trips. The first refusal stops the run; what was sent
-/// before it stays sent.
+/// thousand round trips. After the first refusal no more lines are read;
+/// the answers to lines already sent are still counted, and the summary
+/// says exactly how many were accepted.
 async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failure> {
     const WINDOW: usize = 64;
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut in_flight = 0usize;
     let mut sent = 0u64;
     let mut queued = 0u64;
+    let mut refused = 0u64;
+    let mut first_error: Option<Failure> = None;
     let mut eof = false;
     loop {
-        while !eof && in_flight < WINDOW {
+        while !eof && first_error.is_none() && in_flight < WINDOW {
             match stdin.next_line().await {
                 Ok(Some(line)) => {
                     if line.is_empty() {
@@ -460,10 +463,10 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
                 }
                 Ok(None) => eof = true,
                 Err(e) => {
-                    return Err(Failure {
+                    first_error.get_or_insert(Failure {
                         code: 1,
                         message: format!("cannot read standard input: {e}"),
-                    })
+                    });
                 }
             }
         }
@@ -472,17 +475,29 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
         }
         let r = conn.response().await?;
         in_flight -= 1;
-        let v = into_result(r).map_err(|mut f| {
-            f.message = format!("{} (after {sent} messages sent)", f.message);
-            f
-        })?;
-        sent += 1;
-        if v.get("queued").and_then(|q| q.as_bool()) == Some(true) {
-            queued += 1;
+        match into_result(r) {
+            Ok(v) => {
+                sent += 1;
+                if v.get("queued").and_then(|q| q.as_bool()) == Some(true) {
+                    queued += 1;
+                }
+                if json {
+                    out(&v.to_string())?;
+                }
+            }
+            Err(f) => {
+                refused += 1;
+                first_error.get_or_insert(f);
+            }
         }
-        if json {
-            out(&v.to_string())?;
-        }
+    }
+    let noun = if sent == 1 { "message" } else { "messages" };
+    if let Some(mut f) = first_error {
+        f.message = format!(
+            "{}\n{sent} {noun} sent to {name} before that, {refused} refused; later lines were not read",
+            f.message
+        );
+        return Err(f);
     }
     if !json {
         let extra = if queued > 0 {
@@ -490,7 +505,6 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
         } else {
             String::new()
         };
-        let noun = if sent == 1 { "message" } else { "messages" };
         out(&format!("sent {sent} {noun} to {name}{extra}"))?;
     }
     Ok(())

@@ -8,14 +8,17 @@
 
 use proto::control::{ControlError, ErrorCode, Request, Response, MAX_REQUEST_LINE};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 /// Lines queued to one connection; a watcher that falls this far behind
 /// is dropped rather than letting the daemon's memory grow.
 pub const CONNECTION_QUEUE: usize = 4096;
+/// How long one line may take to write to a connection.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a connection task sends the daemon task.
 #[derive(Debug)]
@@ -23,7 +26,7 @@ pub enum Input {
     Request {
         conn: u64,
         request: Request,
-        out: mpsc::Sender<Out>,
+        out: Reply,
     },
     Closed {
         conn: u64,
@@ -35,6 +38,29 @@ pub enum Input {
 pub enum Out {
     Response(String),
     Event(String),
+}
+
+/// The way back to one connection.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    tx: mpsc::Sender<Out>,
+    kick: Arc<Notify>,
+}
+
+impl Reply {
+    /// Queues a line for the connection. One that does not read fast
+    /// enough to keep [`CONNECTION_QUEUE`] lines from piling up is closed
+    /// with a notice, rather than left hanging with lines missing.
+    pub fn send(&self, line: Out) -> bool {
+        match self.tx.try_send(line) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kick.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
 }
 
 /// Removes the socket file when the daemon stops.
@@ -78,7 +104,13 @@ pub async fn bind(path: &Path) -> Result<(UnixListener, SocketGuard), BindError>
         tracing::info!(path = %shown, "CONTROL(STALE_SOCKET_REMOVED)");
         std::fs::remove_file(path).map_err(io)?;
     }
-    let listener = UnixListener::bind(path).map_err(io)?;
+    // Created 0600 from the start (no window in which another user could
+    // connect); the umask is process-wide, and nothing else is creating
+    // files at this point of startup.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(io)?;
     let guard = SocketGuard(path.to_owned());
     set_mode(path, 0o600).map_err(io)?;
     Ok((listener, guard))
@@ -127,6 +159,11 @@ async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input
     let mut rd = BufReader::new(rd);
     let mut buf = Vec::new();
     let (out_tx, mut out_rx) = mpsc::channel::<Out>(CONNECTION_QUEUE);
+    let kick = Arc::new(Notify::new());
+    let reply = Reply {
+        tx: out_tx,
+        kick: kick.clone(),
+    };
     // Requests handed to the daemon and not answered yet: after the client
     // stops writing, the connection stays until they are.
     let mut pending = 0usize;
@@ -147,7 +184,7 @@ async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input
                         Ok(request) => {
                             watching |= matches!(request.command, proto::control::Command::Watch);
                             pending += 1;
-                            let input = Input::Request { conn, request, out: out_tx.clone() };
+                            let input = Input::Request { conn, request, out: reply.clone() };
                             if to_daemon.send(input).await.is_err() {
                                 break;
                             }
@@ -168,6 +205,12 @@ async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input
                 }
                 Err(None) => break,
             },
+            _ = kick.notified() => {
+                let notice = r#"{"event":"error","message":"p2pd closed this connection: it did not read its answers and events fast enough"}"#;
+                let _ = write_line(&mut wr, notice).await;
+                tracing::warn!(conn, "CONTROL(TOO_SLOW_CLOSED)");
+                break;
+            }
             out = out_rx.recv() => match out {
                 Some(Out::Response(line)) => {
                     pending = pending.saturating_sub(1);
@@ -236,5 +279,9 @@ async fn write_line(wr: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> st
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
-    wr.write_all(&buf).await
+    // A client that stopped reading must not hold this task forever.
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&buf)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }

@@ -8,7 +8,7 @@
 //! then answered and broadcast), then datagrams. So a received message is
 //! on disk before the acknowledgement that tells the sender to forget it.
 
-use crate::ctl::{self, Input, Out};
+use crate::ctl::{self, Input, Out, Reply};
 use crate::store::Store;
 use crate::Config;
 use anyhow::Context;
@@ -44,8 +44,9 @@ const HISTORY_DEFAULT: u32 = 50;
 enum Wait {
     /// The answer to a server request with this rid.
     Rid(u32, RidKind),
-    /// The session with this peer coming up (or failing).
-    Up(String),
+    /// The session with this peer coming up (or failing); with the rid of
+    /// our agreement, whose refusal by the server also ends the wait.
+    Up(String, Option<u32>),
     Pong(String, u64),
     Login,
 }
@@ -58,7 +59,7 @@ enum RidKind {
 
 struct Waiter {
     id: u64,
-    out: mpsc::Sender<Out>,
+    out: Reply,
     wait: Wait,
     deadline: Instant,
 }
@@ -69,7 +70,7 @@ struct Daemon {
     store: Store,
     udp: Arc<UdpSocket>,
     waiters: Vec<Waiter>,
-    watchers: HashMap<u64, mpsc::Sender<Out>>,
+    watchers: HashMap<u64, Reply>,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -154,7 +155,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         waiters: Vec::new(),
         watchers: HashMap::new(),
     };
-    d.drain(Instant::now()).await;
+    d.drain(Instant::now()).await?;
 
     tokio::pin!(shutdown);
     let mut buf = vec![0u8; 2048];
@@ -181,13 +182,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 d.expire_waiters(now);
             }
         }
-        d.drain(Instant::now()).await;
+        d.drain(Instant::now()).await?;
     }
 
     tracing::info!("DAEMON(STOPPING)");
     drop(accept);
     d.node.shutdown(Instant::now());
-    d.drain(Instant::now()).await;
+    d.drain(Instant::now()).await?;
     Ok(())
 }
 
@@ -281,14 +282,10 @@ fn link_str(s: LinkState) -> &'static str {
     }
 }
 
-fn send_line(out: &mpsc::Sender<Out>, line: Out) -> bool {
-    out.try_send(line).is_ok()
-}
-
-fn respond(out: &mpsc::Sender<Out>, resp: Response) {
+fn respond(out: &Reply, resp: Response) {
     if let Ok(line) = serde_json::to_string(&resp) {
         // A client that stopped reading loses its answers, not the daemon.
-        let _ = send_line(out, Out::Response(line));
+        let _ = out.send(Out::Response(line));
     }
 }
 
@@ -301,7 +298,7 @@ impl Daemon {
             .min()
     }
 
-    fn wait(&mut self, id: u64, out: mpsc::Sender<Out>, wait: Wait, for_: Duration) {
+    fn wait(&mut self, id: u64, out: Reply, wait: Wait, for_: Duration) {
         self.waiters.push(Waiter {
             id,
             out,
@@ -338,7 +335,7 @@ impl Daemon {
         self.waiters = keep;
         for w in due {
             let what = match &w.wait {
-                Wait::Up(p) => format!("no session with {p} in time"),
+                Wait::Up(p, _) => format!("no session with {p} in time"),
                 Wait::Pong(p, _) => format!("{p} did not answer the ping"),
                 Wait::Login => "the rendezvous server did not answer the login".into(),
                 Wait::Rid(..) => "the rendezvous server did not answer".into(),
@@ -352,7 +349,7 @@ impl Daemon {
             return;
         };
         self.watchers.retain(|conn, out| {
-            let ok = send_line(out, Out::Event(line.clone()));
+            let ok = out.send(Out::Event(line.clone()));
             if !ok {
                 tracing::warn!(conn, "CONTROL(WATCHER_TOO_SLOW_DROPPED)");
             }
@@ -410,7 +407,7 @@ impl Daemon {
         conn: u64,
         id: u64,
         command: Command,
-        out: &mpsc::Sender<Out>,
+        out: &Reply,
     ) -> Result<Option<serde_json::Value>, ControlError> {
         let json = |v: &dyn erased::Ser| Ok(Some(v.to_value()));
         match command {
@@ -469,13 +466,13 @@ impl Daemon {
                 }
                 self.require_login()?;
                 self.node.connect(now, &peer);
-                self.wait(id, out.clone(), Wait::Up(peer), CONNECT_WAIT);
+                self.wait(id, out.clone(), Wait::Up(peer, None), CONNECT_WAIT);
                 Ok(None)
             }
             Command::Accept { peer } => {
                 Self::check_name(&peer)?;
-                self.node.answer(now, &peer, true).map_err(node_error)?;
-                self.wait(id, out.clone(), Wait::Up(peer), ACCEPT_WAIT);
+                let rid = self.node.answer(now, &peer, true).map_err(node_error)?;
+                self.wait(id, out.clone(), Wait::Up(peer, Some(rid)), ACCEPT_WAIT);
                 Ok(None)
             }
             Command::Decline { peer } => {
@@ -596,14 +593,19 @@ impl Daemon {
 
     /// Drains the node: events (stored, then answered and broadcast),
     /// then datagrams, until it has nothing more to say.
-    async fn drain(&mut self, now: Instant) {
+    ///
+    /// If the events cannot be stored, nothing is sent and the daemon
+    /// stops with the error: an acknowledgement must never leave for a
+    /// message that is not on disk. The sender keeps it, and delivers it
+    /// once the daemon runs again.
+    async fn drain(&mut self, now: Instant) -> anyhow::Result<()> {
         loop {
             let mut events = Vec::new();
             while let Some(e) = self.node.poll_event() {
                 events.push(e);
             }
             if !events.is_empty() {
-                self.persist(&events);
+                self.persist(&events)?;
                 for e in events {
                     self.on_event(now, e);
                 }
@@ -617,13 +619,13 @@ impl Daemon {
                 }
             }
             if !sent_any {
-                break;
+                return Ok(());
             }
         }
     }
 
     /// Writes what the events change, in one transaction.
-    fn persist(&mut self, events: &[NodeEvent]) {
+    fn persist(&mut self, events: &[NodeEvent]) -> anyhow::Result<()> {
         let result = (|| {
             let batch = self.store.batch()?;
             for e in events {
@@ -643,9 +645,14 @@ impl Daemon {
         if let Err(e) = result {
             tracing::error!(error = %e, "STORE(WRITE_FAILED)");
             self.broadcast(Event::Error {
-                message: format!("could not store messages: {e}"),
+                message: format!("p2pd is stopping: it could not store messages: {e}"),
             });
+            anyhow::bail!(
+                "stopping: could not store received messages ({e}); nothing was acknowledged, \
+                 the senders keep them until p2pd runs again"
+            );
         }
+        Ok(())
     }
 
     fn on_event(&mut self, now: Instant, event: NodeEvent) {
@@ -740,7 +747,7 @@ impl Daemon {
                     peer: name.clone(),
                     reason: reason.as_str().into(),
                 });
-                self.settle(|w| matches!(w, Wait::Up(p) if *p == name).then(|| Err(e.clone())));
+                self.settle(|w| matches!(w, Wait::Up(p, _) if *p == name).then(|| Err(e.clone())));
             }
             NodeEvent::KeyMismatch {
                 name,
@@ -759,7 +766,7 @@ impl Daemon {
                     offered: offered.fingerprint(),
                 });
                 self.settle(|w| {
-                    matches!(w, Wait::Up(p) if *p == name)
+                    matches!(w, Wait::Up(p, _) if *p == name)
                         .then(|| Err(err(ErrorCode::Refused, msg.clone())))
                 });
             }
@@ -781,7 +788,7 @@ impl Daemon {
                     fingerprint: identity.fingerprint(),
                 });
                 let v = serde_json::to_value(&c).unwrap_or_default();
-                self.settle(|w| matches!(w, Wait::Up(p) if *p == name).then(|| Ok(v.clone())));
+                self.settle(|w| matches!(w, Wait::Up(p, _) if *p == name).then(|| Ok(v.clone())));
             }
             NodeEvent::PeerDown { name, reason } => {
                 tracing::info!(peer = %name, %reason, "PEER(DOWN)");
@@ -791,7 +798,7 @@ impl Daemon {
                 });
                 let e = err(ErrorCode::NotConnected, format!("{name}: {reason}"));
                 self.settle(|w| {
-                    matches!(w, Wait::Up(p) | Wait::Pong(p, _) if *p == name)
+                    matches!(w, Wait::Up(p, _) | Wait::Pong(p, _) if *p == name)
                         .then(|| Err(e.clone()))
                 });
             }
@@ -840,6 +847,12 @@ impl Daemon {
         rid: u32,
         result: Result<ServerToClient, RequestError>,
     ) {
+        if let Err(e) = &result {
+            // An agreement the server refused (the requester went away,
+            // the request expired): the accept fails now, not at timeout.
+            let e = request_error(e, "cannot accept");
+            self.settle(|w| matches!(w, Wait::Up(_, Some(r)) if *r == rid).then(|| Err(e.clone())));
+        }
         let Some(i) = self
             .waiters
             .iter()

@@ -66,6 +66,14 @@ fn garbage_gets_errors_and_the_daemons_keep_working() {
     assert!(answer.contains("longer than"), "{answer}");
     drop(stream);
 
+    // Piped lines to a peer we cannot reach: refused, and counted exactly.
+    let piped = lab.ctl_stdin("a", &["send", "bob"], Some(b"one\ntwo\n"));
+    let err = piped.fails_with(5);
+    assert!(
+        err.contains("0 messages sent to bob before that, 2 refused"),
+        "{piped:?}"
+    );
+
     // UDP garbage at the daemon's and the server's ports.
     let whoami = lab.ctl("a", &["--json", "whoami"]).json();
     let server: std::net::SocketAddr = lab.server.clone().unwrap().parse().unwrap();
