@@ -364,7 +364,7 @@ impl Daemon {
             }
             Input::Request { conn, request, out } => {
                 let Request { id, command } = request;
-                tracing::debug!(conn, id, ?command, "CONTROL(REQUEST)");
+                tracing::debug!(conn, id, cmd = command.name(), "CONTROL(REQUEST)");
                 match self.command(now, conn, id, command, &out) {
                     Ok(Some(v)) => respond(&out, Response::ok(id, v)),
                     Ok(None) => {} // answered later

@@ -73,6 +73,28 @@ pub enum Command {
     Watch,
 }
 
+impl Command {
+    /// The command's name, for logs: arguments (message text above all)
+    /// never reach a log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Whoami => "whoami",
+            Command::Register { .. } => "register",
+            Command::Login => "login",
+            Command::Users => "users",
+            Command::Connect { .. } => "connect",
+            Command::Accept { .. } => "accept",
+            Command::Decline { .. } => "decline",
+            Command::Ping { .. } => "ping",
+            Command::Send { .. } => "send",
+            Command::History { .. } => "history",
+            Command::Peers => "peers",
+            Command::Close { .. } => "close",
+            Command::Watch => "watch",
+        }
+    }
+}
+
 /// A response line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
