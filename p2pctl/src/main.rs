@@ -19,6 +19,9 @@ use tokio::net::UnixStream;
 
 /// Control the p2pd chat daemon.
 ///
+/// NAME is a user name at the rendezvous server: 1 to 32 lowercase ASCII
+/// letters, digits, '-', '_' or '.', starting with a letter or digit.
+///
 /// Exit status: 0 success, 1 other failure, 2 bad arguments, 3 daemon not
 /// running, 4 unknown user, 5 not connected / offline / nothing pending,
 /// 6 refused (declined, key mismatch, name taken), 7 timed out.
@@ -67,8 +70,9 @@ enum Cmd {
     /// Show the stored messages with NAME.
     History {
         name: String,
-        /// How many of the newest messages.
-        #[arg(short = 'n', long, default_value_t = 50)]
+        /// How many of the newest messages (at least 1).
+        #[arg(short = 'n', long, default_value_t = 50,
+              value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
     /// List peers (sessions, queued messages, pinned keys) and pending
@@ -127,7 +131,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) if f.code == 0 => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("p2pctl: {}", f.message);
+            // Messages can carry text from the server: keep newlines, escape
+            // the rest.
+            let lines: Vec<String> = f.message.lines().map(clean).collect();
+            eprintln!("p2pctl: {}", lines.join("\n"));
             ExitCode::from(f.code)
         }
     }
@@ -328,6 +335,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         }
         Cmd::Send { name, text } if !text.is_empty() => {
             let text = text.join(" ");
+            check_length(&text)?;
             let v = conn
                 .call(Command::Send {
                     peer: name.clone(),
@@ -348,7 +356,9 @@ async fn run(args: Args) -> Result<(), Failure> {
             conn.call(Command::Watch).await?;
             loop {
                 let v = conn.next().await.map_err(|mut f| {
-                    f.message = "p2pd closed the event stream (did it stop?)".into();
+                    f.message = "p2pd closed the event stream: the daemon stopped, \
+                                 or this watcher fell too far behind"
+                        .into();
                     f
                 })?;
                 if json {
@@ -381,7 +391,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                     MessageState::Queued => " (queued)",
                     _ => "",
                 };
-                out(&format!("{} <{who}> {}{mark}", clock(e.sent_ms), e.text))?;
+                out(&format!(
+                    "{} <{who}> {}{mark}",
+                    clock(e.sent_ms),
+                    clean(&e.text)
+                ))?;
             }
             Ok(())
         }
@@ -451,7 +465,7 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
         while !eof && first_error.is_none() && in_flight < WINDOW {
             match stdin.next_line().await {
                 Ok(Some(line)) => {
-                    if line.is_empty() {
+                    if line.trim().is_empty() {
                         continue;
                     }
                     conn.send(Command::Send {
@@ -494,7 +508,8 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
     let noun = if sent == 1 { "message" } else { "messages" };
     if let Some(mut f) = first_error {
         f.message = format!(
-            "{}\n{sent} {noun} sent to {name} before that, {refused} refused; later lines were not read",
+            "{}\n{sent} {noun} sent to {name}, {refused} refused; reading stopped at the first refusal \
+             (lines already sent after it went out)",
             f.message
         );
         return Err(f);
@@ -519,10 +534,66 @@ fn connected_text(v: &Value) -> String {
     )
 }
 
-/// `HH:MM:SS` (UTC) of a millisecond Unix time.
+/// Local `HH:MM:SS` of a millisecond Unix time, with the date in front
+/// when it is not today.
 fn clock(ms: u64) -> String {
-    let s = ms / 1000;
-    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+    let tm = |secs: i64| {
+        let t: libc::time_t = secs as libc::time_t;
+        let mut out: libc::tm = unsafe { std::mem::zeroed() };
+        // localtime_r: thread-safe, reads the zone from TZ / the system.
+        let ok = !unsafe { libc::localtime_r(&t, &mut out) }.is_null();
+        ok.then_some(out)
+    };
+    let secs = (ms / 1000) as i64;
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    match (tm(secs), tm(today)) {
+        (Some(t), Some(now)) if (t.tm_year, t.tm_yday) == (now.tm_year, now.tm_yday) => {
+            format!("{:02}:{:02}:{:02}", t.tm_hour, t.tm_min, t.tm_sec)
+        }
+        (Some(t), _) => format!(
+            "{}-{:02}-{:02} {:02}:{:02}:{:02}",
+            t.tm_year + 1900,
+            t.tm_mon + 1,
+            t.tm_mday,
+            t.tm_hour,
+            t.tm_min,
+            t.tm_sec
+        ),
+        _ => format!("@{secs}"),
+    }
+}
+
+/// Text from a peer or the server, made safe for a terminal: control
+/// characters (newlines, escape sequences, bells) are shown escaped, so a
+/// peer cannot forge lines or drive the terminal.
+fn clean(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
+fn check_length(text: &str) -> Result<(), Failure> {
+    if text.len() > proto::wire::MAX_MESSAGE_BYTES {
+        return Err(Failure {
+            code: 2,
+            message: format!(
+                "message is {} bytes; the most is {}",
+                text.len(),
+                proto::wire::MAX_MESSAGE_BYTES
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn event_text(e: &Event) -> String {
@@ -532,7 +603,7 @@ fn event_text(e: &Event) -> String {
             sent_ms,
             text,
             ..
-        } => format!("{} <{peer}> {text}", clock(*sent_ms)),
+        } => format!("{} <{peer}> {}", clock(*sent_ms), clean(text)),
         Event::Delivered { peer, seq } => format!("-- delivered to {peer} (#{seq})"),
         Event::ConnectRequest {
             peer,
@@ -550,7 +621,7 @@ fn event_text(e: &Event) -> String {
             endpoint,
             fingerprint,
         } => format!("-- connected to {peer} at {endpoint} ({fingerprint})"),
-        Event::PeerDown { peer, reason } => format!("-- {peer} disconnected: {reason}"),
+        Event::PeerDown { peer, reason } => format!("-- {peer} disconnected: {}", clean(reason)),
         Event::PathChanged { peer, endpoint } => format!("-- {peer} moved to {endpoint}"),
         Event::KeyMismatch {
             peer,
@@ -559,7 +630,9 @@ fn event_text(e: &Event) -> String {
         } => format!(
             "!! REFUSED {peer}: it shows key {offered}, but {pinned} is pinned for that name"
         ),
-        Event::Server { state, detail } => format!("-- server {}: {detail}", state.replace('_', " ")),
-        Event::Error { message } => format!("!! {message}"),
+        Event::Server { state, detail } => {
+            format!("-- server {}: {}", state.replace('_', " "), clean(detail))
+        }
+        Event::Error { message } => format!("!! {}", clean(message)),
     }
 }

@@ -81,6 +81,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
     }
+    // One daemon per data directory and per socket, checked before
+    // anything is created.
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let (listener, _socket_guard) = ctl::bind(&config.socket).await?;
+
     let key_path = config.data_dir.join("identity.key");
     let (identity, created) = proto::keyfile::load_or_create(&key_path)?;
     if created {
@@ -133,7 +138,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         node.send_message(now, &q.peer, msg);
     }
 
-    let (listener, _socket_guard) = ctl::bind(&config.socket).await?;
     let (to_daemon, mut inbox) = mpsc::channel::<Input>(1024);
     // Dropping this handle at the end of `run` stops the accept loop; the
     // connection tasks it owns go with it.
@@ -192,6 +196,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
+/// Holds an exclusive `flock` on `<data dir>/p2pd.lock` for the daemon's
+/// life: two daemons on one database would each deliver the other's
+/// outbox. The kernel releases the lock when the process ends, however it
+/// ends.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("p2pd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "another p2pd is already using the data directory {}",
+            dir.display()
+        );
+    }
+    Ok(file)
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -247,11 +273,26 @@ fn fail_error(reason: FailReason, detail: &str, what: &str) -> ControlError {
         _ => ErrorCode::Internal,
     };
     let message = if detail.is_empty() {
-        format!("{what}: {}", reason.as_str().replace('_', " "))
+        format!("{what}: {}", describe(reason))
     } else {
         format!("{what}: {detail}")
     };
     err(code, message)
+}
+
+/// A reason in words, for answers that carry no detail from the server.
+fn describe(reason: FailReason) -> String {
+    match reason {
+        FailReason::NameTaken => "the name belongs to another key".into(),
+        FailReason::UnknownUser => "no such user".into(),
+        FailReason::Offline => "not online".into(),
+        FailReason::Declined => "declined".into(),
+        FailReason::TimedOut => "no answer in time".into(),
+        FailReason::NotLoggedIn => "not logged in".into(),
+        FailReason::SelfConnect => "that is you".into(),
+        FailReason::NoSuchIntro => "no such request (it expired or was withdrawn)".into(),
+        other => other.as_str().replace('_', " "),
+    }
 }
 
 fn request_error(e: &RequestError, what: &str) -> ControlError {
@@ -568,7 +609,12 @@ impl Daemon {
             }
             Command::Close { peer } => {
                 Self::check_name(&peer)?;
-                self.node.close(now, &peer).map_err(node_error)?;
+                self.node.close(now, &peer).map_err(|_| {
+                    err(
+                        ErrorCode::NotConnected,
+                        format!("no session with {peer} to close"),
+                    )
+                })?;
                 json(&serde_json::json!({ "peer": peer }))
             }
             Command::Watch => {

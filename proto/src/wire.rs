@@ -286,17 +286,17 @@ impl FailReason {
     }
 }
 
-/// Checks a user name: 1 to [`MAX_NAME`] bytes of ASCII letters, digits,
-/// `-`, `_` and `.`, starting with a letter or digit.
+/// Checks a user name: 1 to [`MAX_NAME`] bytes of lowercase ASCII
+/// letters, digits, `-`, `_` and `.`, starting with a letter or digit.
+/// Lowercase only, so that `Alice` cannot pass for `alice` in a list.
 pub fn validate_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err("a name is 1 to 32 characters long");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-    {
-        return Err("a name may contain only letters, digits, '-', '_' and '.'");
+    if !name.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+    }) {
+        return Err("a name may contain only lowercase ASCII letters, digits, '-', '_' and '.'");
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
         return Err("a name starts with a letter or digit");
@@ -1122,6 +1122,7 @@ mod tests {
             "-bob",
             "bob smith",
             "bøb",
+            "Alice",
             "a/b",
             &"a".repeat(33),
             "\u{0}",

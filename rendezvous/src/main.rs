@@ -43,7 +43,7 @@ struct Args {
     presence_timeout: u64,
 
     /// Print the server's public key (hex, for clients to pin) and exit.
-    /// Creates the key if there is none yet.
+    /// Give the same --data-dir as the server; fails if it has no key.
     #[arg(long)]
     print_key: bool,
 }
@@ -84,6 +84,14 @@ fn data_dir(args: &Args) -> anyhow::Result<PathBuf> {
 fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = data_dir(&args)?;
     if args.print_key {
+        let key = data_dir.join(rendezvous::SERVER_KEY);
+        if !key.exists() {
+            anyhow::bail!(
+                "no server key at {}: start the server once with this --data-dir, \
+                 or give the --data-dir it runs with",
+                key.display()
+            );
+        }
         let (identity, _) = rendezvous::load_server_key(&data_dir)?;
         println!("{}", proto::identity::to_hex(&identity.noise_public()));
         return Ok(());

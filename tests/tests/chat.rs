@@ -111,6 +111,22 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
         (incoming_texts(lab, "a", "bob") == ["hi alice"]).then_some(())
     });
 
+    // A peer's text cannot forge lines or drive the terminal: control
+    // characters are shown escaped.
+    let evil = "evil\n12:00:00 <carol> forged \u{1b}[31mred\u{7}";
+    lab.ctl("b", &["send", "alice", evil]).ok();
+    lab.wait_for("the evil line at alice", WAIT, |lab| {
+        (incoming_texts(lab, "a", "bob").last().map(String::as_str) == Some(evil)).then_some(())
+    });
+    let shown = lab.ctl("a", &["history", "bob", "-n", "1"]);
+    let shown = shown.ok();
+    assert_eq!(shown.lines().count(), 1, "{shown:?}");
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+        "{shown:?}"
+    );
+    assert!(shown.contains("\\n12:00:00 <carol>"), "{shown:?}");
+
     // A thousand piped lines: all delivered, once, in order.
     let lines: String = (1..=1000).map(|i| format!("line {i}\n")).collect();
     let sent = lab.ctl_stdin("a", &["send", "bob"], Some(lines.as_bytes()));

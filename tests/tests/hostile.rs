@@ -70,7 +70,7 @@ fn garbage_gets_errors_and_the_daemons_keep_working() {
     let piped = lab.ctl_stdin("a", &["send", "bob"], Some(b"one\ntwo\n"));
     let err = piped.fails_with(5);
     assert!(
-        err.contains("0 messages sent to bob before that, 2 refused"),
+        err.contains("0 messages sent to bob, 2 refused"),
         "{piped:?}"
     );
 
@@ -128,6 +128,27 @@ fn a_second_daemon_on_the_same_socket_refuses_to_start() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    assert!(
+        !lab.dir.join("a2").join("identity.key").exists(),
+        "refused before creating anything"
+    );
+    // Nor on the same data directory with another socket.
+    let out = std::process::Command::new(e2e::bin("p2pd"))
+        .args([
+            "--server",
+            lab.server.as_deref().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(lab.dir.join("a"))
+        .arg("--socket")
+        .arg(lab.dir.join("other.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already using the data directory"), "{err}");
     // The first one is unharmed.
     lab.ctl("a", &["whoami"]).ok();
 }
