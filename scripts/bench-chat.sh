@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-10000}"
-cargo build --release --workspace --bins --quiet
+cargo build --release --workspace --bins
 BIN="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release"
 DIR="$(mktemp -d /tmp/p2p-bench.XXXXXX)"
 PIDS=()

@@ -13,7 +13,7 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 echo "== building (cargo build --workspace --bins)"
-cargo build --workspace --bins --quiet
+cargo build --workspace --bins
 BIN="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/debug"
 
 DIR="$(mktemp -d /tmp/p2p-demo.XXXXXX)"

@@ -28,7 +28,8 @@ use tokio::net::UnixStream;
 #[derive(Parser, Debug)]
 #[command(version, propagate_version = true)]
 struct Args {
-    /// The daemon's control socket [default: $XDG_RUNTIME_DIR/p2p-chat/p2pd.sock].
+    /// The daemon's control socket [default: $XDG_RUNTIME_DIR/p2p-chat/p2pd.sock,
+    /// or p2pd.sock in p2pd's data directory without XDG_RUNTIME_DIR].
     #[arg(long, global = true, env = "P2PD_SOCKET")]
     socket: Option<PathBuf>,
     /// Print JSON (one object per line) instead of text.

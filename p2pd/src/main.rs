@@ -20,11 +20,13 @@ struct Args {
     /// refused.
     #[arg(long, env = "P2PD_SERVER_KEY")]
     server_key: Option<String>,
-    /// Directory for the identity key and the database
-    /// [default: ~/.local/share/p2p-chat/p2pd].
+    /// Directory for the identity key and the database [default:
+    /// ~/.local/share/p2p-chat/p2pd; on macOS ~/Library/Application
+    /// Support/p2p-chat/p2pd].
     #[arg(long, env = "P2PD_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Control socket path [default: $XDG_RUNTIME_DIR/p2p-chat/p2pd.sock].
+    /// Control socket path [default: $XDG_RUNTIME_DIR/p2p-chat/p2pd.sock,
+    /// or p2pd.sock in the data directory without XDG_RUNTIME_DIR].
     #[arg(long, env = "P2PD_SOCKET")]
     socket: Option<PathBuf>,
     /// Local UDP address to bind; port 0 picks a free one.
