@@ -150,7 +150,6 @@ struct PeerEntry {
     connecting: bool,
     next_reconnect: Instant,
     backoff: Duration,
-    last_endpoint: Option<SocketAddr>,
 }
 
 impl PeerEntry {
@@ -168,7 +167,6 @@ impl PeerEntry {
             connecting: false,
             next_reconnect: now,
             backoff,
-            last_endpoint: None,
         }
     }
 
@@ -664,7 +662,6 @@ impl Node {
             while let Some(ev) = s.poll_event() {
                 match ev {
                     PeerEvent::Up { endpoint } => {
-                        e.last_endpoint = Some(endpoint);
                         e.backoff = self.config.reconnect_min;
                         e.connecting = false;
                         e.reliable.path_changed(now);
@@ -684,7 +681,6 @@ impl Node {
                         })
                     }
                     PeerEvent::PathChanged { endpoint } => {
-                        e.last_endpoint = Some(endpoint);
                         e.reliable.path_changed(now);
                         self.events.push_back(NodeEvent::PathChanged {
                             name: name.to_owned(),

@@ -216,24 +216,6 @@ impl PeerSession {
         s
     }
 
-    /// Starts a handshake straight to a known endpoint (reconnecting to a
-    /// peer whose address we still know).
-    pub fn dial(
-        now: Instant,
-        local: Identity,
-        remote: PublicIdentity,
-        config: PeerConfig,
-        dst: SocketAddr,
-        seed: u64,
-    ) -> Self {
-        let mut s = Self::new(local, remote, config, State::Closed, seed);
-        let deadline = now + s.config.connect_timeout;
-        if let Some(hs) = s.start_handshake(now, dst, deadline) {
-            s.state = State::Handshaking(Box::new(hs));
-        }
-        s
-    }
-
     /// A session with nothing under way, for a peer whose handshake
     /// initiation the caller is about to pass to [`Self::handle_init`].
     pub fn idle(local: Identity, remote: PublicIdentity, config: PeerConfig, seed: u64) -> Self {

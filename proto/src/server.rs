@@ -169,7 +169,6 @@ struct Session {
     transport: Transport,
     identity: PublicIdentity,
     challenge: [u8; 16],
-    proven: bool,
     user: Option<String>,
     last_seen: Instant,
 }
@@ -381,7 +380,6 @@ impl Server {
                         transport,
                         identity,
                         challenge,
-                        proven: false,
                         user: None,
                         last_seen: now,
                     },
@@ -453,7 +451,6 @@ impl Server {
                 transport,
                 identity,
                 challenge: p.challenge,
-                proven: false,
                 user: None,
                 last_seen: now,
             },
@@ -487,7 +484,6 @@ impl Server {
         };
         // An authenticated packet proves the address; follow the client if
         // its NAT moved it (roaming).
-        s.proven = true;
         s.addr = from;
         s.last_seen = now;
         let msg = match ClientToServer::decode(&plain) {
