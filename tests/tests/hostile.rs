@@ -220,3 +220,24 @@ fn euid() -> u32 {
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(u32::MAX)
 }
+
+/// More active users than fit in one `UserList` page (12): `users` pages
+/// through all of them.
+#[test]
+fn users_lists_every_page() {
+    let mut lab = Lab::new("pages");
+    lab.start_rendezvous();
+    let names: Vec<String> = (0..14).map(|i| format!("user{i:02}")).collect();
+    for n in &names {
+        lab.start_daemon(n);
+        lab.ctl(n, &["register", n]).ok();
+    }
+    let users = lab.ctl("user00", &["--json", "users"]).json();
+    let listed: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, names.iter().map(String::as_str).collect::<Vec<_>>());
+}
