@@ -318,6 +318,10 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
         }
         Cmd::Connect { name } => {
+            if !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                // The answer can take a while: the peer has to accept.
+                eprintln!("asking {name}; waiting for them to accept (up to 90 s)...");
+            }
             let v = conn.call(Command::Connect { peer: name }).await?;
             print(&v, connected_text(&v))
         }
