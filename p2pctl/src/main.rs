@@ -340,7 +340,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         }
         Cmd::Send { name, text } if !text.is_empty() => {
             let text = text.join(" ");
-            check_length(&text)?;
+            proto::control::check_text(&text).map_err(Failure::from)?;
             let v = conn
                 .call(Command::Send {
                     peer: name.clone(),
@@ -575,30 +575,15 @@ fn clock(ms: u64) -> String {
 /// characters (newlines, escape sequences, bells) are shown escaped, so a
 /// peer cannot forge lines or drive the terminal.
 fn clean(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect()
-}
-
-fn check_length(text: &str) -> Result<(), Failure> {
-    if text.len() > proto::wire::MAX_MESSAGE_BYTES {
-        return Err(Failure {
-            code: 2,
-            message: format!(
-                "message is {} bytes; the most is {}",
-                text.len(),
-                proto::wire::MAX_MESSAGE_BYTES
-            ),
-        });
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
-    Ok(())
+    out
 }
 
 fn event_text(e: &Event) -> String {

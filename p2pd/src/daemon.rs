@@ -14,14 +14,14 @@ use crate::Config;
 use anyhow::Context;
 use proto::client::{LinkState, RequestError};
 use proto::control::{
-    Command, Connected, ControlError, ErrorCode, Event, PeerInfo, PeersResult, PingResult, Request,
-    Response, Sent, UserInfo, Whoami,
+    check_text, Command, Connected, ControlError, ErrorCode, Event, PeerInfo, PeersResult,
+    PingResult, Request, Response, Sent, UserInfo, Whoami,
 };
 use proto::identity::{fingerprint, to_hex, PublicIdentity};
 use proto::node::{Node, NodeConfig, NodeError, NodeEvent};
 use proto::peer::SessionPhase;
 use proto::reliable::Outgoing;
-use proto::wire::{validate_name, FailReason, ServerToClient, MAX_MESSAGE_BYTES};
+use proto::wire::{validate_name, FailReason, ServerToClient};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -249,6 +249,13 @@ fn local_candidates(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr> {
     }
 }
 
+/// A result for an answer given at once.
+fn json<T: serde::Serialize>(v: &T) -> Result<Option<serde_json::Value>, ControlError> {
+    Ok(Some(
+        serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -450,7 +457,6 @@ impl Daemon {
         command: Command,
         out: &Reply,
     ) -> Result<Option<serde_json::Value>, ControlError> {
-        let json = |v: &dyn erased::Ser| Ok(Some(v.to_value()));
         match command {
             Command::Whoami => {
                 let link = self.node.link();
@@ -535,18 +541,7 @@ impl Daemon {
             }
             Command::Send { peer, text } => {
                 Self::check_name(&peer)?;
-                if text.is_empty() {
-                    return Err(err(ErrorCode::InvalidArgument, "empty message"));
-                }
-                if text.len() > MAX_MESSAGE_BYTES {
-                    return Err(err(
-                        ErrorCode::InvalidArgument,
-                        format!(
-                            "message is {} bytes; the most is {MAX_MESSAGE_BYTES}",
-                            text.len()
-                        ),
-                    ));
-                }
+                check_text(&text)?;
                 let up = self.node.is_up(&peer);
                 if !up && !self.node.is_known(&peer) {
                     return Err(err(
@@ -672,6 +667,11 @@ impl Daemon {
 
     /// Writes what the events change, in one transaction.
     fn persist(&mut self, events: &[NodeEvent]) -> anyhow::Result<()> {
+        let writes =
+            |e: &NodeEvent| matches!(e, NodeEvent::Delivered { .. } | NodeEvent::Acked { .. });
+        if !events.iter().any(writes) {
+            return Ok(());
+        }
         let result = (|| {
             let batch = self.store.batch()?;
             for e in events {
@@ -975,18 +975,5 @@ fn node_error(e: NodeError) -> ControlError {
             ErrorCode::NotConnected,
             format!("not connected to {name}: run `p2pctl connect {name}` first"),
         ),
-    }
-}
-
-/// Lets `command` return any result type through one helper.
-mod erased {
-    pub trait Ser {
-        fn to_value(&self) -> serde_json::Value;
-    }
-
-    impl<T: serde::Serialize> Ser for T {
-        fn to_value(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-        }
     }
 }

@@ -95,6 +95,25 @@ impl Command {
     }
 }
 
+/// Checks a chat message's text as `send` takes it: not empty, at most
+/// [`crate::wire::MAX_MESSAGE_BYTES`] bytes of UTF-8.
+pub fn check_text(text: &str) -> Result<(), ControlError> {
+    let max = crate::wire::MAX_MESSAGE_BYTES;
+    if text.is_empty() {
+        return Err(ControlError::new(
+            ErrorCode::InvalidArgument,
+            "empty message",
+        ));
+    }
+    if text.len() > max {
+        return Err(ControlError::new(
+            ErrorCode::InvalidArgument,
+            format!("message is {} bytes; the most is {max}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// A response line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {

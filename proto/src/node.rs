@@ -179,6 +179,18 @@ impl PeerEntry {
     fn is_up(&self) -> bool {
         self.session.as_ref().is_some_and(|s| s.is_up())
     }
+
+    /// Closes the session politely (its `Close` goes into `out`) and stops
+    /// automatic reconnection until the next `send` or `connect`.
+    fn end_session(&mut self, now: Instant, out: &mut VecDeque<Transmit>) {
+        if let Some(mut s) = self.session.take() {
+            s.close(now);
+            while let Some(t) = s.poll_transmit() {
+                out.push_back(t);
+            }
+        }
+        self.auto_connect = false;
+    }
 }
 
 /// Most `SessionUnknown` answers sent per second.
@@ -376,13 +388,7 @@ impl Node {
             .get_mut(name)
             .filter(|e| e.session.is_some())
             .ok_or_else(|| NodeError::NotConnected(name.to_owned()))?;
-        if let Some(mut s) = e.session.take() {
-            s.close(now);
-            while let Some(t) = s.poll_transmit() {
-                self.transmits.push_back(t);
-            }
-        }
-        e.auto_connect = false;
+        e.end_session(now, &mut self.transmits);
         e.connecting = false;
         self.events.push_back(NodeEvent::PeerDown {
             name: name.to_owned(),
@@ -396,13 +402,7 @@ impl Node {
     /// out at the server. Queued messages stay queued for the next start.
     pub fn shutdown(&mut self, now: Instant) {
         for e in self.peers.values_mut() {
-            if let Some(mut s) = e.session.take() {
-                s.close(now);
-                while let Some(t) = s.poll_transmit() {
-                    self.transmits.push_back(t);
-                }
-            }
-            e.auto_connect = false;
+            e.end_session(now, &mut self.transmits);
         }
         self.link.close();
         while let Some(t) = self.link.poll_transmit() {

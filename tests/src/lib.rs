@@ -212,34 +212,7 @@ impl Lab {
     }
 
     pub fn ctl_stdin(&self, name: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut cmd = Command::new(bin("p2pctl"));
-        cmd.arg("--socket")
-            .arg(self.socket(name))
-            .args(args)
-            .env_remove("P2PD_SOCKET")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start p2pctl");
-        if let Some(bytes) = stdin {
-            let mut pipe = child.stdin.take().expect("stdin");
-            let bytes = bytes.to_vec();
-            // Write from a thread: p2pctl may answer before reading all.
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&bytes);
-            });
-        }
-        let out = child.wait_with_output().expect("p2pctl output");
-        Output {
-            args: args.iter().map(|s| s.to_string()).collect(),
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        p2pctl(&self.socket(name), args, stdin)
     }
 
     /// Starts `p2pctl --json watch` for `name`, its output going to a file
@@ -310,6 +283,39 @@ impl Lab {
             }
         }
         s
+    }
+}
+
+/// Runs `p2pctl --socket SOCKET args...`, feeding `stdin` if given. Needs
+/// no lab, so a test can run it from another thread.
+pub fn p2pctl(socket: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new(bin("p2pctl"));
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("P2PD_SOCKET")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start p2pctl");
+    if let Some(bytes) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        let bytes = bytes.to_vec();
+        // Write from a thread: p2pctl may answer before reading all.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&bytes);
+        });
+    }
+    let out = child.wait_with_output().expect("p2pctl output");
+    Output {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

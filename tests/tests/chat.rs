@@ -69,7 +69,7 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
     let a_dir = lab.socket("a");
     let connect = std::thread::spawn({
         let dir = a_dir.clone();
-        move || run_ctl(&dir, &["connect", "bob"])
+        move || e2e::p2pctl(&dir, &["connect", "bob"], None)
     });
     lab.wait_for("alice's request at bob", WAIT, |lab| {
         let peers = lab.ctl("b", &["--json", "peers"]).json();
@@ -82,15 +82,14 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
             .then_some(())
     });
     lab.ctl("b", &["decline", "alice"]).ok();
-    let (code, _, stderr) = connect.join().unwrap();
-    assert_eq!(code, 6, "declined connect: {stderr}");
-    assert!(stderr.contains("declined"), "{stderr}");
+    let declined = connect.join().unwrap();
+    assert!(declined.fails_with(6).contains("declined"), "{declined:?}");
     lab.ctl("b", &["decline", "alice"]).fails_with(5);
 
     // Then accepts.
     let connect = std::thread::spawn({
         let dir = a_dir.clone();
-        move || run_ctl(&dir, &["--json", "connect", "bob"])
+        move || e2e::p2pctl(&dir, &["--json", "connect", "bob"], None)
     });
     lab.wait_for("alice's second request", WAIT, |lab| {
         let peers = lab.ctl("b", &["--json", "peers"]).json();
@@ -98,10 +97,9 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
     });
     let accepted = lab.ctl("b", &["--json", "accept", "alice"]).json();
     assert_eq!(accepted["fingerprint"], alice_fp.as_str());
-    let (code, stdout, stderr) = connect.join().unwrap();
-    assert_eq!(code, 0, "connect: {stderr}");
-    let connected: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(connected["fingerprint"], bob_fp.as_str());
+    let connected = connect.join().unwrap();
+    connected.ok();
+    assert_eq!(connected.json()["fingerprint"], bob_fp.as_str());
 
     // Messages both ways.
     lab.ctl("a", &["send", "bob", "hello", "bob"]).ok();
@@ -215,19 +213,4 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
     // And a login on request works too.
     let login = lab.ctl("a", &["login"]);
     assert!(login.ok().starts_with("logged in as alice"), "{login:?}");
-}
-
-/// `p2pctl` from another thread: (exit code, stdout, stderr).
-fn run_ctl(socket: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(e2e::bin("p2pctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("p2pctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }

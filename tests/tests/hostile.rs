@@ -113,19 +113,7 @@ fn a_second_daemon_on_the_same_socket_refuses_to_start() {
     let mut lab = Lab::new("twice");
     lab.start_rendezvous();
     lab.start_daemon("a");
-    let out = std::process::Command::new(e2e::bin("p2pd"))
-        .args([
-            "--server",
-            lab.server.as_deref().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(lab.dir.join("a2"))
-        .arg("--socket")
-        .arg(lab.socket("a"))
-        .output()
-        .unwrap();
+    let out = second_p2pd(&lab, &lab.dir.join("a2"), &lab.socket("a"));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
     assert!(
@@ -133,19 +121,7 @@ fn a_second_daemon_on_the_same_socket_refuses_to_start() {
         "refused before creating anything"
     );
     // Nor on the same data directory with another socket.
-    let out = std::process::Command::new(e2e::bin("p2pd"))
-        .args([
-            "--server",
-            lab.server.as_deref().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(lab.dir.join("a"))
-        .arg("--socket")
-        .arg(lab.dir.join("other.sock"))
-        .output()
-        .unwrap();
+    let out = second_p2pd(&lab, &lab.dir.join("a"), &lab.dir.join("other.sock"));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already using the data directory"), "{err}");
@@ -174,6 +150,27 @@ fn a_rendezvous_with_another_key_is_refused_and_the_user_told() {
     let users = lab.ctl("a", &["users"]);
     assert!(users.fails_with(6).contains("key changed"), "{users:?}");
     assert!(lab.logs().contains("REFUSING the rendezvous server"));
+}
+
+/// Runs one more `p2pd` to completion (it is expected to refuse).
+fn second_p2pd(
+    lab: &Lab,
+    data_dir: &std::path::Path,
+    socket: &std::path::Path,
+) -> std::process::Output {
+    std::process::Command::new(e2e::bin("p2pd"))
+        .args([
+            "--server",
+            lab.server.as_deref().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap()
 }
 
 /// The control socket is the user's alone: even with its mode opened up,
