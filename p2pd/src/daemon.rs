@@ -312,24 +312,6 @@ fn request_error(e: &RequestError, what: &str) -> ControlError {
     }
 }
 
-fn phase_str(p: SessionPhase) -> &'static str {
-    match p {
-        SessionPhase::Punching => "punching",
-        SessionPhase::Handshaking => "handshaking",
-        SessionPhase::Established => "established",
-        SessionPhase::Closed => "closed",
-    }
-}
-
-fn link_str(s: LinkState) -> &'static str {
-    match s {
-        LinkState::Connecting => "connecting",
-        LinkState::Connected => "connected",
-        LinkState::LoggedIn => "logged_in",
-        LinkState::KeyMismatch => "key_mismatch",
-    }
-}
-
 fn respond(out: &Reply, resp: Response) {
     if let Ok(line) = serde_json::to_string(&resp) {
         // A client that stopped reading loses its answers, not the daemon.
@@ -346,12 +328,12 @@ impl Daemon {
             .min()
     }
 
-    fn wait(&mut self, id: u64, out: Reply, wait: Wait, for_: Duration) {
+    fn wait(&mut self, now: Instant, id: u64, out: Reply, wait: Wait, for_: Duration) {
         self.waiters.push(Waiter {
             id,
             out,
             wait,
-            deadline: Instant::now() + for_,
+            deadline: now + for_,
         });
     }
 
@@ -365,11 +347,7 @@ impl Daemon {
             match f(&mut self.waiters[i].wait) {
                 Some(result) => {
                     let w = self.waiters.swap_remove(i);
-                    let resp = match result {
-                        Ok(v) => Response::ok(w.id, v),
-                        Err(e) => Response::err(w.id, e),
-                    };
-                    respond(&w.out, resp);
+                    respond(&w.out, Response::from_result(w.id, result));
                 }
                 None => i += 1,
             }
@@ -414,9 +392,11 @@ impl Daemon {
                 let Request { id, command } = request;
                 tracing::debug!(conn, id, cmd = command.name(), "CONTROL(REQUEST)");
                 match self.command(now, conn, id, command, &out) {
-                    Ok(Some(v)) => respond(&out, Response::ok(id, v)),
-                    Ok(None) => {} // answered later
-                    Err(e) => respond(&out, Response::err(id, e)),
+                    Ok(None) => {} // a waiter answers later
+                    result => respond(
+                        &out,
+                        Response::from_result(id, result.map(Option::unwrap_or_default)),
+                    ),
                 }
             }
         }
@@ -464,7 +444,7 @@ impl Daemon {
                     name: link.name().map(str::to_owned),
                     fingerprint: self.node.identity().fingerprint(),
                     server: self.config.server.to_string(),
-                    server_state: link_str(link.state()).into(),
+                    server_state: link.state().as_str().into(),
                     server_fingerprint: link.server_key().map(|k| fingerprint(&k)),
                     observed: link.observed().map(|a| a.to_string()),
                     data_dir: self.config.data_dir.display().to_string(),
@@ -477,6 +457,7 @@ impl Daemon {
                 }
                 let rid = self.node.register(now, &name);
                 self.wait(
+                    now,
                     id,
                     out.clone(),
                     Wait::Rid(rid, RidKind::Register),
@@ -492,13 +473,14 @@ impl Daemon {
                     ));
                 }
                 self.node.relogin(now);
-                self.wait(id, out.clone(), Wait::Login, SERVER_WAIT);
+                self.wait(now, id, out.clone(), Wait::Login, SERVER_WAIT);
                 Ok(None)
             }
             Command::Users => {
                 self.require_login()?;
                 let rid = self.node.list_users(now, 0);
                 self.wait(
+                    now,
                     id,
                     out.clone(),
                     Wait::Rid(rid, RidKind::Users(Vec::new())),
@@ -513,19 +495,20 @@ impl Daemon {
                 }
                 self.require_login()?;
                 self.node.connect(now, &peer);
-                self.wait(id, out.clone(), Wait::Up(peer, None), CONNECT_WAIT);
+                self.wait(now, id, out.clone(), Wait::Up(peer, None), CONNECT_WAIT);
                 Ok(None)
             }
             Command::Accept { peer } => {
                 Self::check_name(&peer)?;
                 let rid = self.node.answer(now, &peer, true).map_err(node_error)?;
-                self.wait(id, out.clone(), Wait::Up(peer, Some(rid)), ACCEPT_WAIT);
+                self.wait(now, id, out.clone(), Wait::Up(peer, Some(rid)), ACCEPT_WAIT);
                 Ok(None)
             }
             Command::Decline { peer } => {
                 Self::check_name(&peer)?;
                 let rid = self.node.answer(now, &peer, false).map_err(node_error)?;
                 self.wait(
+                    now,
                     id,
                     out.clone(),
                     Wait::Rid(rid, RidKind::Decline),
@@ -536,7 +519,7 @@ impl Daemon {
             Command::Ping { peer } => {
                 Self::check_name(&peer)?;
                 let nonce = self.node.ping(now, &peer).map_err(node_error)?;
-                self.wait(id, out.clone(), Wait::Pong(peer, nonce), PING_WAIT);
+                self.wait(now, id, out.clone(), Wait::Pong(peer, nonce), PING_WAIT);
                 Ok(None)
             }
             Command::Send { peer, text } => {
@@ -584,7 +567,7 @@ impl Daemon {
                     .into_iter()
                     .map(|p| PeerInfo {
                         name: p.name,
-                        state: phase_str(p.phase).into(),
+                        state: p.phase.as_str().into(),
                         endpoint: p.endpoint.map(|e| e.to_string()),
                         rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
                         fingerprint: p.fingerprint,
@@ -957,11 +940,7 @@ impl Daemon {
             )),
         };
         let w = self.waiters.swap_remove(i);
-        let resp = match answer {
-            Ok(v) => Response::ok(w.id, v),
-            Err(e) => Response::err(w.id, e),
-        };
-        respond(&w.out, resp);
+        respond(&w.out, Response::from_result(w.id, answer));
     }
 }
 

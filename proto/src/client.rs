@@ -142,6 +142,18 @@ pub enum LinkState {
     KeyMismatch,
 }
 
+impl LinkState {
+    /// The name the control API shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Connected => "connected",
+            LinkState::LoggedIn => "logged_in",
+            LinkState::KeyMismatch => "key_mismatch",
+        }
+    }
+}
+
 enum State {
     Idle {
         retry_at: Instant,

@@ -136,6 +136,13 @@ impl Response {
         }
     }
 
+    pub fn from_result(id: u64, result: Result<serde_json::Value, ControlError>) -> Self {
+        match result {
+            Ok(v) => Self::ok(id, v),
+            Err(e) => Self::err(id, e),
+        }
+    }
+
     pub fn err(id: u64, error: ControlError) -> Self {
         Self {
             id,

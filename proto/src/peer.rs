@@ -92,6 +92,18 @@ pub enum SessionPhase {
     Closed,
 }
 
+impl SessionPhase {
+    /// The name the control API shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionPhase::Punching => "punching",
+            SessionPhase::Handshaking => "handshaking",
+            SessionPhase::Established => "established",
+            SessionPhase::Closed => "closed",
+        }
+    }
+}
+
 struct Hs {
     hs: Handshake,
     local_index: u32,
