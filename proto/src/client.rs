@@ -212,6 +212,7 @@ pub struct ServerLink {
 
 impl ServerLink {
     pub fn new(identity: Identity, config: ClientConfig, now: Instant, seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         Self {
             identity,
             config,
@@ -223,20 +224,15 @@ impl ServerLink {
             internal: HashMap::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
-            next_rid: 1,
+            // Request ids start at a random point, so that a restarted
+            // client's ids do not meet the server's cached answers for its
+            // previous run.
+            next_rid: rng.gen::<u32>().max(1),
             observed: None,
             rekeying: None,
             seen_pushes: VecDeque::new(),
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            rng,
         }
-        .with_random_rids()
-    }
-
-    /// Request ids start at a random point, so that a restarted client's
-    /// ids do not meet the server's cached answers for its previous run.
-    fn with_random_rids(mut self) -> Self {
-        self.next_rid = self.rng.gen::<u32>().max(1);
-        self
     }
 
     pub fn server_addr(&self) -> SocketAddr {
@@ -310,8 +306,9 @@ impl ServerLink {
                 [Some(r.deadline), resend]
             })
             .flatten()
-            .chain(self.internal.values().copied())
             .min();
+        // `internal` (heartbeat rids awaiting a pong) needs no wakeup of its
+        // own: it is pruned on the next timeout, at the next heartbeat.
         [state, requests].into_iter().flatten().min()
     }
 
