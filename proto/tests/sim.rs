@@ -233,6 +233,25 @@ impl Sim {
         }
     }
 
+    /// Lets `d` of virtual time pass.
+    fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run_until(d + Duration::from_secs(1), |s| s.now >= until);
+    }
+
+    /// Starts bob's node again with what his database kept: his name, the
+    /// pinned server key, alice pinned with his receive position.
+    fn restart_bob(&mut self, recv_next: u64, seed: u64) {
+        let now = self.now;
+        let mut config = node_config(self.server_addr);
+        config.client.name = Some("bob".into());
+        config.client.server_key = Some(self.server_id.noise_public());
+        let mut bob = Node::new(self.identities[1].clone(), config, now, seed);
+        bob.add_contact(now, "alice", self.identities[0].public(), recv_next);
+        self.nodes[1] = Some(bob);
+        self.events[1].clear();
+    }
+
     fn take_events(&mut self, i: usize) -> Vec<NodeEvent> {
         std::mem::take(&mut self.events[i])
     }
@@ -441,15 +460,7 @@ fn queued_messages_reach_a_peer_that_restarts() {
     });
     // bob comes back with what its database kept: alice pinned, and
     // message 0 delivered.
-    let now = sim.now;
-    let alice = sim.identities[0].public();
-    let mut config = node_config(sim.server_addr);
-    config.client.name = Some("bob".into());
-    config.client.server_key = Some(sim.server_id.noise_public());
-    let mut bob = Node::new(sim.identities[1].clone(), config, now, 77);
-    bob.add_contact(now, "alice", alice, 1);
-    sim.nodes[1] = Some(bob);
-    sim.events[1].clear();
+    sim.restart_bob(1, 77);
     sim.run_until(Duration::from_secs(300), |s| {
         s.delivered(1, "alice").len() == 19
     });
@@ -477,12 +488,9 @@ fn a_changed_peer_key_is_refused() {
             |e| matches!(e, NodeEvent::KeyMismatch { name, .. } if name == "bob"),
         )
     });
-    sim.run_until(Duration::from_secs(15), |_| false_after());
+    // And it stays refused.
+    sim.run_for(Duration::from_secs(15));
     assert!(!sim.node(0).is_up("bob"));
-}
-
-fn false_after() -> bool {
-    true
 }
 
 #[test]
@@ -596,10 +604,7 @@ fn a_long_session_rekeys_without_dropping_a_message() {
             sim.node(0).send_message(now, "bob", msg(seq));
             sim.node(1).send_message(now, "alice", msg(seq));
             seq += 1;
-            let t = sim.now;
-            sim.run_until(Duration::from_secs(10), |s| {
-                s.now >= t + Duration::from_secs(7)
-            });
+            sim.run_for(Duration::from_secs(7));
         }
         sim.run_until(Duration::from_secs(120), |s| {
             s.delivered(1, "alice").len() as u64 >= seq && s.delivered(0, "bob").len() as u64 >= seq
@@ -656,15 +661,9 @@ fn a_peer_that_restarts_quickly_is_rejoined_directly() {
     sim.register_both();
     sim.connect();
     // bob's daemon restarts at once, with alice pinned from its database.
-    let now = sim.now;
-    let mut config = node_config(sim.server_addr);
-    config.client.name = Some("bob".into());
-    config.client.server_key = Some(sim.server_id.noise_public());
-    let mut bob = Node::new(sim.identities[1].clone(), config, now, 78);
-    bob.add_contact(now, "alice", sim.identities[0].public(), 0);
-    sim.nodes[1] = Some(bob);
-    sim.events[1].clear();
+    sim.restart_bob(0, 78);
     sim.take_events(0);
+    let now = sim.now;
     // alice's next message meets "session unknown", and she handshakes
     // again straight to bob's address: no new introduction.
     sim.node(0).send_message(now, "bob", msg(0));
