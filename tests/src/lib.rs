@@ -6,6 +6,8 @@
 //! test executable (`target/<profile>/`). Every process is killed when the
 //! lab is dropped; when a test fails, the lab prints every process's log.
 
+pub mod natlab;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -89,13 +91,27 @@ impl Lab {
     }
 
     fn spawn(&mut self, name: &str, program: &Path, args: &[String]) {
+        self.spawn_in(None, name, program, args)
+    }
+
+    /// Starts a process, inside network namespace `netns` if given.
+    fn spawn_in(&mut self, netns: Option<&str>, name: &str, program: &Path, args: &[String]) {
         let log = self.dir.join(format!("{name}.log"));
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(program)
+        let mut cmd = match netns {
+            // `ip netns exec` execs the program: the child is the program.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        let child = cmd
             .args(args)
             .env("RUST_LOG", "info,proto=debug")
             .env_remove("P2PD_SOCKET")
@@ -115,16 +131,23 @@ impl Lab {
     /// Starts the rendezvous server on `addr` (port 0 on first start) and
     /// waits for its banner to learn the address.
     pub fn start_rendezvous(&mut self) {
+        self.start_rendezvous_in(None, &[]);
+    }
+
+    /// Starts the rendezvous server inside `netns` (if given), with extra
+    /// arguments.
+    pub fn start_rendezvous_in(&mut self, netns: Option<&str>, extra: &[&str]) {
         let listen = self.server.clone().unwrap_or_else(|| "127.0.0.1:0".into());
         let log = self.dir.join("rendezvous.log");
         let before = fs::read_to_string(&log).map(|s| s.len()).unwrap_or(0);
-        let args = vec![
+        let mut args = vec![
             "--listen".into(),
             listen,
             "--data-dir".into(),
             self.dir.join("rendezvous").display().to_string(),
         ];
-        self.spawn("rendezvous", &bin("rendezvous"), &args);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_in(netns, "rendezvous", &bin("rendezvous"), &args);
         let addr = self.wait_for("rendezvous banner", Duration::from_secs(20), |lab| {
             let text = fs::read_to_string(&log).unwrap_or_default();
             text.get(before..)
@@ -145,12 +168,15 @@ impl Lab {
     /// Starts a daemon called `name` (its data dir and socket are named
     /// after it) and waits until its control socket answers.
     pub fn start_daemon(&mut self, name: &str) {
+        self.start_daemon_in(None, name, &["--listen", "127.0.0.1:0"]);
+    }
+
+    /// Starts a daemon inside `netns` (if given), with extra arguments.
+    pub fn start_daemon_in(&mut self, netns: Option<&str>, name: &str, extra: &[&str]) {
         let server = self.server.clone().expect("rendezvous started first");
-        let args = vec![
+        let mut args = vec![
             "--server".into(),
             server,
-            "--listen".into(),
-            "127.0.0.1:0".into(),
             "--data-dir".into(),
             self.dir.join(name).display().to_string(),
             "--socket".into(),
@@ -159,7 +185,8 @@ impl Lab {
             "--heartbeat".into(),
             "1".into(),
         ];
-        self.spawn(name, &bin("p2pd"), &args);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_in(netns, name, &bin("p2pd"), &args);
         self.wait_for("daemon control socket", Duration::from_secs(20), |lab| {
             (lab.ctl(name, &["whoami"]).code == 0).then_some(())
         });

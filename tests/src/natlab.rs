@@ -1,0 +1,498 @@
+//! A NAT lab: Linux network namespaces joined by veth pairs, with routers
+//! made of nftables rules, so NAT traversal is tested against the kernel's
+//! real connection tracking rather than a model of it.
+//!
+//! ```text
+//!   public (203.0.113.0/24, 2001:db8::/64, bridge br0; the rendezvous runs here)
+//!     │ wan 203.0.113.1x              │
+//!   router r1 (nftables)            router r2 ...
+//!     │ lan 192.168.1.1/24            │ (a router may also sit behind another
+//!   host a 192.168.1.2, host a2 ...   │  router: carrier-grade NAT, 100.64.x.0/24)
+//! ```
+//!
+//! Every namespace name starts with a prefix unique to this process and
+//! lab, so parallel runs never collide, and every namespace is deleted when
+//! the [`Net`] is dropped. Traffic never leaves the lab: the public segment
+//! is a bridge inside a namespace of its own, with no link to the host.
+//!
+//! Routers model what real ones do (see [`Nat`]): masquerade on the WAN
+//! side, and a stateful firewall that drops unsolicited inbound packets
+//! (`ct state new` on the WAN side, for both input and forward). Without
+//! that rule Linux conntrack would record a peer's first punch packet to
+//! the router itself, and masquerade would then give the host's own
+//! outgoing flow a different port: a failure no real home router shows.
+//!
+//! IPv6 runs beside IPv4 with no NAT at all: each LAN has its own /64,
+//! routed by the public namespace, behind the same stateful firewall.
+//!
+//! The lab needs root, `ip` (iproute2) and `nft` (nftables). Where it can't
+//! run, [`Net::new`] prints why and returns `None` so the test can skip;
+//! with `P2P_REQUIRE_NATLAB=1` (set by `.ci/run`) that is a failure instead.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The kinds of router the lab builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// A typical home router: endpoint-independent mapping (masquerade
+    /// keeps a host's source port for every destination), port-restricted
+    /// filtering through the stateful firewall.
+    Home,
+    /// Endpoint-dependent mapping (`masquerade random`): every destination
+    /// gets a new random port, which defeats plain hole punching.
+    Symmetric,
+    /// A home router on a network that drops all UDP but DNS.
+    UdpBlocked,
+}
+
+/// A router: a namespace with a WAN and a LAN interface.
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub ns: String,
+    pub nat: Nat,
+    /// The WAN address: what the rest of the world sees of its hosts.
+    pub wan: Ipv4Addr,
+    /// The router's index: its LAN is 192.168.<index>.0/24 (100.64.<index>.0/24
+    /// when it is a carrier-grade NAT, see [`Net::cgnat`]) and
+    /// 2001:db8:<index>::/64.
+    index: u8,
+    lan_v4: [u8; 3],
+}
+
+/// A host on a router's LAN.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub ns: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+pub struct Net {
+    prefix: String,
+    namespaces: Vec<String>,
+    next_router: u8,
+    next_host: Vec<(String, u8)>,
+    /// The namespace of the public segment (and of the rendezvous server).
+    pub public: String,
+}
+
+/// The rendezvous server's addresses on the public segment.
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Why the lab can't run here, if it can't.
+fn unavailable() -> Option<String> {
+    if !cfg!(target_os = "linux") {
+        return Some("the NAT lab needs Linux network namespaces".into());
+    }
+    let uid = Command::new("id").arg("-u").output();
+    if !uid.is_ok_and(|o| o.stdout.trim_ascii() == b"0") {
+        return Some("the NAT lab needs root".into());
+    }
+    for tool in ["ip", "nft"] {
+        let found = Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!(
+                "the NAT lab needs `{tool}` (install iproute2 and nftables)"
+            ));
+        }
+    }
+    None
+}
+
+/// Runs a command and panics, with its output, if it fails.
+#[track_caller]
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `ip -n NS args...`.
+#[track_caller]
+fn ip(ns: &str, args: &[&str]) {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend_from_slice(args);
+    sh(&v);
+}
+
+/// Runs a command inside a namespace.
+#[track_caller]
+pub fn exec(ns: &str, args: &[&str]) -> String {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+#[track_caller]
+fn sysctl(ns: &str, setting: &str) {
+    exec(ns, &["sysctl", "-q", "-w", setting]);
+}
+
+#[track_caller]
+fn nft(ns: &str, ruleset: &str) {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .expect("nft stdin")
+        .write_all(ruleset.as_bytes())
+        .expect("write ruleset");
+    let out = child.wait_with_output().expect("nft");
+    assert!(
+        out.status.success(),
+        "nft in {ns} refused:\n{ruleset}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Net {
+    /// Builds the public segment, or says why the lab can't run here.
+    pub fn new(tag: &str) -> Option<Net> {
+        if let Some(why) = unavailable() {
+            if std::env::var("P2P_REQUIRE_NATLAB").as_deref() == Ok("1") {
+                panic!("P2P_REQUIRE_NATLAB=1 but {why}");
+            }
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("p2p{}{}{tag}", std::process::id(), n);
+        let public = format!("{prefix}-pub");
+        let mut net = Net {
+            prefix,
+            namespaces: Vec::new(),
+            next_router: 1,
+            next_host: Vec::new(),
+            public: public.clone(),
+        };
+        net.namespace(&public);
+        ip(&public, &["link", "add", "br0", "type", "bridge"]);
+        ip(&public, &["link", "set", "br0", "up"]);
+        ip(&public, &["addr", "add", "203.0.113.1/24", "dev", "br0"]);
+        ip(
+            &public,
+            &["-6", "addr", "add", "2001:db8::1/64", "dev", "br0", "nodad"],
+        );
+        sysctl(&public, "net.ipv6.conf.all.forwarding=1");
+        Some(net)
+    }
+
+    fn namespace(&mut self, name: &str) {
+        sh(&["ip", "netns", "add", name]);
+        self.namespaces.push(name.to_owned());
+        ip(name, &["link", "set", "lo", "up"]);
+    }
+
+    /// A router on the public segment.
+    pub fn router(&mut self, nat: Nat) -> Router {
+        let index = self.next_router;
+        self.next_router += 1;
+        let ns = format!("{}-r{index}", self.prefix);
+        self.namespace(&ns);
+        let wan = Ipv4Addr::new(203, 0, 113, 10 + index);
+        let uplink = format!("r{index}");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "wan",
+            "netns",
+            &ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &uplink,
+            "netns",
+            &self.public,
+        ]);
+        ip(
+            &self.public,
+            &["link", "set", &uplink, "master", "br0", "up"],
+        );
+        ip(&ns, &["addr", "add", &format!("{wan}/24"), "dev", "wan"]);
+        let wan6 = format!("2001:db8::{:x}", 0x10 + index as u16);
+        ip(
+            &ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{wan6}/64"),
+                "dev",
+                "wan",
+                "nodad",
+            ],
+        );
+        ip(&ns, &["link", "set", "wan", "up"]);
+        ip(&ns, &["route", "add", "default", "via", "203.0.113.1"]);
+        ip(
+            &ns,
+            &["-6", "route", "add", "default", "via", "2001:db8::1"],
+        );
+        // The public segment routes each LAN's IPv6 prefix to its router.
+        ip(
+            &self.public,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("2001:db8:{index:x}::/64"),
+                "via",
+                &wan6,
+            ],
+        );
+        let router = Router {
+            ns,
+            nat,
+            wan,
+            index,
+            lan_v4: [192, 168, index],
+        };
+        self.lan(&router);
+        router
+    }
+
+    /// A carrier-grade NAT on the public segment whose LAN
+    /// (100.64.<index>.0/24) is the WAN of the routers made with
+    /// [`Net::router_behind`]. It is an endpoint-independent NAT, as
+    /// RFC 6888 asks of one.
+    pub fn cgnat(&mut self) -> Router {
+        let mut r = self.router(Nat::Home);
+        // Rebuild its LAN as 100.64.<index>.0/24.
+        ip(&r.ns, &["addr", "flush", "dev", "lan"]);
+        r.lan_v4 = [100, 64, r.index];
+        ip(
+            &r.ns,
+            &[
+                "addr",
+                "add",
+                &format!("100.64.{}.1/24", r.index),
+                "dev",
+                "lan",
+            ],
+        );
+        ip(
+            &r.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("2001:db8:{:x}::1/64", r.index),
+                "dev",
+                "lan",
+                "nodad",
+            ],
+        );
+        r
+    }
+
+    /// A home router whose WAN is on the LAN of `upstream` (double NAT).
+    pub fn router_behind(&mut self, upstream: &Router, nat: Nat) -> Router {
+        let index = self.next_router;
+        self.next_router += 1;
+        let ns = format!("{}-r{index}", self.prefix);
+        self.namespace(&ns);
+        let wan = self.attach(upstream, &ns, "wan");
+        ip(&ns, &["link", "set", "wan", "up"]);
+        let gw = Ipv4Addr::new(
+            upstream.lan_v4[0],
+            upstream.lan_v4[1],
+            upstream.lan_v4[2],
+            1,
+        );
+        ip(&ns, &["route", "add", "default", "via", &gw.to_string()]);
+        let router = Router {
+            ns,
+            nat,
+            wan: wan.0,
+            index,
+            lan_v4: [192, 168, index],
+        };
+        self.lan(&router);
+        router
+    }
+
+    /// The router's LAN bridge, its addresses and its nftables rules.
+    fn lan(&mut self, r: &Router) {
+        let ns = &r.ns;
+        ip(ns, &["link", "add", "lan", "type", "bridge"]);
+        ip(ns, &["link", "set", "lan", "up"]);
+        let [a, b, c] = r.lan_v4;
+        ip(
+            ns,
+            &["addr", "add", &format!("{a}.{b}.{c}.1/24"), "dev", "lan"],
+        );
+        ip(
+            ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("2001:db8:{:x}::1/64", r.index),
+                "dev",
+                "lan",
+                "nodad",
+            ],
+        );
+        sysctl(ns, "net.ipv4.ip_forward=1");
+        sysctl(ns, "net.ipv6.conf.all.forwarding=1");
+        let masquerade = match r.nat {
+            Nat::Symmetric => "masquerade random",
+            Nat::Home | Nat::UdpBlocked => "masquerade",
+        };
+        let block_udp = match r.nat {
+            Nat::UdpBlocked => "oifname \"wan\" udp dport != 53 drop",
+            _ => "",
+        };
+        nft(
+            ns,
+            &format!(
+                r#"
+table ip nat {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat;
+    oifname "wan" {masquerade}
+  }}
+}}
+table inet firewall {{
+  chain forward {{
+    type filter hook forward priority 0;
+    {block_udp}
+    iifname "wan" ct state new drop
+  }}
+  chain input {{
+    type filter hook input priority 0;
+    iifname "wan" ct state new drop
+  }}
+}}
+"#
+            ),
+        );
+        self.next_host.push((ns.clone(), 2));
+    }
+
+    /// Connects namespace `ns` to `router`'s LAN with an interface named
+    /// `ifname`, and gives it the next free address there.
+    fn attach(&mut self, router: &Router, ns: &str, ifname: &str) -> (Ipv4Addr, Ipv6Addr) {
+        let slot = self
+            .next_host
+            .iter_mut()
+            .find(|(r, _)| *r == router.ns)
+            .expect("router of this lab");
+        let n = slot.1;
+        slot.1 += 1;
+        let port = format!("h{n}");
+        sh(&[
+            "ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", &port,
+            "netns", &router.ns,
+        ]);
+        ip(&router.ns, &["link", "set", &port, "master", "lan", "up"]);
+        let [a, b, c] = router.lan_v4;
+        let v4 = Ipv4Addr::new(a, b, c, n);
+        let v6 = Ipv6Addr::new(0x2001, 0xdb8, router.index as u16, 0, 0, 0, 0, n as u16);
+        ip(ns, &["addr", "add", &format!("{v4}/24"), "dev", ifname]);
+        ip(
+            ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                ifname,
+                "nodad",
+            ],
+        );
+        (v4, v6)
+    }
+
+    /// A host on `router`'s LAN, with a default route through it.
+    pub fn host(&mut self, router: &Router) -> Host {
+        let ns = format!("{}-h{}", self.prefix, self.namespaces.len());
+        self.namespace(&ns);
+        let (v4, v6) = self.attach(router, &ns, "eth0");
+        ip(&ns, &["link", "set", "eth0", "up"]);
+        let [a, b, c] = router.lan_v4;
+        ip(
+            &ns,
+            &["route", "add", "default", "via", &format!("{a}.{b}.{c}.1")],
+        );
+        ip(
+            &ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("2001:db8:{:x}::1", router.index),
+            ],
+        );
+        Host { ns, v4, v6 }
+    }
+
+    /// Sets how long the router keeps an idle UDP mapping, for flows seen
+    /// in one direction and in both (conntrack's two UDP timeouts).
+    pub fn udp_timeout(&self, router: &Router, secs: u32) {
+        sysctl(
+            &router.ns,
+            &format!("net.netfilter.nf_conntrack_udp_timeout={secs}"),
+        );
+        sysctl(
+            &router.ns,
+            &format!("net.netfilter.nf_conntrack_udp_timeout_stream={secs}"),
+        );
+    }
+
+    /// The router forgets every mapping (a reboot, or a NAT that rebinds).
+    pub fn flush_mappings(&self, router: &Router) {
+        exec(&router.ns, &["conntrack", "-F"]);
+    }
+
+    /// Adds nftables rules to a router, e.g. random loss on its WAN.
+    pub fn rules(&self, router: &Router, ruleset: &str) {
+        nft(&router.ns, ruleset);
+    }
+}
+
+impl Host {
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.v6)
+        } else {
+            IpAddr::V4(self.v4)
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

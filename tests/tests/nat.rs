@@ -1,0 +1,139 @@
+//! NAT traversal on real NATs: the lab of `e2e::natlab` (network
+//! namespaces, nftables routers), real `rendezvous` and `p2pd` processes
+//! inside it, driven only through `p2pctl`.
+//!
+//! Each test builds its own lab and deletes it. Without root or nftables
+//! the tests print SKIPPED and pass, unless `P2P_REQUIRE_NATLAB=1`.
+
+use e2e::natlab::{Host, Nat, Net, SERVER_V4};
+use e2e::Lab;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A lab with the rendezvous server on the public segment.
+fn lab(tag: &str) -> Option<(Net, Lab)> {
+    let net = Net::new(tag)?;
+    let mut lab = Lab::new(tag);
+    lab.server = Some(format!("{SERVER_V4}:7000"));
+    let public = net.public.clone();
+    lab.start_rendezvous_in(Some(&public), &[]);
+    Some((net, lab))
+}
+
+fn daemon(lab: &mut Lab, name: &str, host: &Host) {
+    lab.start_daemon_in(Some(&host.ns), name, &["--listen", "0.0.0.0:0"]);
+    lab.ctl(name, &["register", name]).ok();
+}
+
+/// The `peers` entry for `peer` as `daemon` shows it.
+fn peer(lab: &Lab, daemon: &str, peer: &str) -> Value {
+    let out = lab.ctl(daemon, &["--json", "peers"]).json();
+    out["peers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == peer).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn established(lab: &Lab, daemon: &str, other: &str) -> Option<Value> {
+    let p = peer(lab, daemon, other);
+    (p["state"] == "established").then_some(p)
+}
+
+/// `a` connects to `b`, `b` accepts; returns how long after `accept` both
+/// saw the session up, and both `peers` entries.
+fn connect(lab: &mut Lab, a: &str, b: &str) -> (Duration, Value, Value) {
+    let connect = {
+        let socket = lab.socket(a);
+        let b = b.to_owned();
+        std::thread::spawn(move || e2e::p2pctl(&socket, &["connect", &b], None))
+    };
+    lab.wait_for("the connection request", WAIT, |lab| {
+        let p = lab.ctl(b, &["--json", "peers"]).json();
+        let asked = p["requests"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|u| u["name"] == a));
+        asked.then_some(())
+    });
+    let accepted = Instant::now();
+    lab.ctl(b, &["accept", a]).ok();
+    let (pa, pb) = lab.wait_for("the session on both sides", WAIT, |lab| {
+        Some((established(lab, a, b)?, established(lab, b, a)?))
+    });
+    let took = accepted.elapsed();
+    connect.join().expect("connect thread").ok();
+    (took, pa, pb)
+}
+
+/// Messages both ways arrive, checked in the receiver's history.
+fn chat(lab: &mut Lab, a: &str, b: &str, text: &str) {
+    lab.ctl(a, &["send", b, &format!("{text} from {a}")]).ok();
+    lab.ctl(b, &["send", a, &format!("{text} from {b}")]).ok();
+    for (who, from) in [(b, a), (a, b)] {
+        let want = format!("{text} from {from}");
+        lab.wait_for("the message", WAIT, |lab| {
+            let h = lab
+                .ctl(who, &["--json", "history", from, "-n", "100"])
+                .json();
+            h.as_array()
+                .is_some_and(|m| m.iter().any(|m| m["text"] == want.as_str()))
+                .then_some(())
+        });
+    }
+}
+
+#[test]
+fn two_home_routers_connect_directly() {
+    let Some((mut net, mut lab)) = lab("home") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+
+    let (took, pa, pb) = connect(&mut lab, "alice", "bob");
+    println!("direct session up {took:?} after accept");
+    // Each sees the other at its router's public address: a direct path
+    // through both NATs, not a relay and not a local address.
+    let ea = pa["endpoint"].as_str().unwrap_or_default().to_owned();
+    let eb = pb["endpoint"].as_str().unwrap_or_default().to_owned();
+    assert!(ea.starts_with(&format!("{}:", rb.wan)), "{pa}");
+    assert!(eb.starts_with(&format!("{}:", ra.wan)), "{pb}");
+    chat(&mut lab, "alice", "bob", "hello");
+}
+
+#[test]
+fn two_hosts_behind_one_router_talk_over_the_lan() {
+    let Some((mut net, mut lab)) = lab("lan") else {
+        return;
+    };
+    let r = net.router(Nat::Home);
+    let (ha, hb) = (net.host(&r), net.host(&r));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    let (_, pa, pb) = connect(&mut lab, "alice", "bob");
+    // Straight over the LAN, not hairpinned through the router's WAN side.
+    let ea = pa["endpoint"].as_str().unwrap_or_default().to_owned();
+    let eb = pb["endpoint"].as_str().unwrap_or_default().to_owned();
+    assert!(ea.starts_with(&format!("{}:", hb.v4)), "{pa}");
+    assert!(eb.starts_with(&format!("{}:", ha.v4)), "{pb}");
+    chat(&mut lab, "alice", "bob", "hi neighbour");
+}
+
+#[test]
+fn double_nat_connects() {
+    let Some((mut net, mut lab)) = lab("cgn") else {
+        return;
+    };
+    let cgn = net.cgnat();
+    let ra = net.router_behind(&cgn, Nat::Home);
+    let rb = net.router(Nat::Home);
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    let (_, pa, _) = connect(&mut lab, "alice", "bob");
+    println!("double NAT: alice reaches bob at {}", pa["endpoint"]);
+    chat(&mut lab, "alice", "bob", "through two NATs");
+}
