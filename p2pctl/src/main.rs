@@ -427,9 +427,13 @@ async fn run(args: Args) -> Result<(), Failure> {
                     String::new()
                 };
                 out(&format!(
-                    "{}  {}{}{rtt}{queued}  {}",
+                    "{}  {}{}{}{rtt}{queued}  {}",
                     peer.name,
                     peer.state,
+                    peer.path
+                        .as_ref()
+                        .map(|p| format!(" {p}"))
+                        .unwrap_or_default(),
                     peer.endpoint
                         .as_ref()
                         .map(|e| format!(" {e}"))
@@ -532,9 +536,10 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
 
 fn connected_text(v: &Value) -> String {
     format!(
-        "connected to {} at {} (fingerprint {})",
+        "connected to {} at {} ({}, fingerprint {})",
         field(v, "peer"),
         field(v, "endpoint"),
+        field(v, "path"),
         field(v, "fingerprint")
     )
 }
@@ -609,10 +614,15 @@ fn event_text(e: &Event) -> String {
         Event::PeerUp {
             peer,
             endpoint,
+            path,
             fingerprint,
-        } => format!("-- connected to {peer} at {endpoint} ({fingerprint})"),
+        } => format!("-- connected to {peer} at {endpoint} ({path}, {fingerprint})"),
         Event::PeerDown { peer, reason } => format!("-- {peer} disconnected: {}", clean(reason)),
-        Event::PathChanged { peer, endpoint } => format!("-- {peer} moved to {endpoint}"),
+        Event::PathChanged {
+            peer,
+            endpoint,
+            path,
+        } => format!("-- {peer} moved to {endpoint} ({path})"),
         Event::KeyMismatch {
             peer,
             pinned,

@@ -370,6 +370,16 @@ impl Daemon {
         }
     }
 
+    /// How a session reaches a peer at `endpoint`, in the control API's
+    /// words.
+    fn path_name(&self, endpoint: SocketAddr) -> &'static str {
+        if endpoint == self.node.link().server_addr() {
+            "relay-udp"
+        } else {
+            "direct"
+        }
+    }
+
     fn broadcast(&mut self, event: Event) {
         let Ok(line) = serde_json::to_string(&event) else {
             return;
@@ -569,6 +579,7 @@ impl Daemon {
                         name: p.name,
                         state: p.phase.as_str().into(),
                         endpoint: p.endpoint.map(|e| e.to_string()),
+                        path: p.endpoint.map(|e| self.path_name(e).to_owned()),
                         rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
                         fingerprint: p.fingerprint,
                         queued: p.queued,
@@ -611,6 +622,11 @@ impl Daemon {
             .map(|p| Connected {
                 peer: p.name,
                 endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                path: p
+                    .endpoint
+                    .map(|e| self.path_name(e))
+                    .unwrap_or_default()
+                    .to_owned(),
                 fingerprint: p.fingerprint.unwrap_or_default(),
             })
     }
@@ -806,14 +822,17 @@ impl Daemon {
             } => {
                 tracing::info!(peer = %name, %endpoint, "PEER(UP)");
                 self.pin(&name, &identity);
+                let path = self.path_name(endpoint).to_owned();
                 let c = Connected {
                     peer: name.clone(),
                     endpoint: endpoint.to_string(),
+                    path: path.clone(),
                     fingerprint: identity.fingerprint(),
                 };
                 self.broadcast(Event::PeerUp {
                     peer: name.clone(),
                     endpoint: endpoint.to_string(),
+                    path,
                     fingerprint: identity.fingerprint(),
                 });
                 let v = serde_json::to_value(&c).unwrap_or_default();
@@ -832,10 +851,12 @@ impl Daemon {
                 });
             }
             NodeEvent::PathChanged { name, endpoint } => {
-                tracing::info!(peer = %name, %endpoint, "PEER(PATH_CHANGED)");
+                let path = self.path_name(endpoint).to_owned();
+                tracing::info!(peer = %name, %endpoint, %path, "PEER(PATH_CHANGED)");
                 self.broadcast(Event::PathChanged {
                     peer: name,
                     endpoint: endpoint.to_string(),
+                    path,
                 });
             }
             NodeEvent::Delivered {

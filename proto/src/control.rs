@@ -224,6 +224,8 @@ pub struct UserInfo {
 pub struct Connected {
     pub peer: String,
     pub endpoint: String,
+    /// `direct`, `relay-udp` or `relay-tcp`.
+    pub path: String,
     pub fingerprint: String,
 }
 
@@ -276,7 +278,12 @@ pub struct PeerInfo {
     pub name: String,
     /// `punching`, `handshaking`, `established` or `closed`.
     pub state: String,
+    /// Where this peer's packets go: its address on a direct path, the
+    /// relay's address when relayed.
     pub endpoint: Option<String>,
+    /// `direct`, `relay-udp` (through the rendezvous server over UDP) or
+    /// `relay-tcp` (the same, over this daemon's TCP connection to it).
+    pub path: Option<String>,
     pub rtt_ms: Option<f64>,
     pub fingerprint: Option<String>,
     pub queued: usize,
@@ -319,15 +326,18 @@ pub enum Event {
     PeerUp {
         peer: String,
         endpoint: String,
+        path: String,
         fingerprint: String,
     },
     PeerDown {
         peer: String,
         reason: String,
     },
+    /// The session with `peer` moved to another path or endpoint.
     PathChanged {
         peer: String,
         endpoint: String,
+        path: String,
     },
     /// A peer showed a different key than the one pinned for its name;
     /// the session was refused.

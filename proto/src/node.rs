@@ -19,7 +19,7 @@ use crate::client::{ClientConfig, LinkEvent, LinkState, RequestError, ServerLink
 use crate::codec::Reader;
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
-use crate::peer::{PeerConfig, PeerEvent, PeerSession, PunchPlan, SessionPhase};
+use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, PunchPlan, SessionPhase};
 use crate::reliable::{Outgoing, Reliable, ReliableEvent};
 use crate::wire::{ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
 use crate::Transmit;
@@ -137,6 +137,8 @@ pub struct PeerStatus {
     pub name: String,
     pub phase: SessionPhase,
     pub endpoint: Option<SocketAddr>,
+    /// Direct, or through the rendezvous server's relay.
+    pub path: Option<Path>,
     pub rtt: Option<Duration>,
     pub fingerprint: Option<String>,
     pub queued: usize,
@@ -433,6 +435,7 @@ impl Node {
                     .map(|s| s.phase())
                     .unwrap_or(SessionPhase::Closed),
                 endpoint: e.session.as_ref().and_then(|s| s.endpoint()),
+                path: e.session.as_ref().and_then(|s| s.path()),
                 rtt: e
                     .session
                     .as_ref()
@@ -517,6 +520,25 @@ impl Node {
             }
         };
         let from_server = from == self.link.server_addr();
+        if let Packet::Relay { channel, payload } = packet {
+            // A peer's packet through the relay, on one of our sessions'
+            // channels: handled as if from the peer, at the relay's address.
+            let ours = self
+                .peers
+                .values()
+                .filter_map(|e| e.session.as_ref())
+                .any(|s| s.intro_id() == Some(channel));
+            match Packet::decode(payload) {
+                Ok(inner) if from_server && ours && !matches!(inner, Packet::Relay { .. }) => {
+                    self.handle_peer_packet(now, from, inner, Some(channel))
+                }
+                _ => {
+                    self.malformed += 1;
+                    tracing::debug!(%from, "DROP(RELAY)");
+                }
+            }
+            return self.pump(now);
+        }
         match packet {
             Packet::HandshakeResponse { receiver, .. } | Packet::Data { receiver, .. }
                 if from_server && self.link.owns_index(receiver) =>
@@ -524,11 +546,26 @@ impl Node {
                 self.link.handle_datagram(now, &packet)
             }
             Packet::SessionUnknown { .. } if from_server => self.link.handle_datagram(now, &packet),
+            p if !from_server => self.handle_peer_packet(now, from, p, None),
+            _ => self.malformed += 1,
+        }
+        self.pump(now);
+    }
+
+    /// A packet from a peer, directly or (`channel`) through the relay.
+    fn handle_peer_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: Packet<'_>,
+        channel: Option<u64>,
+    ) {
+        match packet {
             Packet::HandshakeInit {
                 sender,
                 pattern: Pattern::IK,
                 noise,
-            } if !from_server => self.on_init(now, from, sender, noise),
+            } => self.on_init(now, from, sender, noise),
             Packet::HandshakeResponse {
                 sender,
                 receiver,
@@ -544,8 +581,7 @@ impl Node {
                 ciphertext,
             } => match self.session_by_index(receiver) {
                 Some(s) => s.handle_data(now, from, receiver, counter, ciphertext),
-                None if !from_server => self.reply_unknown(now, from, receiver),
-                None => {}
+                None => self.reply_unknown(now, from, receiver, channel),
             },
             Packet::Punch { intro_id, reply } => {
                 let s = self
@@ -571,7 +607,6 @@ impl Node {
                 self.malformed += 1;
             }
         }
-        self.pump(now);
     }
 
     fn session_by_index(&mut self, index: u32) -> Option<&mut PeerSession> {
@@ -581,7 +616,13 @@ impl Node {
             .find(|s| s.owns_index(index))
     }
 
-    fn reply_unknown(&mut self, now: Instant, from: SocketAddr, receiver: u32) {
+    fn reply_unknown(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        receiver: u32,
+        channel: Option<u64>,
+    ) {
         if self
             .last_unknown_reply
             .is_some_and(|t| now.saturating_duration_since(t) < SESSION_UNKNOWN_INTERVAL)
@@ -589,10 +630,16 @@ impl Node {
             return;
         }
         self.last_unknown_reply = Some(now);
-        self.transmits.push_back(Transmit {
-            dst: from,
-            payload: Packet::SessionUnknown { receiver }.encode(),
-        });
+        let reply = Packet::SessionUnknown { receiver }.encode();
+        let payload = match channel {
+            Some(channel) => Packet::Relay {
+                channel,
+                payload: &reply,
+            }
+            .encode(),
+            None => reply,
+        };
+        self.transmits.push_back(Transmit { dst: from, payload });
     }
 
     fn on_init(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
@@ -886,6 +933,7 @@ impl Node {
                         intro_id: p.intro_id,
                         candidates,
                         initiator: p.initiator,
+                        relay: p.relay.then(|| self.link.server_addr()),
                     },
                     seed,
                 );

@@ -48,6 +48,14 @@ pub struct PeerConfig {
     /// (WireGuard's REKEY_TIMEOUT is 5 s; a chat wants to be quicker on
     /// loopback and LANs, with jitter so both sides don't collide).
     pub handshake_retry: Duration,
+    /// The initiator handshakes through the relay when no punch probe was
+    /// answered this long after the instruction. Punching between two
+    /// home routers succeeds within one round trip of the probes, so 1 s
+    /// leaves room for lossy links and still meets "relayed within 3 s".
+    pub relay_after: Duration,
+    /// While relayed, look for a direct path again this often (a probe
+    /// window of `PROBE_WINDOW`).
+    pub upgrade_interval: Duration,
 }
 
 impl Default for PeerConfig {
@@ -58,9 +66,24 @@ impl Default for PeerConfig {
             punch_interval: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(10),
             handshake_retry: Duration::from_secs(1),
+            relay_after: Duration::from_secs(1),
+            upgrade_interval: Duration::from_secs(30),
         }
     }
 }
+
+/// How long each direct-path search sends probes.
+const PROBE_WINDOW: Duration = Duration::from_secs(3);
+/// A direct path that carried an authenticated packet this recently is
+/// not given up for the relay when a relayed packet arrives (relayed
+/// packets still in flight after an upgrade must not pull us back).
+const DIRECT_STALE: Duration = Duration::from_secs(5);
+/// A direct path that has not answered anything sent this long ago is
+/// suspect: what we send goes through the relay as well until the peer
+/// is heard again (a NAT that rebound, a firewall that forgot us). Above
+/// the retransmission timeout of a healthy path, below the 5 s a user
+/// would call a stall.
+const PATH_SUSPECT: Duration = Duration::from_secs(2);
 
 /// A responder that has not seen the initiator start a new handshake this
 /// long after `REKEY_AFTER_TIME` starts one itself.
@@ -76,7 +99,8 @@ pub enum PeerEvent {
     /// handshaking again (the peer restarted): down for the user, not
     /// over. `Up` or `Down` follows.
     Interrupted { reason: String },
-    /// The peer's packets now come from another address.
+    /// The peer's packets now come from another address (or through the
+    /// relay: `endpoint` is then the relay's address).
     PathChanged { endpoint: SocketAddr },
     /// An answer to [`PeerSession::ping`].
     Pong { nonce: u64, rtt: Duration },
@@ -123,6 +147,9 @@ struct Est {
     previous_confirmed: bool,
     last_rx: Instant,
     last_tx: Instant,
+    /// The first packet sent since the peer was last heard that wants an
+    /// answer (a message, a ping): the measure of [`PATH_SUSPECT`].
+    unanswered_since: Option<Instant>,
     rekey: Option<Hs>,
 }
 
@@ -136,11 +163,10 @@ impl Est {
 
 enum State {
     Punching {
-        intro_id: u64,
-        candidates: Vec<SocketAddr>,
-        next_probe: Instant,
         deadline: Instant,
         initiator: bool,
+        /// When the initiator turns to the relay (None: no relay).
+        relay_at: Option<Instant>,
     },
     Handshaking(Box<Hs>),
     Established(Box<Est>),
@@ -154,6 +180,24 @@ pub struct PunchPlan {
     pub intro_id: u64,
     pub candidates: Vec<SocketAddr>,
     pub initiator: bool,
+    /// The relay's address, if the server relays this introduction:
+    /// packets for it go out wrapped in [`Packet::Relay`].
+    pub relay: Option<SocketAddr>,
+}
+
+/// The path a session's packets take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Direct(SocketAddr),
+    /// Through the rendezvous server's relay at this address.
+    Relay(SocketAddr),
+}
+
+/// The direct-path search: punch probes to every candidate.
+#[derive(Debug, Clone, Copy)]
+struct Discovery {
+    next_probe: Instant,
+    until: Instant,
 }
 
 pub struct PeerSession {
@@ -165,6 +209,15 @@ pub struct PeerSession {
     /// answer: a duplicate of it gets the same answer, not new keys.
     answered: Option<(u32, Vec<u8>)>,
     up: bool,
+    /// The introduction this session came from: punch probes and relay
+    /// packets carry it.
+    intro_id: Option<u64>,
+    candidates: Vec<SocketAddr>,
+    relay: Option<SocketAddr>,
+    discovery: Option<Discovery>,
+    /// When a relayed session looks for a direct path again.
+    upgrade_at: Option<Instant>,
+    last_direct_rx: Option<Instant>,
     rtt: Option<Duration>,
     pings: HashMap<u64, Instant>,
     transmits: VecDeque<Transmit>,
@@ -187,6 +240,12 @@ impl PeerSession {
             state,
             answered: None,
             up: false,
+            intro_id: None,
+            candidates: Vec::new(),
+            relay: None,
+            discovery: None,
+            upgrade_at: None,
+            last_direct_rx: None,
             rtt: None,
             pings: HashMap::new(),
             transmits: VecDeque::new(),
@@ -208,22 +267,33 @@ impl PeerSession {
             intro_id,
             mut candidates,
             initiator,
+            relay,
         } = plan;
         candidates.dedup();
+        // Never probe the relay itself as if it were the peer.
+        candidates.retain(|c| Some(*c) != relay);
         let deadline = now + config.connect_timeout;
+        let relay_at = relay
+            .filter(|_| initiator)
+            .map(|_| now + config.relay_after);
         let mut s = Self::new(
             local,
             remote,
             config,
             State::Punching {
-                intro_id,
-                candidates,
-                next_probe: now,
                 deadline,
                 initiator,
+                relay_at,
             },
             seed,
         );
+        s.intro_id = Some(intro_id);
+        s.candidates = candidates;
+        s.relay = relay;
+        s.discovery = Some(Discovery {
+            next_probe: now,
+            until: deadline,
+        });
         s.handle_timeout(now);
         s
     }
@@ -252,11 +322,38 @@ impl PeerSession {
         self.phase() == SessionPhase::Established
     }
 
+    /// The introduction this session came from (punch probes and relay
+    /// packets name it), if it came from one.
     pub fn intro_id(&self) -> Option<u64> {
-        match &self.state {
-            State::Punching { intro_id, .. } => Some(*intro_id),
-            _ => None,
-        }
+        self.intro_id
+    }
+
+    /// The path in use, once there is one.
+    pub fn path(&self) -> Option<Path> {
+        let dst = self.endpoint()?;
+        Some(if Some(dst) == self.relay {
+            Path::Relay(dst)
+        } else {
+            Path::Direct(dst)
+        })
+    }
+
+    fn on_relay(&self) -> bool {
+        self.relay.is_some() && self.endpoint() == self.relay
+    }
+
+    /// Queues a packet for `dst`, wrapped for the relay if `dst` is the
+    /// relay.
+    fn emit(&mut self, dst: SocketAddr, payload: Vec<u8>) {
+        let payload = match (self.relay, self.intro_id) {
+            (Some(relay), Some(channel)) if relay == dst => Packet::Relay {
+                channel,
+                payload: &payload,
+            }
+            .encode(),
+            _ => payload,
+        };
+        self.transmits.push_back(Transmit { dst, payload });
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
@@ -300,12 +397,18 @@ impl PeerSession {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let discovery = self.discovery.map(|d| d.next_probe.min(d.until));
+        [discovery, self.upgrade_at, self.state_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn state_timeout(&self) -> Option<Instant> {
         match &self.state {
             State::Punching {
-                next_probe,
-                deadline,
-                ..
-            } => Some((*next_probe).min(*deadline)),
+                deadline, relay_at, ..
+            } => Some(relay_at.map_or(*deadline, |r| r.min(*deadline))),
             State::Handshaking(h) => Some(h.retry_at.min(h.deadline)),
             // Mirrors `handle_timeout` rule by rule: a deadline that the
             // handler would not act on must not be asked for.
@@ -344,15 +447,13 @@ impl PeerSession {
         .ok()?;
         let noise = hs.write(&identity_payload(&self.local.public())).ok()?;
         let local_index = self.rng.gen::<u32>().max(1);
-        self.transmits.push_back(Transmit {
-            dst,
-            payload: Packet::HandshakeInit {
-                sender: local_index,
-                pattern: Pattern::IK,
-                noise: &noise,
-            }
-            .encode(),
-        });
+        let init = Packet::HandshakeInit {
+            sender: local_index,
+            pattern: Pattern::IK,
+            noise: &noise,
+        }
+        .encode();
+        self.emit(dst, init);
         let jitter = self
             .config
             .handshake_retry
@@ -378,6 +479,17 @@ impl PeerSession {
 
     /// Sends a message on the session; false if it cannot carry data now.
     pub fn send(&mut self, now: Instant, msg: &PeerToPeer) -> bool {
+        let dst = match &self.state {
+            State::Established(e) => e.dst,
+            _ => return false,
+        };
+        self.send_to(now, msg, dst)
+    }
+
+    /// Sends a message on the session to `dst`, which need not be the
+    /// path in use (a probe of a new path).
+    fn send_to(&mut self, now: Instant, msg: &PeerToPeer, dst: SocketAddr) -> bool {
+        let relay = self.relay;
         let State::Established(e) = &mut self.state else {
             return false;
         };
@@ -392,17 +504,24 @@ impl PeerSession {
         if keys.expired(now) {
             return false;
         }
-        match keys.seal(&msg.encode()) {
-            Ok(payload) => {
-                e.last_tx = now;
-                self.transmits.push_back(Transmit {
-                    dst: e.dst,
-                    payload,
-                });
-                true
-            }
-            Err(_) => false,
+        let Ok(payload) = keys.seal(&msg.encode()) else {
+            return false;
+        };
+        e.last_tx = now;
+        let wants_answer = matches!(msg, PeerToPeer::Message { .. } | PeerToPeer::Ping { .. });
+        if wants_answer && dst == e.dst {
+            e.unanswered_since.get_or_insert(now);
         }
+        let suspect = e
+            .unanswered_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= PATH_SUSPECT);
+        let also_relay = relay.filter(|r| suspect && dst == e.dst && *r != dst);
+        if let Some(r) = also_relay {
+            tracing::debug!("PATH(SUSPECT_ALSO_RELAY)");
+            self.emit(r, payload.clone());
+        }
+        self.emit(dst, payload);
+        true
     }
 
     /// Sends a ping; the answer comes as [`PeerEvent::Pong`].
@@ -424,29 +543,19 @@ impl PeerSession {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.discover(now);
         match &mut self.state {
             State::Punching {
-                intro_id,
-                candidates,
-                next_probe,
-                deadline,
-                ..
+                deadline, relay_at, ..
             } => {
                 if now >= *deadline {
                     return self.go_down("no path to the peer: hole punching timed out");
                 }
-                if now >= *next_probe {
-                    *next_probe = now + self.config.punch_interval;
-                    let probe = Packet::Punch {
-                        intro_id: *intro_id,
-                        reply: false,
-                    }
-                    .encode();
-                    for c in candidates.iter() {
-                        self.transmits.push_back(Transmit {
-                            dst: *c,
-                            payload: probe.clone(),
-                        });
+                if relay_at.is_some_and(|t| now >= t) {
+                    let (deadline, relay) = (*deadline, self.relay.expect("relay_at needs it"));
+                    tracing::debug!("PUNCH(NO_ANSWER_USE_RELAY)");
+                    if let Some(hs) = self.start_handshake(now, relay, deadline) {
+                        self.state = State::Handshaking(Box::new(hs));
                     }
                 }
             }
@@ -504,18 +613,58 @@ impl PeerSession {
         }
     }
 
-    /// A punch probe or reply for our introduction arrived from `from`.
-    pub fn handle_punch(&mut self, now: Instant, from: SocketAddr, reply: bool) {
-        let State::Punching {
-            intro_id,
-            initiator,
-            deadline,
-            ..
-        } = &self.state
-        else {
+    /// Sends punch probes while a direct-path search is on, and starts a
+    /// search when a relayed session is due for one.
+    fn discover(&mut self, now: Instant) {
+        if self.upgrade_at.is_some_and(|t| now >= t) {
+            self.upgrade_at = None;
+            if self.on_relay() {
+                tracing::debug!("PATH(SEARCH_DIRECT)");
+                self.discovery = Some(Discovery {
+                    next_probe: now,
+                    until: now + PROBE_WINDOW,
+                });
+            }
+        }
+        let Some(d) = &mut self.discovery else {
             return;
         };
-        let (intro_id, initiator, deadline) = (*intro_id, *initiator, *deadline);
+        if now >= d.until {
+            self.discovery = None;
+            if self.on_relay() {
+                self.upgrade_at = Some(now + self.config.upgrade_interval);
+            }
+            return;
+        }
+        if now < d.next_probe {
+            return;
+        }
+        d.next_probe = now + self.config.punch_interval;
+        let Some(intro_id) = self.intro_id else {
+            return;
+        };
+        let probe = Packet::Punch {
+            intro_id,
+            reply: false,
+        }
+        .encode();
+        for c in &self.candidates {
+            self.transmits.push_back(Transmit {
+                dst: *c,
+                payload: probe.clone(),
+            });
+        }
+    }
+
+    /// A punch probe or reply for our introduction arrived from `from`:
+    /// a direct path to the peer is open.
+    pub fn handle_punch(&mut self, now: Instant, from: SocketAddr, reply: bool) {
+        let Some(intro_id) = self.intro_id else {
+            return;
+        };
+        if Some(from) == self.relay || matches!(self.state, State::Closed) {
+            return;
+        }
         if !reply {
             self.transmits.push_back(Transmit {
                 dst: from,
@@ -526,11 +675,33 @@ impl PeerSession {
                 .encode(),
             });
         }
-        if initiator {
-            tracing::debug!(%from, "PUNCH(PATH_FOUND)");
-            if let Some(hs) = self.start_handshake(now, from, deadline) {
-                self.state = State::Handshaking(Box::new(hs));
+        match &self.state {
+            State::Punching {
+                initiator: true,
+                deadline,
+                ..
+            } => {
+                let deadline = *deadline;
+                tracing::debug!(%from, "PUNCH(PATH_FOUND)");
+                if let Some(hs) = self.start_handshake(now, from, deadline) {
+                    self.state = State::Handshaking(Box::new(hs));
+                }
             }
+            // Handshaking through the relay: go direct instead.
+            State::Handshaking(h) if Some(h.dst) == self.relay => {
+                let deadline = h.deadline;
+                tracing::debug!(%from, "PUNCH(PATH_FOUND_DURING_RELAY_HANDSHAKE)");
+                if let Some(hs) = self.start_handshake(now, from, deadline) {
+                    self.state = State::Handshaking(Box::new(hs));
+                }
+            }
+            // Relayed: prove the direct path with an authenticated packet;
+            // the peer moves to it on receipt, and its answer moves us.
+            State::Established(e) if Some(e.dst) == self.relay && e.usable() => {
+                tracing::debug!(%from, "PATH(PROBE_DIRECT)");
+                self.send_to(now, &PeerToPeer::Keepalive, from);
+            }
+            _ => {}
         }
     }
 
@@ -557,10 +728,8 @@ impl PeerSession {
         }
         if let Some((_, response)) = self.answered.as_ref().filter(|a| a.0 == sender) {
             tracing::debug!("HANDSHAKE(DUPLICATE_INIT)");
-            self.transmits.push_back(Transmit {
-                dst: from,
-                payload: response.clone(),
-            });
+            let response = response.clone();
+            self.emit(from, response);
             return true;
         }
         // Both sides initiating at once: the larger key yields.
@@ -584,10 +753,7 @@ impl PeerSession {
         }
         .encode();
         self.answered = Some((sender, response.clone()));
-        self.transmits.push_back(Transmit {
-            dst: from,
-            payload: response,
-        });
+        self.emit(from, response);
         tracing::debug!(%from, "HANDSHAKE(RESPONDED)");
         self.install(now, transport, from, false);
         true
@@ -646,6 +812,7 @@ impl PeerSession {
     }
 
     fn install(&mut self, now: Instant, transport: Transport, from: SocketAddr, confirmed: bool) {
+        self.heard(now, from);
         match &mut self.state {
             State::Established(e) => {
                 let old = std::mem::replace(&mut e.current, transport);
@@ -667,11 +834,27 @@ impl PeerSession {
                     previous_confirmed: false,
                     last_rx: now,
                     last_tx: now,
+                    unanswered_since: None,
                     rekey: None,
                 }));
             }
         }
         self.announce_up(from);
+    }
+
+    /// Bookkeeping for an authenticated packet from `from`.
+    fn heard(&mut self, now: Instant, from: SocketAddr) {
+        if Some(from) != self.relay {
+            self.last_direct_rx = Some(now);
+            // A direct path works: the search is over.
+            self.discovery = None;
+            self.upgrade_at = None;
+        } else if self.discovery.is_none() && self.upgrade_at.is_none() {
+            self.upgrade_at = Some(now + self.config.upgrade_interval);
+        }
+        if let State::Established(e) = &mut self.state {
+            e.unanswered_since = None;
+        }
     }
 
     fn announce_up(&mut self, endpoint: SocketAddr) {
@@ -733,6 +916,7 @@ impl PeerSession {
             return;
         };
         e.last_rx = now;
+        e.unanswered_since = None;
         if is_current && !e.confirmed {
             e.confirmed = true;
             // The initiator switched to these keys; the old ones go.
@@ -746,16 +930,25 @@ impl PeerSession {
                 e.confirmed = true;
             }
         }
-        let moved = e.dst != from && is_current;
+        // Authenticated packets from a new address: the peer's NAT rebound,
+        // it roamed, or a direct path opened beside the relay. Follow it,
+        // but don't leave a direct path that works for the relay.
+        let from_relay = Some(from) == self.relay;
+        let direct_fresh = self
+            .last_direct_rx
+            .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_STALE);
+        let moved = e.dst != from && is_current && !(from_relay && direct_fresh);
         if moved {
-            // Authenticated packets from a new address: the peer's NAT
-            // rebound or it roamed. Follow it.
             e.dst = from;
         }
+        self.heard(now, from);
         self.announce_up(from);
         if moved && self.up {
+            tracing::info!(endpoint = %from, relay = from_relay, "PATH(CHANGED)");
             self.events
                 .push_back(PeerEvent::PathChanged { endpoint: from });
+            // Let the peer see the new path at once, so it moves too.
+            self.send(now, &PeerToPeer::Keepalive);
         }
         let msg = match PeerToPeer::decode(&plain) {
             Ok(m) => m,

@@ -120,6 +120,32 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Most sessions (finished or not) held at once.
     pub max_sessions: usize,
+    pub relay: RelayConfig,
+}
+
+/// The relay role: limits an operator sets.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub enabled: bool,
+    /// Most relay channels (agreed introductions) held at once.
+    pub max_channels: usize,
+    /// Bytes per second each user may send through the relay; a burst of
+    /// one second's worth is allowed. 0 means no limit.
+    pub rate_per_user: u64,
+    /// A channel nobody sent on for this long is forgotten. Relayed
+    /// sessions send keepalives every 25 s, so a live one never idles out.
+    pub idle_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_channels: 10_000,
+            rate_per_user: 2_000_000,
+            idle_timeout: Duration::from_secs(180),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -129,6 +155,7 @@ impl Default for ServerConfig {
             intro_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
             max_sessions: 100_000,
+            relay: RelayConfig::default(),
         }
     }
 }
@@ -145,6 +172,13 @@ pub struct ServerStats {
     pub introductions: u64,
     pub amplification_refused: u64,
     pub store_errors: u64,
+    pub relay_channels: u64,
+    pub relayed_packets: u64,
+    pub relayed_bytes: u64,
+    /// Relay packets dropped: over a user's rate, or on no channel of the
+    /// sender's.
+    pub relay_over_rate: u64,
+    pub relay_refused: u64,
 }
 
 /// Pushes are resent this often until acknowledged…
@@ -171,6 +205,10 @@ struct Session {
     challenge: [u8; 16],
     user: Option<String>,
     last_seen: Instant,
+    /// Relay token bucket: bytes this session may still send, as of
+    /// `relay_at`.
+    relay_tokens: f64,
+    relay_at: Instant,
 }
 
 struct PendingXx {
@@ -188,6 +226,12 @@ struct Intro {
     created: Instant,
 }
 
+/// A relay channel: the two users of an agreed introduction.
+struct Channel {
+    users: [String; 2],
+    last_used: Instant,
+}
+
 /// How often expiry is checked while anything can expire.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -198,6 +242,7 @@ pub struct Server {
     pending: HashMap<u32, PendingXx>,
     by_name: HashMap<String, u32>,
     intros: HashMap<u64, Intro>,
+    channels: HashMap<u64, Channel>,
     transmits: VecDeque<Transmit>,
     next_sweep: Option<Instant>,
     stats: ServerStats,
@@ -215,6 +260,7 @@ impl Server {
             pending: HashMap::new(),
             by_name: HashMap::new(),
             intros: HashMap::new(),
+            channels: HashMap::new(),
             transmits: VecDeque::new(),
             next_sweep: None,
             stats: ServerStats::default(),
@@ -290,6 +336,7 @@ impl Server {
                 counter,
                 ciphertext,
             } => self.on_data(now, from, buf.len(), receiver, counter, ciphertext, store),
+            Packet::Relay { channel, .. } => self.on_relay(now, from, channel, buf),
             Packet::HandshakeResponse { .. }
             | Packet::Punch { .. }
             | Packet::SessionUnknown { .. } => {
@@ -382,6 +429,8 @@ impl Server {
                         challenge,
                         user: None,
                         last_seen: now,
+                        relay_tokens: f64::INFINITY,
+                        relay_at: now,
                     },
                 );
             }
@@ -453,6 +502,8 @@ impl Server {
                 challenge: p.challenge,
                 user: None,
                 last_seen: now,
+                relay_tokens: f64::INFINITY,
+                relay_at: now,
             },
         );
     }
@@ -569,6 +620,76 @@ impl Server {
                 detail: detail.into(),
             },
         );
+    }
+
+    /// A relayed peer packet: forwarded unchanged, bytes the server cannot
+    /// read, from one user of an agreed introduction to the other, if the
+    /// sender is at its proven address and within its rate.
+    fn on_relay(&mut self, now: Instant, from: SocketAddr, channel: u64, datagram: &[u8]) {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            self.stats.relay_refused += 1;
+            tracing::debug!(%from, "RELAY(NO_CHANNEL)");
+            return;
+        };
+        let mut ends = ch.users.iter().map(|u| self.by_name.get(u).copied());
+        let (Some(Some(a)), Some(Some(b))) = (ends.next(), ends.next()) else {
+            self.stats.relay_refused += 1;
+            tracing::debug!(%from, "RELAY(PEER_GONE)");
+            return;
+        };
+        let (src, dst) = if self.sessions.get(&a).is_some_and(|s| s.addr == from) {
+            (a, b)
+        } else if self.sessions.get(&b).is_some_and(|s| s.addr == from) {
+            (b, a)
+        } else {
+            self.stats.relay_refused += 1;
+            tracing::debug!(%from, "RELAY(NOT_A_PARTY)");
+            return;
+        };
+        ch.last_used = now;
+        let rate = self.config.relay.rate_per_user as f64;
+        let s = self.sessions.get_mut(&src).expect("looked up");
+        if rate > 0.0 {
+            let elapsed = now.saturating_duration_since(s.relay_at).as_secs_f64();
+            s.relay_tokens = (s.relay_tokens + elapsed * rate).min(rate);
+            s.relay_at = now;
+            let len = datagram.len() as f64;
+            if s.relay_tokens < len {
+                self.stats.relay_over_rate += 1;
+                return;
+            }
+            s.relay_tokens -= len;
+        }
+        let dst = self.sessions[&dst].addr;
+        self.stats.relayed_packets += 1;
+        self.stats.relayed_bytes += datagram.len() as u64;
+        self.transmits.push_back(Transmit {
+            dst,
+            payload: datagram.to_vec(),
+        });
+    }
+
+    /// Opens a relay channel for an agreed introduction, replacing any
+    /// older one between the same two users.
+    fn open_channel(&mut self, now: Instant, intro_id: u64, a: &str, b: &str) -> bool {
+        if !self.config.relay.enabled {
+            return false;
+        }
+        self.channels
+            .retain(|_, c| !(c.users.iter().any(|u| u == a) && c.users.iter().any(|u| u == b)));
+        if self.channels.len() >= self.config.relay.max_channels {
+            tracing::warn!(channels = self.channels.len(), "RELAY(FULL)");
+            return false;
+        }
+        self.channels.insert(
+            intro_id,
+            Channel {
+                users: [a.to_owned(), b.to_owned()],
+                last_used: now,
+            },
+        );
+        self.stats.relay_channels += 1;
+        true
     }
 
     fn user_of(&self, index: u32) -> Option<String> {
@@ -877,6 +998,7 @@ impl Server {
         }
         self.stats.introductions += 1;
         tracing::info!(from = %intro.from, to = %intro.to, "INTRO(PUNCH)");
+        let relay = self.open_channel(now, intro_id, &intro.from, &intro.to);
         let (a, b) = (&self.sessions[&requester], &self.sessions[&index]);
         let to_requester = PunchInstruction {
             intro_id,
@@ -885,6 +1007,7 @@ impl Server {
             public: b.addr,
             locals,
             initiator: true,
+            relay,
         };
         let to_target = PunchInstruction {
             intro_id,
@@ -893,6 +1016,7 @@ impl Server {
             public: a.addr,
             locals: intro.from_locals,
             initiator: false,
+            relay,
         };
         self.push(now, requester, ServerToClient::Punch(to_requester));
         self.push(now, index, ServerToClient::Punch(to_target));
@@ -903,6 +1027,7 @@ impl Server {
             if let Some(name) = s.user {
                 if self.by_name.get(&name) == Some(&index) {
                     self.by_name.remove(&name);
+                    self.channels.retain(|_, c| !c.users.contains(&name));
                     tracing::info!(%name, why, "PRESENCE(GONE)");
                 }
             }
@@ -952,6 +1077,9 @@ impl Server {
                 }
             }
         }
+        let idle = self.config.relay.idle_timeout;
+        self.channels
+            .retain(|_, c| now.saturating_duration_since(c.last_used) < idle);
         let mut resend = Vec::new();
         for (index, s) in self.sessions.iter_mut() {
             s.pushes.retain(|_, p| p.tries < PUSH_TRIES);

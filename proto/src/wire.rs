@@ -25,6 +25,11 @@ pub const MAX_PACKET: usize = 1232;
 /// A handshake initiation is padded to at least this size, so that the
 /// responder's reply is never larger than the request (no amplification).
 pub const MIN_INIT_LEN: usize = 256;
+/// version, type, channel: what [`Packet::Relay`] adds around a peer
+/// packet.
+pub const RELAY_HEADER_LEN: usize = 1 + 1 + 8;
+/// The largest datagram that may carry a relayed peer packet.
+pub const MAX_RELAYED: usize = MAX_PACKET + RELAY_HEADER_LEN;
 /// version, type, receiver index, counter.
 pub const DATA_HEADER_LEN: usize = 1 + 1 + 4 + 8;
 /// Room for the inner message of a data packet: the packet minus its
@@ -52,6 +57,7 @@ pub enum PacketType {
     Data = 4,
     Punch = 5,
     SessionUnknown = 6,
+    Relay = 7,
 }
 
 /// One datagram, borrowed from the receive buffer.
@@ -84,14 +90,22 @@ pub enum Packet<'a> {
     /// "I have no session with that index": lets the other side start a
     /// new handshake at once instead of waiting for a timeout.
     SessionUnknown { receiver: u32 },
+    /// A peer packet through the rendezvous server's relay, on the
+    /// channel of an introduction both peers agreed to: from a client, "pass
+    /// this to the other side"; from the server, "the other side sent
+    /// this". The server cannot read `payload`: it is a peer packet,
+    /// encrypted end to end (or a handshake message).
+    Relay { channel: u64, payload: &'a [u8] },
 }
 
 impl<'a> Packet<'a> {
     pub fn decode(buf: &'a [u8]) -> Result<Self, DecodeError> {
-        if buf.len() > MAX_PACKET {
+        let relayed = buf.get(1) == Some(&(PacketType::Relay as u8));
+        let max = if relayed { MAX_RELAYED } else { MAX_PACKET };
+        if buf.len() > max {
             return Err(DecodeError::Oversized {
                 len: buf.len(),
-                max: MAX_PACKET,
+                max,
             });
         }
         let mut r = Reader::new(buf);
@@ -152,6 +166,14 @@ impl<'a> Packet<'a> {
                 r.finish()?;
                 p
             }
+            7 => {
+                let channel = r.u64()?;
+                let payload = r.rest();
+                if payload.is_empty() {
+                    return Err(DecodeError::Truncated { needed: 1 });
+                }
+                Packet::Relay { channel, payload }
+            }
             t => return Err(DecodeError::UnknownType(t)),
         };
         Ok(p)
@@ -204,6 +226,9 @@ impl<'a> Packet<'a> {
             }
             Packet::SessionUnknown { receiver } => {
                 w.u8(PacketType::SessionUnknown as u8).u32(*receiver);
+            }
+            Packet::Relay { channel, payload } => {
+                w.u8(PacketType::Relay as u8).u64(*channel).bytes(payload);
             }
         }
         w.into_inner()
@@ -442,6 +467,9 @@ pub struct PunchInstruction {
     pub locals: Vec<SocketAddr>,
     /// True for the side that sends the handshake initiation.
     pub initiator: bool,
+    /// The server relays this introduction's packets ([`Packet::Relay`]
+    /// with `intro_id` as the channel) if no direct path is found.
+    pub relay: bool,
 }
 
 /// Answers and notices from the rendezvous server.
@@ -567,7 +595,7 @@ impl ServerToClient {
                 w.list(&p.locals, |w, a| {
                     w.socket_addr(a);
                 });
-                w.bool(p.initiator);
+                w.bool(p.initiator).bool(p.relay);
             }
             ServerToClient::Pong { rid, observed } => {
                 w.u8(9).u32(*rid).socket_addr(observed);
@@ -632,6 +660,7 @@ impl ServerToClient {
                 public: r.socket_addr()?,
                 locals: r.list(MAX_ENDPOINTS, Reader::socket_addr)?,
                 initiator: r.bool()?,
+                relay: r.bool()?,
             }),
             9 => ServerToClient::Pong {
                 rid: r.u32()?,
@@ -824,6 +853,14 @@ mod tests {
             "0106deadbeef"
         );
         assert_eq!(
+            hex(&Packet::Relay {
+                channel: 0x0102030405060708,
+                payload: &[0x01, 0x06, 0xde, 0xad, 0xbe, 0xef]
+            }
+            .encode()),
+            "010701020304050607080106deadbeef"
+        );
+        assert_eq!(
             hex(&Packet::Data {
                 receiver: 1,
                 counter: 2,
@@ -832,6 +869,21 @@ mod tests {
             .encode()),
             format!("010400000001{:016x}{}", 2, "aa".repeat(16))
         );
+        // A relayed packet may exceed MAX_PACKET by its header, no more.
+        let full = vec![0xaa; MAX_PACKET];
+        let relay = Packet::Relay {
+            channel: 1,
+            payload: &full,
+        }
+        .encode();
+        assert_eq!(relay.len(), MAX_RELAYED);
+        assert!(Packet::decode(&relay).is_ok());
+        let mut over = relay.clone();
+        over.push(0);
+        assert!(matches!(
+            Packet::decode(&over),
+            Err(DecodeError::Oversized { .. })
+        ));
         let init = Packet::HandshakeInit {
             sender: 9,
             pattern: Pattern::XX,
@@ -980,6 +1032,7 @@ mod tests {
                     .map(|_| random_addr(rng))
                     .collect(),
                 initiator: rng.gen(),
+                relay: rng.gen(),
             }),
             8 => ServerToClient::Pong {
                 rid: rng.gen(),

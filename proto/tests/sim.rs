@@ -58,6 +58,9 @@ struct Sim {
     /// Drop everything between the two nodes (a NAT pair that defeats
     /// hole punching).
     block_peers: bool,
+    /// Every datagram the server sent, for tests that read what a relay
+    /// could see.
+    server_sent: Vec<Vec<u8>>,
 }
 
 fn node_config(server: SocketAddr) -> NodeConfig {
@@ -70,17 +73,17 @@ fn node_config(server: SocketAddr) -> NodeConfig {
 
 impl Sim {
     fn new(seed: u64, link: Link) -> Self {
+        Self::with_server(seed, link, ServerConfig::default())
+    }
+
+    fn with_server(seed: u64, link: Link, config: ServerConfig) -> Self {
         let now = Instant::now();
         let server_id = Identity::generate();
         let server_addr: SocketAddr = "10.0.0.1:7000".parse().unwrap();
         let mut sim = Sim {
             now,
             start: now,
-            server: Some(Server::new(
-                server_id.clone(),
-                ServerConfig::default(),
-                seed,
-            )),
+            server: Some(Server::new(server_id.clone(), config, seed)),
             server_id,
             store: MemoryStore::default(),
             server_addr,
@@ -93,6 +96,7 @@ impl Sim {
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             stalls: 0,
             block_peers: false,
+            server_sent: Vec::new(),
         };
         for i in 0..2 {
             let id = Identity::generate();
@@ -163,6 +167,7 @@ impl Sim {
         }
         let from = self.server_addr;
         for t in out {
+            self.server_sent.push(t.payload.clone());
             self.send(from, t.dst, t.payload);
         }
     }
@@ -563,9 +568,103 @@ fn a_changed_server_key_is_refused_loudly() {
     assert!(sim.server.as_ref().unwrap().active_users().is_empty());
 }
 
+/// The endpoint each side's `peers` shows for the other.
+fn endpoints(sim: &mut Sim) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let a = sim.node(0).peer_status()[0].endpoint;
+    let b = sim.node(1).peer_status()[0].endpoint;
+    (a, b)
+}
+
 #[test]
-fn punching_that_finds_no_path_fails_clearly() {
-    let mut sim = Sim::new(10, Link::clean());
+fn punching_that_finds_no_path_is_relayed_and_the_relay_reads_nothing() {
+    for (seed, link) in [(30, Link::clean()), (31, Link::bad()), (32, Link::bad())] {
+        let mut sim = Sim::new(seed, link);
+        sim.register_both();
+        sim.block_peers = true;
+        let start = sim.now;
+        sim.connect();
+        let server = sim.server_addr;
+        assert_eq!(endpoints(&mut sim), (Some(server), Some(server)));
+        println!("seed {seed}: relayed after {:?}", sim.now - start);
+        let now = sim.now;
+        for seq in 0..50 {
+            sim.node(0).send_message(now, "bob", msg(seq));
+            sim.node(1).send_message(now, "alice", msg(seq));
+        }
+        sim.run_until(Duration::from_secs(300), |s| {
+            s.delivered(1, "alice").len() >= 50 && s.delivered(0, "bob").len() >= 50
+        });
+        let expect: Vec<Vec<u8>> = (0..50).map(|s| msg(s).body).collect();
+        assert_eq!(sim.delivered(1, "alice"), expect, "seed {seed}");
+        assert_eq!(sim.delivered(0, "bob"), expect, "seed {seed}");
+        // The relay carried the session, and no byte string of a message
+        // appears in anything it sent.
+        let stats = sim.server.as_ref().unwrap().stats().clone();
+        assert!(stats.relayed_packets > 100, "{stats:?}");
+        for d in &sim.server_sent {
+            for m in &expect {
+                assert!(
+                    !d.windows(m.len()).any(|w| w == &m[..]),
+                    "plaintext relayed"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_relayed_session_moves_to_a_direct_path_when_one_opens() {
+    let mut sim = Sim::new(33, Link::clean());
+    sim.register_both();
+    sim.block_peers = true;
+    sim.connect();
+    let server = sim.server_addr;
+    assert_eq!(endpoints(&mut sim), (Some(server), Some(server)));
+    sim.block_peers = false;
+    // The next direct-path search (every upgrade_interval) finds it.
+    let (a, b) = (sim.addrs[0], sim.addrs[1]);
+    sim.run_until(Duration::from_secs(120), |s| {
+        endpoints(s) == (Some(b), Some(a))
+    });
+    assert!(sim.has_event(
+        0,
+        |e| matches!(e, NodeEvent::PathChanged { endpoint, .. } if *endpoint == b)
+    ));
+    // Chat goes on, on the direct path, with nothing lost.
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    sim.run_for(Duration::from_secs(60));
+    assert_eq!(endpoints(&mut sim), (Some(b), Some(a)), "stays direct");
+}
+
+#[test]
+fn a_dead_direct_path_falls_back_to_the_relay_without_loss() {
+    let mut sim = Sim::new(34, Link::clean());
+    sim.register_both();
+    sim.connect();
+    let (a, b) = (sim.addrs[0], sim.addrs[1]);
+    assert_eq!(endpoints(&mut sim), (Some(b), Some(a)));
+    // The direct path dies mid-conversation; messages keep coming.
+    sim.block_peers = true;
+    let now = sim.now;
+    for seq in 0..20 {
+        sim.node(0).send_message(now, "bob", msg(seq));
+    }
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.delivered(1, "alice").len() == 20
+    });
+    let expect: Vec<Vec<u8>> = (0..20).map(|s| msg(s).body).collect();
+    assert_eq!(sim.delivered(1, "alice"), expect);
+}
+
+#[test]
+fn punching_that_finds_no_path_fails_clearly_without_a_relay() {
+    let mut config = ServerConfig::default();
+    config.relay.enabled = false;
+    let mut sim = Sim::with_server(10, Link::clean(), config);
     sim.register_both();
     sim.block_peers = true;
     let now = sim.now;

@@ -42,6 +42,21 @@ struct Args {
     )]
     presence_timeout: u64,
 
+    /// Do not relay: peers whose NATs defeat hole punching then cannot
+    /// connect. The relay only carries packets between two logged-in users
+    /// who both agreed to the connection, encrypted end to end.
+    #[arg(long)]
+    no_relay: bool,
+
+    /// Most relayed sessions (agreed introductions) held at once.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    relay_max_sessions: usize,
+
+    /// Bytes per second each user may send through the relay (bursts of
+    /// one second's worth); 0 for no limit.
+    #[arg(long, value_name = "BYTES", default_value_t = 2_000_000)]
+    relay_rate: u64,
+
     /// Print the server's public key (hex, for clients to pin) and exit.
     /// Give the same --data-dir as the server; fails if it has no key.
     #[arg(long)]
@@ -100,6 +115,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         listen: args.listen,
         data_dir,
         presence_timeout: Duration::from_secs(args.presence_timeout),
+        relay: proto::server::RelayConfig {
+            enabled: !args.no_relay,
+            max_channels: args.relay_max_sessions,
+            rate_per_user: args.relay_rate,
+            ..Default::default()
+        },
     };
     // One socket and one loop: a single-threaded runtime is all it needs.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -14,7 +14,7 @@
 use crate::store::SqliteStore;
 use anyhow::Context;
 use proto::identity::{fingerprint, to_hex, Identity};
-use proto::server::{Server, ServerConfig};
+use proto::server::{RelayConfig, Server, ServerConfig};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,15 +48,18 @@ pub struct Config {
     /// A user silent for this long drops off the active list
     /// ([`ServerConfig::presence_timeout`]).
     pub presence_timeout: Duration,
+    /// The relay role and its limits.
+    pub relay: RelayConfig,
 }
 
 impl Config {
-    /// A config with the default presence timeout.
+    /// A config with the default presence timeout and relay limits.
     pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen,
             data_dir: data_dir.into(),
             presence_timeout: ServerConfig::default().presence_timeout,
+            relay: RelayConfig::default(),
         }
     }
 }
@@ -119,6 +122,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         .with_context(|| format!("cannot read the address of UDP socket {}", config.listen))?;
     let server_config = ServerConfig {
         presence_timeout: config.presence_timeout,
+        relay: config.relay.clone(),
         ..ServerConfig::default()
     };
     // Fresh OS randomness: indices and challenges must not be guessable.
@@ -136,6 +140,9 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         server_key = %to_hex(&key),
         fingerprint = %fingerprint(&key),
         presence_timeout_s = config.presence_timeout.as_secs(),
+        relay = config.relay.enabled,
+        relay_max_sessions = config.relay.max_channels,
+        relay_rate_per_user = config.relay.rate_per_user,
         "START"
     );
     Ok(bound)
@@ -264,6 +271,11 @@ fn log_stats(server: &Server, why: &str) {
         introductions = s.introductions,
         amplification_refused = s.amplification_refused,
         store_errors = s.store_errors,
+        relay_channels_opened = s.relay_channels,
+        relayed_packets = s.relayed_packets,
+        relayed_bytes = s.relayed_bytes,
+        relay_over_rate = s.relay_over_rate,
+        relay_refused = s.relay_refused,
         "STATS"
     );
 }
