@@ -496,3 +496,99 @@ impl Drop for Net {
         }
     }
 }
+
+/// Every frame seen on the interfaces of a namespace, captured from a
+/// thread that entered it (a raw `AF_PACKET` socket; no tcpdump needed).
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
+}
+
+impl Capture {
+    pub fn start(ns: &str) -> Capture {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = format!("/var/run/netns/{ns}");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            let fd = match enter_and_open(&path) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return frames;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::SeqCst) {
+                // SAFETY: fd is a socket we own; buf is valid for its length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            // SAFETY: fd is ours and closed once.
+            unsafe { libc::close(fd) };
+            frames
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("cannot capture in {ns}: {e}"),
+            Err(_) => panic!("capture thread for {ns} died"),
+        }
+        Capture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns the frames captured.
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Moves this thread into the namespace at `path` and opens a raw socket
+/// for every frame there, with a short receive timeout so the owner can
+/// stop it.
+fn enter_and_open(path: &str) -> Result<i32, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscalls on descriptors we own; setns only affects
+    // this thread, which exists only to capture.
+    unsafe {
+        if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        Ok(fd)
+    }
+}

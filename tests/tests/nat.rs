@@ -5,7 +5,7 @@
 //! Each test builds its own lab and deletes it. Without root or nftables
 //! the tests print SKIPPED and pass, unless `P2P_REQUIRE_NATLAB=1`.
 
-use e2e::natlab::{Host, Nat, Net, SERVER_V4};
+use e2e::natlab::{Capture, Host, Nat, Net, SERVER_V4};
 use e2e::Lab;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -136,4 +136,62 @@ fn double_nat_connects() {
     let (_, pa, _) = connect(&mut lab, "alice", "bob");
     println!("double NAT: alice reaches bob at {}", pa["endpoint"]);
     chat(&mut lab, "alice", "bob", "through two NATs");
+}
+
+#[test]
+fn symmetric_nats_on_both_sides_are_relayed_and_the_relay_reads_nothing() {
+    let Some((mut net, mut lab)) = lab("sym2") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Symmetric), net.router(Nat::Symmetric));
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    let (took, pa, pb) = connect(&mut lab, "alice", "bob");
+    println!("relayed session up {took:?} after accept");
+    let server = format!("{SERVER_V4}:7000");
+    for p in [&pa, &pb] {
+        assert_eq!(p["path"], "relay-udp", "{p}");
+        assert_eq!(p["endpoint"], server.as_str(), "{p}");
+    }
+    // Everything crossing the public segment, where the relay is: the
+    // messages cross it, and not one of their bytes is readable there.
+    let capture = Capture::start(&net.public);
+    let secret = "the eagle lands at midnight";
+    chat(&mut lab, "alice", "bob", secret);
+    let frames = capture.finish();
+    // Ethernet, IPv4 and UDP headers (42 bytes), then our version byte and
+    // the relay packet type.
+    let relayed = frames
+        .iter()
+        .filter(|f| f.len() > 44 && f[42] == 1 && f[43] == 7)
+        .count();
+    assert!(
+        relayed >= 4,
+        "saw {} frames, {relayed} relayed",
+        frames.len()
+    );
+    for f in &frames {
+        assert!(
+            !f.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "plaintext on the wire"
+        );
+    }
+    println!("{relayed} relay frames on the public segment, none readable");
+}
+
+#[test]
+fn symmetric_nat_on_one_side_is_relayed() {
+    let Some((mut net, mut lab)) = lab("sym1") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Symmetric), net.router(Nat::Home));
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    let (took, pa, pb) = connect(&mut lab, "alice", "bob");
+    println!("session up {took:?} after accept, path {}", pa["path"]);
+    assert_eq!(pa["path"], "relay-udp", "{pa}");
+    assert_eq!(pb["path"], "relay-udp", "{pb}");
+    chat(&mut lab, "alice", "bob", "over the relay");
 }
