@@ -97,6 +97,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let mut node_config = NodeConfig::new(config.server);
     node_config.client.heartbeat = config.heartbeat;
+    node_config.peer.keepalive = config.keepalive;
+    // Dead after about three keepalives went unanswered, and never sooner
+    // than the default (80 s).
+    node_config.peer.dead_after = node_config.peer.dead_after.max(config.keepalive * 3 + config.keepalive / 5);
     node_config.client.name = store.setting("name")?;
     let pinned_server = match store.setting("server_key")? {
         Some(hex) => proto::identity::key_from_hex(&hex),

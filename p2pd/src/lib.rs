@@ -38,6 +38,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Heartbeat interval to the server.
     pub heartbeat: Duration,
+    /// Keepalive interval on idle peer sessions.
+    pub keepalive: Duration,
 }
 
 pub use daemon::run;

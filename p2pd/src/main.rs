@@ -36,6 +36,11 @@ struct Args {
     /// mappings open).
     #[arg(long, env = "P2PD_HEARTBEAT", default_value_t = 25)]
     heartbeat: u64,
+    /// Seconds of silence after which an idle peer session sends a
+    /// keepalive. Keep it under your NAT's UDP mapping timeout (often 30 s)
+    /// or idle sessions through it lose their path.
+    #[arg(long, env = "P2PD_KEEPALIVE", default_value_t = 25)]
+    keepalive: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -84,6 +89,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.heartbeat == 0 {
         anyhow::bail!("--heartbeat must be at least 1 second");
     }
+    if args.keepalive == 0 {
+        anyhow::bail!("--keepalive must be at least 1 second");
+    }
     let config = p2pd::Config {
         server,
         server_key,
@@ -91,6 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         socket: args.socket.unwrap_or_else(p2pd::paths::default_socket),
         listen: args.listen,
         heartbeat: Duration::from_secs(args.heartbeat),
+        keepalive: Duration::from_secs(args.keepalive),
     };
     p2pd::run(config, shutdown_signal()).await
 }

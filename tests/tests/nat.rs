@@ -195,3 +195,119 @@ fn symmetric_nat_on_one_side_is_relayed() {
     assert_eq!(pb["path"], "relay-udp", "{pb}");
     chat(&mut lab, "alice", "bob", "over the relay");
 }
+
+/// How many introductions the server made so far (its log).
+fn introductions(lab: &Lab) -> usize {
+    std::fs::read_to_string(lab.dir.join("rendezvous.log"))
+        .unwrap_or_default()
+        .matches("INTRO(PUNCH)")
+        .count()
+}
+
+/// Sends one message and waits up to `limit` for it; returns how long
+/// that took.
+fn one_message(lab: &mut Lab, from: &str, to: &str, text: &str, limit: Duration) -> Duration {
+    let sent = Instant::now();
+    lab.ctl(from, &["send", to, text]).ok();
+    lab.wait_for("the message", limit, |lab| {
+        let h = lab
+            .ctl(to, &["--json", "history", from, "-n", "100"])
+            .json();
+        h.as_array()
+            .is_some_and(|m| m.iter().any(|m| m["text"] == text))
+            .then_some(())
+    });
+    sent.elapsed()
+}
+
+#[test]
+fn an_idle_session_outlives_the_mapping_timeout_on_keepalives() {
+    let Some((mut net, mut lab)) = lab("idle") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    // Routers forget idle UDP mappings after 6 s here (30 s in the field);
+    // the daemons keep alive every 2 s (25 s by default): the same ratio
+    // of keepalive to timeout, five times quicker.
+    net.udp_timeout(&ra, 6);
+    net.udp_timeout(&rb, 6);
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    for (name, host) in [("alice", &ha), ("bob", &hb)] {
+        lab.start_daemon_in(
+            Some(&host.ns),
+            name,
+            &["--listen", "0.0.0.0:0", "--keepalive", "2"],
+        );
+        lab.ctl(name, &["register", name]).ok();
+    }
+    let (_, pa, _) = connect(&mut lab, "alice", "bob");
+    assert_eq!(pa["path"], "direct", "{pa}");
+    let intros = introductions(&lab);
+    lab.watch("alice");
+    // Idle for five mapping timeouts.
+    std::thread::sleep(Duration::from_secs(30));
+    let pa = peer(&lab, "alice", "bob");
+    assert_eq!(pa["state"], "established", "{pa}");
+    assert_eq!(pa["path"], "direct", "{pa}");
+    let took = one_message(&mut lab, "bob", "alice", "still there?", WAIT);
+    println!("first message after 30 s idle took {took:?}");
+    // No new introduction, no session that went down and up again, and
+    // no detour: the direct path stayed open all along.
+    assert_eq!(introductions(&lab), intros);
+    let events = lab.watched("alice");
+    assert!(
+        !events
+            .iter()
+            .any(|e| ["peer_down", "peer_up", "path_changed"]
+                .contains(&e["event"].as_str().unwrap_or(""))),
+        "{events:?}"
+    );
+    let pa = peer(&lab, "alice", "bob");
+    assert_eq!(pa["path"], "direct", "{pa}");
+}
+
+#[test]
+fn a_router_that_forgets_its_mappings_mid_conversation_loses_nothing() {
+    let Some((mut net, mut lab)) = lab("rebind") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    connect(&mut lab, "alice", "bob");
+    chat(&mut lab, "alice", "bob", "before");
+    // Alice's router forgets every mapping, as a rebooted or rebinding NAT
+    // does; bob talks first, into a router that no longer knows him.
+    net.flush_mappings(&ra);
+    // The bound is not a measurement: the issue asks for recovery within
+    // 5 s, and without it the message would wait for alice's next
+    // keepalive (25 s), well past these 10 s.
+    let took = one_message(
+        &mut lab,
+        "bob",
+        "alice",
+        "after the flush",
+        Duration::from_secs(10),
+    );
+    println!("first message after the flush took {took:?}");
+    let took = one_message(&mut lab, "alice", "bob", "and back", WAIT);
+    println!("answer took {took:?}");
+    // Nothing lost, nothing doubled, in order, both ways.
+    for (who, from, want) in [
+        ("alice", "bob", vec!["before from bob", "after the flush"]),
+        ("bob", "alice", vec!["before from alice", "and back"]),
+    ] {
+        let h = lab
+            .ctl(who, &["--json", "history", from, "-n", "100"])
+            .json();
+        let got: Vec<String> = h
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["direction"] == "in")
+            .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(got, want);
+    }
+}
