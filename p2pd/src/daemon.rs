@@ -10,6 +10,7 @@
 
 use crate::ctl::{self, Input, Out, Reply};
 use crate::store::Store;
+use crate::tcp::{TcpEvent, TcpLink};
 use crate::Config;
 use anyhow::Context;
 use proto::client::{LinkState, RequestError};
@@ -71,7 +72,24 @@ struct Daemon {
     udp: Arc<UdpSocket>,
     waiters: Vec<Waiter>,
     watchers: HashMap<u64, Reply>,
+    /// The TCP fallback to the server, while one is open or opening.
+    tcp: Option<TcpLink>,
+    tcp_up: bool,
+    tcp_events: mpsc::Sender<TcpEvent>,
+    /// When the server last sent us a UDP datagram (or when UDP got its
+    /// last chance).
+    udp_heard: Instant,
+    tcp_retry_at: Instant,
+    tcp_backoff: Duration,
 }
+
+/// The link still connecting and not a datagram from the server over UDP
+/// for this long: try TCP. Three handshake attempts fit in it, so a
+/// server that is only slow or lossy is not taken for a blocked network.
+const TCP_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+/// Backoff between failed TCP connections, doubling up to the maximum.
+const TCP_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const TCP_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -100,7 +118,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     node_config.peer.keepalive = config.keepalive;
     // Dead after about three keepalives went unanswered, and never sooner
     // than the default (80 s).
-    node_config.peer.dead_after = node_config.peer.dead_after.max(config.keepalive * 3 + config.keepalive / 5);
+    node_config.peer.dead_after = node_config
+        .peer
+        .dead_after
+        .max(config.keepalive * 3 + config.keepalive / 5);
     node_config.client.name = store.setting("name")?;
     let pinned_server = match store.setting("server_key")? {
         Some(hex) => proto::identity::key_from_hex(&hex),
@@ -155,6 +176,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     );
     tracing::info!(udp = %local, socket = %config.socket.display(), server = %config.server, "DAEMON(STARTED)");
 
+    let (tcp_events, mut tcp_inbox) = mpsc::channel::<TcpEvent>(1024);
     let mut d = Daemon {
         config,
         node,
@@ -162,6 +184,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         udp: Arc::new(udp),
         waiters: Vec::new(),
         watchers: HashMap::new(),
+        tcp: None,
+        tcp_up: false,
+        tcp_events,
+        udp_heard: now,
+        tcp_retry_at: now,
+        tcp_backoff: TCP_BACKOFF_MIN,
     };
     d.drain(Instant::now()).await?;
 
@@ -173,7 +201,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::select! {
             _ = &mut shutdown => break,
             r = udp.recv_from(&mut buf) => match r {
-                Ok((n, from)) => d.node.handle_datagram(Instant::now(), from, &buf[..n]),
+                Ok((n, from)) => {
+                    let now = Instant::now();
+                    if from == d.config.server {
+                        d.udp_heard = now;
+                    }
+                    d.node.handle_datagram(now, from, &buf[..n]);
+                }
                 // An unconnected UDP socket can still report ICMP errors
                 // on some systems; they say nothing about our session.
                 Err(e) => tracing::debug!(error = %e, "UDP(RECV_ERROR)"),
@@ -182,12 +216,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 Some(input) => d.on_input(Instant::now(), input),
                 None => break,
             },
+            Some(ev) = tcp_inbox.recv() => d.on_tcp(Instant::now(), ev),
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
                 if d.node.poll_timeout().is_some_and(|t| t <= now) {
                     d.node.handle_timeout(now);
                 }
                 d.expire_waiters(now);
+                d.check_fallback(now);
             }
         }
         d.drain(Instant::now()).await?;
@@ -326,7 +362,7 @@ fn respond(out: &Reply, resp: Response) {
 impl Daemon {
     fn next_deadline(&self) -> Option<Instant> {
         let waiters = self.waiters.iter().map(|w| w.deadline).min();
-        [self.node.poll_timeout(), waiters]
+        [self.node.poll_timeout(), waiters, self.fallback_at()]
             .into_iter()
             .flatten()
             .min()
@@ -377,10 +413,55 @@ impl Daemon {
     /// How a session reaches a peer at `endpoint`, in the control API's
     /// words.
     fn path_name(&self, endpoint: SocketAddr) -> &'static str {
-        if endpoint == self.node.link().server_addr() {
-            "relay-udp"
-        } else {
+        if endpoint != self.config.server {
             "direct"
+        } else if self.tcp_up {
+            "relay-tcp"
+        } else {
+            "relay-udp"
+        }
+    }
+
+    /// When to open a TCP connection to the server, if UDP to it seems
+    /// blocked: the link is still connecting and UDP has been silent.
+    fn fallback_at(&self) -> Option<Instant> {
+        let connecting = self.node.link_state() == LinkState::Connecting;
+        (self.tcp.is_none() && connecting)
+            .then(|| (self.udp_heard + TCP_FALLBACK_AFTER).max(self.tcp_retry_at))
+    }
+
+    fn check_fallback(&mut self, now: Instant) {
+        if self.fallback_at().is_some_and(|t| t <= now) {
+            tracing::info!(server = %self.config.server, "SERVER(UDP_SILENT_TRY_TCP)");
+            self.tcp = Some(TcpLink::start(self.config.server, self.tcp_events.clone()));
+        }
+    }
+
+    fn on_tcp(&mut self, now: Instant, ev: TcpEvent) {
+        match ev {
+            TcpEvent::Up => {
+                tracing::info!(server = %self.config.server, "SERVER(TCP_UP)");
+                self.tcp_up = true;
+                self.tcp_backoff = TCP_BACKOFF_MIN;
+                // Handshake again at once, now over TCP.
+                self.node.relogin(now);
+            }
+            TcpEvent::Frame(frame) => {
+                let server = self.config.server;
+                self.node.handle_datagram(now, server, &frame);
+            }
+            TcpEvent::Down(why) => {
+                tracing::info!(%why, "SERVER(TCP_DOWN)");
+                let was_up = std::mem::take(&mut self.tcp_up);
+                self.tcp = None;
+                // UDP gets another chance before the next TCP attempt.
+                self.udp_heard = now;
+                self.tcp_retry_at = now + self.tcp_backoff;
+                self.tcp_backoff = (self.tcp_backoff * 2).min(TCP_BACKOFF_MAX);
+                if was_up {
+                    self.node.relogin(now);
+                }
+            }
         }
     }
 
@@ -658,6 +739,10 @@ impl Daemon {
             let mut sent_any = false;
             while let Some(t) = self.node.poll_transmit() {
                 sent_any = true;
+                if let (Some(tcp), true) = (&self.tcp, self.tcp_up && t.dst == self.config.server) {
+                    tcp.send(t.payload);
+                    continue;
+                }
                 if let Err(e) = self.udp.send_to(&t.payload, t.dst).await {
                     tracing::debug!(dst = %t.dst, error = %e, "UDP(SEND_ERROR)");
                 }

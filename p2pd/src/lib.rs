@@ -10,6 +10,8 @@
 //!   JSON lines between them and the daemon task.
 //! * [`store`]: the SQLite database (contacts, history, outbox).
 //! * [`paths`]: where things live by default.
+//! * [`tcp`]: the TCP connection to the server for networks that drop
+//!   UDP.
 //!
 //! Data flows one way per direction: datagram → node → events (stored
 //! first) → transmits; request line → daemon → node → response line.
@@ -18,6 +20,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod paths;
 pub mod store;
+pub mod tcp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

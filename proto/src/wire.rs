@@ -30,6 +30,10 @@ pub const MIN_INIT_LEN: usize = 256;
 pub const RELAY_HEADER_LEN: usize = 1 + 1 + 8;
 /// The largest datagram that may carry a relayed peer packet.
 pub const MAX_RELAYED: usize = MAX_PACKET + RELAY_HEADER_LEN;
+/// Over TCP (for networks that drop UDP) each datagram is one frame
+/// behind a big-endian length of this many bytes; a frame longer than
+/// [`MAX_RELAYED`] ends the connection.
+pub const TCP_LENGTH_BYTES: usize = 2;
 /// version, type, receiver index, counter.
 pub const DATA_HEADER_LEN: usize = 1 + 1 + 4 + 8;
 /// Room for the inner message of a data packet: the packet minus its

@@ -8,6 +8,8 @@
 //!   loads the server's key file and feeds datagrams and deadlines to the
 //!   machine, sending whatever it queues. Start it with [`bind`] then
 //!   [`Bound::run`], or [`serve`] in one call.
+//! * [`tcp`] carries the same datagrams over TCP for clients whose
+//!   networks drop UDP, on the same port.
 //! * [`store`] owns the accounts: [`SqliteStore`], the durable
 //!   [`proto::server::AccountStore`] in `<data-dir>/accounts.db`.
 //!
@@ -23,6 +25,7 @@
 
 pub mod run;
 pub mod store;
+pub mod tcp;
 
 pub use run::{bind, ensure_data_dir, load_server_key, serve, Bound, Config, SERVER_KEY};
 pub use store::{DbError, SqliteStore, ACCOUNTS_DB};

@@ -57,6 +57,11 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 2_000_000)]
     relay_rate: u64,
 
+    /// Most clients connected over TCP at once (for networks that drop
+    /// UDP; same address and port as UDP); 0 turns TCP off.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_tcp: usize,
+
     /// Print the server's public key (hex, for clients to pin) and exit.
     /// Give the same --data-dir as the server; fails if it has no key.
     #[arg(long)]
@@ -121,6 +126,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             rate_per_user: args.relay_rate,
             ..Default::default()
         },
+        max_tcp: args.max_tcp,
     };
     // One socket and one loop: a single-threaded runtime is all it needs.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -12,6 +12,7 @@
 //! `Instant::now()` as an argument.
 
 use crate::store::SqliteStore;
+use crate::tcp::TcpClients;
 use anyhow::Context;
 use proto::identity::{fingerprint, to_hex, Identity};
 use proto::server::{RelayConfig, Server, ServerConfig};
@@ -19,7 +20,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 
 /// File name of the server's identity inside the data directory.
 pub const SERVER_KEY: &str = "server.key";
@@ -50,6 +51,9 @@ pub struct Config {
     pub presence_timeout: Duration,
     /// The relay role and its limits.
     pub relay: RelayConfig,
+    /// Most TCP clients (on networks that drop UDP) at once; 0 turns TCP
+    /// off.
+    pub max_tcp: usize,
 }
 
 impl Config {
@@ -60,6 +64,7 @@ impl Config {
             data_dir: data_dir.into(),
             presence_timeout: ServerConfig::default().presence_timeout,
             relay: RelayConfig::default(),
+            max_tcp: 1000,
         }
     }
 }
@@ -95,6 +100,7 @@ pub fn load_server_key(data_dir: &Path) -> anyhow::Result<(Identity, bool)> {
 /// A server with its socket bound and its files open, not yet serving.
 pub struct Bound {
     socket: UdpSocket,
+    tcp: Option<TcpClients>,
     local_addr: SocketAddr,
     server: Server,
     store: SqliteStore,
@@ -120,6 +126,20 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
     let local_addr = socket
         .local_addr()
         .with_context(|| format!("cannot read the address of UDP socket {}", config.listen))?;
+    // TCP on the same address and port, for clients whose networks drop
+    // UDP.
+    let tcp = if config.max_tcp > 0 {
+        let listener = TcpListener::bind(local_addr)
+            .await
+            .with_context(|| format!("cannot listen on TCP {local_addr}"))?;
+        Some(TcpClients::new(
+            listener,
+            config.max_tcp,
+            config.presence_timeout,
+        ))
+    } else {
+        None
+    };
     let server_config = ServerConfig {
         presence_timeout: config.presence_timeout,
         relay: config.relay.clone(),
@@ -129,6 +149,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
     let server = Server::new(identity, server_config, rand::random());
     let bound = Bound {
         socket,
+        tcp,
         local_addr,
         server,
         store,
@@ -140,6 +161,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         server_key = %to_hex(&key),
         fingerprint = %fingerprint(&key),
         presence_timeout_s = config.presence_timeout.as_secs(),
+        tcp = config.max_tcp > 0,
         relay = config.relay.enabled,
         relay_max_sessions = config.relay.max_channels,
         relay_rate_per_user = config.relay.rate_per_user,
@@ -181,6 +203,7 @@ impl Bound {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Bound {
             socket,
+            mut tcp,
             local_addr,
             mut server,
             mut store,
@@ -212,20 +235,23 @@ impl Bound {
                     }
                     Err(e) => on_recv_error(e).await,
                 },
+                Some((from, frame)) = tcp_next(&mut tcp) => {
+                    server.handle_datagram(Instant::now(), from, &frame, &mut store);
+                }
                 () = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
                     if server.poll_timeout().is_some_and(|t| t <= now) {
                         server.handle_timeout(now);
                     }
                     if now >= next_stats {
-                        log_stats(&server, "periodic");
+                        log_stats(&server, tcp.as_ref(), "periodic");
                         next_stats = now + STATS_INTERVAL;
                     }
                 }
             }
-            flush(&socket, &mut server).await;
+            flush(&socket, tcp.as_ref(), &mut server).await;
         }
-        log_stats(&server, "shutdown");
+        log_stats(&server, tcp.as_ref(), "shutdown");
         tracing::info!(listen = %local_addr, "STOP");
         Ok(())
     }
@@ -234,10 +260,17 @@ impl Bound {
 /// Sends everything the machine queued. A failed send (unreachable
 /// network, an IPv6 destination on an IPv4 socket) loses one datagram,
 /// which the protocol's retransmissions already cover.
-async fn flush(socket: &UdpSocket, server: &mut Server) {
+async fn flush(socket: &UdpSocket, tcp: Option<&TcpClients>, server: &mut Server) {
     while let Some(t) = server.poll_transmit() {
-        if let Err(e) = socket.send_to(&t.payload, t.dst).await {
-            tracing::warn!(dst = %t.dst, len = t.payload.len(), error = %e, "SEND(FAILED)");
+        let payload = t.payload;
+        let Some(payload) = (match tcp {
+            Some(tcp) => tcp.send_or_return(t.dst, payload),
+            None => Some(payload),
+        }) else {
+            continue;
+        };
+        if let Err(e) = socket.send_to(&payload, t.dst).await {
+            tracing::warn!(dst = %t.dst, len = payload.len(), error = %e, "SEND(FAILED)");
         }
     }
 }
@@ -257,11 +290,21 @@ async fn on_recv_error(e: std::io::Error) {
     }
 }
 
-fn log_stats(server: &Server, why: &str) {
+/// The next frame from a TCP client; never, with TCP off.
+async fn tcp_next(tcp: &mut Option<TcpClients>) -> Option<(SocketAddr, bytes::BytesMut)> {
+    match tcp {
+        Some(t) => t.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
     let s = server.stats();
     tracing::info!(
         why,
         active_users = server.active_users().len(),
+        tcp_clients = tcp.map_or(0, |t| t.open()),
+        tcp_refused = tcp.map_or(0, |t| t.refused),
         malformed = s.malformed,
         auth_failed = s.auth_failed,
         unknown_session = s.unknown_session,

@@ -311,3 +311,21 @@ fn a_router_that_forgets_its_mappings_mid_conversation_loses_nothing() {
         assert_eq!(got, want);
     }
 }
+
+#[test]
+fn a_network_that_drops_udp_falls_back_to_tcp_and_is_relayed() {
+    let Some((mut net, mut lab)) = lab("tcp") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::UdpBlocked), net.router(Nat::Home));
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    let (took, pa, pb) = connect(&mut lab, "alice", "bob");
+    println!("session up {took:?} after accept: alice {pa}, bob {pb}");
+    assert_eq!(pa["path"], "relay-tcp", "{pa}");
+    assert_eq!(pb["path"], "relay-udp", "{pb}");
+    chat(&mut lab, "alice", "bob", "through a firewall");
+    let log = std::fs::read_to_string(lab.dir.join("alice.log")).unwrap_or_default();
+    assert!(log.contains("SERVER(TCP_UP)"), "{log}");
+}
