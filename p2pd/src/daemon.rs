@@ -8,6 +8,7 @@
 //! then answered and broadcast), then datagrams. So a received message is
 //! on disk before the acknowledgement that tells the sender to forget it.
 
+use crate::addrs;
 use crate::ctl::{self, Input, Out, Reply};
 use crate::store::Store;
 use crate::tcp::{TcpEvent, TcpLink};
@@ -70,6 +71,8 @@ struct Daemon {
     node: Node,
     store: Store,
     udp: Arc<UdpSocket>,
+    /// The socket is IPv6 (dual-stack): IPv4 destinations go v4-mapped.
+    udp_v6: bool,
     waiters: Vec<Waiter>,
     watchers: HashMap<u64, Reply>,
     /// The TCP fallback to the server, while one is open or opening.
@@ -138,13 +141,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     node_config.client.server_key = config.server_key.or(pinned_server);
 
-    let udp = UdpSocket::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot bind UDP socket {}", config.listen))?;
+    let udp = bind_udp(config.listen).await?;
     let local = udp.local_addr()?;
     let now = Instant::now();
     let mut node = Node::new(identity, node_config, now, rand::random());
-    node.set_locals(local_candidates(local, config.server));
+    node.set_locals(addrs::local_candidates(local, config.server));
     for c in store.contacts()? {
         if let Some(id) = c.identity {
             node.add_contact(now, &c.name, id, c.recv_next);
@@ -181,6 +182,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config,
         node,
         store,
+        udp_v6: local.is_ipv6(),
         udp: Arc::new(udp),
         waiters: Vec::new(),
         watchers: HashMap::new(),
@@ -203,6 +205,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             r = udp.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
                     let now = Instant::now();
+                    let from = addrs::canonical(from);
                     if from == d.config.server {
                         d.udp_heard = now;
                     }
@@ -234,6 +237,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     d.node.shutdown(Instant::now());
     d.drain(Instant::now()).await?;
     Ok(())
+}
+
+/// Binds the UDP socket. The default `[::]:port` takes both families on
+/// one socket; on a host without IPv6 it falls back to `0.0.0.0:port`.
+async fn bind_udp(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
+    match UdpSocket::bind(listen).await {
+        Ok(s) => Ok(s),
+        Err(e) if listen.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), listen.port());
+            tracing::info!(error = %e, "UDP(NO_IPV6_USING_IPV4)");
+            UdpSocket::bind(v4)
+                .await
+                .with_context(|| format!("cannot bind UDP socket {v4}"))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot bind UDP socket {listen}")),
+    }
 }
 
 /// Holds an exclusive `flock` on `<data dir>/p2pd.lock` for the daemon's
@@ -270,22 +289,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Our local endpoints to offer a peer on the same network: the address
-/// the system would use to reach the server, with our port.
-fn local_candidates(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr> {
-    if !bound.ip().is_unspecified() {
-        return vec![bound];
-    }
-    let probe = std::net::UdpSocket::bind((bound.ip(), 0)).and_then(|s| {
-        s.connect(server)?;
-        s.local_addr()
-    });
-    match probe {
-        Ok(a) => vec![SocketAddr::new(a.ip(), bound.port())],
-        Err(_) => Vec::new(),
     }
 }
 
@@ -743,7 +746,8 @@ impl Daemon {
                     tcp.send(t.payload);
                     continue;
                 }
-                if let Err(e) = self.udp.send_to(&t.payload, t.dst).await {
+                let dst = addrs::for_socket(t.dst, self.udp_v6);
+                if let Err(e) = self.udp.send_to(&t.payload, dst).await {
                     tracing::debug!(dst = %t.dst, error = %e, "UDP(SEND_ERROR)");
                 }
             }

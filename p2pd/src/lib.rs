@@ -10,12 +10,14 @@
 //!   JSON lines between them and the daemon task.
 //! * [`store`]: the SQLite database (contacts, history, outbox).
 //! * [`paths`]: where things live by default.
+//! * [`addrs`]: our candidate addresses, and dual-stack address forms.
 //! * [`tcp`]: the TCP connection to the server for networks that drop
 //!   UDP.
 //!
 //! Data flows one way per direction: datagram → node → events (stored
 //! first) → transmits; request line → daemon → node → response line.
 
+pub mod addrs;
 pub mod ctl;
 pub mod daemon;
 pub mod paths;

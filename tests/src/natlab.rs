@@ -203,6 +203,11 @@ impl Net {
     fn namespace(&mut self, name: &str) {
         sh(&["ip", "netns", "add", name]);
         self.namespaces.push(name.to_owned());
+        // No duplicate address detection: it holds new IPv6 addresses
+        // (link-local ones too, which neighbour discovery needs) for
+        // seconds, and nothing in the lab can collide.
+        sysctl(name, "net.ipv6.conf.all.accept_dad=0");
+        sysctl(name, "net.ipv6.conf.default.accept_dad=0");
         ip(name, &["link", "set", "lo", "up"]);
     }
 

@@ -23,7 +23,8 @@ fn lab(tag: &str) -> Option<(Net, Lab)> {
 }
 
 fn daemon(lab: &mut Lab, name: &str, host: &Host) {
-    lab.start_daemon_in(Some(&host.ns), name, &["--listen", "0.0.0.0:0"]);
+    // The default listen address: IPv4 and IPv6 on one socket.
+    lab.start_daemon_in(Some(&host.ns), name, &[]);
     lab.ctl(name, &["register", name]).ok();
 }
 
@@ -233,11 +234,7 @@ fn an_idle_session_outlives_the_mapping_timeout_on_keepalives() {
     net.udp_timeout(&rb, 6);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
     for (name, host) in [("alice", &ha), ("bob", &hb)] {
-        lab.start_daemon_in(
-            Some(&host.ns),
-            name,
-            &["--listen", "0.0.0.0:0", "--keepalive", "2"],
-        );
+        lab.start_daemon_in(Some(&host.ns), name, &["--keepalive", "2"]);
         lab.ctl(name, &["register", name]).ok();
     }
     let (_, pa, _) = connect(&mut lab, "alice", "bob");
@@ -328,4 +325,36 @@ fn a_network_that_drops_udp_falls_back_to_tcp_and_is_relayed() {
     chat(&mut lab, "alice", "bob", "through a firewall");
     let log = std::fs::read_to_string(lab.dir.join("alice.log")).unwrap_or_default();
     assert!(log.contains("SERVER(TCP_UP)"), "{log}");
+}
+
+#[test]
+fn ipv6_goes_direct_where_ipv4_cannot() {
+    let Some((mut net, mut lab)) = lab("v6") else {
+        return;
+    };
+    // Symmetric NATs on IPv4 (no direct IPv4 path), while both hosts have
+    // global IPv6 behind the routers' stateful firewalls.
+    let (ra, rb) = (net.router(Nat::Symmetric), net.router(Nat::Symmetric));
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    let (took, pa, pb) = connect(&mut lab, "alice", "bob");
+    println!("session up {took:?} after accept: {pa} / {pb}");
+    // Possibly relayed first, then direct over IPv6 once the probes meet.
+    let want_a = format!("[{}]:", hb.v6);
+    let want_b = format!("[{}]:", ha.v6);
+    let (pa, pb) = lab.wait_for("a direct IPv6 path", WAIT, |lab| {
+        let pa = peer(lab, "alice", "bob");
+        let pb = peer(lab, "bob", "alice");
+        let ok = pa["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.starts_with(&want_a))
+            && pb["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(&want_b));
+        ok.then_some((pa, pb))
+    });
+    assert_eq!(pa["path"], "direct", "{pa}");
+    assert_eq!(pb["path"], "direct", "{pb}");
+    chat(&mut lab, "alice", "bob", "over IPv6");
 }
