@@ -776,3 +776,78 @@ fn a_peer_that_restarts_quickly_is_rejoined_directly() {
     assert!(!sim.has_event(1, |e| matches!(e, NodeEvent::ConnectRequest { .. })));
     assert!(sim.node(0).is_up("bob"));
 }
+
+#[test]
+fn the_relay_keeps_to_its_limits_and_to_the_two_parties() {
+    let mut config = ServerConfig::default();
+    // 20 kB/s per user: far below what 300 messages at once want.
+    config.relay.rate_per_user = 20_000;
+    let mut sim = Sim::with_server(40, Link::clean(), config);
+    sim.register_both();
+    sim.block_peers = true;
+    sim.connect();
+    let now = sim.now;
+    for seq in 0..300 {
+        sim.node(0).send_message(now, "bob", msg(seq));
+    }
+    sim.run_until(Duration::from_secs(300), |s| {
+        s.delivered(1, "alice").len() >= 300
+    });
+    let expect: Vec<Vec<u8>> = (0..300).map(|s| msg(s).body).collect();
+    assert_eq!(sim.delivered(1, "alice"), expect);
+    let stats = sim.server.as_ref().unwrap().stats().clone();
+    assert!(
+        stats.relay_over_rate > 0,
+        "the rate limit never bit: {stats:?}"
+    );
+
+    // A third party that learned the channel id (it is in clear in every
+    // relayed packet) gets nothing through, from its own address.
+    let channel = sim
+        .server_sent
+        .iter()
+        .find(|d| d.len() > 10 && d[1] == 7)
+        .map(|d| d[2..10].to_vec())
+        .expect("a relayed packet");
+    let forged = [
+        &[1u8, 7][..],
+        &channel,
+        b"\x01\x04not a real packet, padded......",
+    ]
+    .concat();
+    let before = sim.server.as_ref().unwrap().stats().clone();
+    let sent_before = sim.server_sent.len();
+    let stranger: SocketAddr = "192.0.2.99:4000".parse().unwrap();
+    let now = sim.now;
+    let mut store = std::mem::take(&mut sim.store);
+    sim.server
+        .as_mut()
+        .unwrap()
+        .handle_datagram(now, stranger, &forged, &mut store);
+    sim.store = store;
+    sim.drain();
+    let after = sim.server.as_ref().unwrap().stats().clone();
+    assert_eq!(after.relay_refused, before.relay_refused + 1);
+    assert_eq!(after.relayed_packets, before.relayed_packets);
+    assert_eq!(sim.server_sent.len(), sent_before, "nothing forwarded");
+}
+
+#[test]
+fn a_full_relay_offers_no_relay_and_punching_fails_clearly() {
+    let mut config = ServerConfig::default();
+    config.relay.max_channels = 0;
+    let mut sim = Sim::with_server(41, Link::clean(), config);
+    sim.register_both();
+    sim.block_peers = true;
+    let now = sim.now;
+    sim.node(0).connect(now, "bob");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(1, |e| matches!(e, NodeEvent::ConnectRequest { .. }))
+    });
+    let now = sim.now;
+    sim.node(1).answer(now, "alice", true).unwrap();
+    sim.run_until(Duration::from_secs(120), |s| {
+        s.has_event(0, |e| matches!(e, NodeEvent::PeerDown { name, reason } if name == "bob" && reason.contains("punching")))
+    });
+    assert_eq!(sim.server.as_ref().unwrap().stats().relayed_packets, 0);
+}
