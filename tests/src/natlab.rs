@@ -478,6 +478,32 @@ table inet firewall {{
         exec(&router.ns, &["conntrack", "-F"]);
     }
 
+    /// Makes `router` drop everything to and from `other`'s networks (a
+    /// firewall between two peers), until [`Net::unblock`].
+    pub fn block(&self, router: &Router, other: &Router) {
+        let (v4, v6) = (other.wan, format!("2001:db8:{:x}::/64", other.index));
+        nft(
+            &router.ns,
+            &format!(
+                r#"
+table inet block {{
+  chain forward {{
+    type filter hook forward priority -10;
+    ip daddr {v4} drop
+    ip saddr {v4} drop
+    ip6 daddr {v6} drop
+    ip6 saddr {v6} drop
+  }}
+}}
+"#
+            ),
+        );
+    }
+
+    pub fn unblock(&self, router: &Router) {
+        exec(&router.ns, &["nft", "delete", "table", "inet", "block"]);
+    }
+
     /// Adds nftables rules to a router, e.g. random loss on its WAN.
     pub fn rules(&self, router: &Router, ruleset: &str) {
         nft(&router.ns, ruleset);

@@ -358,3 +358,50 @@ fn ipv6_goes_direct_where_ipv4_cannot() {
     assert_eq!(pb["path"], "direct", "{pb}");
     chat(&mut lab, "alice", "bob", "over IPv6");
 }
+
+#[test]
+fn a_relayed_session_moves_to_a_direct_path_when_one_opens() {
+    let Some((mut net, mut lab)) = lab("upgrade") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    // A firewall between the two routers: only the relay gets through.
+    net.block(&ra, &rb);
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    let (_, pa, _) = connect(&mut lab, "alice", "bob");
+    assert_eq!(pa["path"], "relay-udp", "{pa}");
+    lab.watch("alice");
+    // Past the first search (the 10 s of punching), so that what finds
+    // the path is a later one.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(peer(&lab, "alice", "bob")["path"], "relay-udp");
+    net.unblock(&ra);
+    let unblocked = Instant::now();
+    // The next direct-path search (every 30 s while relayed) finds it.
+    let pa = lab.wait_for(
+        "the upgrade to a direct path",
+        Duration::from_secs(60),
+        |lab| {
+            let p = peer(lab, "alice", "bob");
+            (p["path"] == "direct").then_some(p)
+        },
+    );
+    println!("direct {:?} after the firewall opened", unblocked.elapsed());
+    // Over IPv4 through bob's router, or over IPv6: both are direct.
+    let endpoint = pa["endpoint"].as_str().unwrap_or("").to_owned();
+    assert!(
+        endpoint.starts_with(&format!("{}:", rb.wan))
+            || endpoint.starts_with(&format!("[{}]:", hb.v6)),
+        "{pa}"
+    );
+    let events = lab.watched("alice");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "path_changed" && e["path"] == "direct"),
+        "{events:?}"
+    );
+    chat(&mut lab, "alice", "bob", "now direct");
+}
