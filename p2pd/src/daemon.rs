@@ -10,6 +10,7 @@
 
 use crate::addrs;
 use crate::ctl::{self, Input, Out, Reply};
+use crate::predict::{Extra, Predictor};
 use crate::store::Store;
 use crate::tcp::{TcpEvent, TcpLink};
 use crate::Config;
@@ -84,6 +85,7 @@ struct Daemon {
     udp_heard: Instant,
     tcp_retry_at: Instant,
     tcp_backoff: Duration,
+    predictor: Predictor,
 }
 
 /// The link still connecting and not a datagram from the server over UDP
@@ -178,6 +180,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(udp = %local, socket = %config.socket.display(), server = %config.server, "DAEMON(STARTED)");
 
     let (tcp_events, mut tcp_inbox) = mpsc::channel::<TcpEvent>(1024);
+    let (predictor, mut extra_inbox) = Predictor::new(local.is_ipv6());
     let mut d = Daemon {
         config,
         node,
@@ -192,6 +195,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         udp_heard: now,
         tcp_retry_at: now,
         tcp_backoff: TCP_BACKOFF_MIN,
+        predictor,
     };
     d.drain(Instant::now()).await?;
 
@@ -220,6 +224,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 None => break,
             },
             Some(ev) = tcp_inbox.recv() => d.on_tcp(Instant::now(), ev),
+            Some(extra) = extra_inbox.recv() => d.on_extra(Instant::now(), extra),
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
                 if d.node.poll_timeout().is_some_and(|t| t <= now) {
@@ -227,6 +232,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 }
                 d.expire_waiters(now);
                 d.check_fallback(now);
+                d.predictor.on_timer(now).await;
             }
         }
         d.drain(Instant::now()).await?;
@@ -365,10 +371,15 @@ fn respond(out: &Reply, resp: Response) {
 impl Daemon {
     fn next_deadline(&self) -> Option<Instant> {
         let waiters = self.waiters.iter().map(|w| w.deadline).min();
-        [self.node.poll_timeout(), waiters, self.fallback_at()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.node.poll_timeout(),
+            waiters,
+            self.fallback_at(),
+            self.predictor.deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn wait(&mut self, now: Instant, id: u64, out: Reply, wait: Wait, for_: Duration) {
@@ -437,6 +448,12 @@ impl Daemon {
         if self.fallback_at().is_some_and(|t| t <= now) {
             tracing::info!(server = %self.config.server, "SERVER(UDP_SILENT_TRY_TCP)");
             self.tcp = Some(TcpLink::start(self.config.server, self.tcp_events.clone()));
+        }
+    }
+
+    fn on_extra(&mut self, now: Instant, extra: Extra) {
+        if let Some(from) = self.predictor.on_datagram(now, &extra) {
+            self.node.handle_datagram(now, from, extra.bytes());
         }
     }
 
@@ -668,6 +685,13 @@ impl Daemon {
                         state: p.phase.as_str().into(),
                         endpoint: p.endpoint.map(|e| e.to_string()),
                         path: p.endpoint.map(|e| self.path_name(e).to_owned()),
+                        technique: p.endpoint.and_then(|e| {
+                            if self.predictor.is_predicted(e) {
+                                Some("port-prediction".to_owned())
+                            } else {
+                                p.technique.map(str::to_owned)
+                            }
+                        }),
                         rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
                         fingerprint: p.fingerprint,
                         queued: p.queued,
@@ -747,6 +771,12 @@ impl Daemon {
                     continue;
                 }
                 let dst = addrs::for_socket(t.dst, self.udp_v6);
+                if let Some(sock) = self.predictor.route(t.dst) {
+                    if let Err(e) = sock.send_to(&t.payload, dst).await {
+                        tracing::debug!(%dst, error = %e, "UDP(SEND_ERROR)");
+                    }
+                    continue;
+                }
                 if let Err(e) = self.udp.send_to(&t.payload, dst).await {
                     tracing::debug!(dst = %t.dst, error = %e, "UDP(SEND_ERROR)");
                 }
@@ -942,6 +972,14 @@ impl Daemon {
                     matches!(w, Wait::Up(p, _) | Wait::Pong(p, _) if *p == name)
                         .then(|| Err(e.clone()))
                 });
+            }
+            NodeEvent::PredictPorts {
+                name,
+                dst,
+                intro_id,
+            } => {
+                tracing::info!(peer = %name, %dst, "PREDICT(HARD_SIDE)");
+                self.predictor.start(now, dst, intro_id);
             }
             NodeEvent::PathChanged { name, endpoint } => {
                 let path = self.path_name(endpoint).to_owned();

@@ -11,6 +11,8 @@
 //! * [`store`]: the SQLite database (contacts, history, outbox).
 //! * [`paths`]: where things live by default.
 //! * [`addrs`]: our candidate addresses, and dual-stack address forms.
+//! * [`predict`]: the extra sockets of port prediction, when our NAT maps
+//!   each destination to a new port.
 //! * [`tcp`]: the TCP connection to the server for networks that drop
 //!   UDP.
 //!
@@ -21,6 +23,7 @@ pub mod addrs;
 pub mod ctl;
 pub mod daemon;
 pub mod paths;
+pub mod predict;
 pub mod store;
 pub mod tcp;
 

@@ -108,6 +108,8 @@ pub enum LinkEvent {
     LoggedIn {
         name: String,
         observed: SocketAddr,
+        /// The server's probe port (0: none); see [`crate::wire::Packet::Probe`].
+        probe_port: u16,
     },
     LoginFailed {
         reason: FailReason,
@@ -754,6 +756,7 @@ impl ServerLink {
                 rid,
                 name,
                 observed,
+                probe_port,
             } if self.settle_login(rid) => {
                 let mut quiet = false;
                 if let State::Established(e) = &mut self.state {
@@ -765,8 +768,11 @@ impl ServerLink {
                     tracing::debug!(%name, "LINK(LOGGED_IN_AFTER_REKEY)");
                 } else {
                     tracing::info!(%name, %observed, "LINK(LOGGED_IN)");
-                    self.events
-                        .push_back(LinkEvent::LoggedIn { name, observed });
+                    self.events.push_back(LinkEvent::LoggedIn {
+                        name,
+                        observed,
+                        probe_port,
+                    });
                 }
                 for (rid, msg) in std::mem::take(&mut self.queue) {
                     self.send_request(now, rid, msg);

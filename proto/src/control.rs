@@ -284,6 +284,9 @@ pub struct PeerInfo {
     /// `direct`, `relay-udp` (through the rendezvous server over UDP) or
     /// `relay-tcp` (the same, over this daemon's TCP connection to it).
     pub path: Option<String>,
+    /// How the path was found: `punch`, `port-prediction`, `roaming` or
+    /// `relay`.
+    pub technique: Option<String>,
     pub rtt_ms: Option<f64>,
     pub fingerprint: Option<String>,
     pub queued: usize,

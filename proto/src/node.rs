@@ -19,7 +19,7 @@ use crate::client::{ClientConfig, LinkEvent, LinkState, RequestError, ServerLink
 use crate::codec::Reader;
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
-use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, PunchPlan, SessionPhase};
+use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
 use crate::reliable::{Outgoing, Reliable, ReliableEvent};
 use crate::wire::{ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
 use crate::Transmit;
@@ -106,6 +106,13 @@ pub enum NodeEvent {
         name: String,
         endpoint: SocketAddr,
     },
+    /// Open extra sockets toward `dst` for port prediction (see
+    /// [`crate::peer::Prediction`]).
+    PredictPorts {
+        name: String,
+        dst: SocketAddr,
+        intro_id: u64,
+    },
     Delivered {
         peer: String,
         seq: u64,
@@ -139,6 +146,8 @@ pub struct PeerStatus {
     pub endpoint: Option<SocketAddr>,
     /// Direct, or through the rendezvous server's relay.
     pub path: Option<Path>,
+    /// How the path was found ([`PeerSession::technique`]).
+    pub technique: Option<&'static str>,
     pub rtt: Option<Duration>,
     pub fingerprint: Option<String>,
     pub queued: usize,
@@ -195,6 +204,24 @@ impl PeerEntry {
     }
 }
 
+/// Finding out how our NAT maps: one probe to each of the server's ports,
+/// from the same socket; different answers mean endpoint-dependent
+/// mapping.
+struct NatProbe {
+    nonce: u64,
+    /// The server's probe port.
+    alt: SocketAddr,
+    next: Instant,
+    tries: u8,
+    main: Option<SocketAddr>,
+    other: Option<SocketAddr>,
+}
+
+/// NAT probes are resent this often, this many times (the answers are
+/// small UDP datagrams that may be lost).
+const NAT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const NAT_PROBE_TRIES: u8 = 5;
+
 /// Most `SessionUnknown` answers sent per second.
 const SESSION_UNKNOWN_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -208,6 +235,10 @@ pub struct Node {
     /// Our `RequestConnect`s in flight: rid → (peer, made automatically).
     outgoing: HashMap<u32, (String, bool)>,
     locals: Vec<SocketAddr>,
+    /// Our NAT maps each destination to a new port (learned with
+    /// [`Packet::Probe`]): peers are told, and port prediction is tried.
+    hard: bool,
+    nat_probe: Option<NatProbe>,
     events: VecDeque<NodeEvent>,
     transmits: VecDeque<Transmit>,
     last_unknown_reply: Option<Instant>,
@@ -227,6 +258,8 @@ impl Node {
             incoming: HashMap::new(),
             outgoing: HashMap::new(),
             locals: Vec::new(),
+            hard: false,
+            nat_probe: None,
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             last_unknown_reply: None,
@@ -313,6 +346,7 @@ impl Node {
 
     fn request_connect(&mut self, now: Instant, name: &str, auto: bool) -> u32 {
         let locals = self.locals.clone();
+        let hard = self.hard;
         let n = name.to_owned();
         let rid = self
             .link
@@ -320,6 +354,7 @@ impl Node {
                 rid,
                 name: n,
                 locals,
+                hard,
             });
         self.outgoing.insert(rid, (name.to_owned(), auto));
         let e = self.entry(now, name);
@@ -352,11 +387,13 @@ impl Node {
             e.connecting = true;
         }
         let locals = self.locals.clone();
+        let hard = self.hard;
         let rid = self.link.request(now, |rid| ClientToServer::AgreeConnect {
             rid,
             intro_id,
             accept,
             locals,
+            hard,
         });
         self.pump(now);
         Ok(rid)
@@ -436,6 +473,7 @@ impl Node {
                     .unwrap_or(SessionPhase::Closed),
                 endpoint: e.session.as_ref().and_then(|s| s.endpoint()),
                 path: e.session.as_ref().and_then(|s| s.path()),
+                technique: e.session.as_ref().and_then(|s| s.technique()),
                 rtt: e
                     .session
                     .as_ref()
@@ -458,7 +496,13 @@ impl Node {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let link = self.link.poll_timeout();
+        let link = [
+            self.link.poll_timeout(),
+            self.nat_probe.as_ref().map(|p| p.next),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let peers = self.peers.values().flat_map(|e| {
             let session = e.session.as_ref().and_then(|s| s.poll_timeout());
             let reliable = if e.is_up() {
@@ -487,6 +531,7 @@ impl Node {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.link.handle_timeout(now);
+        self.probe_nat(now);
         for e in self.peers.values_mut() {
             if let Some(s) = e.session.as_mut() {
                 s.handle_timeout(now);
@@ -520,6 +565,9 @@ impl Node {
             }
         };
         let from_server = from == self.link.server_addr();
+        if let Packet::ProbeReply { nonce, observed } = packet {
+            return self.on_probe_reply(from, nonce, observed);
+        }
         if let Packet::Relay { channel, payload } = packet {
             // A peer's packet through the relay, on one of our sessions'
             // channels: handled as if from the peer, at the relay's address.
@@ -607,6 +655,56 @@ impl Node {
                 self.malformed += 1;
             }
         }
+    }
+
+    /// Sends the NAT probes when due; gives up after a few tries.
+    fn probe_nat(&mut self, now: Instant) {
+        let server = self.link.server_addr();
+        let Some(p) = self.nat_probe.as_mut().filter(|p| p.next <= now) else {
+            return;
+        };
+        if p.tries >= NAT_PROBE_TRIES {
+            tracing::info!("NAT(PROBE_UNANSWERED)");
+            self.nat_probe = None;
+            return;
+        }
+        p.tries += 1;
+        p.next = now + NAT_PROBE_INTERVAL;
+        let probe = Packet::Probe { nonce: p.nonce }.encode();
+        for dst in [server, p.alt] {
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: probe.clone(),
+            });
+        }
+    }
+
+    fn on_probe_reply(&mut self, from: SocketAddr, nonce: u64, observed: SocketAddr) {
+        let server = self.link.server_addr();
+        let Some(p) = self.nat_probe.as_mut().filter(|p| p.nonce == nonce) else {
+            return;
+        };
+        if from == server {
+            p.main = Some(observed);
+        } else if from == p.alt {
+            p.other = Some(observed);
+        }
+        if let (Some(main), Some(other)) = (p.main, p.other) {
+            self.hard = main != other;
+            let mapping = if self.hard {
+                "endpoint-dependent"
+            } else {
+                "endpoint-independent"
+            };
+            tracing::info!(mapping, %main, %other, "NAT(MAPPING)");
+            self.nat_probe = None;
+        }
+    }
+
+    /// Whether our NAT was found to map each destination anew (false
+    /// until the probes have answered).
+    pub fn nat_hard(&self) -> bool {
+        self.hard
     }
 
     fn session_by_index(&mut self, index: u32) -> Option<&mut PeerSession> {
@@ -734,6 +832,13 @@ impl Node {
                             endpoint,
                         });
                     }
+                    PeerEvent::PredictPorts { dst, intro_id } => {
+                        self.events.push_back(NodeEvent::PredictPorts {
+                            name: name.to_owned(),
+                            dst,
+                            intro_id,
+                        })
+                    }
                     PeerEvent::Pong { nonce, rtt } => self.events.push_back(NodeEvent::Pong {
                         peer: name.to_owned(),
                         nonce,
@@ -804,7 +909,23 @@ impl Node {
             LinkEvent::Disconnected { reason } => self.events.push_back(NodeEvent::ServerDown {
                 reason: reason.to_owned(),
             }),
-            LinkEvent::LoggedIn { name, observed } => {
+            LinkEvent::LoggedIn {
+                name,
+                observed,
+                probe_port,
+            } => {
+                if probe_port != 0 {
+                    let alt = SocketAddr::new(self.link.server_addr().ip(), probe_port);
+                    self.nat_probe = Some(NatProbe {
+                        nonce: self.rng.gen(),
+                        alt,
+                        next: now,
+                        tries: 0,
+                        main: None,
+                        other: None,
+                    });
+                    self.probe_nat(now);
+                }
                 for e in self.peers.values_mut() {
                     e.next_reconnect = now;
                     e.connecting = false;
@@ -848,11 +969,13 @@ impl Node {
                 match pinned {
                     Some(p) if p.sign_key == identity.sign_key => {
                         let locals = self.locals.clone();
+                        let hard = self.hard;
                         self.link.request(now, |rid| ClientToServer::AgreeConnect {
                             rid,
                             intro_id,
                             accept: true,
                             locals,
+                            hard,
                         });
                         let e = self.entry(now, &name);
                         e.connecting = true;
@@ -869,6 +992,7 @@ impl Node {
                             intro_id,
                             accept: false,
                             locals,
+                            hard: false,
                         });
                         self.events.push_back(NodeEvent::KeyMismatch {
                             name,
@@ -934,6 +1058,11 @@ impl Node {
                         candidates,
                         initiator: p.initiator,
                         relay: p.relay.then(|| self.link.server_addr()),
+                        prediction: match (self.hard, p.peer_hard) {
+                            (true, false) => Prediction::Hard,
+                            (false, true) => Prediction::Easy(p.public.ip()),
+                            _ => Prediction::None,
+                        },
                     },
                     seed,
                 );

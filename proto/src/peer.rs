@@ -102,6 +102,10 @@ pub enum PeerEvent {
     /// The peer's packets now come from another address (or through the
     /// relay: `endpoint` is then the relay's address).
     PathChanged { endpoint: SocketAddr },
+    /// We are the hard side of port prediction: open
+    /// [`PREDICTION_PORTS`] sockets and send punch probes for `intro_id`
+    /// from each to `dst`, for a few seconds.
+    PredictPorts { dst: SocketAddr, intro_id: u64 },
     /// An answer to [`PeerSession::ping`].
     Pong { nonce: u64, rtt: Duration },
     /// A message for the layers above (chat, acknowledgements).
@@ -183,6 +187,41 @@ pub struct PunchPlan {
     /// The relay's address, if the server relays this introduction:
     /// packets for it go out wrapped in [`Packet::Relay`].
     pub relay: Option<SocketAddr>,
+    pub prediction: Prediction,
+}
+
+/// Port prediction (the birthday technique), for a NAT pair where one
+/// side maps each destination to a new port and the other does not. The
+/// hard side opens [`PREDICTION_PORTS`] extra sockets toward the easy
+/// side's public address (the daemon does that, on
+/// [`PeerEvent::PredictPorts`]); the easy side probes random ports of the
+/// hard side's address. About 2,000 probes against 256 open mappings
+/// find one with probability 1 - (1 - 256/64512)^2048, above 99.9%.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    None,
+    /// We are the easy side: probe random ports at this address.
+    Easy(std::net::IpAddr),
+    /// We are the hard side: ask for extra sockets toward the peer.
+    Hard,
+}
+
+/// Extra sockets the hard side opens (Tailscale's figure).
+pub const PREDICTION_PORTS: usize = 256;
+/// The easy side starts probing this long after the instruction, so the
+/// hard side's mappings exist by then…
+const SPRAY_DELAY: Duration = Duration::from_millis(500);
+/// …then sends this many probes per tick…
+const SPRAY_BATCH: u32 = 8;
+const SPRAY_TICK: Duration = Duration::from_millis(15);
+/// …up to this many in all (about 4 s at ~530 a second).
+const SPRAY_MAX: u32 = 2048;
+
+#[derive(Clone, Copy, Debug)]
+struct Spray {
+    ip: std::net::IpAddr,
+    next: Instant,
+    sent: u32,
 }
 
 /// The path a session's packets take.
@@ -215,6 +254,8 @@ pub struct PeerSession {
     candidates: Vec<SocketAddr>,
     relay: Option<SocketAddr>,
     discovery: Option<Discovery>,
+    prediction: Prediction,
+    spray: Option<Spray>,
     /// When a relayed session looks for a direct path again.
     upgrade_at: Option<Instant>,
     last_direct_rx: Option<Instant>,
@@ -244,6 +285,8 @@ impl PeerSession {
             candidates: Vec::new(),
             relay: None,
             discovery: None,
+            prediction: Prediction::None,
+            spray: None,
             upgrade_at: None,
             last_direct_rx: None,
             rtt: None,
@@ -268,6 +311,7 @@ impl PeerSession {
             mut candidates,
             initiator,
             relay,
+            prediction,
         } = plan;
         candidates.dedup();
         // Never probe the relay itself as if it were the peer.
@@ -294,6 +338,23 @@ impl PeerSession {
             next_probe: now,
             until: deadline,
         });
+        s.prediction = prediction;
+        match prediction {
+            Prediction::Easy(ip) => {
+                s.spray = Some(Spray {
+                    ip,
+                    next: now + SPRAY_DELAY,
+                    sent: 0,
+                })
+            }
+            Prediction::Hard => {
+                if let Some(dst) = s.candidates.first().copied() {
+                    s.events
+                        .push_back(PeerEvent::PredictPorts { dst, intro_id });
+                }
+            }
+            Prediction::None => {}
+        }
         s.handle_timeout(now);
         s
     }
@@ -335,6 +396,20 @@ impl PeerSession {
             Path::Relay(dst)
         } else {
             Path::Direct(dst)
+        })
+    }
+
+    /// How the path in use was found: `punch` (a candidate answered),
+    /// `port-prediction` (a port we guessed), `roaming` (the peer moved),
+    /// or `relay`. The hard side of a prediction sees the peer at one of
+    /// its candidates: the caller, which knows which socket answered,
+    /// tells that case apart.
+    pub fn technique(&self) -> Option<&'static str> {
+        Some(match self.path()? {
+            Path::Relay(_) => "relay",
+            Path::Direct(a) if self.candidates.contains(&a) => "punch",
+            Path::Direct(_) if matches!(self.prediction, Prediction::Easy(_)) => "port-prediction",
+            Path::Direct(_) => "roaming",
         })
     }
 
@@ -398,7 +473,8 @@ impl PeerSession {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let discovery = self.discovery.map(|d| d.next_probe.min(d.until));
-        [discovery, self.upgrade_at, self.state_timeout()]
+        let spray = self.spray.map(|s| s.next);
+        [discovery, spray, self.upgrade_at, self.state_timeout()]
             .into_iter()
             .flatten()
             .min()
@@ -616,6 +692,7 @@ impl PeerSession {
     /// Sends punch probes while a direct-path search is on, and starts a
     /// search when a relayed session is due for one.
     fn discover(&mut self, now: Instant) {
+        self.spray(now);
         if self.upgrade_at.is_some_and(|t| now >= t) {
             self.upgrade_at = None;
             if self.on_relay() {
@@ -653,6 +730,35 @@ impl PeerSession {
                 dst: *c,
                 payload: probe.clone(),
             });
+        }
+    }
+
+    /// The easy side of port prediction: punch probes to random ports of
+    /// the hard side's address, a batch per tick.
+    fn spray(&mut self, now: Instant) {
+        let (Some(sp), Some(intro_id)) = (&mut self.spray, self.intro_id) else {
+            return;
+        };
+        if now < sp.next {
+            return;
+        }
+        let probe = Packet::Punch {
+            intro_id,
+            reply: false,
+        }
+        .encode();
+        for _ in 0..SPRAY_BATCH {
+            let port = self.rng.gen_range(1024..=u16::MAX);
+            self.transmits.push_back(Transmit {
+                dst: SocketAddr::new(sp.ip, port),
+                payload: probe.clone(),
+            });
+        }
+        sp.sent += SPRAY_BATCH;
+        sp.next = now + SPRAY_TICK;
+        if sp.sent >= SPRAY_MAX {
+            tracing::debug!("PREDICT(SPRAY_DONE)");
+            self.spray = None;
         }
     }
 
@@ -848,6 +954,7 @@ impl PeerSession {
             self.last_direct_rx = Some(now);
             // A direct path works: the search is over.
             self.discovery = None;
+            self.spray = None;
             self.upgrade_at = None;
         } else if self.discovery.is_none() && self.upgrade_at.is_none() {
             self.upgrade_at = Some(now + self.config.upgrade_interval);

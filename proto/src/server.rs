@@ -121,6 +121,9 @@ pub struct ServerConfig {
     /// Most sessions (finished or not) held at once.
     pub max_sessions: usize,
     pub relay: RelayConfig,
+    /// The second UDP port the server answers probes on (0: none), told
+    /// to clients at login.
+    pub probe_port: u16,
 }
 
 /// The relay role: limits an operator sets.
@@ -156,6 +159,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_sessions: 100_000,
             relay: RelayConfig::default(),
+            probe_port: 0,
         }
     }
 }
@@ -223,6 +227,7 @@ struct Intro {
     from: String,
     to: String,
     from_locals: Vec<SocketAddr>,
+    from_hard: bool,
     created: Instant,
 }
 
@@ -337,8 +342,17 @@ impl Server {
                 ciphertext,
             } => self.on_data(now, from, buf.len(), receiver, counter, ciphertext, store),
             Packet::Relay { channel, .. } => self.on_relay(now, from, channel, buf),
+            Packet::Probe { .. } => {
+                if let Some(reply) = answer_probe(from, buf) {
+                    self.transmits.push_back(Transmit {
+                        dst: from,
+                        payload: reply,
+                    });
+                }
+            }
             Packet::HandshakeResponse { .. }
             | Packet::Punch { .. }
+            | Packet::ProbeReply { .. }
             | Packet::SessionUnknown { .. } => {
                 self.stats.malformed += 1;
                 tracing::debug!(%from, "DROP(UNEXPECTED)");
@@ -765,15 +779,19 @@ impl Server {
                     },
                 );
             }
-            ClientToServer::RequestConnect { rid, name, locals } => {
-                self.on_request_connect(now, index, rid, name, locals, store)
-            }
+            ClientToServer::RequestConnect {
+                rid,
+                name,
+                locals,
+                hard,
+            } => self.on_request_connect(now, index, rid, name, (locals, hard), store),
             ClientToServer::AgreeConnect {
                 rid,
                 intro_id,
                 accept,
                 locals,
-            } => self.on_agree(now, index, rid, intro_id, accept, locals),
+                hard,
+            } => self.on_agree(now, index, rid, intro_id, accept, (locals, hard)),
         }
     }
 
@@ -873,6 +891,7 @@ impl Server {
                 rid,
                 name,
                 observed,
+                probe_port: self.config.probe_port,
             },
         );
     }
@@ -883,7 +902,7 @@ impl Server {
         index: u32,
         rid: u32,
         name: String,
-        locals: Vec<SocketAddr>,
+        (locals, hard): (Vec<SocketAddr>, bool),
         store: &mut dyn AccountStore,
     ) {
         let Some(me) = self.user_of(index) else {
@@ -929,6 +948,7 @@ impl Server {
                 from: me.clone(),
                 to: name.clone(),
                 from_locals: locals,
+                from_hard: hard,
                 created: now,
             },
         );
@@ -960,7 +980,7 @@ impl Server {
         rid: u32,
         intro_id: u64,
         accept: bool,
-        locals: Vec<SocketAddr>,
+        (locals, hard): (Vec<SocketAddr>, bool),
     ) {
         let me = self.user_of(index);
         let matches =
@@ -1008,6 +1028,7 @@ impl Server {
             locals,
             initiator: true,
             relay,
+            peer_hard: hard,
         };
         let to_target = PunchInstruction {
             intro_id,
@@ -1017,6 +1038,7 @@ impl Server {
             locals: intro.from_locals,
             initiator: false,
             relay,
+            peer_hard: intro.from_hard,
         };
         self.push(now, requester, ServerToClient::Punch(to_requester));
         self.push(now, index, ServerToClient::Punch(to_target));
@@ -1096,6 +1118,22 @@ impl Server {
             self.next_sweep = Some(now + SWEEP_INTERVAL);
         }
     }
+}
+
+/// The answer to a [`Packet::Probe`] from `from`: where the probe came
+/// from. Never larger than the probe (no amplification); `None` for
+/// anything that is not a probe. The rendezvous binary also calls this
+/// for its second (probe) port.
+pub fn answer_probe(from: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+    let Ok(Packet::Probe { nonce }) = Packet::decode(datagram) else {
+        return None;
+    };
+    let reply = Packet::ProbeReply {
+        nonce,
+        observed: from,
+    }
+    .encode();
+    (reply.len() <= datagram.len()).then_some(reply)
 }
 
 /// Encodes a client's identity payload for the handshake.

@@ -34,6 +34,8 @@ pub const MAX_RELAYED: usize = MAX_PACKET + RELAY_HEADER_LEN;
 /// behind a big-endian length of this many bytes; a frame longer than
 /// [`MAX_RELAYED`] ends the connection.
 pub const TCP_LENGTH_BYTES: usize = 2;
+/// A [`Packet::Probe`] is padded to this many bytes.
+pub const PROBE_LEN: usize = 48;
 /// version, type, receiver index, counter.
 pub const DATA_HEADER_LEN: usize = 1 + 1 + 4 + 8;
 /// Room for the inner message of a data packet: the packet minus its
@@ -62,6 +64,8 @@ pub enum PacketType {
     Punch = 5,
     SessionUnknown = 6,
     Relay = 7,
+    Probe = 8,
+    ProbeReply = 9,
 }
 
 /// One datagram, borrowed from the receive buffer.
@@ -80,7 +84,10 @@ pub enum Packet<'a> {
         noise: &'a [u8],
     },
     /// Third handshake message (XX only).
-    HandshakeFinish { receiver: u32, noise: &'a [u8] },
+    HandshakeFinish {
+        receiver: u32,
+        noise: &'a [u8],
+    },
     /// An encrypted inner message for the session at `receiver`.
     Data {
         receiver: u32,
@@ -90,16 +97,35 @@ pub enum Packet<'a> {
     /// A hole-punching probe between peers, naming the introduction it
     /// belongs to. Unencrypted; it only opens NAT mappings, and the
     /// handshake that follows authenticates.
-    Punch { intro_id: u64, reply: bool },
+    Punch {
+        intro_id: u64,
+        reply: bool,
+    },
     /// "I have no session with that index": lets the other side start a
     /// new handshake at once instead of waiting for a timeout.
-    SessionUnknown { receiver: u32 },
+    SessionUnknown {
+        receiver: u32,
+    },
     /// A peer packet through the rendezvous server's relay, on the
     /// channel of an introduction both peers agreed to: from a client, "pass
     /// this to the other side"; from the server, "the other side sent
     /// this". The server cannot read `payload`: it is a peer packet,
     /// encrypted end to end (or a handshake message).
-    Relay { channel: u64, payload: &'a [u8] },
+    Relay {
+        channel: u64,
+        payload: &'a [u8],
+    },
+    /// "From where do you see this?": answered by the server on both its
+    /// ports with a [`Packet::ProbeReply`]. Two answers that differ in
+    /// port mean our NAT maps each destination anew (endpoint-dependent
+    /// mapping). Padded to [`PROBE_LEN`] so the answer is never larger.
+    Probe {
+        nonce: u64,
+    },
+    ProbeReply {
+        nonce: u64,
+        observed: SocketAddr,
+    },
 }
 
 impl<'a> Packet<'a> {
@@ -170,6 +196,21 @@ impl<'a> Packet<'a> {
                 r.finish()?;
                 p
             }
+            8 => {
+                if buf.len() < PROBE_LEN {
+                    return Err(DecodeError::Invalid("unpadded probe"));
+                }
+                // The rest is padding.
+                Packet::Probe { nonce: r.u64()? }
+            }
+            9 => {
+                let p = Packet::ProbeReply {
+                    nonce: r.u64()?,
+                    observed: r.socket_addr()?,
+                };
+                r.finish()?;
+                p
+            }
             7 => {
                 let channel = r.u64()?;
                 let payload = r.rest();
@@ -233,6 +274,15 @@ impl<'a> Packet<'a> {
             }
             Packet::Relay { channel, payload } => {
                 w.u8(PacketType::Relay as u8).u64(*channel).bytes(payload);
+            }
+            Packet::Probe { nonce } => {
+                w.u8(PacketType::Probe as u8).u64(*nonce);
+                w.buf.resize(PROBE_LEN, 0);
+            }
+            Packet::ProbeReply { nonce, observed } => {
+                w.u8(PacketType::ProbeReply as u8)
+                    .u64(*nonce)
+                    .socket_addr(observed);
             }
         }
         w.into_inner()
@@ -358,16 +408,21 @@ pub enum ClientToServer {
         rid: u32,
         offset: u16,
     },
+    /// `hard`: the sender's NAT maps each destination to a new port
+    /// (endpoint-dependent mapping, found with [`Packet::Probe`]); the
+    /// peer is told, to try port prediction.
     RequestConnect {
         rid: u32,
         name: String,
         locals: Vec<SocketAddr>,
+        hard: bool,
     },
     AgreeConnect {
         rid: u32,
         intro_id: u64,
         accept: bool,
         locals: Vec<SocketAddr>,
+        hard: bool,
     },
     /// Also the heartbeat that keeps presence and the NAT mapping alive.
     Ping {
@@ -393,22 +448,30 @@ impl ClientToServer {
             ClientToServer::ListUsers { rid, offset } => {
                 w.u8(3).u32(*rid).u16(*offset);
             }
-            ClientToServer::RequestConnect { rid, name, locals } => {
+            ClientToServer::RequestConnect {
+                rid,
+                name,
+                locals,
+                hard,
+            } => {
                 w.u8(4).u32(*rid).string(name);
                 w.list(locals, |w, a| {
                     w.socket_addr(a);
                 });
+                w.bool(*hard);
             }
             ClientToServer::AgreeConnect {
                 rid,
                 intro_id,
                 accept,
                 locals,
+                hard,
             } => {
                 w.u8(5).u32(*rid).u64(*intro_id).bool(*accept);
                 w.list(locals, |w, a| {
                     w.socket_addr(a);
                 });
+                w.bool(*hard);
             }
             ClientToServer::Ping { rid } => {
                 w.u8(6).u32(*rid);
@@ -442,12 +505,14 @@ impl ClientToServer {
                 rid: r.u32()?,
                 name: r.string(MAX_NAME)?,
                 locals: r.list(MAX_ENDPOINTS, Reader::socket_addr)?,
+                hard: r.bool()?,
             },
             5 => ClientToServer::AgreeConnect {
                 rid: r.u32()?,
                 intro_id: r.u64()?,
                 accept: r.bool()?,
                 locals: r.list(MAX_ENDPOINTS, Reader::socket_addr)?,
+                hard: r.bool()?,
             },
             6 => ClientToServer::Ping { rid: r.u32()? },
             7 => ClientToServer::Logout,
@@ -474,6 +539,9 @@ pub struct PunchInstruction {
     /// The server relays this introduction's packets ([`Packet::Relay`]
     /// with `intro_id` as the channel) if no direct path is found.
     pub relay: bool,
+    /// The peer's NAT has endpoint-dependent mapping (see
+    /// [`ClientToServer::RequestConnect`]).
+    pub peer_hard: bool,
 }
 
 /// Answers and notices from the rendezvous server.
@@ -487,6 +555,9 @@ pub enum ServerToClient {
         rid: u32,
         name: String,
         observed: SocketAddr,
+        /// The server's second UDP port, which answers [`Packet::Probe`]
+        /// so a client can tell how its NAT maps (0: none).
+        probe_port: u16,
     },
     /// A request failed.
     Failed {
@@ -548,8 +619,13 @@ impl ServerToClient {
                 rid,
                 name,
                 observed,
+                probe_port,
             } => {
-                w.u8(2).u32(*rid).string(name).socket_addr(observed);
+                w.u8(2)
+                    .u32(*rid)
+                    .string(name)
+                    .socket_addr(observed)
+                    .u16(*probe_port);
             }
             ServerToClient::Failed {
                 rid,
@@ -599,7 +675,7 @@ impl ServerToClient {
                 w.list(&p.locals, |w, a| {
                     w.socket_addr(a);
                 });
-                w.bool(p.initiator).bool(p.relay);
+                w.bool(p.initiator).bool(p.relay).bool(p.peer_hard);
             }
             ServerToClient::Pong { rid, observed } => {
                 w.u8(9).u32(*rid).socket_addr(observed);
@@ -625,6 +701,7 @@ impl ServerToClient {
                 rid: r.u32()?,
                 name: r.string(MAX_NAME)?,
                 observed: r.socket_addr()?,
+                probe_port: r.u16()?,
             },
             3 => ServerToClient::Failed {
                 rid: r.u32()?,
@@ -665,6 +742,7 @@ impl ServerToClient {
                 locals: r.list(MAX_ENDPOINTS, Reader::socket_addr)?,
                 initiator: r.bool()?,
                 relay: r.bool()?,
+                peer_hard: r.bool()?,
             }),
             9 => ServerToClient::Pong {
                 rid: r.u32()?,
@@ -962,12 +1040,14 @@ mod tests {
                 rid: rng.gen(),
                 name: random_name(rng),
                 locals,
+                hard: rng.gen(),
             },
             4 => ClientToServer::AgreeConnect {
                 rid: rng.gen(),
                 intro_id: rng.gen(),
                 accept: rng.gen(),
                 locals,
+                hard: rng.gen(),
             },
             5 => ClientToServer::Ping { rid: rng.gen() },
             _ => ClientToServer::Logout,
@@ -995,6 +1075,7 @@ mod tests {
                 rid: rng.gen(),
                 name: random_name(rng),
                 observed: random_addr(rng),
+                probe_port: rng.gen(),
             },
             2 => ServerToClient::Failed {
                 rid: rng.gen(),
@@ -1037,6 +1118,7 @@ mod tests {
                     .collect(),
                 initiator: rng.gen(),
                 relay: rng.gen(),
+                peer_hard: rng.gen(),
             }),
             8 => ServerToClient::Pong {
                 rid: rng.gen(),

@@ -62,6 +62,12 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_tcp: usize,
 
+    /// A second UDP port that only answers NAT probes (clients compare the
+    /// address each port sees to learn how their NAT maps); 0 turns it off.
+    /// [default: the listen port + 1]
+    #[arg(long, value_name = "PORT")]
+    probe_port: Option<u16>,
+
     /// Print the server's public key (hex, for clients to pin) and exit.
     /// Give the same --data-dir as the server; fails if it has no key.
     #[arg(long)]
@@ -127,6 +133,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         },
         max_tcp: args.max_tcp,
+        probe_port: match args.probe_port {
+            Some(0) => None,
+            Some(p) => Some(p),
+            // Port 0 (tests): any free port for the probe port too.
+            None if args.listen.port() == 0 => Some(0),
+            None => Some(args.listen.port().wrapping_add(1)),
+        },
     };
     // One socket and one loop: a single-threaded runtime is all it needs.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -15,7 +15,7 @@ use crate::store::SqliteStore;
 use crate::tcp::TcpClients;
 use anyhow::Context;
 use proto::identity::{fingerprint, to_hex, Identity};
-use proto::server::{RelayConfig, Server, ServerConfig};
+use proto::server::{answer_probe, RelayConfig, Server, ServerConfig};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,6 +54,10 @@ pub struct Config {
     /// Most TCP clients (on networks that drop UDP) at once; 0 turns TCP
     /// off.
     pub max_tcp: usize,
+    /// A second UDP port that only answers NAT probes, so clients can tell
+    /// whether their NAT maps each destination anew. `Some(0)` picks a
+    /// free port; `None` turns it off.
+    pub probe_port: Option<u16>,
 }
 
 impl Config {
@@ -65,6 +69,7 @@ impl Config {
             presence_timeout: ServerConfig::default().presence_timeout,
             relay: RelayConfig::default(),
             max_tcp: 1000,
+            probe_port: Some(0),
         }
     }
 }
@@ -100,6 +105,7 @@ pub fn load_server_key(data_dir: &Path) -> anyhow::Result<(Identity, bool)> {
 /// A server with its socket bound and its files open, not yet serving.
 pub struct Bound {
     socket: UdpSocket,
+    probe: Option<UdpSocket>,
     tcp: Option<TcpClients>,
     local_addr: SocketAddr,
     server: Server,
@@ -140,8 +146,24 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
     } else {
         None
     };
+    let probe = match config.probe_port {
+        Some(port) => {
+            let addr = SocketAddr::new(local_addr.ip(), port);
+            Some(
+                UdpSocket::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on UDP {addr} (probe port)"))?,
+            )
+        }
+        None => None,
+    };
+    let probe_port = match &probe {
+        Some(s) => s.local_addr()?.port(),
+        None => 0,
+    };
     let server_config = ServerConfig {
         presence_timeout: config.presence_timeout,
+        probe_port,
         relay: config.relay.clone(),
         ..ServerConfig::default()
     };
@@ -149,6 +171,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
     let server = Server::new(identity, server_config, rand::random());
     let bound = Bound {
         socket,
+        probe,
         tcp,
         local_addr,
         server,
@@ -162,6 +185,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         fingerprint = %fingerprint(&key),
         presence_timeout_s = config.presence_timeout.as_secs(),
         tcp = config.max_tcp > 0,
+        probe_port,
         relay = config.relay.enabled,
         relay_max_sessions = config.relay.max_channels,
         relay_rate_per_user = config.relay.rate_per_user,
@@ -203,6 +227,7 @@ impl Bound {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Bound {
             socket,
+            probe,
             mut tcp,
             local_addr,
             mut server,
@@ -210,6 +235,7 @@ impl Bound {
         } = self;
         tokio::pin!(shutdown);
         let mut buf = vec![0u8; RECV_BUF];
+        let mut probe_buf = vec![0u8; RECV_BUF];
         let mut next_stats = Instant::now() + STATS_INTERVAL;
         loop {
             // The stats line has its own deadline; the machine's comes from
@@ -235,6 +261,13 @@ impl Bound {
                     }
                     Err(e) => on_recv_error(e).await,
                 },
+                Ok((len, from)) = probe_recv(probe.as_ref(), &mut probe_buf) => {
+                    // Answered here, never larger than the probe.
+                    let datagram = probe_buf.get(..len).unwrap_or(&[]);
+                    if let (Some(reply), Some(p)) = (answer_probe(from, datagram), &probe) {
+                        let _ = p.send_to(&reply, from).await;
+                    }
+                }
                 Some((from, frame)) = tcp_next(&mut tcp) => {
                     server.handle_datagram(Instant::now(), from, &frame, &mut store);
                 }
@@ -287,6 +320,17 @@ async fn on_recv_error(e: std::io::Error) {
             tracing::warn!(error = %e, "RECV(FAILED)");
             tokio::time::sleep(RECV_ERROR_PAUSE).await;
         }
+    }
+}
+
+/// The next datagram on the probe port; never, with it off.
+async fn probe_recv(
+    probe: Option<&UdpSocket>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    match probe {
+        Some(p) => p.recv_from(buf).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -500,6 +500,22 @@ table inet block {{
         );
     }
 
+    /// Makes `router` drop all IPv6 it would forward: its hosts have IPv4
+    /// only.
+    pub fn block_v6(&self, router: &Router) {
+        nft(
+            &router.ns,
+            r#"
+table ip6 nov6 {
+  chain forward {
+    type filter hook forward priority -10;
+    drop
+  }
+}
+"#,
+        );
+    }
+
     pub fn unblock(&self, router: &Router) {
         exec(&router.ns, &["nft", "delete", "table", "inet", "block"]);
     }

@@ -90,6 +90,9 @@ fn two_home_routers_connect_directly() {
         return;
     };
     let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    // IPv4 only: the path must go through both NATs.
+    net.block_v6(&ra);
+    net.block_v6(&rb);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
     daemon(&mut lab, "alice", &ha);
     daemon(&mut lab, "bob", &hb);
@@ -115,11 +118,15 @@ fn two_hosts_behind_one_router_talk_over_the_lan() {
     daemon(&mut lab, "alice", &ha);
     daemon(&mut lab, "bob", &hb);
     let (_, pa, pb) = connect(&mut lab, "alice", "bob");
-    // Straight over the LAN, not hairpinned through the router's WAN side.
+    // Straight over the LAN (IPv4 or IPv6), not hairpinned through the
+    // router's WAN side.
     let ea = pa["endpoint"].as_str().unwrap_or_default().to_owned();
     let eb = pb["endpoint"].as_str().unwrap_or_default().to_owned();
-    assert!(ea.starts_with(&format!("{}:", hb.v4)), "{pa}");
-    assert!(eb.starts_with(&format!("{}:", ha.v4)), "{pb}");
+    let local = |e: &str, h: &Host| {
+        e.starts_with(&format!("{}:", h.v4)) || e.starts_with(&format!("[{}]:", h.v6))
+    };
+    assert!(local(&ea, &hb), "{pa}");
+    assert!(local(&eb, &ha), "{pb}");
     chat(&mut lab, "alice", "bob", "hi neighbour");
 }
 
@@ -145,6 +152,8 @@ fn symmetric_nats_on_both_sides_are_relayed_and_the_relay_reads_nothing() {
         return;
     };
     let (ra, rb) = (net.router(Nat::Symmetric), net.router(Nat::Symmetric));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
     daemon(&mut lab, "alice", &ha);
     daemon(&mut lab, "bob", &hb);
@@ -182,19 +191,55 @@ fn symmetric_nats_on_both_sides_are_relayed_and_the_relay_reads_nothing() {
 }
 
 #[test]
-fn symmetric_nat_on_one_side_is_relayed() {
+fn symmetric_nat_on_one_side_is_relayed_then_direct_by_port_prediction() {
     let Some((mut net, mut lab)) = lab("sym1") else {
         return;
     };
     let (ra, rb) = (net.router(Nat::Symmetric), net.router(Nat::Home));
+    // IPv4 only, so the direct path must come through the NATs.
+    net.block_v6(&ra);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
     daemon(&mut lab, "alice", &ha);
     daemon(&mut lab, "bob", &hb);
+    let accepted = Instant::now();
     let (took, pa, pb) = connect(&mut lab, "alice", "bob");
-    println!("session up {took:?} after accept, path {}", pa["path"]);
-    assert_eq!(pa["path"], "relay-udp", "{pa}");
-    assert_eq!(pb["path"], "relay-udp", "{pb}");
-    chat(&mut lab, "alice", "bob", "over the relay");
+    println!("session up {took:?} after accept: {pa} / {pb}");
+    // Plain punching cannot work here: up through the relay first (or
+    // already direct, if the prediction was quicker than the relay).
+    for p in [&pa, &pb] {
+        assert!(
+            p["path"] == "relay-udp" || p["technique"] == "port-prediction",
+            "{p}"
+        );
+    }
+    let (pa, pb) = lab.wait_for("port prediction", WAIT, |lab| {
+        let pa = peer(lab, "alice", "bob");
+        let pb = peer(lab, "bob", "alice");
+        (pa["path"] == "direct" && pb["path"] == "direct").then_some((pa, pb))
+    });
+    println!(
+        "direct {:?} after accept: alice {pa}, bob {pb}",
+        accepted.elapsed()
+    );
+    // Alice (hard side) reaches bob's public address from the extra
+    // socket that matched; bob reaches the port of alice's NAT he guessed.
+    assert_eq!(pa["technique"], "port-prediction", "{pa}");
+    assert_eq!(pb["technique"], "port-prediction", "{pb}");
+    assert!(
+        pa["endpoint"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{}:", rb.wan)),
+        "{pa}"
+    );
+    assert!(
+        pb["endpoint"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{}:", ra.wan)),
+        "{pb}"
+    );
+    chat(&mut lab, "alice", "bob", "through a symmetric NAT");
 }
 
 /// How many introductions the server made so far (its log).
@@ -232,6 +277,8 @@ fn an_idle_session_outlives_the_mapping_timeout_on_keepalives() {
     // of keepalive to timeout, five times quicker.
     net.udp_timeout(&ra, 6);
     net.udp_timeout(&rb, 6);
+    net.block_v6(&ra);
+    net.block_v6(&rb);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
     for (name, host) in [("alice", &ha), ("bob", &hb)] {
         lab.start_daemon_in(Some(&host.ns), name, &["--keepalive", "2"]);
@@ -269,6 +316,8 @@ fn a_router_that_forgets_its_mappings_mid_conversation_loses_nothing() {
         return;
     };
     let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
     daemon(&mut lab, "alice", &ha);
     daemon(&mut lab, "bob", &hb);
