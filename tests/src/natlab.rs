@@ -72,6 +72,8 @@ pub struct Host {
 pub struct Net {
     prefix: String,
     namespaces: Vec<String>,
+    /// Link emulators between impaired routers and the public segment.
+    links: Vec<std::process::Child>,
     next_router: u8,
     next_host: Vec<(String, u8)>,
     /// The namespace of the public segment (and of the rendezvous server).
@@ -184,6 +186,7 @@ impl Net {
         let mut net = Net {
             prefix,
             namespaces: Vec::new(),
+            links: Vec::new(),
             next_router: 1,
             next_host: Vec::new(),
             public: public.clone(),
@@ -197,6 +200,8 @@ impl Net {
             &["-6", "addr", "add", "2001:db8::1/64", "dev", "br0", "nodad"],
         );
         sysctl(&public, "net.ipv6.conf.all.forwarding=1");
+        // It routes between the segment and impaired routers' links.
+        sysctl(&public, "net.ipv4.ip_forward=1");
         Some(net)
     }
 
@@ -270,6 +275,82 @@ impl Net {
                 &wan6,
             ],
         );
+        let router = Router {
+            ns,
+            nat,
+            wan,
+            index,
+            lan_v4: [192, 168, index],
+        };
+        self.lan(&router);
+        router
+    }
+
+    /// A router whose WAN link to the public segment goes through
+    /// `linkem` (the project's link emulator: these kernels have no
+    /// `netem`), impaired with `impair`, e.g. `["--delay-ms", "25",
+    /// "--loss-pct", "1"]`, in each direction. Its WAN address is
+    /// 198.51.100.<index>, routed by the public namespace.
+    pub fn router_via_link(&mut self, nat: Nat, impair: &[&str]) -> Router {
+        use std::io::BufRead;
+        let index = self.next_router;
+        self.next_router += 1;
+        let ns = format!("{}-r{index}", self.prefix);
+        self.namespace(&ns);
+        let uplink = format!("r{index}");
+        let mut child = Command::new(crate::bin("linkem"))
+            .arg("--a")
+            .arg(format!("{}:{uplink}", self.public))
+            .arg("--b")
+            .arg(format!("{ns}:wan"))
+            .args(["--seed", &index.to_string()])
+            .args(impair)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start linkem");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("linkem stdout");
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        assert_eq!(line.trim(), "linkem: ready", "linkem did not start");
+        self.links.push(child);
+        let wan = Ipv4Addr::new(198, 51, 100, index);
+        let wan6 = format!("2001:db8:ffff::{index:x}");
+        ip(&self.public, &["link", "set", &uplink, "up"]);
+        ip(
+            &self.public,
+            &["route", "add", &format!("{wan}/32"), "dev", &uplink],
+        );
+        ip(
+            &self.public,
+            &["-6", "route", "add", &format!("{wan6}/128"), "dev", &uplink],
+        );
+        ip(
+            &self.public,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("2001:db8:{index:x}::/64"),
+                "dev",
+                &uplink,
+            ],
+        );
+        ip(&ns, &["addr", "add", &format!("{wan}/32"), "dev", "wan"]);
+        ip(
+            &ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{wan6}/128"),
+                "dev",
+                "wan",
+                "nodad",
+            ],
+        );
+        ip(&ns, &["link", "set", "wan", "up"]);
+        ip(&ns, &["route", "add", "default", "dev", "wan"]);
+        ip(&ns, &["-6", "route", "add", "default", "dev", "wan"]);
         let router = Router {
             ns,
             nat,
@@ -538,6 +619,10 @@ impl Host {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        for link in &mut self.links {
+            let _ = link.kill();
+            let _ = link.wait();
+        }
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }

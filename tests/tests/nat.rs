@@ -25,7 +25,22 @@ fn lab(tag: &str) -> Option<(Net, Lab)> {
 fn daemon(lab: &mut Lab, name: &str, host: &Host) {
     // The default listen address: IPv4 and IPv6 on one socket.
     lab.start_daemon_in(Some(&host.ns), name, &[]);
+    registered(lab, name);
+}
+
+/// Registers `name` and waits until it is logged in (and has probed its
+/// NAT, which takes one more round trip).
+fn registered(lab: &mut Lab, name: &str) {
     lab.ctl(name, &["register", name]).ok();
+    lab.wait_for("the login", WAIT, |lab| {
+        let w = lab.ctl(name, &["--json", "whoami"]).json();
+        (w["server_state"] == "logged_in").then_some(())
+    });
+    let log = lab.dir.join(format!("{name}.log"));
+    lab.wait_for("the NAT probe", WAIT, |_| {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.contains("NAT(MAPPING)") || text.contains("NAT(PROBE_UNANSWERED)")).then_some(())
+    });
 }
 
 /// The `peers` entry for `peer` as `daemon` shows it.
@@ -282,7 +297,7 @@ fn an_idle_session_outlives_the_mapping_timeout_on_keepalives() {
     let (ha, hb) = (net.host(&ra), net.host(&rb));
     for (name, host) in [("alice", &ha), ("bob", &hb)] {
         lab.start_daemon_in(Some(&host.ns), name, &["--keepalive", "2"]);
-        lab.ctl(name, &["register", name]).ok();
+        registered(&mut lab, name);
     }
     let (_, pa, _) = connect(&mut lab, "alice", "bob");
     assert_eq!(pa["path"], "direct", "{pa}");
@@ -453,4 +468,56 @@ fn a_relayed_session_moves_to_a_direct_path_when_one_opens() {
         "{events:?}"
     );
     chat(&mut lab, "alice", "bob", "now direct");
+}
+
+#[test]
+fn lossy_jittery_links_still_punch_through_and_lose_nothing() {
+    let Some((mut net, mut lab)) = lab("lossy") else {
+        return;
+    };
+    // Each WAN link: 20 ms ± 10 ms each way (so packets reorder), 3% loss,
+    // 2% duplication.
+    let impair = [
+        "--delay-ms",
+        "20",
+        "--jitter-ms",
+        "10",
+        "--loss-pct",
+        "3",
+        "--dup-pct",
+        "2",
+    ];
+    let ra = net.router_via_link(Nat::Home, &impair);
+    let rb = net.router_via_link(Nat::Home, &impair);
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    daemon(&mut lab, "alice", &ha);
+    daemon(&mut lab, "bob", &hb);
+    let (took, pa, _) = connect(&mut lab, "alice", "bob");
+    println!("direct session up {took:?} after accept: {pa}");
+    assert_eq!(pa["path"], "direct", "{pa}");
+    let lines = |from: &str| -> Vec<String> { (0..200).map(|i| format!("{from} {i}")).collect() };
+    for (from, to) in [("alice", "bob"), ("bob", "alice")] {
+        let text = lines(from).join("\n") + "\n";
+        lab.ctl_stdin(from, &["send", to], Some(text.as_bytes()))
+            .ok();
+    }
+    for (who, from) in [("bob", "alice"), ("alice", "bob")] {
+        let want = lines(from);
+        let got = lab.wait_for("200 messages", Duration::from_secs(60), |lab| {
+            let h = lab
+                .ctl(who, &["--json", "history", from, "-n", "1000"])
+                .json();
+            let got: Vec<String> = h
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["direction"] == "in")
+                .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            (got.len() >= want.len()).then_some(got)
+        });
+        assert_eq!(got, want, "every message once, in order");
+    }
 }
