@@ -430,10 +430,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                     "{}  {}{}{}{rtt}{queued}  {}",
                     peer.name,
                     peer.state,
-                    peer.path
-                        .as_ref()
-                        .map(|p| format!(" {p}"))
-                        .unwrap_or_default(),
+                    match (&peer.path, &peer.technique) {
+                        (Some(p), Some(t)) if t != "relay" => format!(" {p} ({t})"),
+                        (Some(p), _) => format!(" {p}"),
+                        _ => String::new(),
+                    },
                     peer.endpoint
                         .as_ref()
                         .map(|e| format!(" {e}"))
