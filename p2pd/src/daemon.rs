@@ -85,8 +85,15 @@ struct Daemon {
     udp_heard: Instant,
     tcp_retry_at: Instant,
     tcp_backoff: Duration,
+    /// While on TCP: when to ask the server over UDP again whether UDP
+    /// works (a server restart or a network change may have been all).
+    udp_retry_at: Option<Instant>,
     predictor: Predictor,
 }
+
+/// While on TCP, a UDP probe to the server this often; an answer moves the
+/// link back to UDP.
+const UDP_RETRY: Duration = Duration::from_secs(30);
 
 /// The link still connecting and not a datagram from the server over UDP
 /// for this long: try TCP. Three handshake attempts fit in it, so a
@@ -195,6 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         udp_heard: now,
         tcp_retry_at: now,
         tcp_backoff: TCP_BACKOFF_MIN,
+        udp_retry_at: None,
         predictor,
     };
     d.drain(Instant::now()).await?;
@@ -212,6 +220,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     let from = addrs::canonical(from);
                     if from == d.config.server {
                         d.udp_heard = now;
+                        d.udp_is_back(now);
                     }
                     d.node.handle_datagram(now, from, &buf[..n]);
                 }
@@ -232,6 +241,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 }
                 d.expire_waiters(now);
                 d.check_fallback(now);
+                d.retry_udp(now).await;
                 d.predictor.on_timer(now).await;
             }
         }
@@ -375,6 +385,7 @@ impl Daemon {
             self.node.poll_timeout(),
             waiters,
             self.fallback_at(),
+            self.udp_retry_at,
             self.predictor.deadline(),
         ]
         .into_iter()
@@ -457,11 +468,38 @@ impl Daemon {
         }
     }
 
+    /// While on TCP, asks the server over UDP (a NAT probe, answered
+    /// without a session) whether UDP gets through again.
+    async fn retry_udp(&mut self, now: Instant) {
+        if !self.udp_retry_at.is_some_and(|t| t <= now) {
+            return;
+        }
+        self.udp_retry_at = Some(now + UDP_RETRY);
+        let probe = proto::wire::Packet::Probe {
+            nonce: rand::random(),
+        }
+        .encode();
+        let dst = addrs::for_socket(self.config.server, self.udp_v6);
+        let _ = self.udp.send_to(&probe, dst).await;
+    }
+
+    /// A datagram from the server over UDP while on TCP: UDP works again.
+    fn udp_is_back(&mut self, now: Instant) {
+        if self.tcp_up {
+            tracing::info!("SERVER(UDP_BACK_LEAVE_TCP)");
+            self.tcp = None;
+            self.tcp_up = false;
+            self.udp_retry_at = None;
+            self.node.relogin(now);
+        }
+    }
+
     fn on_tcp(&mut self, now: Instant, ev: TcpEvent) {
         match ev {
             TcpEvent::Up => {
                 tracing::info!(server = %self.config.server, "SERVER(TCP_UP)");
                 self.tcp_up = true;
+                self.udp_retry_at = Some(now + UDP_RETRY);
                 self.tcp_backoff = TCP_BACKOFF_MIN;
                 // Handshake again at once, now over TCP.
                 self.node.relogin(now);
@@ -474,6 +512,7 @@ impl Daemon {
                 tracing::info!(%why, "SERVER(TCP_DOWN)");
                 let was_up = std::mem::take(&mut self.tcp_up);
                 self.tcp = None;
+                self.udp_retry_at = None;
                 // UDP gets another chance before the next TCP attempt.
                 self.udp_heard = now;
                 self.tcp_retry_at = now + self.tcp_backoff;

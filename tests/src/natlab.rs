@@ -581,6 +581,22 @@ table inet block {{
         );
     }
 
+    /// Lets UDP through a [`Nat::UdpBlocked`] router again (the user moved
+    /// to a better network).
+    pub fn allow_udp(&self, router: &Router) {
+        exec(
+            &router.ns,
+            &["nft", "flush", "chain", "inet", "firewall", "forward"],
+        );
+        exec(
+            &router.ns,
+            &[
+                "nft", "add", "rule", "inet", "firewall", "forward", "iifname", "wan", "ct",
+                "state", "new", "drop",
+            ],
+        );
+    }
+
     /// Makes `router` drop all IPv6 it would forward: its hosts have IPv4
     /// only.
     pub fn block_v6(&self, router: &Router) {

@@ -389,6 +389,22 @@ fn a_network_that_drops_udp_falls_back_to_tcp_and_is_relayed() {
     chat(&mut lab, "alice", "bob", "through a firewall");
     let log = std::fs::read_to_string(lab.dir.join("alice.log")).unwrap_or_default();
     assert!(log.contains("SERVER(TCP_UP)"), "{log}");
+
+    // The network stops dropping UDP: within a UDP retry (30 s) alice is
+    // back on UDP, and the session carries on.
+    net.allow_udp(&ra);
+    let log = lab.dir.join("alice.log");
+    lab.wait_for("the link back on UDP", Duration::from_secs(60), |_| {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("SERVER(UDP_BACK_LEAVE_TCP)").then_some(())
+    });
+    lab.wait_for("the login over UDP", WAIT, |lab| {
+        let w = lab.ctl("alice", &["--json", "whoami"]).json();
+        (w["server_state"] == "logged_in").then_some(())
+    });
+    let pa = peer(&lab, "alice", "bob");
+    assert_ne!(pa["path"], "relay-tcp", "{pa}");
+    chat(&mut lab, "alice", "bob", "back on UDP");
 }
 
 #[test]
