@@ -471,7 +471,7 @@ impl Daemon {
     /// While on TCP, asks the server over UDP (a NAT probe, answered
     /// without a session) whether UDP gets through again.
     async fn retry_udp(&mut self, now: Instant) {
-        if !self.udp_retry_at.is_some_and(|t| t <= now) {
+        if self.udp_retry_at.is_none_or(|t| t > now) {
             return;
         }
         self.udp_retry_at = Some(now + UDP_RETRY);
