@@ -31,6 +31,18 @@ pub fn for_socket(dst: SocketAddr, socket_v6: bool) -> SocketAddr {
     }
 }
 
+/// A non-blocking UDP socket on `[::]:port` that takes IPv4 too
+/// (IPV6_V6ONLY cleared, whatever the system's default).
+pub fn bind_dual(port: u16) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
+    s.set_only_v6(false)?;
+    let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
 /// Most candidates offered ([`proto::wire::MAX_ENDPOINTS`]).
 const MAX: usize = proto::wire::MAX_ENDPOINTS;
 
@@ -61,8 +73,9 @@ pub fn local_candidates(bound: SocketAddr, server: SocketAddr) -> Vec<SocketAddr
     out
 }
 
-/// Global unicast IPv6 addresses: not loopback, link-local, multicast or
-/// unspecified.
+/// IPv6 addresses worth offering: global unicast and unique-local (a LAN
+/// peer may share a ULA prefix), not loopback, link-local, multicast,
+/// unspecified or v4-mapped.
 fn is_global_v6(ip: &Ipv6Addr) -> bool {
     let first = ip.segments()[0];
     !(ip.is_loopback()

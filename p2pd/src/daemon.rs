@@ -256,18 +256,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 }
 
 /// Binds the UDP socket. The default `[::]:port` takes both families on
-/// one socket; on a host without IPv6 it falls back to `0.0.0.0:port`.
+/// one socket (IPV6_V6ONLY cleared, whatever the system default); on a
+/// host without IPv6 it falls back to `0.0.0.0:port`.
 async fn bind_udp(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
-    match UdpSocket::bind(listen).await {
+    if listen.ip() != std::net::Ipv6Addr::UNSPECIFIED {
+        return UdpSocket::bind(listen)
+            .await
+            .with_context(|| format!("cannot bind UDP socket {listen}"));
+    }
+    match addrs::bind_dual(listen.port()).and_then(UdpSocket::from_std) {
         Ok(s) => Ok(s),
-        Err(e) if listen.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+        Err(e) => {
             let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), listen.port());
             tracing::info!(error = %e, "UDP(NO_IPV6_USING_IPV4)");
             UdpSocket::bind(v4)
                 .await
                 .with_context(|| format!("cannot bind UDP socket {v4}"))
         }
-        Err(e) => Err(e).with_context(|| format!("cannot bind UDP socket {listen}")),
     }
 }
 
@@ -805,7 +810,13 @@ impl Daemon {
             let mut sent_any = false;
             while let Some(t) = self.node.poll_transmit() {
                 sent_any = true;
-                if let (Some(tcp), true) = (&self.tcp, self.tcp_up && t.dst == self.config.server) {
+                // NAT probes always go by UDP: they measure UDP mappings,
+                // which a TCP connection's address says nothing about.
+                let probe = t.payload.get(1) == Some(&(proto::wire::PacketType::Probe as u8));
+                if let (Some(tcp), true) = (
+                    &self.tcp,
+                    self.tcp_up && t.dst == self.config.server && !probe,
+                ) {
                     tcp.send(t.payload);
                     continue;
                 }

@@ -99,17 +99,17 @@ impl Predictor {
         if self.rounds.len() >= MAX_ROUNDS || self.rounds.iter().any(|r| r.intro_id == intro_id) {
             return;
         }
-        let bind: SocketAddr = if self.v6 {
-            "[::]:0".parse().expect("literal")
-        } else {
-            "0.0.0.0:0".parse().expect("literal")
-        };
         let mut opened = 0;
         for _ in 0..PREDICTION_PORTS {
-            let bound = std::net::UdpSocket::bind(bind).and_then(|s| {
-                s.set_nonblocking(true)?;
-                UdpSocket::from_std(s)
-            });
+            let std_socket = if self.v6 {
+                addrs::bind_dual(0)
+            } else {
+                std::net::UdpSocket::bind(("0.0.0.0", 0)).and_then(|s| {
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                })
+            };
+            let bound = std_socket.and_then(UdpSocket::from_std);
             let Ok(socket) = bound else {
                 break;
             };
@@ -174,8 +174,13 @@ impl Predictor {
     pub fn on_datagram(&mut self, now: Instant, extra: &Extra) -> Option<SocketAddr> {
         let from = addrs::canonical(extra.from);
         let sock = self.socks.get_mut(&extra.id)?;
-        if sock.round.is_some() {
-            Packet::decode(&extra.bytes).ok()?;
+        if let Some(round) = sock.round {
+            // Only the peer's probe (it knows the introduction id) adopts
+            // a socket; anything else on a round's socket is dropped.
+            match Packet::decode(&extra.bytes) {
+                Ok(Packet::Punch { intro_id, .. }) if intro_id == round => {}
+                _ => return None,
+            }
             sock.round = None;
             sock.adopted_at = Some(now);
             tracing::info!(%from, "PREDICT(PORT_FOUND)");

@@ -571,13 +571,11 @@ impl Node {
         if let Packet::Relay { channel, payload } = packet {
             // A peer's packet through the relay, on one of our sessions'
             // channels: handled as if from the peer, at the relay's address.
-            let ours = self
-                .peers
-                .values()
-                .filter_map(|e| e.session.as_ref())
-                .any(|s| s.intro_id() == Some(channel));
+            // The server relays only on channels of introductions we agreed
+            // to; one we no longer know (we restarted) still carries a
+            // peer's handshake, or earns it a `SessionUnknown`.
             match Packet::decode(payload) {
-                Ok(inner) if from_server && ours && !matches!(inner, Packet::Relay { .. }) => {
+                Ok(inner) if from_server && !matches!(inner, Packet::Relay { .. }) => {
                     self.handle_peer_packet(now, from, inner, Some(channel))
                 }
                 _ => {
@@ -613,7 +611,7 @@ impl Node {
                 sender,
                 pattern: Pattern::IK,
                 noise,
-            } => self.on_init(now, from, sender, noise),
+            } => self.on_init(now, from, sender, noise, channel),
             Packet::HandshakeResponse {
                 sender,
                 receiver,
@@ -740,7 +738,14 @@ impl Node {
         self.transmits.push_back(Transmit { dst: from, payload });
     }
 
-    fn on_init(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
+    fn on_init(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        sender: u32,
+        noise: &[u8],
+        channel: Option<u64>,
+    ) {
         let Ok(mut hs) = Handshake::responder(Pattern::IK, self.identity.noise_private()) else {
             return;
         };
@@ -781,6 +786,11 @@ impl Node {
         let s = e
             .session
             .get_or_insert_with(|| PeerSession::idle(local, identity.clone(), peer_config, seed));
+        if let Some(channel) = channel {
+            // Through the relay on a channel this session does not know
+            // (we restarted): answer the same way.
+            s.use_relay(from, channel);
+        }
         s.handle_init(now, from, sender, hs, &identity);
     }
 

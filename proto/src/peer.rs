@@ -365,6 +365,16 @@ impl PeerSession {
         Self::new(local, remote, config, State::Closed, seed)
     }
 
+    /// Relays through `relay` on `channel`, for a session that was not
+    /// made from an introduction (the peer reached us through the relay
+    /// after we restarted). Keeps what an introduction gave.
+    pub fn use_relay(&mut self, relay: SocketAddr, channel: u64) {
+        if self.intro_id.is_none() || self.intro_id == Some(channel) {
+            self.intro_id = Some(channel);
+            self.relay = Some(relay);
+        }
+    }
+
     pub fn remote(&self) -> &PublicIdentity {
         &self.remote
     }

@@ -135,8 +135,10 @@ pub struct RelayConfig {
     /// Bytes per second each user may send through the relay; a burst of
     /// one second's worth is allowed. 0 means no limit.
     pub rate_per_user: u64,
-    /// A channel nobody sent on for this long is forgotten. Relayed
-    /// sessions send keepalives every 25 s, so a live one never idles out.
+    /// A channel nobody sent on for this long is forgotten. A session that
+    /// went direct keeps its channel as a way back (`PATH_SUSPECT`), so
+    /// this is long: channels also end when either user goes offline or
+    /// agrees a new connection with the same peer.
     pub idle_timeout: Duration,
 }
 
@@ -146,7 +148,7 @@ impl Default for RelayConfig {
             enabled: true,
             max_channels: 10_000,
             rate_per_user: 2_000_000,
-            idle_timeout: Duration::from_secs(180),
+            idle_timeout: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -179,9 +181,10 @@ pub struct ServerStats {
     pub relay_channels: u64,
     pub relayed_packets: u64,
     pub relayed_bytes: u64,
-    /// Relay packets dropped: over a user's rate, or on no channel of the
-    /// sender's.
+    /// Relay packets dropped because the sender was over its rate.
     pub relay_over_rate: u64,
+    /// Relay packets dropped for want of a channel, a party at the other
+    /// end, or because the sender is not a party at its proven address.
     pub relay_refused: u64,
 }
 

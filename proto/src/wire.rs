@@ -17,7 +17,8 @@ use crate::noise::Pattern;
 use std::net::SocketAddr;
 
 /// The protocol version this crate speaks; packets with another are dropped.
-pub const VERSION: u8 = 1;
+/// Version 2: relay, NAT probes, the `hard` and `probe_port` fields.
+pub const VERSION: u8 = 2;
 /// The largest datagram we send or accept. 1232 bytes is what fits in the
 /// IPv6 minimum MTU (1280) after the IPv6 and UDP headers, so it crosses
 /// any path without fragmentation.
@@ -925,22 +926,22 @@ mod tests {
                 reply: true
             }
             .encode()),
-            "0105010203040506070801"
+            "0205010203040506070801"
         );
         assert_eq!(
             hex(&Packet::SessionUnknown {
                 receiver: 0xdeadbeef
             }
             .encode()),
-            "0106deadbeef"
+            "0206deadbeef"
         );
         assert_eq!(
             hex(&Packet::Relay {
                 channel: 0x0102030405060708,
-                payload: &[0x01, 0x06, 0xde, 0xad, 0xbe, 0xef]
+                payload: &[0x02, 0x06, 0xde, 0xad, 0xbe, 0xef]
             }
             .encode()),
-            "010701020304050607080106deadbeef"
+            "020701020304050607080206deadbeef"
         );
         assert_eq!(
             hex(&Packet::Data {
@@ -949,7 +950,7 @@ mod tests {
                 ciphertext: &[0xaa; 16]
             }
             .encode()),
-            format!("010400000001{:016x}{}", 2, "aa".repeat(16))
+            format!("020400000001{:016x}{}", 2, "aa".repeat(16))
         );
         // A relayed packet may exceed MAX_PACKET by its header, no more.
         let full = vec![0xaa; MAX_PACKET];
@@ -973,7 +974,7 @@ mod tests {
         }
         .encode();
         assert_eq!(init.len(), MIN_INIT_LEN);
-        assert_eq!(hex(&init[..12]), "0101000000090100030102".to_owned() + "03");
+        assert_eq!(hex(&init[..12]), "0201000000090100030102".to_owned() + "03");
         assert_eq!(
             hex(&ClientToServer::Register {
                 rid: 7,
@@ -1223,7 +1224,7 @@ mod tests {
 
     #[test]
     fn bad_packets_get_specific_errors() {
-        assert_eq!(Packet::decode(&[2, 4]), Err(DecodeError::Version(2)));
+        assert_eq!(Packet::decode(&[1, 4]), Err(DecodeError::Version(1)));
         assert_eq!(
             Packet::decode(&[VERSION, 99]),
             Err(DecodeError::UnknownType(99))

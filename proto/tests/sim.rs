@@ -778,6 +778,36 @@ fn a_peer_that_restarts_quickly_is_rejoined_directly() {
 }
 
 #[test]
+fn a_relayed_peer_that_restarts_is_rejoined_through_the_relay() {
+    let mut sim = Sim::new(14, Link::clean());
+    sim.register_both();
+    sim.block_peers = true;
+    sim.connect();
+    let server = sim.server_addr;
+    assert_eq!(endpoints(&mut sim), (Some(server), Some(server)));
+    sim.restart_bob(0, 79);
+    sim.take_events(0);
+    // Once bob is back, alice's next message reaches his new daemon on the
+    // old relay channel; he answers "session unknown" the same way, and
+    // alice handshakes again through the relay: no wait for the session
+    // to die, no new introduction.
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.nodes[1].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    assert!(sim.has_event(
+        0,
+        |e| matches!(e, NodeEvent::PeerDown { reason, .. } if reason.contains("restarted"))
+    ));
+    assert!(!sim.has_event(1, |e| matches!(e, NodeEvent::ConnectRequest { .. })));
+    assert_eq!(endpoints(&mut sim), (Some(server), Some(server)));
+}
+
+#[test]
 fn the_relay_keeps_to_its_limits_and_to_the_two_parties() {
     let mut config = ServerConfig::default();
     // 20 kB/s per user: far below what 300 messages at once want.
@@ -810,7 +840,7 @@ fn the_relay_keeps_to_its_limits_and_to_the_two_parties() {
         .map(|d| d[2..10].to_vec())
         .expect("a relayed packet");
     let forged = [
-        &[1u8, 7][..],
+        &[proto::wire::VERSION, 7][..],
         &channel,
         b"\x01\x04not a real packet, padded......",
     ]
