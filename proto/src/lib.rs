@@ -16,6 +16,8 @@
 //! * [`server`]: the rendezvous server machine ([`server::Server`]).
 //! * [`reliable`]: acknowledged, ordered, deduplicated delivery of chat
 //!   messages over one peer session.
+//! * [`flow`]: packet-level loss recovery (RFC 9002) and model-based
+//!   congestion control (BBR) with pacing, for bulk data such as files.
 //! * [`peer`]: one peer session ([`peer::PeerSession`]): punching,
 //!   handshake, keepalive, rekey, built by polling the smaller machines.
 //! * [`node`]: what a daemon runs ([`node::Node`]): a server link plus its
@@ -38,6 +40,7 @@
 pub mod client;
 pub mod codec;
 pub mod control;
+pub mod flow;
 pub mod identity;
 pub mod keyfile;
 pub mod node;
