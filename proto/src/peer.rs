@@ -1087,9 +1087,10 @@ impl PeerSession {
                 }
             }
             PeerToPeer::Close => self.go_down("the peer closed the session"),
-            m @ (PeerToPeer::Message { .. } | PeerToPeer::Ack { .. }) => {
-                self.events.push_back(PeerEvent::Received(m))
-            }
+            m @ (PeerToPeer::Message { .. }
+            | PeerToPeer::Ack { .. }
+            | PeerToPeer::Flow { .. }
+            | PeerToPeer::FlowAck { .. }) => self.events.push_back(PeerEvent::Received(m)),
         }
     }
 }

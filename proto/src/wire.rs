@@ -811,6 +811,176 @@ pub enum PeerToPeer {
     },
     /// The sender closes the session.
     Close,
+    /// A numbered packet of the flow that carries file transfers
+    /// ([`crate::flow`]): acknowledged by [`PeerToPeer::FlowAck`], its
+    /// frame sent again in a new packet if it is lost.
+    Flow {
+        pn: u64,
+        frame: FileFrame,
+    },
+    /// Which flow packets arrived: inclusive ranges of packet numbers,
+    /// highest first, and how long the largest was held before this ack.
+    FlowAck {
+        delay_us: u32,
+        ranges: Vec<(u64, u64)>,
+    },
+}
+
+/// The frames of file transfer, one per [`PeerToPeer::Flow`] packet. A
+/// transfer is named by `id`, chosen at random by the sender.
+#[derive(Clone, PartialEq, Eq)]
+pub enum FileFrame {
+    /// "Here is a file": its relative path (components joined by `/`,
+    /// sanitised by the receiver), size, the size of the pieces its
+    /// integrity is checked by, and the SHA-256 of the whole file.
+    Offer {
+        id: u64,
+        path: String,
+        size: u64,
+        piece_size: u32,
+        hash: [u8; 32],
+    },
+    /// The receiver takes it; `have` lists the pieces it already holds,
+    /// verified (resumption), as inclusive ranges.
+    Accept { id: u64, have: Vec<(u32, u32)> },
+    /// Either side ends the transfer (declined, cancelled, failed).
+    Cancel { id: u64, reason: String },
+    /// SHA-256 hashes of pieces `first`, `first + 1`, ...
+    Hashes {
+        id: u64,
+        first: u32,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// File bytes at `offset`.
+    Data { id: u64, offset: u64, data: Vec<u8> },
+    /// The receiver found piece `piece` corrupt: send it again.
+    BadPiece { id: u64, piece: u32 },
+    /// The receiver verified the whole file and gave it its name.
+    Done { id: u64 },
+}
+
+/// Longest relative path in an offer, in bytes.
+pub const MAX_FILE_PATH: usize = 1024;
+/// Most piece hashes in one [`FileFrame::Hashes`].
+pub const MAX_HASHES: usize = 32;
+/// Most ranges in [`FileFrame::Accept`] and [`PeerToPeer::FlowAck`].
+pub const MAX_RANGES: usize = 32;
+/// type, pn, frame type, id, offset, length.
+const DATA_FRAME_OVERHEAD: usize = 1 + 8 + 1 + 8 + 8 + 2;
+/// Most file bytes in one [`FileFrame::Data`], filling a [`MAX_PACKET`]
+/// datagram.
+pub const MAX_FILE_DATA: usize = MAX_INNER - DATA_FRAME_OVERHEAD;
+
+impl std::fmt::Debug for FileFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Paths and contents are the user's: sizes only.
+            FileFrame::Offer { id, size, .. } => write!(f, "Offer({id:x}, {size} bytes)"),
+            FileFrame::Accept { id, have } => write!(f, "Accept({id:x}, have {have:?})"),
+            FileFrame::Cancel { id, .. } => write!(f, "Cancel({id:x})"),
+            FileFrame::Hashes { id, first, hashes } => {
+                write!(f, "Hashes({id:x}, {first}+{})", hashes.len())
+            }
+            FileFrame::Data { id, offset, data } => {
+                write!(f, "Data({id:x}, {offset}+{})", data.len())
+            }
+            FileFrame::BadPiece { id, piece } => write!(f, "BadPiece({id:x}, {piece})"),
+            FileFrame::Done { id } => write!(f, "Done({id:x})"),
+        }
+    }
+}
+
+impl FileFrame {
+    pub fn id(&self) -> u64 {
+        match self {
+            FileFrame::Offer { id, .. }
+            | FileFrame::Accept { id, .. }
+            | FileFrame::Cancel { id, .. }
+            | FileFrame::Hashes { id, .. }
+            | FileFrame::Data { id, .. }
+            | FileFrame::BadPiece { id, .. }
+            | FileFrame::Done { id } => *id,
+        }
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            FileFrame::Offer {
+                id,
+                path,
+                size,
+                piece_size,
+                hash,
+            } => {
+                w.u8(1)
+                    .u64(*id)
+                    .string(path)
+                    .u64(*size)
+                    .u32(*piece_size)
+                    .bytes(hash);
+            }
+            FileFrame::Accept { id, have } => {
+                w.u8(2).u64(*id);
+                w.list(have, |w, (a, b)| {
+                    w.u32(*a).u32(*b);
+                });
+            }
+            FileFrame::Cancel { id, reason } => {
+                w.u8(3).u64(*id).string(truncate_utf8(reason, MAX_DETAIL));
+            }
+            FileFrame::Hashes { id, first, hashes } => {
+                w.u8(4).u64(*id).u32(*first);
+                w.list(hashes, |w, h| {
+                    w.bytes(h);
+                });
+            }
+            FileFrame::Data { id, offset, data } => {
+                w.u8(5).u64(*id).u64(*offset).bytes16(data);
+            }
+            FileFrame::BadPiece { id, piece } => {
+                w.u8(6).u64(*id).u32(*piece);
+            }
+            FileFrame::Done { id } => {
+                w.u8(7).u64(*id);
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(match r.u8()? {
+            1 => FileFrame::Offer {
+                id: r.u64()?,
+                path: r.string(MAX_FILE_PATH)?,
+                size: r.u64()?,
+                piece_size: r.u32()?,
+                hash: r.array()?,
+            },
+            2 => FileFrame::Accept {
+                id: r.u64()?,
+                have: r.list(MAX_RANGES, |r| Ok((r.u32()?, r.u32()?)))?,
+            },
+            3 => FileFrame::Cancel {
+                id: r.u64()?,
+                reason: r.string(MAX_DETAIL)?,
+            },
+            4 => FileFrame::Hashes {
+                id: r.u64()?,
+                first: r.u32()?,
+                hashes: r.list(MAX_HASHES, Reader::array)?,
+            },
+            5 => FileFrame::Data {
+                id: r.u64()?,
+                offset: r.u64()?,
+                data: r.bytes16(MAX_FILE_DATA)?.to_vec(),
+            },
+            6 => FileFrame::BadPiece {
+                id: r.u64()?,
+                piece: r.u32()?,
+            },
+            7 => FileFrame::Done { id: r.u64()? },
+            t => return Err(DecodeError::UnknownType(t)),
+        })
+    }
 }
 
 impl std::fmt::Debug for PeerToPeer {
@@ -834,6 +1004,12 @@ impl std::fmt::Debug for PeerToPeer {
             PeerToPeer::Ping { nonce } => write!(f, "Ping({nonce})"),
             PeerToPeer::Pong { nonce } => write!(f, "Pong({nonce})"),
             PeerToPeer::Close => f.write_str("Close"),
+            PeerToPeer::Flow { pn, frame } => write!(f, "Flow({pn}, {frame:?})"),
+            PeerToPeer::FlowAck { delay_us, ranges } => f
+                .debug_struct("FlowAck")
+                .field("delay_us", delay_us)
+                .field("ranges", ranges)
+                .finish(),
         }
     }
 }
@@ -868,6 +1044,16 @@ impl PeerToPeer {
             PeerToPeer::Close => {
                 w.u8(6);
             }
+            PeerToPeer::Flow { pn, frame } => {
+                w.u8(0x10).u64(*pn);
+                frame.encode(&mut w);
+            }
+            PeerToPeer::FlowAck { delay_us, ranges } => {
+                w.u8(0x11).u32(*delay_us);
+                w.list(ranges, |w, (a, b)| {
+                    w.u64(*a).u64(*b);
+                });
+            }
         }
         w.into_inner()
     }
@@ -889,6 +1075,14 @@ impl PeerToPeer {
             4 => PeerToPeer::Ping { nonce: r.u64()? },
             5 => PeerToPeer::Pong { nonce: r.u64()? },
             6 => PeerToPeer::Close,
+            0x10 => PeerToPeer::Flow {
+                pn: r.u64()?,
+                frame: FileFrame::decode(&mut r)?,
+            },
+            0x11 => PeerToPeer::FlowAck {
+                delay_us: r.u32()?,
+                ranges: r.list(MAX_RANGES, |r| Ok((r.u64()?, r.u64()?)))?,
+            },
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;
@@ -951,6 +1145,22 @@ mod tests {
             }
             .encode()),
             format!("020400000001{:016x}{}", 2, "aa".repeat(16))
+        );
+        assert_eq!(
+            hex(&PeerToPeer::Flow {
+                pn: 1,
+                frame: FileFrame::Done { id: 0xabc }
+            }
+            .encode()),
+            "100000000000000001070000000000000abc"
+        );
+        assert_eq!(
+            hex(&PeerToPeer::FlowAck {
+                delay_us: 5,
+                ranges: vec![(7, 9)]
+            }
+            .encode()),
+            "1100000005010000000000000007".to_owned() + "0000000000000009"
         );
         // A relayed packet may exceed MAX_PACKET by its header, no more.
         let full = vec![0xaa; MAX_PACKET];
@@ -1130,7 +1340,7 @@ mod tests {
     }
 
     fn random_p2p(rng: &mut impl Rng) -> PeerToPeer {
-        match rng.gen_range(0..6) {
+        match rng.gen_range(0..8) {
             0 => {
                 let mut body = vec![0u8; rng.gen_range(0..=MAX_MESSAGE_BYTES)];
                 rng.fill_bytes(&mut body);
@@ -1150,7 +1360,61 @@ mod tests {
             2 => PeerToPeer::Keepalive,
             3 => PeerToPeer::Ping { nonce: rng.gen() },
             4 => PeerToPeer::Pong { nonce: rng.gen() },
-            _ => PeerToPeer::Close,
+            5 => PeerToPeer::Close,
+            6 => PeerToPeer::FlowAck {
+                delay_us: rng.gen(),
+                ranges: (0..rng.gen_range(0..=MAX_RANGES))
+                    .map(|_| (rng.gen(), rng.gen()))
+                    .collect(),
+            },
+            _ => PeerToPeer::Flow {
+                pn: rng.gen(),
+                frame: random_frame(rng),
+            },
+        }
+    }
+
+    fn random_frame(rng: &mut impl Rng) -> FileFrame {
+        let id = rng.gen();
+        match rng.gen_range(0..7) {
+            0 => FileFrame::Offer {
+                id,
+                path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
+                size: rng.gen(),
+                piece_size: rng.gen(),
+                hash: rng.gen(),
+            },
+            1 => FileFrame::Accept {
+                id,
+                have: (0..rng.gen_range(0..=MAX_RANGES))
+                    .map(|_| (rng.gen(), rng.gen()))
+                    .collect(),
+            },
+            2 => FileFrame::Cancel {
+                id,
+                reason: "no".into(),
+            },
+            3 => FileFrame::Hashes {
+                id,
+                first: rng.gen(),
+                hashes: (0..rng.gen_range(0..=MAX_HASHES))
+                    .map(|_| rng.gen())
+                    .collect(),
+            },
+            4 => {
+                let mut data = vec![0u8; rng.gen_range(0..=MAX_FILE_DATA)];
+                rng.fill_bytes(&mut data);
+                FileFrame::Data {
+                    id,
+                    offset: rng.gen(),
+                    data,
+                }
+            }
+            5 => FileFrame::BadPiece {
+                id,
+                piece: rng.gen(),
+            },
+            _ => FileFrame::Done { id },
         }
     }
 
@@ -1239,9 +1503,28 @@ mod tests {
         );
         assert!(Packet::decode(&[VERSION, 4, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0xaa]).is_err());
         assert_eq!(
-            PeerToPeer::decode(&[0x10]),
-            Err(DecodeError::UnknownType(0x10))
+            PeerToPeer::decode(&[0x1f]),
+            Err(DecodeError::UnknownType(0x1f))
         );
+        // A flow packet whose frame type is unknown.
+        let mut flow = vec![0x10];
+        flow.extend_from_slice(&[0; 8]);
+        flow.push(0x7f);
+        assert_eq!(
+            PeerToPeer::decode(&flow),
+            Err(DecodeError::UnknownType(0x7f))
+        );
+        // File data longer than a packet holds.
+        let mut data = vec![0x10];
+        data.extend_from_slice(&[0; 8]);
+        data.push(5);
+        data.extend_from_slice(&[0; 16]);
+        data.extend_from_slice(&((MAX_FILE_DATA + 1) as u16).to_be_bytes());
+        data.extend(std::iter::repeat_n(0, MAX_FILE_DATA + 1));
+        assert!(matches!(
+            PeerToPeer::decode(&data),
+            Err(DecodeError::Oversized { .. })
+        ));
         let mut big = vec![1u8];
         big.extend_from_slice(&[0; 24]);
         big.extend_from_slice(&((MAX_MESSAGE_BYTES + 1) as u16).to_be_bytes());
