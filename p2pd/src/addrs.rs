@@ -10,15 +10,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// A received address as the machines want it: v4-mapped becomes IPv4.
-pub fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
-}
+pub use proto::canonical;
 
 /// A destination as the socket wants it: an IPv6 socket sends to IPv4
 /// through its v4-mapped form.

@@ -12,7 +12,7 @@ use crate::addrs;
 use crate::ctl::{self, Input, Out, Reply};
 use crate::predict::{Extra, Predictor};
 use crate::store::Store;
-use crate::tcp::{TcpEvent, TcpLink};
+use crate::tcp::{TcpEvent, TcpEventKind, TcpLink};
 use crate::Config;
 use anyhow::Context;
 use proto::client::{LinkState, RequestError};
@@ -80,6 +80,10 @@ struct Daemon {
     tcp: Option<TcpLink>,
     tcp_up: bool,
     tcp_events: mpsc::Sender<TcpEvent>,
+    /// Generation of the current TCP link; events of older ones are stale.
+    tcp_generation: u64,
+    /// The nonce of our last UDP probe while on TCP.
+    udp_probe: Option<u64>,
     /// When the server last sent us a UDP datagram (or when UDP got its
     /// last chance).
     udp_heard: Instant,
@@ -199,6 +203,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tcp: None,
         tcp_up: false,
         tcp_events,
+        tcp_generation: 0,
+        udp_probe: None,
         udp_heard: now,
         tcp_retry_at: now,
         tcp_backoff: TCP_BACKOFF_MIN,
@@ -220,7 +226,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     let from = addrs::canonical(from);
                     if from == d.config.server {
                         d.udp_heard = now;
-                        d.udp_is_back(now);
+                        d.udp_is_back(now, &buf[..n]);
                     }
                     d.node.handle_datagram(now, from, &buf[..n]);
                 }
@@ -463,7 +469,12 @@ impl Daemon {
     fn check_fallback(&mut self, now: Instant) {
         if self.fallback_at().is_some_and(|t| t <= now) {
             tracing::info!(server = %self.config.server, "SERVER(UDP_SILENT_TRY_TCP)");
-            self.tcp = Some(TcpLink::start(self.config.server, self.tcp_events.clone()));
+            self.tcp_generation += 1;
+            self.tcp = Some(TcpLink::start(
+                self.config.server,
+                self.tcp_generation,
+                self.tcp_events.clone(),
+            ));
         }
     }
 
@@ -480,17 +491,22 @@ impl Daemon {
             return;
         }
         self.udp_retry_at = Some(now + UDP_RETRY);
-        let probe = proto::wire::Packet::Probe {
-            nonce: rand::random(),
-        }
-        .encode();
+        let nonce = rand::random();
+        self.udp_probe = Some(nonce);
+        let probe = proto::wire::Packet::Probe { nonce }.encode();
         let dst = addrs::for_socket(self.config.server, self.udp_v6);
         let _ = self.udp.send_to(&probe, dst).await;
     }
 
-    /// A datagram from the server over UDP while on TCP: UDP works again.
-    fn udp_is_back(&mut self, now: Instant) {
-        if self.tcp_up {
+    /// A datagram from the server over UDP while on TCP: if it answers our
+    /// own probe, UDP works again.
+    fn udp_is_back(&mut self, now: Instant, datagram: &[u8]) {
+        let ours = matches!(
+            proto::wire::Packet::decode(datagram),
+            Ok(proto::wire::Packet::ProbeReply { nonce, .. }) if Some(nonce) == self.udp_probe
+        );
+        if self.tcp_up && ours {
+            self.udp_probe = None;
             tracing::info!("SERVER(UDP_BACK_LEAVE_TCP)");
             self.tcp = None;
             self.tcp_up = false;
@@ -500,8 +516,11 @@ impl Daemon {
     }
 
     fn on_tcp(&mut self, now: Instant, ev: TcpEvent) {
-        match ev {
-            TcpEvent::Up => {
+        if ev.generation != self.tcp_generation || self.tcp.is_none() {
+            return; // from a link already replaced or dropped
+        }
+        match ev.kind {
+            TcpEventKind::Up => {
                 tracing::info!(server = %self.config.server, "SERVER(TCP_UP)");
                 self.tcp_up = true;
                 self.udp_retry_at = Some(now + UDP_RETRY);
@@ -509,11 +528,11 @@ impl Daemon {
                 // Handshake again at once, now over TCP.
                 self.node.relogin(now);
             }
-            TcpEvent::Frame(frame) => {
+            TcpEventKind::Frame(frame) => {
                 let server = self.config.server;
                 self.node.handle_datagram(now, server, &frame);
             }
-            TcpEvent::Down(why) => {
+            TcpEventKind::Down(why) => {
                 tracing::info!(%why, "SERVER(TCP_DOWN)");
                 let was_up = std::mem::take(&mut self.tcp_up);
                 self.tcp = None;
@@ -821,7 +840,10 @@ impl Daemon {
                     continue;
                 }
                 let dst = addrs::for_socket(t.dst, self.udp_v6);
-                if let Some(sock) = self.predictor.route(t.dst) {
+                let predicted = (t.dst != self.config.server)
+                    .then(|| self.predictor.route(t.dst))
+                    .flatten();
+                if let Some(sock) = predicted {
                     if let Err(e) = sock.send_to(&t.payload, dst).await {
                         tracing::debug!(%dst, error = %e, "UDP(SEND_ERROR)");
                     }

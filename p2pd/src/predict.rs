@@ -175,10 +175,12 @@ impl Predictor {
         let from = addrs::canonical(extra.from);
         let sock = self.socks.get_mut(&extra.id)?;
         if let Some(round) = sock.round {
-            // Only the peer's probe (it knows the introduction id) adopts
-            // a socket; anything else on a round's socket is dropped.
+            // Only the peer's probe (it knows the introduction id), from
+            // the peer's address, adopts a socket; anything else on a
+            // round's socket is dropped.
+            let dst = self.rounds.iter().find(|r| r.intro_id == round)?.dst;
             match Packet::decode(&extra.bytes) {
-                Ok(Packet::Punch { intro_id, .. }) if intro_id == round => {}
+                Ok(Packet::Punch { intro_id, .. }) if intro_id == round && from == dst => {}
                 _ => return None,
             }
             sock.round = None;

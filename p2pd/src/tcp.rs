@@ -26,7 +26,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// full UDP socket buffer would drop them.
 const OUT_QUEUE: usize = 256;
 
-pub enum TcpEvent {
+/// What a link's task reports, tagged with the link's generation so that
+/// news from a link already replaced is recognised and ignored.
+pub struct TcpEvent {
+    pub generation: u64,
+    pub kind: TcpEventKind,
+}
+
+pub enum TcpEventKind {
     Up,
     Frame(BytesMut),
     Down(String),
@@ -53,11 +60,12 @@ fn codec() -> LengthDelimitedCodec {
 impl TcpLink {
     /// Connects in the background; `events` gets `Up`, then frames, then
     /// `Down` with the reason.
-    pub fn start(server: SocketAddr, events: mpsc::Sender<TcpEvent>) -> Self {
+    pub fn start(server: SocketAddr, generation: u64, events: mpsc::Sender<TcpEvent>) -> Self {
         let (out, rx) = mpsc::channel(OUT_QUEUE);
         let task = tokio::spawn(async move {
-            let why = run(server, rx, &events).await;
-            let _ = events.send(TcpEvent::Down(why)).await;
+            let tagged = Tagged { generation, events };
+            let why = run(server, rx, &tagged).await;
+            tagged.send(TcpEventKind::Down(why)).await;
         });
         Self { out, task }
     }
@@ -70,18 +78,30 @@ impl TcpLink {
     }
 }
 
-async fn run(
-    server: SocketAddr,
-    mut out: mpsc::Receiver<Bytes>,
-    events: &mpsc::Sender<TcpEvent>,
-) -> String {
+struct Tagged {
+    generation: u64,
+    events: mpsc::Sender<TcpEvent>,
+}
+
+impl Tagged {
+    /// False once the daemon stopped listening.
+    async fn send(&self, kind: TcpEventKind) -> bool {
+        let ev = TcpEvent {
+            generation: self.generation,
+            kind,
+        };
+        self.events.send(ev).await.is_ok()
+    }
+}
+
+async fn run(server: SocketAddr, mut out: mpsc::Receiver<Bytes>, events: &Tagged) -> String {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(server)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return format!("cannot connect: {e}"),
         Err(_) => return "cannot connect: timed out".into(),
     };
     let _ = stream.set_nodelay(true);
-    if events.send(TcpEvent::Up).await.is_err() {
+    if !events.send(TcpEventKind::Up).await {
         return "daemon stopping".into();
     }
     let (mut rd, mut wr) = stream.into_split();
@@ -96,7 +116,7 @@ async fn run(
                 Ok(_) => loop {
                     match codec.decode(&mut inbuf) {
                         Ok(Some(frame)) => {
-                            if events.send(TcpEvent::Frame(frame)).await.is_err() {
+                            if !events.send(TcpEventKind::Frame(frame)).await {
                                 return "daemon stopping".into();
                             }
                         }

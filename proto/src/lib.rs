@@ -52,6 +52,18 @@ pub mod wire;
 
 use std::net::SocketAddr;
 
+/// An address as the machines compare them: IPv4 in its own form, never
+/// v4-mapped IPv6 (`::ffff:a.b.c.d`), however it arrived.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(std::net::IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
 /// A datagram to send.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Transmit {

@@ -22,7 +22,7 @@ use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
 use crate::reliable::{Outgoing, Reliable, ReliableEvent};
 use crate::wire::{ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
-use crate::Transmit;
+use crate::{canonical, Transmit};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -161,6 +161,9 @@ struct PeerEntry {
     connecting: bool,
     next_reconnect: Instant,
     backoff: Duration,
+    /// Reconnect even with nothing queued: the session was up and ended
+    /// for a reason of ours (the relay restarted).
+    resume: bool,
 }
 
 impl PeerEntry {
@@ -178,6 +181,7 @@ impl PeerEntry {
             connecting: false,
             next_reconnect: now,
             backoff,
+            resume: false,
         }
     }
 
@@ -524,7 +528,7 @@ impl Node {
         e.session.is_none()
             && e.auto_connect
             && !e.connecting
-            && e.reliable.pending() > 0
+            && (e.reliable.pending() > 0 || e.resume)
             && e.identity().is_some()
             && self.link.state() == LinkState::LoggedIn
     }
@@ -644,7 +648,12 @@ impl Node {
                     .peers
                     .values_mut()
                     .filter_map(|e| e.session.as_mut())
-                    .find(|s| s.owns_remote_index(receiver) && s.endpoint() == Some(from));
+                    .find(|s| {
+                        s.owns_remote_index(receiver)
+                            && s.endpoint() == Some(from)
+                            // Through the relay: on this session's channel.
+                            && (channel.is_none() || s.intro_id() == channel)
+                    });
                 if let Some(s) = s {
                     s.handle_session_unknown(now);
                 }
@@ -819,6 +828,7 @@ impl Node {
                     PeerEvent::Up { endpoint } => {
                         e.backoff = self.config.reconnect_min;
                         e.connecting = false;
+                        e.resume = false;
                         e.reliable.path_changed(now);
                         let identity = s.remote().clone();
                         e.pinned = Some(identity.clone());
@@ -936,9 +946,31 @@ impl Node {
                     });
                     self.probe_nat(now);
                 }
-                for e in self.peers.values_mut() {
+                // A new server session: relay channels died with the old
+                // one (the server restarted). Relayed sessions end here and
+                // are introduced again at once, instead of going quiet
+                // until their dead timer.
+                let server = self.link.server_addr();
+                let mut ended = Vec::new();
+                for (peer, e) in self.peers.iter_mut() {
                     e.next_reconnect = now;
                     e.connecting = false;
+                    let relayed = e
+                        .session
+                        .as_ref()
+                        .is_some_and(|s| s.endpoint() == Some(server));
+                    if relayed {
+                        e.session = None;
+                        e.auto_connect = true;
+                        e.resume = true;
+                        ended.push(peer.clone());
+                    }
+                }
+                for name in ended {
+                    self.events.push_back(NodeEvent::PeerDown {
+                        name,
+                        reason: "the relay restarted; reconnecting".into(),
+                    });
                 }
                 self.events
                     .push_back(NodeEvent::LoggedIn { name, observed })
@@ -1055,31 +1087,53 @@ impl Node {
                         return;
                     }
                 }
-                let mut candidates = vec![p.public];
-                candidates.extend(p.locals.iter().filter(|a| **a != p.public));
-                let seed = self.rng.gen();
-                let s = PeerSession::punch(
-                    now,
-                    self.identity.clone(),
-                    p.identity.clone(),
-                    self.config.peer.clone(),
-                    PunchPlan {
-                        intro_id: p.intro_id,
-                        candidates,
-                        initiator: p.initiator,
-                        relay: p.relay.then(|| self.link.server_addr()),
-                        prediction: match (self.hard, p.peer_hard) {
-                            (true, false) => Prediction::Hard,
-                            (false, true) => Prediction::Easy(p.public.ip()),
-                            _ => Prediction::None,
-                        },
-                    },
-                    seed,
+                // Addresses as the machines compare them (v4-mapped as
+                // IPv4), and only ones a packet can be sent to.
+                let usable = |a: &SocketAddr| {
+                    let ip = a.ip();
+                    a.port() != 0 && !ip.is_unspecified() && !ip.is_multicast() && {
+                        !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast())
+                    }
+                };
+                let public = canonical(p.public);
+                let mut candidates = vec![public];
+                candidates.extend(
+                    p.locals
+                        .iter()
+                        .map(|a| canonical(*a))
+                        .filter(|a| *a != public && usable(a)),
                 );
+                candidates.retain(usable);
+                let seed = self.rng.gen();
+                let plan = PunchPlan {
+                    intro_id: p.intro_id,
+                    candidates,
+                    initiator: p.initiator,
+                    relay: p.relay.then(|| self.link.server_addr()),
+                    prediction: match (self.hard, p.peer_hard) {
+                        (true, false) => Prediction::Hard,
+                        (false, true) => Prediction::Easy(public.ip()),
+                        _ => Prediction::None,
+                    },
+                };
+                let local = self.identity.clone();
+                let config = self.config.peer.clone();
                 let e = self.entry(now, &p.name);
-                // A new introduction replaces a session that is not up.
-                if !e.is_up() {
-                    e.session = Some(s);
+                match e.session.as_mut() {
+                    // The peer reconnected while our session is up (its own
+                    // ended first, or it restarted): same session, the new
+                    // introduction's channel and candidates.
+                    Some(s) if s.is_up() => s.reintroduce(now, plan),
+                    _ => {
+                        e.session = Some(PeerSession::punch(
+                            now,
+                            local,
+                            p.identity.clone(),
+                            config,
+                            plan,
+                            seed,
+                        ))
+                    }
                 }
             }
         }

@@ -72,6 +72,8 @@ impl Default for PeerConfig {
     }
 }
 
+/// Most addresses sent a path probe per search.
+const MAX_PROBED: usize = 16;
 /// How long each direct-path search sends probes.
 const PROBE_WINDOW: Duration = Duration::from_secs(3);
 /// A direct path that carried an authenticated packet this recently is
@@ -254,6 +256,10 @@ pub struct PeerSession {
     candidates: Vec<SocketAddr>,
     relay: Option<SocketAddr>,
     discovery: Option<Discovery>,
+    /// Addresses sent an authenticated path probe in this search.
+    probed: Vec<SocketAddr>,
+    /// Where the punch answer that started our handshake came from.
+    punched: Option<SocketAddr>,
     prediction: Prediction,
     spray: Option<Spray>,
     /// When a relayed session looks for a direct path again.
@@ -285,6 +291,8 @@ impl PeerSession {
             candidates: Vec::new(),
             relay: None,
             discovery: None,
+            probed: Vec::new(),
+            punched: None,
             prediction: Prediction::None,
             spray: None,
             upgrade_at: None,
@@ -369,10 +377,29 @@ impl PeerSession {
     /// made from an introduction (the peer reached us through the relay
     /// after we restarted). Keeps what an introduction gave.
     pub fn use_relay(&mut self, relay: SocketAddr, channel: u64) {
-        if self.intro_id.is_none() || self.intro_id == Some(channel) {
-            self.intro_id = Some(channel);
-            self.relay = Some(relay);
-        }
+        // The peer's handshake came on this channel: it is the one the
+        // server relays now (a newer introduction replaces older ones).
+        self.intro_id = Some(channel);
+        self.relay = Some(relay);
+    }
+
+    /// A new introduction to the peer of a session that is up (the peer
+    /// reconnected, e.g. after its session timed out first): its channel,
+    /// candidates and relay replace the old ones, and a direct-path search
+    /// starts, as for a fresh introduction.
+    pub fn reintroduce(&mut self, now: Instant, plan: PunchPlan) {
+        let mut candidates = plan.candidates;
+        candidates.dedup();
+        candidates.retain(|c| Some(*c) != plan.relay);
+        self.intro_id = Some(plan.intro_id);
+        self.candidates = candidates;
+        self.relay = plan.relay;
+        self.probed.clear();
+        self.discovery = Some(Discovery {
+            next_probe: now,
+            until: now + self.config.connect_timeout,
+        });
+        self.handle_timeout(now);
     }
 
     pub fn remote(&self) -> &PublicIdentity {
@@ -650,7 +677,15 @@ impl PeerSession {
                     return self.go_down("the peer did not answer the handshake");
                 }
                 if now >= h.retry_at {
-                    let (dst, deadline) = (h.dst, h.deadline);
+                    // A direct path that does not carry the handshake (a
+                    // forged or dying punch answer): retry through the
+                    // relay, which the peer answers on as well.
+                    let dst = match (self.relay, self.punched) {
+                        (Some(relay), _) if h.dst != relay && self.intro_id.is_some() => relay,
+                        (Some(relay), Some(direct)) if h.dst == relay => direct,
+                        _ => h.dst,
+                    };
+                    let deadline = h.deadline;
                     if let Some(hs) = self.start_handshake(now, dst, deadline) {
                         self.state = State::Handshaking(Box::new(hs));
                     }
@@ -691,8 +726,16 @@ impl PeerSession {
                     }
                     return;
                 }
-                if e.usable() && now >= e.last_tx + self.config.keepalive {
-                    self.send(now, &PeerToPeer::Keepalive);
+                if e.usable()
+                    && now >= e.last_tx + self.config.keepalive
+                    && !self.send(now, &PeerToPeer::Keepalive)
+                {
+                    // The keys it would use expired (a rekey we answered
+                    // was never confirmed): don't ask again at once; the
+                    // session's death or expiry follows.
+                    if let State::Established(e) = &mut self.state {
+                        e.last_tx = now;
+                    }
                 }
             }
             State::Closed => {}
@@ -707,6 +750,7 @@ impl PeerSession {
             self.upgrade_at = None;
             if self.on_relay() {
                 tracing::debug!("PATH(SEARCH_DIRECT)");
+                self.probed.clear();
                 self.discovery = Some(Discovery {
                     next_probe: now,
                     until: now + PROBE_WINDOW,
@@ -781,6 +825,12 @@ impl PeerSession {
         if Some(from) == self.relay || matches!(self.state, State::Closed) {
             return;
         }
+        // Outside a search, probes go unanswered: the introduction id is in
+        // clear on the wire and must not buy anyone a stream of replies.
+        let searching = matches!(self.state, State::Punching { .. }) || self.discovery.is_some();
+        if !searching {
+            return;
+        }
         if !reply {
             self.transmits.push_back(Transmit {
                 dst: from,
@@ -798,6 +848,7 @@ impl PeerSession {
                 ..
             } => {
                 let deadline = *deadline;
+                self.punched = Some(from);
                 tracing::debug!(%from, "PUNCH(PATH_FOUND)");
                 if let Some(hs) = self.start_handshake(now, from, deadline) {
                     self.state = State::Handshaking(Box::new(hs));
@@ -806,6 +857,7 @@ impl PeerSession {
             // Handshaking through the relay: go direct instead.
             State::Handshaking(h) if Some(h.dst) == self.relay => {
                 let deadline = h.deadline;
+                self.punched = Some(from);
                 tracing::debug!(%from, "PUNCH(PATH_FOUND_DURING_RELAY_HANDSHAKE)");
                 if let Some(hs) = self.start_handshake(now, from, deadline) {
                     self.state = State::Handshaking(Box::new(hs));
@@ -813,8 +865,14 @@ impl PeerSession {
             }
             // Relayed: prove the direct path with an authenticated packet;
             // the peer moves to it on receipt, and its answer moves us.
-            State::Established(e) if Some(e.dst) == self.relay && e.usable() => {
+            State::Established(e)
+                if Some(e.dst) == self.relay
+                    && e.usable()
+                    && self.probed.len() < MAX_PROBED
+                    && !self.probed.contains(&from) =>
+            {
                 tracing::debug!(%from, "PATH(PROBE_DIRECT)");
+                self.probed.push(from);
                 self.send_to(now, &PeerToPeer::Keepalive, from);
             }
             _ => {}
@@ -928,13 +986,19 @@ impl PeerSession {
     }
 
     fn install(&mut self, now: Instant, transport: Transport, from: SocketAddr, confirmed: bool) {
+        let keep_direct = Some(from) == self.relay
+            && self
+                .last_direct_rx
+                .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_STALE);
         self.heard(now, from);
         match &mut self.state {
             State::Established(e) => {
                 let old = std::mem::replace(&mut e.current, transport);
                 e.previous = Some(old);
                 e.previous_confirmed = e.confirmed;
-                e.dst = from;
+                if !keep_direct {
+                    e.dst = from;
+                }
                 e.confirmed = confirmed;
                 // New keys are in: a rekey of ours still under way (we
                 // yielded in a crossed handshake) would only replace them.
@@ -955,7 +1019,8 @@ impl PeerSession {
                 }));
             }
         }
-        self.announce_up(from);
+        let dst = self.endpoint().unwrap_or(from);
+        self.announce_up(dst);
     }
 
     /// Bookkeeping for an authenticated packet from `from`.

@@ -130,8 +130,12 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub enabled: bool,
-    /// Most relay channels (agreed introductions) held at once.
+    /// Most relay channels (agreed introductions) held at once; when full,
+    /// the least recently used goes.
     pub max_channels: usize,
+    /// Most channels one user takes part in; beyond it, that user's least
+    /// recently used goes (so a few accounts cannot fill the table).
+    pub max_channels_per_user: usize,
     /// Bytes per second each user may send through the relay; a burst of
     /// one second's worth is allowed. 0 means no limit.
     pub rate_per_user: u64,
@@ -147,6 +151,7 @@ impl Default for RelayConfig {
         Self {
             enabled: true,
             max_channels: 10_000,
+            max_channels_per_user: 64,
             rate_per_user: 2_000_000,
             idle_timeout: Duration::from_secs(24 * 3600),
         }
@@ -446,7 +451,7 @@ impl Server {
                         challenge,
                         user: None,
                         last_seen: now,
-                        relay_tokens: f64::INFINITY,
+                        relay_tokens: self.config.relay.rate_per_user as f64,
                         relay_at: now,
                     },
                 );
@@ -519,7 +524,7 @@ impl Server {
                 challenge: p.challenge,
                 user: None,
                 last_seen: now,
-                relay_tokens: f64::INFINITY,
+                relay_tokens: self.config.relay.rate_per_user as f64,
                 relay_at: now,
             },
         );
@@ -692,11 +697,26 @@ impl Server {
         if !self.config.relay.enabled {
             return false;
         }
+        if self.config.relay.max_channels == 0 {
+            return false;
+        }
         self.channels
             .retain(|_, c| !(c.users.iter().any(|u| u == a) && c.users.iter().any(|u| u == b)));
-        if self.channels.len() >= self.config.relay.max_channels {
-            tracing::warn!(channels = self.channels.len(), "RELAY(FULL)");
-            return false;
+        let per_user = self.config.relay.max_channels_per_user.max(1);
+        for user in [a, b] {
+            while self
+                .channels
+                .values()
+                .filter(|c| c.users.iter().any(|u| u == user))
+                .count()
+                >= per_user
+            {
+                self.evict_lru(|c| c.users.iter().any(|u| u == user));
+            }
+        }
+        while self.channels.len() >= self.config.relay.max_channels {
+            tracing::warn!(channels = self.channels.len(), "RELAY(FULL_EVICT_OLDEST)");
+            self.evict_lru(|_| true);
         }
         self.channels.insert(
             intro_id,
@@ -707,6 +727,19 @@ impl Server {
         );
         self.stats.relay_channels += 1;
         true
+    }
+
+    /// Drops the least recently used channel among those `which` picks.
+    fn evict_lru(&mut self, which: impl Fn(&Channel) -> bool) {
+        let oldest = self
+            .channels
+            .iter()
+            .filter(|(_, c)| which(c))
+            .min_by_key(|(_, c)| c.last_used)
+            .map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            self.channels.remove(&id);
+        }
     }
 
     fn user_of(&self, index: u32) -> Option<String> {
@@ -872,6 +905,10 @@ impl Server {
                 // restarted client does not meet its old answers).
                 if let Some(prev) = self.sessions.remove(&old) {
                     if let Some(s) = self.sessions.get_mut(&index) {
+                        // The relay allowance is the user's, not the
+                        // session's: a new login does not refill it.
+                        s.relay_tokens = prev.relay_tokens;
+                        s.relay_at = prev.relay_at;
                         s.pushes.extend(prev.pushes);
                         let mut recent = prev.recent;
                         recent.extend(std::mem::take(&mut s.recent));

@@ -808,6 +808,35 @@ fn a_relayed_peer_that_restarts_is_rejoined_through_the_relay() {
 }
 
 #[test]
+fn a_peer_that_restarts_with_messages_queued_is_reintroduced_at_once() {
+    // bob restarts with a message in his outbox while alice's session is
+    // still up: he asks the server for a new introduction, alice (who
+    // knows him) agrees by herself, and her live session takes the new
+    // introduction's channel and candidates. Both with a direct path and
+    // with only the relay.
+    for (seed, blocked) in [(15, false), (16, true)] {
+        let mut sim = Sim::new(seed, Link::clean());
+        sim.register_both();
+        sim.block_peers = blocked;
+        sim.connect();
+        sim.restart_bob(0, 80 + seed);
+        sim.take_events(0);
+        let now = sim.now;
+        sim.node(1).send_message(now, "alice", msg(0));
+        // Well within alice's dead timer (16 s here): no waiting for her
+        // old session to die.
+        sim.run_until(Duration::from_secs(10), |s| {
+            s.delivered(0, "bob").len() == 1
+        });
+        let now = sim.now;
+        sim.node(0).send_message(now, "bob", msg(0));
+        sim.run_until(Duration::from_secs(10), |s| {
+            s.delivered(1, "alice").len() == 1
+        });
+    }
+}
+
+#[test]
 fn the_relay_keeps_to_its_limits_and_to_the_two_parties() {
     let mut config = ServerConfig::default();
     // 20 kB/s per user: far below what 300 messages at once want.

@@ -27,6 +27,11 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 /// Frames queued toward one client; beyond this they are dropped, as a
 /// full UDP socket buffer would drop datagrams.
 const OUT_QUEUE: usize = 256;
+/// Connections from one IP address at once: a few hosts behind one NAT,
+/// not one host holding every slot.
+const MAX_PER_IP: usize = 8;
+/// A connection must deliver its first whole frame within this time.
+const FIRST_FRAME: Duration = Duration::from_secs(10);
 
 /// The framing both ends use.
 pub fn codec() -> LengthDelimitedCodec {
@@ -103,9 +108,17 @@ impl TcpClients {
     }
 
     fn accept(&mut self, stream: TcpStream, addr: SocketAddr) {
-        if self.conns.len() >= self.max {
+        // Counted by task, not by `conns` (which fills when the task has
+        // started): the limit holds however fast connections arrive.
+        if self.tasks.len() >= self.max {
             self.refused += 1;
-            tracing::warn!(%addr, open = self.conns.len(), "TCP(FULL)");
+            tracing::warn!(%addr, open = self.tasks.len(), "TCP(FULL)");
+            return;
+        }
+        let same_ip = self.conns.keys().filter(|a| a.ip() == addr.ip()).count();
+        if same_ip >= MAX_PER_IP {
+            self.refused += 1;
+            tracing::warn!(%addr, "TCP(TOO_MANY_FROM_ONE_ADDRESS)");
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -149,15 +162,19 @@ async fn serve(
     let mut codec = codec();
     let mut inbuf = BytesMut::with_capacity(4096);
     let mut outbuf = BytesMut::with_capacity(4096);
+    // Only whole frames keep a connection open: a trickle of bytes does
+    // not.
+    let mut deadline = tokio::time::Instant::now() + FIRST_FRAME.min(idle);
     loop {
         tokio::select! {
-            read = tokio::time::timeout(idle, rd.read_buf(&mut inbuf)) => match read {
-                Err(_) => return "idle".into(),
-                Ok(Ok(0)) => return "closed by the client".into(),
-                Ok(Err(e)) => return format!("read: {e}"),
-                Ok(Ok(_)) => loop {
+            () = tokio::time::sleep_until(deadline) => return "idle".into(),
+            read = rd.read_buf(&mut inbuf) => match read {
+                Ok(0) => return "closed by the client".into(),
+                Err(e) => return format!("read: {e}"),
+                Ok(_) => loop {
                     match codec.decode(&mut inbuf) {
                         Ok(Some(frame)) => {
+                            deadline = tokio::time::Instant::now() + idle;
                             if events.send(TcpEvent::Frame(addr, frame)).await.is_err() {
                                 return "server stopping".into();
                             }

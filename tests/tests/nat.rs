@@ -467,8 +467,9 @@ fn a_relayed_session_moves_to_a_direct_path_when_one_opens() {
         "the upgrade to a direct path",
         Duration::from_secs(60),
         |lab| {
-            let p = peer(lab, "alice", "bob");
-            (p["path"] == "direct").then_some(p)
+            let pa = peer(lab, "alice", "bob");
+            let pb = peer(lab, "bob", "alice");
+            (pa["path"] == "direct" && pb["path"] == "direct").then_some(pa)
         },
     );
     println!("direct {:?} after the firewall opened", unblocked.elapsed());
@@ -514,8 +515,14 @@ fn lossy_jittery_links_still_punch_through_and_lose_nothing() {
     daemon(&mut lab, "alice", &ha);
     daemon(&mut lab, "bob", &hb);
     let (took, pa, _) = connect(&mut lab, "alice", "bob");
-    println!("direct session up {took:?} after accept: {pa}");
-    assert_eq!(pa["path"], "direct", "{pa}");
+    println!("session up {took:?} after accept: {pa}");
+    // A lost handshake may bring it up through the relay first; the
+    // direct path follows within the punching window.
+    lab.wait_for("a direct path on both sides", WAIT, |lab| {
+        let both = peer(lab, "alice", "bob")["path"] == "direct"
+            && peer(lab, "bob", "alice")["path"] == "direct";
+        both.then_some(())
+    });
     let lines = |from: &str| -> Vec<String> { (0..200).map(|i| format!("{from} {i}")).collect() };
     for (from, to) in [("alice", "bob"), ("bob", "alice")] {
         let text = lines(from).join("\n") + "\n";
