@@ -18,6 +18,8 @@
 //!   messages over one peer session.
 //! * [`flow`]: packet-level loss recovery (RFC 9002) and model-based
 //!   congestion control (BBR) with pacing, for bulk data such as files.
+//! * [`transfer`]: file transfers with one peer over a [`flow::Flow`]:
+//!   offers, resumption, piece hashes, verification.
 //! * [`peer`]: one peer session ([`peer::PeerSession`]): punching,
 //!   handshake, keepalive, rekey, built by polling the smaller machines.
 //! * [`node`]: what a daemon runs ([`node::Node`]): a server link plus its
@@ -48,6 +50,7 @@ pub mod noise;
 pub mod peer;
 pub mod reliable;
 pub mod server;
+pub mod transfer;
 pub mod wire;
 
 use std::net::SocketAddr;

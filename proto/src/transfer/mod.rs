@@ -1,0 +1,914 @@
+//! File transfers with one peer, sans-IO: offers, acceptance with
+//! resumption, piece hashes, data, verification, completion, over one
+//! [`Flow`] (loss recovery, congestion control, pacing) shared by every
+//! transfer with that peer.
+//!
+//! ```text
+//!  sender                                   receiver
+//!  offer ── Offer{id, path, size, piece_size, hash} ──▶ Offered (the user decides)
+//!        ◀── Accept{id, have: verified pieces} ─────── accept (resume: what it holds)
+//!  Hashes{id, first, ..} and Data{id, offset, ..} ───▶ write; a complete piece is
+//!        ◀── BadPiece{id, piece} (hash mismatch) ───── verified against its hash
+//!        ◀── Done{id} ──────────────────────────────── whole file verified, renamed
+//! ```
+//!
+//! The machine does no I/O. The owner reads file bytes for it through
+//! [`FileSource`] when a data packet is due, writes what arrives
+//! ([`TransferEvent::Write`]), checks pieces and whole files when told
+//! ([`TransferEvent::VerifyPiece`], [`TransferEvent::VerifyFile`]) and
+//! reports the result back. Durability is the owner's: a piece counts as
+//! held only once the owner verified it (after writing and syncing it),
+//! and resumption starts from the pieces the owner says it holds.
+//!
+//! Each frame travels in its own flow packet. A lost control frame is sent
+//! again as it was; lost data is read again from the source. Transfers
+//! take turns packet by packet, so several share the path fairly, and chat
+//! never waits behind them: it does not go through this flow at all.
+
+use crate::flow::{AckFrame, Flow, FlowEvent};
+use crate::wire::{FileFrame, PeerToPeer, MAX_FILE_DATA, MAX_HASHES, MAX_RANGES};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Integrity is checked per piece of this size: big enough that the hash
+/// list stays small (32 bytes per MiB), small enough that a bad piece costs
+/// little to fetch again.
+pub const PIECE_SIZE: u32 = 1 << 20;
+/// The largest flow packet, for the congestion window's arithmetic.
+const MSS: usize = crate::wire::MAX_PACKET;
+
+/// Where the sender's bytes come from (the owner's open files).
+pub trait FileSource {
+    /// Fills `buf` with the bytes of transfer `id` at `offset`; returns how
+    /// many were read (fewer only at the end of the file).
+    fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransferEvent {
+    /// A peer offers a file; answer with [`Transfers::accept`] or
+    /// [`Transfers::cancel`].
+    Offered {
+        id: u64,
+        path: String,
+        size: u64,
+        hash: [u8; 32],
+    },
+    /// The peer accepted our offer.
+    Accepted { id: u64 },
+    /// Write these bytes of an incoming file.
+    Write { id: u64, offset: u64, data: Vec<u8> },
+    /// A piece of an incoming file is complete: read it back, hash it and
+    /// call [`Transfers::piece_checked`].
+    VerifyPiece {
+        id: u64,
+        piece: u32,
+        offset: u64,
+        len: u64,
+        hash: [u8; 32],
+    },
+    /// Every piece is verified: check the whole file against the offer's
+    /// hash, make it durable under its final name, and call
+    /// [`Transfers::file_checked`].
+    VerifyFile { id: u64, hash: [u8; 32] },
+    /// Progress: bytes the peer has acknowledged (sending) or verified
+    /// pieces cover (receiving).
+    Progress { id: u64, done: u64 },
+    /// The transfer completed (the receiver has the file, verified).
+    Finished { id: u64 },
+    /// The transfer ended without the file: declined, cancelled, failed.
+    Ended { id: u64, reason: String },
+    /// A source read failed: the owner should cancel with the reason.
+    ReadFailed { id: u64, error: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Send,
+    Receive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Offered,
+    Active,
+    /// Sender: everything acknowledged, waiting for `Done`. Receiver:
+    /// checking the whole file.
+    Finishing,
+    Done,
+    Ended,
+}
+
+/// What `transfers` shows of one transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferStatus {
+    pub id: u64,
+    pub direction: Direction,
+    pub phase: Phase,
+    pub path: String,
+    pub size: u64,
+    pub done: u64,
+}
+
+fn piece_count(size: u64, piece_size: u32) -> u32 {
+    size.div_ceil(piece_size.max(1) as u64) as u32
+}
+
+fn piece_range(size: u64, piece_size: u32, piece: u32) -> (u64, u64) {
+    let start = piece as u64 * piece_size as u64;
+    (start, (start + piece_size as u64).min(size))
+}
+
+/// Ranges (inclusive) of the set bits, for `Accept`.
+fn to_ranges(held: &[bool]) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for (i, h) in held.iter().enumerate() {
+        if !h {
+            continue;
+        }
+        let i = i as u32;
+        match out.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => out.push((i, i)),
+        }
+    }
+    out
+}
+
+struct Outgoing {
+    path: String,
+    size: u64,
+    piece_size: u32,
+    hash: [u8; 32],
+    piece_hashes: Vec<[u8; 32]>,
+    phase: Phase,
+    /// Byte ranges still to send for the first time, in order.
+    todo: VecDeque<(u64, u64)>,
+    /// Packets lost: (offset, len), sent again before new data.
+    resend: VecDeque<(u64, usize)>,
+    hashes_next: u32,
+    acked: u64,
+    unacked: usize,
+}
+
+enum PieceState {
+    /// Received byte ranges within the piece (start → end, exclusive).
+    Filling(BTreeMap<u64, u64>),
+    /// All bytes here, waiting for its hash or the owner's check.
+    Complete,
+    Checking,
+    Verified,
+}
+
+struct Incoming {
+    path: String,
+    size: u64,
+    piece_size: u32,
+    hash: [u8; 32],
+    piece_hashes: Vec<Option<[u8; 32]>>,
+    pieces: Vec<PieceState>,
+    verified: u64,
+    phase: Phase,
+}
+
+impl Incoming {
+    fn verified_pieces(&self) -> Vec<bool> {
+        self.pieces
+            .iter()
+            .map(|p| matches!(p, PieceState::Verified))
+            .collect()
+    }
+}
+
+/// What a flow packet carried, to act on its fate.
+enum Carried {
+    Control(FileFrame),
+    Data { id: u64, offset: u64, len: usize },
+}
+
+pub struct Transfers {
+    flow: Flow,
+    outgoing: BTreeMap<u64, Outgoing>,
+    incoming: BTreeMap<u64, Incoming>,
+    control: VecDeque<FileFrame>,
+    carried: HashMap<u64, Carried>,
+    /// The sending transfer whose turn is next.
+    turn: u64,
+    events: VecDeque<TransferEvent>,
+    buf: Vec<u8>,
+}
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Transfers {
+    pub fn new() -> Self {
+        Self {
+            flow: Flow::new(MSS),
+            outgoing: BTreeMap::new(),
+            incoming: BTreeMap::new(),
+            control: VecDeque::new(),
+            carried: HashMap::new(),
+            turn: 0,
+            events: VecDeque::new(),
+            buf: vec![0; MAX_FILE_DATA],
+        }
+    }
+
+    pub fn flow(&self) -> &Flow {
+        &self.flow
+    }
+
+    /// Offers a file (the owner has hashed it: whole and per piece of
+    /// `piece_size`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn offer(
+        &mut self,
+        id: u64,
+        path: String,
+        size: u64,
+        piece_size: u32,
+        hash: [u8; 32],
+        piece_hashes: Vec<[u8; 32]>,
+    ) {
+        self.control.push_back(FileFrame::Offer {
+            id,
+            path: path.clone(),
+            size,
+            piece_size,
+            hash,
+        });
+        self.outgoing.insert(
+            id,
+            Outgoing {
+                path,
+                size,
+                piece_size,
+                hash,
+                piece_hashes,
+                phase: Phase::Offered,
+                todo: VecDeque::new(),
+                resend: VecDeque::new(),
+                hashes_next: 0,
+                acked: 0,
+                unacked: 0,
+            },
+        );
+    }
+
+    /// Takes an offered file; `have` marks pieces already held and
+    /// verified (from an earlier, interrupted run).
+    pub fn accept(&mut self, id: u64, have: &[bool]) -> bool {
+        let Some(t) = self.incoming.get_mut(&id) else {
+            return false;
+        };
+        if matches!(t.phase, Phase::Done | Phase::Ended) {
+            return false;
+        }
+        for (i, p) in t.pieces.iter_mut().enumerate() {
+            if have.get(i).copied().unwrap_or(false) && !matches!(p, PieceState::Verified) {
+                *p = PieceState::Verified;
+                let (s, e) = piece_range(t.size, t.piece_size, i as u32);
+                t.verified += e - s;
+            }
+        }
+        t.phase = Phase::Active;
+        let mut have = to_ranges(&t.verified_pieces());
+        have.truncate(MAX_RANGES);
+        self.control.push_back(FileFrame::Accept { id, have });
+        self.check_all_verified(id);
+        true
+    }
+
+    /// Takes up an incoming transfer again after a restart, from what the
+    /// owner stored: the offer, and the pieces it holds verified. The
+    /// sender is told at once (and again whenever a session comes up).
+    pub fn restore_incoming(
+        &mut self,
+        id: u64,
+        path: String,
+        size: u64,
+        piece_size: u32,
+        hash: [u8; 32],
+        have: &[bool],
+    ) {
+        let n = piece_count(size, piece_size.max(1));
+        self.incoming.insert(
+            id,
+            Incoming {
+                path,
+                size,
+                piece_size: piece_size.max(1),
+                hash,
+                piece_hashes: vec![None; n as usize],
+                pieces: (0..n)
+                    .map(|_| PieceState::Filling(BTreeMap::new()))
+                    .collect(),
+                verified: 0,
+                phase: Phase::Offered,
+            },
+        );
+        self.accept(id, have);
+    }
+
+    /// Cancels (or declines) a transfer in either direction.
+    pub fn cancel(&mut self, id: u64, reason: &str) -> bool {
+        let known = self.outgoing.contains_key(&id) || self.incoming.contains_key(&id);
+        if !known
+            || self
+                .phase(id)
+                .is_some_and(|p| matches!(p, Phase::Done | Phase::Ended))
+        {
+            return false;
+        }
+        self.end(id, reason.to_owned());
+        self.control.push_back(FileFrame::Cancel {
+            id,
+            reason: reason.to_owned(),
+        });
+        true
+    }
+
+    fn phase(&self, id: u64) -> Option<Phase> {
+        self.outgoing
+            .get(&id)
+            .map(|t| t.phase)
+            .or_else(|| self.incoming.get(&id).map(|t| t.phase))
+    }
+
+    fn end(&mut self, id: u64, reason: String) {
+        if let Some(t) = self.outgoing.get_mut(&id) {
+            t.phase = Phase::Ended;
+            t.todo.clear();
+            t.resend.clear();
+        }
+        if let Some(t) = self.incoming.get_mut(&id) {
+            t.phase = Phase::Ended;
+        }
+        self.control.retain(|f| f.id() != id);
+        self.events.push_back(TransferEvent::Ended { id, reason });
+    }
+
+    /// The owner's check of a piece it was asked to verify.
+    pub fn piece_checked(&mut self, id: u64, piece: u32, ok: bool) {
+        let Some(t) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        let Some(p) = t.pieces.get_mut(piece as usize) else {
+            return;
+        };
+        if !matches!(p, PieceState::Checking) || t.phase != Phase::Active {
+            return;
+        }
+        if ok {
+            *p = PieceState::Verified;
+            let (s, e) = piece_range(t.size, t.piece_size, piece);
+            t.verified += e - s;
+            let done = t.verified;
+            self.events.push_back(TransferEvent::Progress { id, done });
+            self.check_all_verified(id);
+        } else {
+            tracing::info!(id = format_args!("{id:x}"), piece, "TRANSFER(BAD_PIECE)");
+            *p = PieceState::Filling(BTreeMap::new());
+            self.control.push_back(FileFrame::BadPiece { id, piece });
+        }
+    }
+
+    fn check_all_verified(&mut self, id: u64) {
+        let Some(t) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        if t.phase == Phase::Active && t.pieces.iter().all(|p| matches!(p, PieceState::Verified)) {
+            t.phase = Phase::Finishing;
+            let hash = t.hash;
+            self.events
+                .push_back(TransferEvent::VerifyFile { id, hash });
+        }
+    }
+
+    /// The owner's check of the whole file: `Ok` once it is durable under
+    /// its final name.
+    pub fn file_checked(&mut self, id: u64, result: Result<(), String>) {
+        let Some(t) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        if t.phase != Phase::Finishing {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                t.phase = Phase::Done;
+                self.control.push_back(FileFrame::Done { id });
+                self.events.push_back(TransferEvent::Finished { id });
+            }
+            Err(reason) => {
+                self.end(id, reason.clone());
+                self.control.push_back(FileFrame::Cancel { id, reason });
+            }
+        }
+    }
+
+    /// A new session with the peer: what was in flight is gone with the
+    /// old one, and the peer may have restarted. Start a fresh flow, send
+    /// lost frames again, and ask for what incoming transfers still lack.
+    pub fn session_restarted(&mut self) {
+        self.flow = Flow::new(MSS);
+        for (_, c) in self.carried.drain() {
+            match c {
+                Carried::Control(f) => self.control.push_back(f),
+                Carried::Data { id, offset, len } => {
+                    if let Some(t) = self.outgoing.get_mut(&id) {
+                        t.resend.push_back((offset, len));
+                        t.unacked = 0;
+                    }
+                }
+            }
+        }
+        for t in self.outgoing.values_mut() {
+            t.unacked = 0;
+        }
+        // Offers not yet answered and incoming transfers under way are
+        // announced again; the other side treats repeats as no-ops.
+        let offers: Vec<FileFrame> = self
+            .outgoing
+            .iter()
+            .filter(|(_, t)| t.phase == Phase::Offered)
+            .map(|(id, t)| FileFrame::Offer {
+                id: *id,
+                path: t.path.clone(),
+                size: t.size,
+                piece_size: t.piece_size,
+                hash: t.hash,
+            })
+            .collect();
+        for f in offers {
+            if !self.control.contains(&f) {
+                self.control.push_back(f);
+            }
+        }
+        let accepts: Vec<FileFrame> = self
+            .incoming
+            .iter()
+            .filter(|(_, t)| t.phase == Phase::Active)
+            .map(|(id, t)| {
+                let mut have = to_ranges(&t.verified_pieces());
+                have.truncate(MAX_RANGES);
+                FileFrame::Accept { id: *id, have }
+            })
+            .collect();
+        self.control.extend(accepts);
+    }
+
+    pub fn status(&self) -> Vec<TransferStatus> {
+        let out = self.outgoing.iter().map(|(id, t)| TransferStatus {
+            id: *id,
+            direction: Direction::Send,
+            phase: t.phase,
+            path: t.path.clone(),
+            size: t.size,
+            done: t.acked.min(t.size),
+        });
+        let inc = self.incoming.iter().map(|(id, t)| TransferStatus {
+            id: *id,
+            direction: Direction::Receive,
+            phase: t.phase,
+            path: t.path.clone(),
+            size: t.size,
+            done: t.verified,
+        });
+        out.chain(inc).collect()
+    }
+
+    /// Forgets finished and ended transfers (the owner keeps their record).
+    pub fn forget(&mut self, id: u64) {
+        self.outgoing.remove(&id);
+        self.incoming.remove(&id);
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<TransferEvent> {
+        self.events.pop_front()
+    }
+
+    /// A flow packet or acknowledgement from the peer.
+    pub fn handle(&mut self, now: Instant, msg: PeerToPeer) {
+        match msg {
+            PeerToPeer::FlowAck { delay_us, ranges } => {
+                let ack = AckFrame {
+                    ranges,
+                    delay: Duration::from_micros(delay_us as u64),
+                };
+                self.flow.on_ack(now, &ack);
+                self.drain_flow();
+            }
+            PeerToPeer::Flow { pn, frame } if self.flow.on_received(now, pn, true) => {
+                self.on_frame(frame)
+            }
+            _ => {}
+        }
+    }
+
+    fn drain_flow(&mut self) {
+        while let Some(ev) = self.flow.poll_event() {
+            match ev {
+                FlowEvent::Acked(pn) => match self.carried.remove(&pn) {
+                    Some(Carried::Data { id, len, .. }) => {
+                        if let Some(t) = self.outgoing.get_mut(&id) {
+                            t.acked += len as u64;
+                            t.unacked = t.unacked.saturating_sub(len);
+                            let done = t.acked.min(t.size);
+                            self.events.push_back(TransferEvent::Progress { id, done });
+                            if t.phase == Phase::Active
+                                && t.todo.is_empty()
+                                && t.resend.is_empty()
+                                && t.unacked == 0
+                            {
+                                t.phase = Phase::Finishing;
+                            }
+                        }
+                    }
+                    Some(Carried::Control(_)) | None => {}
+                },
+                FlowEvent::Lost(pn) => match self.carried.remove(&pn) {
+                    // What an ended transfer still owes the peer (its
+                    // cancel, its done) goes again; the rest is moot.
+                    Some(Carried::Control(f))
+                        if matches!(f, FileFrame::Cancel { .. } | FileFrame::Done { .. })
+                            || !matches!(self.phase(f.id()), Some(Phase::Ended)) =>
+                    {
+                        self.control.push_back(f)
+                    }
+                    Some(Carried::Control(_)) => {}
+                    Some(Carried::Data { id, offset, len }) => {
+                        if let Some(t) = self.outgoing.get_mut(&id) {
+                            t.unacked = t.unacked.saturating_sub(len);
+                            if t.phase == Phase::Active || t.phase == Phase::Finishing {
+                                t.phase = Phase::Active;
+                                t.resend.push_back((offset, len));
+                            }
+                        }
+                    }
+                    None => {}
+                },
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: FileFrame) {
+        match frame {
+            FileFrame::Offer {
+                id,
+                path,
+                size,
+                piece_size,
+                hash,
+            } => {
+                if let Some(t) = self.incoming.get(&id) {
+                    // Offered again: the sender restarted, or our answer
+                    // was lost with a session. Tell it where we are.
+                    match t.phase {
+                        Phase::Active => {
+                            let mut have = to_ranges(&t.verified_pieces());
+                            have.truncate(MAX_RANGES);
+                            self.control.push_back(FileFrame::Accept { id, have });
+                        }
+                        Phase::Done => self.control.push_back(FileFrame::Done { id }),
+                        Phase::Offered | Phase::Finishing | Phase::Ended => {}
+                    }
+                    return;
+                }
+                if self.outgoing.contains_key(&id) {
+                    return;
+                }
+                if piece_size == 0 || piece_size > 64 << 20 {
+                    self.control.push_back(FileFrame::Cancel {
+                        id,
+                        reason: "unsupported piece size".into(),
+                    });
+                    return;
+                }
+                let n = piece_count(size, piece_size);
+                if n > 1 << 24 {
+                    self.control.push_back(FileFrame::Cancel {
+                        id,
+                        reason: "file too large".into(),
+                    });
+                    return;
+                }
+                self.incoming.insert(
+                    id,
+                    Incoming {
+                        path: path.clone(),
+                        size,
+                        piece_size,
+                        hash,
+                        piece_hashes: vec![None; n as usize],
+                        pieces: (0..n)
+                            .map(|_| PieceState::Filling(BTreeMap::new()))
+                            .collect(),
+                        verified: 0,
+                        phase: Phase::Offered,
+                    },
+                );
+                self.events.push_back(TransferEvent::Offered {
+                    id,
+                    path,
+                    size,
+                    hash,
+                });
+            }
+            FileFrame::Accept { id, have } => {
+                let Some(t) = self.outgoing.get_mut(&id) else {
+                    return;
+                };
+                if matches!(t.phase, Phase::Done | Phase::Ended) {
+                    return;
+                }
+                let first = t.phase == Phase::Offered;
+                // What the receiver holds; everything else is sent (again).
+                let n = piece_count(t.size, t.piece_size);
+                let held = |p: u32| have.iter().any(|(a, b)| (*a..=*b).contains(&p));
+                t.todo.clear();
+                t.resend.clear();
+                for p in (0..n).filter(|p| !held(*p)) {
+                    let (s, e) = piece_range(t.size, t.piece_size, p);
+                    match t.todo.back_mut() {
+                        Some((_, end)) if *end == s => *end = e,
+                        _ => t.todo.push_back((s, e)),
+                    }
+                }
+                t.acked = (0..n)
+                    .filter(|p| held(*p))
+                    .map(|p| {
+                        let (s, e) = piece_range(t.size, t.piece_size, p);
+                        e - s
+                    })
+                    .sum();
+                t.hashes_next = 0;
+                t.phase = if t.todo.is_empty() {
+                    Phase::Finishing
+                } else {
+                    Phase::Active
+                };
+                if first {
+                    self.events.push_back(TransferEvent::Accepted { id });
+                }
+            }
+            FileFrame::Cancel { id, reason } => {
+                if self
+                    .phase(id)
+                    .is_some_and(|p| !matches!(p, Phase::Done | Phase::Ended))
+                {
+                    self.end(id, format!("the peer: {reason}"));
+                }
+            }
+            FileFrame::Hashes { id, first, hashes } => {
+                let Some(t) = self.incoming.get_mut(&id) else {
+                    return;
+                };
+                for (i, h) in hashes.into_iter().enumerate() {
+                    let Some(slot) = t.piece_hashes.get_mut(first as usize + i) else {
+                        break;
+                    };
+                    *slot = Some(h);
+                }
+                self.verify_ready(id);
+            }
+            FileFrame::Data { id, offset, data } => self.on_data(id, offset, data),
+            FileFrame::BadPiece { id, piece } => {
+                let Some(t) = self.outgoing.get_mut(&id) else {
+                    return;
+                };
+                if piece >= piece_count(t.size, t.piece_size) || t.phase == Phase::Ended {
+                    return;
+                }
+                let (s, e) = piece_range(t.size, t.piece_size, piece);
+                t.todo.push_front((s, e));
+                t.acked = t.acked.saturating_sub(e - s);
+                t.phase = Phase::Active;
+            }
+            FileFrame::Done { id } => {
+                if let Some(t) = self.outgoing.get_mut(&id) {
+                    if t.phase != Phase::Done && t.phase != Phase::Ended {
+                        t.phase = Phase::Done;
+                        t.acked = t.size;
+                        self.events.push_back(TransferEvent::Finished { id });
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_data(&mut self, id: u64, offset: u64, data: Vec<u8>) {
+        let Some(t) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        if t.phase != Phase::Active || data.is_empty() {
+            return;
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        let piece = (offset / t.piece_size as u64) as u32;
+        let (ps, pe) = piece_range(t.size, t.piece_size, piece);
+        // Data must lie inside one piece of the file.
+        if end > pe || offset < ps || end > t.size {
+            return;
+        }
+        let Some(PieceState::Filling(got)) = t.pieces.get_mut(piece as usize) else {
+            return; // complete or verified already: a duplicate
+        };
+        let (s, e) = (offset - ps, end - ps);
+        // Merge [s, e) into the received ranges.
+        let mut start = s;
+        let mut stop = e;
+        let overlapping: Vec<(u64, u64)> = got
+            .range(..=e)
+            .filter(|(a, b)| **b >= s && **a <= e)
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        for (a, b) in overlapping {
+            start = start.min(a);
+            stop = stop.max(b);
+            got.remove(&a);
+        }
+        got.insert(start, stop);
+        let complete = got.get(&0) == Some(&(pe - ps));
+        self.events
+            .push_back(TransferEvent::Write { id, offset, data });
+        if complete {
+            t.pieces[piece as usize] = PieceState::Complete;
+            self.verify_ready(id);
+        }
+    }
+
+    /// Asks the owner to check complete pieces whose hash is known.
+    fn verify_ready(&mut self, id: u64) {
+        let Some(t) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        for (i, p) in t.pieces.iter_mut().enumerate() {
+            if !matches!(p, PieceState::Complete) {
+                continue;
+            }
+            let Some(hash) = t.piece_hashes[i] else {
+                continue;
+            };
+            *p = PieceState::Checking;
+            let (s, e) = piece_range(t.size, t.piece_size, i as u32);
+            self.events.push_back(TransferEvent::VerifyPiece {
+                id,
+                piece: i as u32,
+                offset: s,
+                len: e - s,
+                hash,
+            });
+        }
+    }
+
+    fn wants_to_send(&self) -> bool {
+        !self.control.is_empty()
+            || self.outgoing.values().any(|t| {
+                t.phase == Phase::Active
+                    && (!t.todo.is_empty()
+                        || !t.resend.is_empty()
+                        || (t.hashes_next as usize) < t.piece_hashes.len())
+            })
+    }
+
+    /// The next packet to send now, if the flow lets one go: an
+    /// acknowledgement first, then control frames, then hashes and data,
+    /// one transfer after another.
+    pub fn poll_packet(&mut self, now: Instant, src: &mut dyn FileSource) -> Option<PeerToPeer> {
+        if let Some(ack) = self.flow.poll_ack(now) {
+            return Some(PeerToPeer::FlowAck {
+                delay_us: ack.delay.as_micros().min(u32::MAX as u128) as u32,
+                ranges: ack.ranges,
+            });
+        }
+        if !self.wants_to_send() {
+            if self.flow.outstanding() == 0 {
+                self.flow.set_app_limited();
+            }
+            return None;
+        }
+        if self.flow.send_time(now, MSS) != Some(now) {
+            return None;
+        }
+        if let Some(frame) = self.control.pop_front() {
+            return Some(self.send_frame(now, frame));
+        }
+        // Round robin over active senders, starting after the last turn.
+        let ids: Vec<u64> = self
+            .outgoing
+            .range(self.turn.wrapping_add(1)..)
+            .chain(self.outgoing.range(..=self.turn))
+            .filter(|(_, t)| t.phase == Phase::Active)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(p) = self.next_from(now, id, src) {
+                self.turn = id;
+                return Some(p);
+            }
+        }
+        self.flow.set_app_limited();
+        None
+    }
+
+    fn send_frame(&mut self, now: Instant, frame: FileFrame) -> PeerToPeer {
+        let pn = self.flow.on_sent(now, MSS, true);
+        self.carried.insert(pn, Carried::Control(frame.clone()));
+        PeerToPeer::Flow { pn, frame }
+    }
+
+    fn next_from(&mut self, now: Instant, id: u64, src: &mut dyn FileSource) -> Option<PeerToPeer> {
+        let t = self.outgoing.get_mut(&id)?;
+        if (t.hashes_next as usize) < t.piece_hashes.len() {
+            let first = t.hashes_next;
+            let end = (first as usize + MAX_HASHES).min(t.piece_hashes.len());
+            let hashes = t.piece_hashes[first as usize..end].to_vec();
+            t.hashes_next = end as u32;
+            return Some(self.send_frame(now, FileFrame::Hashes { id, first, hashes }));
+        }
+        let (offset, len) = if let Some(r) = t.resend.pop_front() {
+            r
+        } else {
+            let (s, e) = t.todo.pop_front()?;
+            // Never across a piece boundary: the receiver checks by piece.
+            let piece_end = (s / t.piece_size as u64 + 1) * t.piece_size as u64;
+            let len = (e.min(piece_end) - s).min(MAX_FILE_DATA as u64) as usize;
+            if s + (len as u64) < e {
+                t.todo.push_front((s + len as u64, e));
+            }
+            (s, len)
+        };
+        let buf = &mut self.buf[..len];
+        match src.read(id, offset, buf) {
+            Ok(n) if n == len => {}
+            Ok(n) => {
+                let error =
+                    format!("the file is shorter than offered ({n} of {len} bytes at {offset})");
+                self.events
+                    .push_back(TransferEvent::ReadFailed { id, error });
+                self.end(id, "the file changed while sending".into());
+                return None;
+            }
+            Err(e) => {
+                self.events.push_back(TransferEvent::ReadFailed {
+                    id,
+                    error: e.to_string(),
+                });
+                self.end(id, format!("cannot read the file: {e}"));
+                return None;
+            }
+        }
+        let data = buf.to_vec();
+        let t = self.outgoing.get_mut(&id)?;
+        t.unacked += len;
+        let pn = self.flow.on_sent(now, MSS, true);
+        self.carried.insert(pn, Carried::Data { id, offset, len });
+        Some(PeerToPeer::Flow {
+            pn,
+            frame: FileFrame::Data { id, offset, data },
+        })
+    }
+
+    /// When to call [`Transfers::poll_packet`] or
+    /// [`Transfers::handle_timeout`] next.
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        let send = if self.wants_to_send() {
+            self.flow.send_time(now, MSS)
+        } else {
+            None
+        };
+        [send, self.flow.poll_timeout()].into_iter().flatten().min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.flow.poll_timeout().is_some_and(|t| t <= now) {
+            self.flow.handle_timeout(now);
+            self.drain_flow();
+            // A probe the PTO asked for, with nothing new to send: the
+            // oldest packet in flight goes again.
+            if self.flow.probes_wanted() > 0 && !self.wants_to_send() {
+                if let Some(pn) = self.carried.keys().min().copied() {
+                    match self.carried.remove(&pn) {
+                        Some(Carried::Control(f)) => self.control.push_back(f),
+                        Some(Carried::Data { id, offset, len }) => {
+                            if let Some(t) = self.outgoing.get_mut(&id) {
+                                t.resend.push_back((offset, len));
+                                t.unacked = t.unacked.saturating_sub(len);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,430 @@
+//! Transfers between two [`Transfers`] over a simulated link in virtual
+//! time, with in-memory files: loss, reordering and duplication both ways,
+//! a corrupted read, restarts of either side, cancellation.
+
+use super::*;
+use rand::{Rng, RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+
+#[derive(Clone, Copy)]
+struct Link {
+    delay: Duration,
+    jitter: Duration,
+    loss: f64,
+    dup: f64,
+}
+
+const CLEAN: Link = Link {
+    delay: Duration::from_millis(10),
+    jitter: Duration::ZERO,
+    loss: 0.0,
+    dup: 0.0,
+};
+
+const BAD: Link = Link {
+    delay: Duration::from_millis(20),
+    jitter: Duration::from_millis(15),
+    loss: 0.05,
+    dup: 0.03,
+};
+
+/// One side: its machine, the files it sends, the files it receives.
+struct Side {
+    t: Transfers,
+    sources: HashMap<u64, Vec<u8>>,
+    /// A read at this (id, offset) returns one flipped byte, once.
+    corrupt: Option<(u64, u64)>,
+    disk: HashMap<u64, Vec<u8>>,
+    events: Vec<TransferEvent>,
+    /// Pieces verified, as the owner would store them.
+    verified: HashMap<u64, Vec<bool>>,
+    /// Decline offers instead of accepting them.
+    decline: bool,
+}
+
+struct Src<'a> {
+    sources: &'a HashMap<u64, Vec<u8>>,
+    corrupt: &'a mut Option<(u64, u64)>,
+}
+
+impl FileSource for Src<'_> {
+    fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let f = self.sources.get(&id).ok_or(std::io::ErrorKind::NotFound)?;
+        let start = (offset as usize).min(f.len());
+        let n = buf.len().min(f.len() - start);
+        buf[..n].copy_from_slice(&f[start..start + n]);
+        if *self.corrupt == Some((id, offset)) {
+            buf[0] ^= 0xff;
+            *self.corrupt = None;
+        }
+        Ok(n)
+    }
+}
+
+impl Side {
+    fn new() -> Self {
+        Side {
+            t: Transfers::new(),
+            sources: HashMap::new(),
+            corrupt: None,
+            disk: HashMap::new(),
+            events: Vec::new(),
+            verified: HashMap::new(),
+            decline: false,
+        }
+    }
+
+    fn offer(&mut self, id: u64, data: Vec<u8>) {
+        let hash: [u8; 32] = Sha256::digest(&data).into();
+        let pieces = data
+            .chunks(PIECE_SIZE as usize)
+            .map(|c| Sha256::digest(c).into())
+            .collect();
+        self.t.offer(
+            id,
+            format!("file-{id}"),
+            data.len() as u64,
+            PIECE_SIZE,
+            hash,
+            pieces,
+        );
+        self.sources.insert(id, data);
+    }
+
+    /// Acts on events as a daemon would: writes, checks, accepts offers.
+    fn handle_events(&mut self) {
+        while let Some(ev) = self.t.poll_event() {
+            match &ev {
+                TransferEvent::Offered { id, .. } if self.decline => {
+                    self.t.cancel(*id, "declined");
+                }
+                TransferEvent::Offered { id, size, .. } => {
+                    self.disk.insert(*id, vec![0; *size as usize]);
+                    self.t.accept(*id, &[]);
+                }
+                TransferEvent::Write { id, offset, data } => {
+                    let f = self.disk.get_mut(id).expect("accepted file");
+                    let o = *offset as usize;
+                    f[o..o + data.len()].copy_from_slice(data);
+                }
+                TransferEvent::VerifyPiece {
+                    id,
+                    piece,
+                    offset,
+                    len,
+                    hash,
+                } => {
+                    let f = &self.disk[id];
+                    let o = *offset as usize;
+                    let got: [u8; 32] = Sha256::digest(&f[o..o + *len as usize]).into();
+                    let ok = &got == hash;
+                    if ok {
+                        let n = f.len().div_ceil(PIECE_SIZE as usize);
+                        self.verified.entry(*id).or_insert_with(|| vec![false; n])
+                            [*piece as usize] = true;
+                    }
+                    self.t.piece_checked(*id, *piece, ok);
+                }
+                TransferEvent::VerifyFile { id, hash } => {
+                    let got: [u8; 32] = Sha256::digest(&self.disk[id]).into();
+                    let result = if &got == hash {
+                        Ok(())
+                    } else {
+                        Err("the file does not match its hash".into())
+                    };
+                    self.t.file_checked(*id, result);
+                }
+                _ => {}
+            }
+            self.events.push(ev);
+        }
+    }
+
+    fn finished(&self, id: u64) -> bool {
+        self.events
+            .iter()
+            .any(|e| matches!(e, TransferEvent::Finished { id: i } if *i == id))
+    }
+
+    fn ended(&self, id: u64) -> bool {
+        self.events
+            .iter()
+            .any(|e| matches!(e, TransferEvent::Ended { id: i, .. } if *i == id))
+    }
+}
+
+struct Sim {
+    now: Instant,
+    start: Instant,
+    a: Side,
+    b: Side,
+    link: Link,
+    rng: rand::rngs::StdRng,
+    /// (arrival, order, to_b, message)
+    wire: Vec<(Instant, u64, bool, PeerToPeer)>,
+    order: u64,
+}
+
+impl Sim {
+    fn new(seed: u64, link: Link) -> Self {
+        let now = Instant::now();
+        Sim {
+            now,
+            start: now,
+            a: Side::new(),
+            b: Side::new(),
+            link,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            wire: Vec::new(),
+            order: 0,
+        }
+    }
+
+    fn side(&mut self, to_b: bool) -> &mut Side {
+        if to_b {
+            &mut self.b
+        } else {
+            &mut self.a
+        }
+    }
+
+    /// Runs until `done`, failing after `limit` of virtual time.
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) {
+        let deadline = self.now + limit;
+        let mut idle_steps = 0;
+        while !done(self) {
+            assert!(
+                self.now < deadline,
+                "not done after {:?} of virtual time",
+                self.now - self.start
+            );
+            self.step();
+            idle_steps += 1;
+            assert!(idle_steps < 10_000_000, "no progress");
+        }
+    }
+
+    fn step(&mut self) {
+        let now = self.now;
+        // Each side: events, then what it sends now.
+        for from_a in [true, false] {
+            let side = if from_a { &mut self.a } else { &mut self.b };
+            side.handle_events();
+            let mut out = Vec::new();
+            loop {
+                let mut src = Src {
+                    sources: &side.sources,
+                    corrupt: &mut side.corrupt,
+                };
+                match side.t.poll_packet(now, &mut src) {
+                    Some(p) => out.push(p),
+                    None => break,
+                }
+            }
+            for p in out {
+                if self.rng.gen_bool(self.link.loss) {
+                    continue;
+                }
+                let copies = if self.rng.gen_bool(self.link.dup) {
+                    2
+                } else {
+                    1
+                };
+                for _ in 0..copies {
+                    let jitter = self.link.jitter.mul_f64(self.rng.gen());
+                    self.wire.push((
+                        now + self.link.delay + jitter,
+                        self.order,
+                        from_a,
+                        p.clone(),
+                    ));
+                    self.order += 1;
+                }
+            }
+        }
+        // The next thing that happens.
+        let next = [
+            self.wire.iter().map(|w| w.0).min(),
+            self.a.t.poll_timeout(now),
+            self.b.t.poll_timeout(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        // Nothing scheduled: both sides are idle; let time pass.
+        let next = next.unwrap_or(now + Duration::from_secs(1));
+        self.now = self.now.max(next);
+        let now = self.now;
+        let (mut due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.wire)
+            .into_iter()
+            .partition(|w| w.0 <= now);
+        self.wire = rest;
+        due.sort_by_key(|w| (w.0, w.1));
+        for (_, _, to_b, msg) in due {
+            self.side(to_b).t.handle(now, msg);
+        }
+        for side in [&mut self.a, &mut self.b] {
+            if side.t.poll_timeout(now).is_some_and(|t| t <= now) {
+                side.t.handle_timeout(now);
+            }
+        }
+    }
+}
+
+fn random_file(rng: &mut impl RngCore, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+#[test]
+fn a_file_arrives_whole_and_verified() {
+    let mut sim = Sim::new(1, CLEAN);
+    let data = random_file(&mut sim.rng, 3 * PIECE_SIZE as usize + 12_345);
+    sim.a.offer(7, data.clone());
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.a.finished(7) && s.b.finished(7)
+    });
+    assert_eq!(sim.b.disk[&7], data);
+    let st = sim.a.t.status();
+    assert_eq!(st[0].done, data.len() as u64);
+    assert_eq!(st[0].phase, Phase::Done);
+}
+
+#[test]
+fn several_transfers_both_ways_survive_loss_reordering_and_duplication() {
+    for seed in 2..8 {
+        let mut sim = Sim::new(seed, BAD);
+        let files: Vec<(u64, bool, Vec<u8>)> = (0..4)
+            .map(|i| {
+                let len = sim.rng.gen_range(0..2 * PIECE_SIZE as usize);
+                (100 + i, i % 2 == 0, random_file(&mut sim.rng, len))
+            })
+            .collect();
+        for (id, from_a, data) in &files {
+            let side = if *from_a { &mut sim.a } else { &mut sim.b };
+            side.offer(*id, data.clone());
+        }
+        sim.run_until(Duration::from_secs(600), |s| {
+            files.iter().all(|(id, from_a, _)| {
+                let (tx, rx) = if *from_a { (&s.a, &s.b) } else { (&s.b, &s.a) };
+                tx.finished(*id) && rx.finished(*id)
+            })
+        });
+        for (id, from_a, data) in &files {
+            let rx = if *from_a { &sim.b } else { &sim.a };
+            assert_eq!(&rx.disk[id], data, "seed {seed} file {id}");
+        }
+    }
+}
+
+#[test]
+fn a_corrupted_piece_is_detected_and_fetched_again() {
+    let mut sim = Sim::new(9, CLEAN);
+    let data = random_file(&mut sim.rng, 2 * PIECE_SIZE as usize);
+    sim.a.offer(1, data.clone());
+    // The read of the first packet of the second piece comes back wrong
+    // (a bad disk, a file changed under us, a bug).
+    sim.a.corrupt = Some((1, PIECE_SIZE as u64));
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.a.finished(1) && s.b.finished(1)
+    });
+    assert_eq!(sim.b.disk[&1], data);
+    assert!(sim.a.corrupt.is_none(), "the corrupt read happened");
+}
+
+#[test]
+fn the_receiver_restarts_and_resumes_from_its_verified_pieces() {
+    let mut sim = Sim::new(10, BAD);
+    let data = random_file(&mut sim.rng, 6 * PIECE_SIZE as usize + 99);
+    sim.a.offer(5, data.clone());
+    sim.run_until(Duration::from_secs(600), |s| {
+        s.b.verified
+            .get(&5)
+            .is_some_and(|v| v.iter().filter(|x| **x).count() >= 3)
+    });
+    // The receiver's daemon is killed: its machine is gone; its disk and
+    // the verified pieces it stored stay. Packets in flight are lost.
+    let have = sim.b.verified[&5].clone();
+    let disk = sim.b.disk.remove(&5).unwrap();
+    let (size, hash) = (data.len() as u64, Sha256::digest(&data).into());
+    sim.b = Side::new();
+    sim.b.disk.insert(5, disk);
+    sim.b.verified.insert(5, have.clone());
+    sim.wire.clear();
+    sim.b
+        .t
+        .restore_incoming(5, "file-5".into(), size, PIECE_SIZE, hash, &have);
+    // A new session: the sender starts a fresh flow too.
+    sim.a.t.session_restarted();
+    sim.run_until(Duration::from_secs(600), |s| {
+        s.a.finished(5) && s.b.finished(5)
+    });
+    assert_eq!(sim.b.disk[&5], data);
+    // Resumed, not restarted: the pieces it held were not sent again.
+    let written: u64 = sim
+        .b
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            TransferEvent::Write { data, .. } => Some(data.len() as u64),
+            _ => None,
+        })
+        .sum();
+    let held = have.iter().filter(|x| **x).count() as u64 * PIECE_SIZE as u64;
+    assert!(written <= size - held + 4 * PIECE_SIZE as u64, "{written}");
+}
+
+#[test]
+fn the_sender_restarts_and_the_receiver_tells_it_where_to_go_on() {
+    let mut sim = Sim::new(11, CLEAN);
+    let data = random_file(&mut sim.rng, 4 * PIECE_SIZE as usize);
+    sim.a.offer(8, data.clone());
+    sim.run_until(Duration::from_secs(600), |s| {
+        s.b.verified
+            .get(&8)
+            .is_some_and(|v| v.iter().filter(|x| **x).count() >= 2)
+    });
+    // The sender's daemon restarts and offers the same transfer again.
+    sim.a = Side::new();
+    sim.wire.clear();
+    sim.a.offer(8, data.clone());
+    sim.b.t.session_restarted();
+    sim.run_until(Duration::from_secs(600), |s| {
+        s.a.finished(8) && s.b.finished(8)
+    });
+    assert_eq!(sim.b.disk[&8], data);
+}
+
+#[test]
+fn cancel_and_decline_end_both_sides() {
+    let mut sim = Sim::new(12, CLEAN);
+    let data = random_file(&mut sim.rng, 3 * PIECE_SIZE as usize);
+    sim.a.offer(3, data);
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.b.verified.get(&3).is_some_and(|v| v.iter().any(|x| *x))
+    });
+    assert!(sim.b.t.cancel(3, "changed my mind"));
+    sim.run_until(Duration::from_secs(60), |s| s.a.ended(3) && s.b.ended(3));
+    assert!(!sim.a.finished(3));
+    // Nothing more is sent for it.
+    let before = sim.a.t.flow().stats.sent_packets;
+    let later = sim.now + Duration::from_secs(60);
+    sim.run_until(Duration::from_secs(120), |s| s.now > later);
+    assert!(sim.a.t.flow().stats.sent_packets <= before + 2);
+}
+
+#[test]
+fn a_declined_offer_ends_both_sides_and_sends_nothing() {
+    let mut sim = Sim::new(13, CLEAN);
+    sim.b.decline = true;
+    let data = random_file(&mut sim.rng, PIECE_SIZE as usize);
+    sim.a.offer(4, data);
+    sim.run_until(Duration::from_secs(60), |s| s.a.ended(4) && s.b.ended(4));
+    assert!(sim.b.disk.is_empty());
+    assert!(!sim
+        .b
+        .events
+        .iter()
+        .any(|e| matches!(e, TransferEvent::Write { .. })));
+}
