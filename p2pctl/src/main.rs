@@ -22,9 +22,11 @@ use tokio::net::UnixStream;
 /// NAME is a user name at the rendezvous server: 1 to 32 lowercase ASCII
 /// letters, digits, '-', '_' or '.', starting with a letter or digit.
 ///
-/// Exit status: 0 success, 1 other failure, 2 bad arguments, 3 daemon not
-/// running, 4 unknown user, 5 not connected / offline / nothing pending,
-/// 6 refused (declined, key mismatch, name taken), 7 timed out.
+/// Exit status: 0 success, 1 other failure (a transfer that failed), 2 bad
+/// arguments, 3 daemon not running, 4 unknown user, 5 not connected /
+/// offline / nothing pending / no such transfer, 6 refused (declined, key
+/// mismatch, name taken), 7 timed out, 8 a file could not be read or
+/// written.
 #[derive(Parser, Debug)]
 #[command(version, propagate_version = true)]
 struct Args {
@@ -81,6 +83,34 @@ enum Cmd {
     Peers,
     /// Close the session with NAME.
     Close { name: String },
+    /// Offer the file at PATH to NAME, and show progress until NAME has it
+    /// (verified) or the transfer fails. NAME sees the offer in `watch` and
+    /// `transfers`.
+    SendFile {
+        name: String,
+        path: PathBuf,
+        /// Return once the file is offered; follow it with `transfers`.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Take an offered file (ID from `watch` or `transfers`; four or more
+    /// leading digits will do) and show progress until it is here and
+    /// verified. It is written as a hidden .part file and gets its name only
+    /// once complete; an existing file is never replaced (a number is added).
+    AcceptFile {
+        id: String,
+        /// Directory to put it in [default: p2pd's --downloads directory].
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// Return at once; follow it with `transfers`.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List file transfers, newest first: state, bytes done, rate and time
+    /// left.
+    Transfers,
+    /// Cancel a transfer in either direction, or decline an offer.
+    Cancel { id: String },
 }
 
 /// A failure and the exit status it maps to.
@@ -100,6 +130,8 @@ impl From<ControlError> for Failure {
             | ErrorCode::NotLoggedIn => 5,
             ErrorCode::Refused | ErrorCode::NameTaken | ErrorCode::ServerKeyMismatch => 6,
             ErrorCode::TimedOut => 7,
+            ErrorCode::NoTransfer => 5,
+            ErrorCode::FileError => 8,
             ErrorCode::Internal => 1,
         };
         Failure {
@@ -249,6 +281,180 @@ fn out(text: &str) -> Result<(), Failure> {
     }
 }
 
+fn absolute(p: &std::path::Path) -> Result<PathBuf, Failure> {
+    if p.is_absolute() {
+        return Ok(p.to_owned());
+    }
+    std::env::current_dir()
+        .map(|d| d.join(p))
+        .map_err(|e| Failure {
+            code: 2,
+            message: format!("cannot resolve {}: {e}", p.display()),
+        })
+}
+
+/// A second connection, subscribed to events.
+async fn watcher(socket: &std::path::Path) -> Result<Conn, Failure> {
+    let mut w = Conn::open(socket).await?;
+    w.call(Command::Watch).await?;
+    Ok(w)
+}
+
+/// `12.3 MiB`
+fn bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn rate_text(rate: Option<f64>) -> String {
+    rate.map(|r| format!("{}/s", bytes(r as u64)))
+        .unwrap_or_default()
+}
+
+/// One line for a transfer (`transfers`, and answers).
+fn transfer_text(t: &Value) -> String {
+    let num = |k: &str| t.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let (size, done) = (num("size"), num("done"));
+    let id = field(t, "id");
+    let short = id.get(..8).unwrap_or(id);
+    let arrow = if field(t, "direction") == "out" {
+        "to"
+    } else {
+        "from"
+    };
+    let mut line = format!(
+        "{short}  {} {arrow} {}  {}/{}  {}",
+        clean(field(t, "name")),
+        field(t, "peer"),
+        bytes(done),
+        bytes(size),
+        field(t, "state"),
+    );
+    if let Some(r) = t.get("rate").and_then(Value::as_f64) {
+        line.push_str(&format!("  {}", rate_text(Some(r))));
+    }
+    if let Some(e) = t.get("eta_s").and_then(Value::as_f64) {
+        line.push_str(&format!("  {}s left", e.ceil() as u64));
+    }
+    if let Some(r) = t.get("reason").and_then(Value::as_str) {
+        line.push_str(&format!("  ({})", clean(r)));
+    }
+    if field(t, "state") == "offered" && field(t, "direction") == "in" {
+        line.push_str(&format!(
+            "  p2pctl accept-file {short} / p2pctl cancel {short}"
+        ));
+    }
+    line
+}
+
+/// Follows one transfer's events until it is done or failed: a progress
+/// bar on a terminal, a line per 10% otherwise, JSON lines with --json.
+async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let id = field(start, "id").to_owned();
+    let name = clean(field(start, "name"));
+    let size = start.get("size").and_then(Value::as_u64).unwrap_or(0);
+    if json {
+        out(&start.to_string())?;
+    } else {
+        let verb = if field(start, "direction") == "out" {
+            "sending"
+        } else {
+            "receiving"
+        };
+        out(&format!(
+            "{verb} {name} ({}), transfer {}",
+            bytes(size),
+            &id[..8.min(id.len())]
+        ))?;
+    }
+    let tty = !json && std::io::stderr().is_terminal();
+    let began = std::time::Instant::now();
+    let mut last_tenth = 0;
+    loop {
+        let v = w.next().await.map_err(|mut f| {
+            f.message = format!(
+                "p2pd stopped while transfer {id} was under way; it resumes when p2pd runs again                  (see p2pctl transfers)"
+            );
+            f
+        })?;
+        if v.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+            continue;
+        }
+        if json {
+            out(&v.to_string())?;
+        }
+        match field(&v, "event") {
+            "transfer_progress" if !json => {
+                let done = v.get("done").and_then(Value::as_u64).unwrap_or(0);
+                let pct = (done * 100).checked_div(size).unwrap_or(100);
+                let rate = rate_text(v.get("rate").and_then(Value::as_f64));
+                if tty {
+                    let width = 30;
+                    let filled = (pct as usize * width / 100).min(width);
+                    eprint!(
+                        "\r[{}{}] {pct:>3}% {} of {} {rate}   ",
+                        "#".repeat(filled),
+                        ".".repeat(width - filled),
+                        bytes(done),
+                        bytes(size)
+                    );
+                } else if pct / 10 > last_tenth {
+                    last_tenth = pct / 10;
+                    out(&format!(
+                        "{pct}% ({} of {}) {rate}",
+                        bytes(done),
+                        bytes(size)
+                    ))?;
+                }
+            }
+            "transfer_done" => {
+                if tty {
+                    eprintln!();
+                }
+                if !json {
+                    let secs = began.elapsed().as_secs_f64();
+                    let path = v
+                        .get("path")
+                        .and_then(Value::as_str)
+                        .map(clean)
+                        .unwrap_or_default();
+                    out(&format!(
+                        "done: {name} ({}) in {secs:.1} s{}",
+                        bytes(size),
+                        if path.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", {path}")
+                        }
+                    ))?;
+                }
+                return Ok(());
+            }
+            "transfer_failed" => {
+                if tty {
+                    eprintln!();
+                }
+                return Err(Failure {
+                    code: 1,
+                    message: format!("transfer {id} failed: {}", clean(field(&v, "reason"))),
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
 fn field<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(|x| x.as_str()).unwrap_or("")
 }
@@ -357,6 +563,65 @@ async fn run(args: Args) -> Result<(), Failure> {
             print(&v, text)
         }
         Cmd::Send { name, .. } => send_stdin(&mut conn, &name, json).await,
+        Cmd::SendFile {
+            name,
+            path,
+            no_wait,
+        } => {
+            let path = absolute(&path)?;
+            // Subscribe first: no event of the transfer can be missed.
+            let watch = if no_wait {
+                None
+            } else {
+                Some(watcher(&socket).await?)
+            };
+            let v = conn
+                .call(Command::SendFile {
+                    peer: name,
+                    path: path.display().to_string(),
+                })
+                .await?;
+            match watch {
+                None => print(&v, transfer_text(&v)),
+                Some(w) => follow(w, &v, json).await,
+            }
+        }
+        Cmd::AcceptFile { id, to, no_wait } => {
+            let to = to.map(|d| absolute(&d)).transpose()?;
+            let watch = if no_wait {
+                None
+            } else {
+                Some(watcher(&socket).await?)
+            };
+            let v = conn
+                .call(Command::AcceptFile {
+                    transfer: id,
+                    to: to.map(|d| d.display().to_string()),
+                })
+                .await?;
+            match watch {
+                None => print(&v, transfer_text(&v)),
+                Some(w) => follow(w, &v, json).await,
+            }
+        }
+        Cmd::Transfers => {
+            let v = conn.call(Command::Transfers).await?;
+            if json {
+                return out(&v.to_string());
+            }
+            let list = v.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                return out("no transfers");
+            }
+            for t in &list {
+                out(&transfer_text(t))?;
+            }
+            Ok(())
+        }
+        Cmd::Cancel { id } => {
+            let v = conn.call(Command::Cancel { transfer: id }).await?;
+            print(&v, transfer_text(&v))
+        }
         Cmd::Watch => {
             conn.call(Command::Watch).await?;
             loop {
@@ -635,5 +900,43 @@ fn event_text(e: &Event) -> String {
             format!("-- server {}: {}", state.replace('_', " "), clean(detail))
         }
         Event::Error { message } => format!("!! {}", clean(message)),
+        Event::FileOffer {
+            id,
+            peer,
+            name,
+            size,
+        } => {
+            let short = id.get(..8).unwrap_or(id);
+            format!(
+                "-- {peer} offers {} ({}): p2pctl accept-file {short} / p2pctl cancel {short}",
+                clean(name),
+                bytes(*size)
+            )
+        }
+        Event::TransferProgress {
+            id,
+            done,
+            size,
+            rate,
+            ..
+        } => format!(
+            "-- transfer {}: {} of {} {}",
+            id.get(..8).unwrap_or(id),
+            bytes(*done),
+            bytes(*size),
+            rate_text(*rate)
+        ),
+        Event::TransferDone { id, peer, path } => format!(
+            "-- transfer {} with {peer} done{}",
+            id.get(..8).unwrap_or(id),
+            path.as_deref()
+                .map(|p| format!(": {}", clean(p)))
+                .unwrap_or_default()
+        ),
+        Event::TransferFailed { id, peer, reason } => format!(
+            "-- transfer {} with {peer} failed: {}",
+            id.get(..8).unwrap_or(id),
+            clean(reason)
+        ),
     }
 }

@@ -10,15 +10,17 @@
 
 use crate::addrs;
 use crate::ctl::{self, Input, Out, Reply};
+use crate::files::{self, Files, JobDone};
 use crate::predict::{Extra, Predictor};
 use crate::store::Store;
+use crate::store::TransferRow;
 use crate::tcp::{TcpEvent, TcpEventKind, TcpLink};
 use crate::Config;
 use anyhow::Context;
 use proto::client::{LinkState, RequestError};
 use proto::control::{
     check_text, Command, Connected, ControlError, ErrorCode, Event, PeerInfo, PeersResult,
-    PingResult, Request, Response, Sent, UserInfo, Whoami,
+    PingResult, Request, Response, Sent, TransferInfo, UserInfo, Whoami,
 };
 use proto::identity::{fingerprint, to_hex, PublicIdentity};
 use proto::node::{Node, NodeConfig, NodeError, NodeEvent};
@@ -93,7 +95,19 @@ struct Daemon {
     /// works (a server restart or a network change may have been all).
     udp_retry_at: Option<Instant>,
     predictor: Predictor,
+    files: Files,
+    /// Recent progress per transfer: (when, bytes done), for rates.
+    progress: HashMap<u64, std::collections::VecDeque<(Instant, u64)>>,
+    /// When each transfer's progress was last broadcast.
+    progress_shown: HashMap<u64, Instant>,
 }
+
+/// Integrity is checked by pieces of this size.
+const PIECE_SIZE: u32 = proto::transfer::PIECE_SIZE;
+/// Progress events per transfer at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Rates are measured over this window.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
 
 /// While on TCP, a UDP probe to the server this often; an answer moves the
 /// link back to UDP.
@@ -192,6 +206,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let (tcp_events, mut tcp_inbox) = mpsc::channel::<TcpEvent>(1024);
     let (predictor, mut extra_inbox) = Predictor::new(local.is_ipv6());
+    let (files, mut jobs_inbox) = Files::new();
     let mut d = Daemon {
         config,
         node,
@@ -210,7 +225,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tcp_backoff: TCP_BACKOFF_MIN,
         udp_retry_at: None,
         predictor,
+        files,
+        progress: HashMap::new(),
+        progress_shown: HashMap::new(),
     };
+    d.restore_transfers(Instant::now())?;
     d.drain(Instant::now()).await?;
 
     tokio::pin!(shutdown);
@@ -240,6 +259,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             },
             Some(ev) = tcp_inbox.recv() => d.on_tcp(Instant::now(), ev),
             Some(extra) = extra_inbox.recv() => d.on_extra(Instant::now(), extra),
+            Some(done) = jobs_inbox.recv() => d.on_job(Instant::now(), done),
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
                 if d.node.poll_timeout().is_some_and(|t| t <= now) {
@@ -326,6 +346,15 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Option<serde_json::Value>, Control
     ))
 }
 
+/// A transfer id as the control API shows it: 16 hex digits.
+fn hex_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn internal(e: impl std::fmt::Display) -> ControlError {
+    err(ErrorCode::Internal, e.to_string())
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -398,6 +427,7 @@ impl Daemon {
             self.fallback_at(),
             self.udp_retry_at,
             self.predictor.deadline(),
+            self.node.file_timeout(Instant::now()),
         ]
         .into_iter()
         .flatten()
@@ -443,6 +473,551 @@ impl Daemon {
                 Wait::Rid(..) => "the rendezvous server did not answer".into(),
             };
             respond(&w.out, Response::err(w.id, err(ErrorCode::TimedOut, what)));
+        }
+    }
+
+    fn send_file(
+        &mut self,
+        peer: String,
+        path: String,
+    ) -> Result<Option<serde_json::Value>, ControlError> {
+        Self::check_name(&peer)?;
+        let path = std::path::PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(err(ErrorCode::InvalidArgument, "the path must be absolute"));
+        }
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", path.display())))?;
+        if meta.is_dir() {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("{} is a directory: send its files one by one (directories are not supported yet)", path.display()),
+            ));
+        }
+        if !meta.is_file() {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        let id = loop {
+            let id: u64 = rand::random();
+            if id != 0
+                && !self
+                    .store
+                    .transfers()
+                    .map_err(internal)?
+                    .iter()
+                    .any(|t| t.id == id)
+            {
+                break id;
+            }
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "unnamed".into());
+        tracing::info!(id = %hex_id(id), %peer, size = meta.len(), "TRANSFER(HASHING)");
+        self.files.hash(id, peer.clone(), path.clone(), PIECE_SIZE);
+        json(&TransferInfo {
+            id: hex_id(id),
+            peer,
+            direction: "out".into(),
+            name,
+            size: meta.len(),
+            done: 0,
+            state: "hashing".into(),
+            rate: None,
+            eta_s: None,
+            path: Some(path.display().to_string()),
+            reason: None,
+        })
+    }
+
+    fn accept_file(
+        &mut self,
+        now: Instant,
+        id: &str,
+        to: Option<String>,
+    ) -> Result<Option<serde_json::Value>, ControlError> {
+        let row = self.find_transfer(id)?;
+        if row.outgoing || row.state != "offered" {
+            return Err(err(
+                ErrorCode::NoTransfer,
+                format!(
+                    "transfer {} is not an offer waiting for you",
+                    hex_id(row.id)
+                ),
+            ));
+        }
+        let dir = match to {
+            Some(d) => std::path::PathBuf::from(d),
+            None => self.config.downloads.clone(),
+        };
+        if !dir.is_absolute() {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                "the directory must be absolute",
+            ));
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", dir.display())))?;
+        let name = files::sanitize(&row.name);
+        let taken: Vec<std::path::PathBuf> = self
+            .store
+            .transfers()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|t| !t.outgoing && t.state == "active")
+            .filter_map(|t| t.path.map(Into::into))
+            .collect();
+        let dest = files::unique_dest(&dir, &name, &taken);
+        let final_name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or(name);
+        let part = dir.join(format!(".{final_name}.{}.part", hex_id(row.id)));
+        self.files
+            .open_part(row.id, &part)
+            .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", part.display())))?;
+        let pieces = row.size.div_ceil(row.piece_size.max(1) as u64) as usize;
+        self.store
+            .accept_transfer(
+                row.id,
+                &dest.display().to_string(),
+                &part.display().to_string(),
+                &vec![0u8; pieces],
+            )
+            .map_err(internal)?;
+        tracing::info!(id = %hex_id(row.id), peer = %row.peer, "TRANSFER(ACCEPTED)");
+        self.node.accept_file(now, &row.peer, row.id, &[]);
+        json(&self.transfer_info(&self.find_transfer(&hex_id(row.id))?))
+    }
+
+    /// A transfer by id, or by a prefix (four hex digits or more) that
+    /// names exactly one.
+    fn find_transfer(&self, id: &str) -> Result<TransferRow, ControlError> {
+        let id = id.trim().to_ascii_lowercase();
+        if id.len() < 4 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("{id:?} is not a transfer id (hex digits, four or more)"),
+            ));
+        }
+        let rows = self.store.transfers().map_err(internal)?;
+        let mut hits = rows.into_iter().filter(|t| hex_id(t.id).starts_with(&id));
+        match (hits.next(), hits.next()) {
+            (Some(t), None) => Ok(t),
+            (Some(_), Some(_)) => Err(err(
+                ErrorCode::NoTransfer,
+                format!("{id} names more than one transfer; give more digits"),
+            )),
+            (None, _) => Err(err(ErrorCode::NoTransfer, format!("no transfer {id}"))),
+        }
+    }
+
+    fn transfer_list(&self) -> Result<Vec<TransferInfo>, ControlError> {
+        Ok(self
+            .store
+            .transfers()
+            .map_err(internal)?
+            .iter()
+            .map(|t| self.transfer_info(t))
+            .collect())
+    }
+
+    fn transfer_info(&self, t: &TransferRow) -> TransferInfo {
+        let live = self
+            .node
+            .transfer_status()
+            .into_iter()
+            .find(|(_, s)| s.id == t.id)
+            .map(|(_, s)| s);
+        let done = match (&live, t.state.as_str()) {
+            (_, "done") => t.size,
+            (Some(s), _) => s.done,
+            (None, _) if !t.outgoing => {
+                let held = t.verified.iter().filter(|v| **v == 1).count() as u64;
+                (held * t.piece_size as u64).min(t.size)
+            }
+            _ => 0,
+        };
+        let state = match (&live, t.state.as_str()) {
+            (Some(s), "active") if s.phase == proto::transfer::Phase::Finishing => "finishing",
+            (_, st) => st,
+        };
+        let rate = (state == "active").then(|| self.rate(t.id)).flatten();
+        let eta_s = rate
+            .filter(|r| *r > 0.0)
+            .map(|r| t.size.saturating_sub(done) as f64 / r);
+        TransferInfo {
+            id: hex_id(t.id),
+            peer: t.peer.clone(),
+            direction: if t.outgoing { "out" } else { "in" }.into(),
+            name: if t.outgoing {
+                t.name.clone()
+            } else {
+                files::sanitize(&t.name)
+            },
+            size: t.size,
+            done,
+            state: state.into(),
+            rate,
+            eta_s,
+            path: t.path.clone(),
+            reason: t.reason.clone(),
+        }
+    }
+
+    fn rate(&self, id: u64) -> Option<f64> {
+        let s = self.progress.get(&id)?;
+        let (first, last) = (s.front()?, s.back()?);
+        let dt = last.0.saturating_duration_since(first.0).as_secs_f64();
+        (dt > 0.2).then(|| last.1.saturating_sub(first.1) as f64 / dt)
+    }
+
+    fn note_progress(&mut self, now: Instant, id: u64, done: u64) {
+        let s = self.progress.entry(id).or_default();
+        s.push_back((now, done));
+        while s
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_WINDOW)
+        {
+            s.pop_front();
+        }
+    }
+
+    /// Takes up stored transfers after a start: incoming ones under way
+    /// resume from their verified pieces, outgoing ones are offered again
+    /// (if their file did not change).
+    fn restore_transfers(&mut self, now: Instant) -> anyhow::Result<()> {
+        for t in self.store.transfers()? {
+            match (t.outgoing, t.state.as_str()) {
+                (true, "offered" | "active") => {
+                    let path = t.path.clone().unwrap_or_default();
+                    let unchanged = std::fs::metadata(&path).is_ok_and(|m| {
+                        m.len() == t.size && Some(files::mtime_ns(&m)) == t.mtime_ns
+                    });
+                    let hashes: Vec<[u8; 32]> = t
+                        .piece_hashes
+                        .chunks_exact(32)
+                        .map(|c| c.try_into().unwrap_or([0; 32]))
+                        .collect();
+                    if !unchanged || self.files.open_source(t.id, path.as_ref()).is_err() {
+                        self.store.transfer_state(
+                            t.id,
+                            "ended",
+                            None,
+                            Some("the file changed or vanished since it was offered"),
+                        )?;
+                        continue;
+                    }
+                    tracing::info!(id = %hex_id(t.id), peer = %t.peer, "TRANSFER(RESUME_SENDING)");
+                    self.node.offer_file(
+                        now,
+                        &t.peer,
+                        t.id,
+                        t.name.clone(),
+                        t.size,
+                        t.piece_size,
+                        t.hash,
+                        hashes,
+                    );
+                }
+                (false, "active") => {
+                    let Some(part) = t.part.clone() else { continue };
+                    if self.files.open_part(t.id, part.as_ref()).is_err() {
+                        self.store.transfer_state(
+                            t.id,
+                            "ended",
+                            None,
+                            Some("the partial file is gone"),
+                        )?;
+                        continue;
+                    }
+                    let have: Vec<bool> = t.verified.iter().map(|v| *v == 1).collect();
+                    tracing::info!(id = %hex_id(t.id), peer = %t.peer, held = have.iter().filter(|h| **h).count(), "TRANSFER(RESUME_RECEIVING)");
+                    self.node.restore_incoming(
+                        now,
+                        &t.peer,
+                        t.id,
+                        t.name.clone(),
+                        t.size,
+                        t.piece_size,
+                        t.hash,
+                        &have,
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn end_transfer(&mut self, row: &TransferRow, reason: &str) {
+        if let Err(e) = self
+            .store
+            .transfer_state(row.id, "ended", None, Some(reason))
+        {
+            tracing::error!(error = %e, "STORE(TRANSFER_STATE)");
+        }
+        if !row.outgoing {
+            self.files.discard_part(row.id);
+        }
+        self.files.close(row.id);
+        self.progress.remove(&row.id);
+        self.broadcast(Event::TransferFailed {
+            id: hex_id(row.id),
+            peer: row.peer.clone(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn on_job(&mut self, now: Instant, done: JobDone) {
+        match done {
+            JobDone::Hashed {
+                id,
+                peer,
+                path,
+                size,
+                mtime_ns,
+                hash,
+                piece_hashes,
+            } => {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "unnamed".into());
+                if let Err(e) = self.files.open_source(id, &path) {
+                    self.broadcast(Event::TransferFailed {
+                        id: hex_id(id),
+                        peer,
+                        reason: format!("{}: {e}", path.display()),
+                    });
+                    return;
+                }
+                let row = TransferRow {
+                    id,
+                    peer: peer.clone(),
+                    outgoing: true,
+                    name: name.clone(),
+                    path: Some(path.display().to_string()),
+                    part: None,
+                    size,
+                    piece_size: PIECE_SIZE,
+                    hash,
+                    piece_hashes: piece_hashes.concat(),
+                    verified: Vec::new(),
+                    mtime_ns: Some(mtime_ns),
+                    state: "offered".into(),
+                    reason: None,
+                    created_ms: now_ms(),
+                };
+                if let Err(e) = self.store.insert_transfer(&row) {
+                    tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
+                    return;
+                }
+                tracing::info!(id = %hex_id(id), %peer, size, "TRANSFER(OFFERED)");
+                self.node
+                    .offer_file(now, &peer, id, name, size, PIECE_SIZE, hash, piece_hashes);
+            }
+            JobDone::HashFailed {
+                id,
+                peer,
+                path,
+                error,
+            } => {
+                self.broadcast(Event::TransferFailed {
+                    id: hex_id(id),
+                    peer,
+                    reason: format!("cannot read {}: {error}", path.display()),
+                });
+            }
+            JobDone::Piece {
+                peer,
+                id,
+                piece,
+                ok,
+            } => {
+                if ok {
+                    if let Ok(Some(mut row)) = self
+                        .store
+                        .transfers()
+                        .map(|v| v.into_iter().find(|t| t.id == id))
+                    {
+                        if let Some(v) = row.verified.get_mut(piece as usize) {
+                            *v = 1;
+                        }
+                        if let Err(e) = self.store.piece_verified(id, &row.verified) {
+                            tracing::error!(error = %e, "STORE(PIECE)");
+                        }
+                    }
+                }
+                self.node.piece_checked(now, &peer, id, piece, ok);
+            }
+            JobDone::File { peer, id, result } => {
+                match &result {
+                    Ok(path) => {
+                        self.files.finished(id);
+                        let p = path.display().to_string();
+                        if let Err(e) = self.store.transfer_state(id, "done", Some(&p), None) {
+                            tracing::error!(error = %e, "STORE(TRANSFER_STATE)");
+                        }
+                        tracing::info!(id = %hex_id(id), %peer, "TRANSFER(RECEIVED)");
+                        self.broadcast(Event::TransferDone {
+                            id: hex_id(id),
+                            peer: peer.clone(),
+                            path: Some(p),
+                        });
+                    }
+                    Err(reason) => {
+                        tracing::warn!(id = %hex_id(id), %peer, %reason, "TRANSFER(VERIFY_FAILED)");
+                    }
+                }
+                self.node.file_checked(now, &peer, id, result.map(|_| ()));
+            }
+        }
+    }
+
+    fn on_transfer(&mut self, now: Instant, peer: String, event: proto::transfer::TransferEvent) {
+        use proto::transfer::TransferEvent as T;
+        match event {
+            T::Offered {
+                id,
+                path,
+                size,
+                piece_size,
+                hash,
+            } => {
+                // A repeat of an offer we know keeps its record.
+                let known = self
+                    .store
+                    .transfers()
+                    .is_ok_and(|v| v.iter().any(|t| t.id == id));
+                if !known {
+                    let row = TransferRow {
+                        id,
+                        peer: peer.clone(),
+                        outgoing: false,
+                        name: path.clone(),
+                        path: None,
+                        part: None,
+                        size,
+                        piece_size,
+                        hash,
+                        piece_hashes: Vec::new(),
+                        verified: Vec::new(),
+                        mtime_ns: None,
+                        state: "offered".into(),
+                        reason: None,
+                        created_ms: now_ms(),
+                    };
+                    if let Err(e) = self.store.insert_transfer(&row) {
+                        tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
+                        return;
+                    }
+                }
+                tracing::info!(id = %hex_id(id), %peer, size, "TRANSFER(OFFER_RECEIVED)");
+                self.broadcast(Event::FileOffer {
+                    id: hex_id(id),
+                    peer,
+                    name: files::sanitize(&path),
+                    size,
+                });
+            }
+            T::Accepted { id } => {
+                let _ = self.store.transfer_state(id, "active", None, None);
+                tracing::info!(id = %hex_id(id), %peer, "TRANSFER(PEER_ACCEPTED)");
+            }
+            T::Write { id, offset, data } => {
+                if let Err(e) = self.files.write(id, offset, &data) {
+                    let reason = if e.raw_os_error() == Some(libc::ENOSPC) {
+                        "the receiver's disk is full".to_owned()
+                    } else {
+                        format!("cannot write the file: {e}")
+                    };
+                    tracing::warn!(id = %hex_id(id), %reason, "TRANSFER(WRITE_FAILED)");
+                    self.node.cancel_file(now, &peer, id, &reason);
+                    if let Ok(row) = self.find_transfer(&hex_id(id)) {
+                        self.end_transfer(&row, &reason);
+                    }
+                }
+            }
+            T::VerifyPiece {
+                id,
+                piece,
+                offset,
+                len,
+                hash,
+            } => {
+                self.files.check_piece(peer, id, piece, offset, len, hash);
+            }
+            T::VerifyFile { id, hash } => {
+                let Ok(row) = self.find_transfer(&hex_id(id)) else {
+                    return;
+                };
+                let dest = std::path::PathBuf::from(row.path.clone().unwrap_or_default());
+                let dir = dest.parent().map(|p| p.to_owned()).unwrap_or_default();
+                let name = dest
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| files::sanitize(&row.name));
+                self.files.finish(peer, id, hash, dir, name);
+            }
+            T::Progress { id, done } => {
+                self.note_progress(now, id, done);
+                let due = self
+                    .progress_shown
+                    .get(&id)
+                    .is_none_or(|t| now.saturating_duration_since(*t) >= PROGRESS_EVERY);
+                if due {
+                    self.progress_shown.insert(id, now);
+                    let size = self
+                        .node
+                        .transfer_status()
+                        .into_iter()
+                        .find(|(_, s)| s.id == id)
+                        .map_or(0, |(_, s)| s.size);
+                    let rate = self.rate(id);
+                    self.broadcast(Event::TransferProgress {
+                        id: hex_id(id),
+                        peer,
+                        done,
+                        size,
+                        rate,
+                    });
+                }
+            }
+            T::Finished { id } => {
+                let Ok(row) = self.find_transfer(&hex_id(id)) else {
+                    return;
+                };
+                self.progress.remove(&id);
+                self.progress_shown.remove(&id);
+                self.node.forget_transfer(&peer, id);
+                if row.outgoing {
+                    self.files.close(id);
+                    let _ = self.store.transfer_state(id, "done", None, None);
+                    tracing::info!(id = %hex_id(id), %peer, "TRANSFER(SENT)");
+                    self.broadcast(Event::TransferDone {
+                        id: hex_id(id),
+                        peer,
+                        path: row.path,
+                    });
+                }
+            }
+            T::Ended { id, reason } => {
+                self.node.forget_transfer(&peer, id);
+                if let Ok(row) = self.find_transfer(&hex_id(id)) {
+                    if row.state != "ended" && row.state != "done" {
+                        tracing::info!(id = %hex_id(id), %peer, %reason, "TRANSFER(ENDED)");
+                        self.end_transfer(&row, &reason);
+                    }
+                }
+            }
+            T::ReadFailed { id, error } => {
+                tracing::warn!(id = %hex_id(id), %peer, %error, "TRANSFER(READ_FAILED)");
+            }
         }
     }
 
@@ -616,6 +1191,25 @@ impl Daemon {
         out: &Reply,
     ) -> Result<Option<serde_json::Value>, ControlError> {
         match command {
+            Command::SendFile { peer, path } => self.send_file(peer, path),
+            Command::AcceptFile { transfer, to } => self.accept_file(now, &transfer, to),
+            Command::Transfers => {
+                let list = self.transfer_list()?;
+                json(&list)
+            }
+            Command::Cancel { transfer } => {
+                let row = self.find_transfer(&transfer)?;
+                if matches!(row.state.as_str(), "done" | "ended") {
+                    return Err(err(
+                        ErrorCode::NoTransfer,
+                        format!("transfer {} is already {}", hex_id(row.id), row.state),
+                    ));
+                }
+                let reason = "cancelled by the user";
+                self.node.cancel_file(now, &row.peer, row.id, reason);
+                self.end_transfer(&row, reason);
+                json(&self.transfer_info(&self.find_transfer(&hex_id(row.id))?))
+            }
             Command::Whoami => {
                 let link = self.node.link();
                 json(&Whoami {
@@ -854,6 +1448,11 @@ impl Daemon {
                 }
             }
             if !sent_any {
+                // File data last: whatever the flows let go now.
+                self.node.pump_files(now, &mut self.files);
+                if self.node.has_output() {
+                    continue;
+                }
                 return Ok(());
             }
         }
@@ -1074,6 +1673,7 @@ impl Daemon {
                 text: String::from_utf8_lossy(&body).into_owned(),
             }),
             NodeEvent::Acked { peer, seq } => self.broadcast(Event::Delivered { peer, seq }),
+            NodeEvent::Transfer { peer, event } => self.on_transfer(now, peer, event),
             NodeEvent::Pong { peer, nonce, rtt } => {
                 let v = serde_json::to_value(PingResult {
                     peer: peer.clone(),

@@ -8,7 +8,10 @@
 //!   stored messages, answers and watch events.
 //! * [`ctl`]: the control socket: accepts same-user connections and moves
 //!   JSON lines between them and the daemon task.
-//! * [`store`]: the SQLite database (contacts, history, outbox).
+//! * [`store`]: the SQLite database (contacts, history, outbox,
+//!   transfers).
+//! * [`files`]: the disk side of file transfers: reading, writing,
+//!   hashing, verifying, naming.
 //! * [`paths`]: where things live by default.
 //! * [`addrs`]: our candidate addresses, and dual-stack address forms.
 //! * [`predict`]: the extra sockets of port prediction, when our NAT maps
@@ -22,6 +25,7 @@
 pub mod addrs;
 pub mod ctl;
 pub mod daemon;
+pub mod files;
 pub mod paths;
 pub mod predict;
 pub mod store;
@@ -48,6 +52,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Keepalive interval on idle peer sessions.
     pub keepalive: Duration,
+    /// Where accepted files go when `accept-file` names no directory.
+    pub downloads: PathBuf,
 }
 
 pub use daemon::run;

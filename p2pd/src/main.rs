@@ -42,6 +42,10 @@ struct Args {
     /// or idle sessions through it lose their path.
     #[arg(long, env = "P2PD_KEEPALIVE", default_value_t = 25)]
     keepalive: u64,
+    /// Where accepted files go when `p2pctl accept-file` gives no `--to`
+    /// [default: your downloads directory, e.g. ~/Downloads].
+    #[arg(long, env = "P2PD_DOWNLOADS")]
+    downloads: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,6 +105,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen: args.listen,
         heartbeat: Duration::from_secs(args.heartbeat),
         keepalive: Duration::from_secs(args.keepalive),
+        downloads: args
+            .downloads
+            .unwrap_or_else(p2pd::paths::default_downloads),
     };
     p2pd::run(config, shutdown_signal()).await
 }

@@ -12,7 +12,7 @@ use proto::identity::PublicIdentity;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -83,6 +83,30 @@ impl Store {
                  );
                  CREATE INDEX IF NOT EXISTS messages_outbox ON messages(state) WHERE state = 'queued';
                  PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        if version < 2 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS transfers (
+                     id INTEGER PRIMARY KEY,
+                     peer TEXT NOT NULL,
+                     direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+                     name TEXT NOT NULL,
+                     path TEXT,
+                     part TEXT,
+                     size INTEGER NOT NULL,
+                     piece_size INTEGER NOT NULL,
+                     hash BLOB NOT NULL,
+                     piece_hashes BLOB,
+                     verified BLOB,
+                     mtime_ns INTEGER,
+                     state TEXT NOT NULL,
+                     reason TEXT,
+                     created_ms INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 2;
                  COMMIT;",
             )?;
         }
@@ -260,6 +284,129 @@ impl Batch<'_> {
 
     pub fn commit(self) -> Result<(), StoreError> {
         Ok(self.tx.commit()?)
+    }
+}
+
+/// A file transfer as stored: enough to show it, and to take it up again
+/// after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRow {
+    pub id: u64,
+    pub peer: String,
+    pub outgoing: bool,
+    pub name: String,
+    /// Out: the source file; in: the final path, once accepted.
+    pub path: Option<String>,
+    /// In: the partial file, once accepted.
+    pub part: Option<String>,
+    pub size: u64,
+    pub piece_size: u32,
+    pub hash: [u8; 32],
+    /// Out: the pieces' hashes, concatenated.
+    pub piece_hashes: Vec<u8>,
+    /// In: one byte per piece, 1 when verified and synced.
+    pub verified: Vec<u8>,
+    /// Out: the source's modification time when hashed.
+    pub mtime_ns: Option<i64>,
+    /// `offered`, `active`, `done` or `ended`.
+    pub state: String,
+    pub reason: Option<String>,
+    pub created_ms: u64,
+}
+
+impl Store {
+    pub fn insert_transfer(&self, t: &TransferRow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO transfers (id, peer, direction, name, path, part, size, \
+             piece_size, hash, piece_hashes, verified, mtime_ns, state, reason, created_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                t.id as i64,
+                t.peer,
+                if t.outgoing { "out" } else { "in" },
+                t.name,
+                t.path,
+                t.part,
+                t.size as i64,
+                t.piece_size,
+                &t.hash[..],
+                t.piece_hashes,
+                t.verified,
+                t.mtime_ns,
+                t.state,
+                t.reason,
+                t.created_ms as i64,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// An incoming file accepted: where it goes, what is held already.
+    pub fn accept_transfer(
+        &self,
+        id: u64,
+        path: &str,
+        part: &str,
+        verified: &[u8],
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE transfers SET path = ?2, part = ?3, verified = ?4, state = 'active' WHERE id = ?1",
+            params![id as i64, path, part, verified],
+        )?;
+        Ok(())
+    }
+
+    /// A piece of an incoming file is verified and synced.
+    pub fn piece_verified(&self, id: u64, verified: &[u8]) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE transfers SET verified = ?2 WHERE id = ?1",
+            params![id as i64, verified],
+        )?;
+        Ok(())
+    }
+
+    pub fn transfer_state(
+        &self,
+        id: u64,
+        state: &str,
+        path: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE transfers SET state = ?2, path = COALESCE(?3, path), reason = ?4 WHERE id = ?1",
+            params![id as i64, state, path, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Transfers, newest first.
+    pub fn transfers(&self) -> Result<Vec<TransferRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, peer, direction, name, path, part, size, piece_size, hash, \
+             piece_hashes, verified, mtime_ns, state, reason, created_ms \
+             FROM transfers ORDER BY created_ms DESC, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let hash: Vec<u8> = r.get(8)?;
+            Ok(TransferRow {
+                id: r.get::<_, i64>(0)? as u64,
+                peer: r.get(1)?,
+                outgoing: r.get::<_, String>(2)? == "out",
+                name: r.get(3)?,
+                path: r.get(4)?,
+                part: r.get(5)?,
+                size: r.get::<_, i64>(6)? as u64,
+                piece_size: r.get(7)?,
+                hash: hash.try_into().unwrap_or([0; 32]),
+                piece_hashes: r.get::<_, Option<Vec<u8>>>(9)?.unwrap_or_default(),
+                verified: r.get::<_, Option<Vec<u8>>>(10)?.unwrap_or_default(),
+                mtime_ns: r.get(11)?,
+                state: r.get(12)?,
+                reason: r.get(13)?,
+                created_ms: r.get::<_, i64>(14)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

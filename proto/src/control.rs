@@ -71,6 +71,20 @@ pub enum Command {
     Close { peer: String },
     /// Turns this connection into a stream of [`Event`]s.
     Watch,
+    /// Offers the file at `path` (absolute, as the daemon sees it) to
+    /// `peer`; answers once it is hashed and offered, with the transfer.
+    SendFile { peer: String, path: String },
+    /// Takes an offered file into directory `to` (absolute; default the
+    /// daemon's downloads directory); answers at once with the transfer.
+    AcceptFile {
+        transfer: String,
+        #[serde(default)]
+        to: Option<String>,
+    },
+    /// Every transfer, newest first.
+    Transfers,
+    /// Cancels a transfer in either direction (declines an offer).
+    Cancel { transfer: String },
 }
 
 impl Command {
@@ -91,6 +105,10 @@ impl Command {
             Command::Peers => "peers",
             Command::Close { .. } => "close",
             Command::Watch => "watch",
+            Command::SendFile { .. } => "send_file",
+            Command::AcceptFile { .. } => "accept_file",
+            Command::Transfers => "transfers",
+            Command::Cancel { .. } => "cancel",
         }
     }
 }
@@ -194,6 +212,10 @@ pub enum ErrorCode {
     NoRequest,
     /// No answer in time.
     TimedOut,
+    /// No transfer with that id (or the prefix names more than one).
+    NoTransfer,
+    /// A file could not be read, written or hashed.
+    FileError,
     /// The rendezvous server's key differs from the pinned one.
     ServerKeyMismatch,
     /// The daemon could not do it (storage, internal).
@@ -299,6 +321,32 @@ pub struct PeersResult {
     pub requests: Vec<UserInfo>,
 }
 
+/// One file transfer, as `transfers`, `send_file` and `accept_file` show
+/// it. Ids are 16 hex digits; commands take them as `transfer` (a prefix
+/// of four or more that names one transfer will do).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferInfo {
+    pub id: String,
+    pub peer: String,
+    /// `in` or `out`.
+    pub direction: String,
+    /// The file's name (as offered; for incoming files, sanitised).
+    pub name: String,
+    pub size: u64,
+    /// Bytes the peer acknowledged (out) or verified (in).
+    pub done: u64,
+    /// `hashing`, `offered`, `active`, `finishing`, `done` or `ended`.
+    pub state: String,
+    /// Bytes per second over the last seconds, while active.
+    pub rate: Option<f64>,
+    /// Seconds left at that rate, while active.
+    pub eta_s: Option<f64>,
+    /// Out: the file sent; in: where it is (or goes) on disk.
+    pub path: Option<String>,
+    /// Why it ended, if it ended without the file.
+    pub reason: Option<String>,
+}
+
 /// An event line on a watching connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -359,6 +407,33 @@ pub enum Event {
     /// Something went wrong that no request is waiting for.
     Error {
         message: String,
+    },
+    /// A peer offers a file: `accept_file` or `cancel`.
+    FileOffer {
+        id: String,
+        peer: String,
+        name: String,
+        size: u64,
+    },
+    /// A transfer advanced (at most a few times a second per transfer).
+    TransferProgress {
+        id: String,
+        peer: String,
+        done: u64,
+        size: u64,
+        rate: Option<f64>,
+    },
+    /// The file arrived, verified (in), or the peer has it (out).
+    TransferDone {
+        id: String,
+        peer: String,
+        path: Option<String>,
+    },
+    /// The transfer ended without the file.
+    TransferFailed {
+        id: String,
+        peer: String,
+        reason: String,
     },
 }
 

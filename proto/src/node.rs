@@ -21,6 +21,7 @@ use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
 use crate::reliable::{Outgoing, Reliable, ReliableEvent};
+use crate::transfer::{FileSource, TransferEvent, TransferStatus, Transfers};
 use crate::wire::{ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
 use crate::{canonical, Transmit};
 use rand::{Rng, SeedableRng};
@@ -128,6 +129,11 @@ pub enum NodeEvent {
         nonce: u64,
         rtt: Duration,
     },
+    /// Something happened to a file transfer with `peer`.
+    Transfer {
+        peer: String,
+        event: TransferEvent,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,6 +162,7 @@ pub struct PeerStatus {
 struct PeerEntry {
     pinned: Option<PublicIdentity>,
     reliable: Reliable,
+    transfers: Transfers,
     session: Option<PeerSession>,
     auto_connect: bool,
     connecting: bool,
@@ -176,6 +183,7 @@ impl PeerEntry {
         Self {
             pinned,
             reliable: Reliable::new(recv_next),
+            transfers: Transfers::new(),
             session: None,
             auto_connect: false,
             connecting: false,
@@ -464,6 +472,138 @@ impl Node {
         Ok(nonce)
     }
 
+    /// Offers a file to `name` (the caller hashed it: whole and by piece).
+    /// It goes out when a session is up, connecting by itself if needed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn offer_file(
+        &mut self,
+        now: Instant,
+        name: &str,
+        id: u64,
+        path: String,
+        size: u64,
+        piece_size: u32,
+        hash: [u8; 32],
+        piece_hashes: Vec<[u8; 32]>,
+    ) {
+        let e = self.entry(now, name);
+        e.transfers
+            .offer(id, path, size, piece_size, hash, piece_hashes);
+        if !e.auto_connect {
+            e.auto_connect = true;
+            e.next_reconnect = now;
+        }
+        self.pump(now);
+    }
+
+    fn transfers_of(&mut self, name: &str) -> Result<&mut Transfers, NodeError> {
+        self.peers
+            .get_mut(name)
+            .map(|e| &mut e.transfers)
+            .ok_or_else(|| NodeError::NotConnected(name.to_owned()))
+    }
+
+    /// Takes an offered file; `have` marks pieces already held (resuming).
+    pub fn accept_file(&mut self, now: Instant, name: &str, id: u64, have: &[bool]) -> bool {
+        let ok = self.transfers_of(name).is_ok_and(|t| t.accept(id, have));
+        self.pump(now);
+        ok
+    }
+
+    /// Takes up an incoming transfer after a restart (see
+    /// [`Transfers::restore_incoming`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore_incoming(
+        &mut self,
+        now: Instant,
+        name: &str,
+        id: u64,
+        path: String,
+        size: u64,
+        piece_size: u32,
+        hash: [u8; 32],
+        have: &[bool],
+    ) {
+        let e = self.entry(now, name);
+        e.transfers
+            .restore_incoming(id, path, size, piece_size, hash, have);
+        if !e.auto_connect {
+            e.auto_connect = true;
+            e.next_reconnect = now;
+        }
+        self.pump(now);
+    }
+
+    pub fn cancel_file(&mut self, now: Instant, name: &str, id: u64, reason: &str) -> bool {
+        let ok = self.transfers_of(name).is_ok_and(|t| t.cancel(id, reason));
+        self.pump(now);
+        ok
+    }
+
+    pub fn piece_checked(&mut self, now: Instant, name: &str, id: u64, piece: u32, ok: bool) {
+        if let Ok(t) = self.transfers_of(name) {
+            t.piece_checked(id, piece, ok);
+        }
+        self.pump(now);
+    }
+
+    pub fn file_checked(&mut self, now: Instant, name: &str, id: u64, result: Result<(), String>) {
+        if let Ok(t) = self.transfers_of(name) {
+            t.file_checked(id, result);
+        }
+        self.pump(now);
+    }
+
+    pub fn forget_transfer(&mut self, name: &str, id: u64) {
+        if let Ok(t) = self.transfers_of(name) {
+            t.forget(id);
+        }
+    }
+
+    /// Every transfer with every peer.
+    pub fn transfer_status(&self) -> Vec<(String, TransferStatus)> {
+        self.peers
+            .iter()
+            .flat_map(|(n, e)| e.transfers.status().into_iter().map(|s| (n.clone(), s)))
+            .collect()
+    }
+
+    /// File packets that may leave now, read through `src`: call after
+    /// draining transmits, then drain transmits again.
+    pub fn pump_files(&mut self, now: Instant, src: &mut dyn FileSource) {
+        for e in self.peers.values_mut() {
+            let Some(s) = e.session.as_mut().filter(|s| s.is_up()) else {
+                continue;
+            };
+            while let Some(p) = e.transfers.poll_packet(now, src) {
+                if !s.send(now, &p) {
+                    break;
+                }
+            }
+            while let Some(t) = s.poll_transmit() {
+                self.transmits.push_back(t);
+            }
+        }
+        let names: Vec<String> = self.peers.keys().cloned().collect();
+        for name in names {
+            self.pump_peer(now, &name);
+        }
+    }
+
+    /// Whether events or datagrams are waiting to be drained.
+    pub fn has_output(&self) -> bool {
+        !self.events.is_empty() || !self.transmits.is_empty()
+    }
+
+    /// When [`Node::pump_files`] or the transfers' timers want to run.
+    pub fn file_timeout(&self, now: Instant) -> Option<Instant> {
+        self.peers
+            .values()
+            .filter(|e| e.is_up())
+            .filter_map(|e| e.transfers.poll_timeout(now))
+            .min()
+    }
+
     pub fn peer_status(&self) -> Vec<PeerStatus> {
         self.peers
             .iter()
@@ -528,13 +668,18 @@ impl Node {
         e.session.is_none()
             && e.auto_connect
             && !e.connecting
-            && (e.reliable.pending() > 0 || e.resume)
+            && (e.reliable.pending() > 0 || e.resume || e.transfers.wants_session())
             && e.identity().is_some()
             && self.link.state() == LinkState::LoggedIn
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.link.handle_timeout(now);
+        for e in self.peers.values_mut() {
+            if e.transfers.poll_timeout(now).is_some_and(|t| t <= now) {
+                e.transfers.handle_timeout(now);
+            }
+        }
         self.probe_nat(now);
         for e in self.peers.values_mut() {
             if let Some(s) = e.session.as_mut() {
@@ -829,6 +974,7 @@ impl Node {
                         e.backoff = self.config.reconnect_min;
                         e.connecting = false;
                         e.resume = false;
+                        e.transfers.session_restarted();
                         e.reliable.path_changed(now);
                         let identity = s.remote().clone();
                         e.pinned = Some(identity.clone());
@@ -873,9 +1019,18 @@ impl Node {
                     PeerEvent::Received(PeerToPeer::Ack { upto, sacks }) => {
                         e.reliable.handle_ack(now, upto, &sacks)
                     }
+                    PeerEvent::Received(
+                        m @ (PeerToPeer::Flow { .. } | PeerToPeer::FlowAck { .. }),
+                    ) => e.transfers.handle(now, m),
                     PeerEvent::Received(_) => {}
                 }
             }
+        }
+        while let Some(event) = e.transfers.poll_event() {
+            self.events.push_back(NodeEvent::Transfer {
+                peer: name.to_owned(),
+                event,
+            });
         }
         while let Some(ev) = e.reliable.poll_event() {
             self.events.push_back(match ev {

@@ -52,6 +52,7 @@ pub enum TransferEvent {
         id: u64,
         path: String,
         size: u64,
+        piece_size: u32,
         hash: [u8; 32],
     },
     /// The peer accepted our offer.
@@ -216,6 +217,19 @@ impl Transfers {
             events: VecDeque::new(),
             buf: vec![0; MAX_FILE_DATA],
         }
+    }
+
+    /// Whether anything here needs a session with the peer.
+    pub fn wants_session(&self) -> bool {
+        !self.control.is_empty()
+            || self
+                .outgoing
+                .values()
+                .any(|t| matches!(t.phase, Phase::Offered | Phase::Active | Phase::Finishing))
+            || self
+                .incoming
+                .values()
+                .any(|t| matches!(t.phase, Phase::Active | Phase::Finishing))
     }
 
     pub fn flow(&self) -> &Flow {
@@ -617,6 +631,7 @@ impl Transfers {
                     id,
                     path,
                     size,
+                    piece_size,
                     hash,
                 });
             }

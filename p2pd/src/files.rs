@@ -1,0 +1,410 @@
+//! The daemon's side of file transfer: the disk.
+//!
+//! [`proto::transfer`] decides what goes where; this module opens source
+//! files and reads them for it ([`FileSource`]), writes what arrives into
+//! a partial file next to its destination, and runs the slow work (hashing
+//! a file to offer it, checking a piece, checking a whole file and giving
+//! it its name) on blocking threads, reporting back through a channel.
+//!
+//! Where an incoming file goes: the name the peer offered is reduced to
+//! one safe component ([`sanitize`]), and a name that exists already gets a
+//! number ([`unique_dest`]), so a transfer can never write outside the
+//! chosen directory nor overwrite anything. Until it is verified the file
+//! is `.<name>.<id>.part` in that directory; the final name appears only
+//! after the whole file matched the offer's hash and was synced, by a hard
+//! link that fails rather than replace an existing file.
+
+use proto::transfer::FileSource;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+/// What a blocking job found.
+pub enum JobDone {
+    Hashed {
+        id: u64,
+        peer: String,
+        path: PathBuf,
+        size: u64,
+        mtime_ns: i64,
+        hash: [u8; 32],
+        piece_hashes: Vec<[u8; 32]>,
+    },
+    HashFailed {
+        id: u64,
+        peer: String,
+        path: PathBuf,
+        error: String,
+    },
+    /// A piece checked (and synced, when good).
+    Piece {
+        peer: String,
+        id: u64,
+        piece: u32,
+        ok: bool,
+    },
+    /// The whole file checked: its final path, or why not.
+    File {
+        peer: String,
+        id: u64,
+        result: Result<PathBuf, String>,
+    },
+}
+
+/// An incoming file being written.
+struct Part {
+    file: File,
+    path: PathBuf,
+}
+
+pub struct Files {
+    sources: HashMap<u64, File>,
+    parts: HashMap<u64, Part>,
+    jobs: mpsc::Sender<JobDone>,
+}
+
+impl Files {
+    pub fn new() -> (Self, mpsc::Receiver<JobDone>) {
+        let (jobs, rx) = mpsc::channel(1024);
+        let files = Self {
+            sources: HashMap::new(),
+            parts: HashMap::new(),
+            jobs,
+        };
+        (files, rx)
+    }
+
+    /// Hashes `path` on a blocking thread; [`JobDone::Hashed`] follows.
+    pub fn hash(&self, id: u64, peer: String, path: PathBuf, piece_size: u32) {
+        let jobs = self.jobs.clone();
+        tokio::task::spawn_blocking(move || {
+            let done = match hash_file(&path, piece_size) {
+                Ok((size, mtime_ns, hash, piece_hashes)) => JobDone::Hashed {
+                    id,
+                    peer,
+                    path,
+                    size,
+                    mtime_ns,
+                    hash,
+                    piece_hashes,
+                },
+                Err(e) => JobDone::HashFailed {
+                    id,
+                    peer,
+                    error: e.to_string(),
+                    path,
+                },
+            };
+            let _ = jobs.blocking_send(done);
+        });
+    }
+
+    pub fn open_source(&mut self, id: u64, path: &Path) -> std::io::Result<()> {
+        self.sources.insert(id, File::open(path)?);
+        Ok(())
+    }
+
+    pub fn close(&mut self, id: u64) {
+        self.sources.remove(&id);
+        self.parts.remove(&id);
+    }
+
+    /// Opens (creating it if needed) the partial file of an incoming
+    /// transfer.
+    pub fn open_part(&mut self, id: u64, path: &Path) -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)?;
+        self.parts.insert(
+            id,
+            Part {
+                file,
+                path: path.to_owned(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes the partial file of a transfer that ended without it.
+    pub fn discard_part(&mut self, id: u64) {
+        if let Some(p) = self.parts.remove(&id) {
+            let _ = std::fs::remove_file(&p.path);
+        }
+    }
+
+    pub fn write(&mut self, id: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let p = self
+            .parts
+            .get(&id)
+            .ok_or_else(|| std::io::Error::other("no partial file open"))?;
+        p.file.write_all_at(data, offset)
+    }
+
+    /// Checks a piece on a blocking thread; [`JobDone::Piece`] follows.
+    pub fn check_piece(
+        &self,
+        peer: String,
+        id: u64,
+        piece: u32,
+        offset: u64,
+        len: u64,
+        hash: [u8; 32],
+    ) {
+        let Some(file) = self.parts.get(&id).and_then(|p| p.file.try_clone().ok()) else {
+            return;
+        };
+        let jobs = self.jobs.clone();
+        tokio::task::spawn_blocking(move || {
+            let ok = read_hash(&file, offset, len).is_ok_and(|h| h == hash)
+                // Durable before it counts as held (resumption trusts it).
+                && file.sync_data().is_ok();
+            let _ = jobs.blocking_send(JobDone::Piece {
+                peer,
+                id,
+                piece,
+                ok,
+            });
+        });
+    }
+
+    /// Checks the whole file against `hash`, syncs it and gives it its
+    /// final name in `dir` (never replacing a file); [`JobDone::File`]
+    /// follows.
+    pub fn finish(&self, peer: String, id: u64, hash: [u8; 32], dir: PathBuf, name: String) {
+        let Some(part) = self.parts.get(&id) else {
+            return;
+        };
+        let (Ok(file), part_path) = (part.file.try_clone(), part.path.clone()) else {
+            return;
+        };
+        let jobs = self.jobs.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = finish_file(&file, &part_path, &dir, &name, hash);
+            let _ = jobs.blocking_send(JobDone::File { peer, id, result });
+        });
+    }
+
+    /// The partial file is now the final one: forget it without removing.
+    pub fn finished(&mut self, id: u64) {
+        self.parts.remove(&id);
+    }
+}
+
+impl FileSource for Files {
+    fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let f = self
+            .sources
+            .get(&id)
+            .ok_or_else(|| std::io::Error::other("the file is no longer open"))?;
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read_at(&mut buf[n..], offset + n as u64)? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// What hashing a file found: size, modification time (ns), SHA-256 of
+/// the whole file and of each piece.
+pub type Hashed = (u64, i64, [u8; 32], Vec<[u8; 32]>);
+
+/// Size, modification time, SHA-256 of the whole file and of each piece.
+pub fn hash_file(path: &Path, piece_size: u32) -> std::io::Result<Hashed> {
+    let mut f = File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mtime_ns = mtime_ns(&meta);
+    let mut whole = Sha256::new();
+    let mut pieces = Vec::new();
+    let mut buf = vec![0u8; piece_size as usize];
+    let mut size = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        whole.update(&buf[..n]);
+        pieces.push(Sha256::digest(&buf[..n]).into());
+        size += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    if size != meta.len() {
+        return Err(std::io::Error::other(
+            "the file changed while it was hashed",
+        ));
+    }
+    Ok((size, mtime_ns, whole.finalize().into(), pieces))
+}
+
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
+fn read_hash(file: &File, offset: u64, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(Sha256::digest(&buf).into())
+}
+
+fn finish_file(
+    file: &File,
+    part: &Path,
+    dir: &Path,
+    name: &str,
+    hash: [u8; 32],
+) -> Result<PathBuf, String> {
+    let mut whole = Sha256::new();
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < size {
+        let n = (size - offset).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset)
+            .map_err(|e| format!("cannot read the received file: {e}"))?;
+        whole.update(&buf[..n]);
+        offset += n as u64;
+    }
+    let got: [u8; 32] = whole.finalize().into();
+    if got != hash {
+        return Err("the received file does not match the hash the sender offered".into());
+    }
+    file.sync_all()
+        .map_err(|e| format!("cannot sync the file: {e}"))?;
+    // A hard link never replaces an existing file; on a name taken since,
+    // take the next free one.
+    for attempt in 0..1000 {
+        let dest = numbered(dir, name, attempt);
+        match std::fs::hard_link(part, &dest) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(part);
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+                return Ok(dest);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("cannot name the file {}: {e}", dest.display())),
+        }
+    }
+    Err(format!("no free name for {name} in {}", dir.display()))
+}
+
+/// `name`, or `stem (n).ext` for n ≥ 1.
+fn numbered(dir: &Path, name: &str, n: u32) -> PathBuf {
+    if n == 0 {
+        return dir.join(name);
+    }
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => dir.join(format!("{stem} ({n}).{ext}")),
+        _ => dir.join(format!("{name} ({n})")),
+    }
+}
+
+/// The first name in `dir` that no file has and `taken` does not hold.
+pub fn unique_dest(dir: &Path, name: &str, taken: &[PathBuf]) -> PathBuf {
+    (0..u32::MAX)
+        .map(|n| numbered(dir, name, n))
+        .find(|p| !p.exists() && !taken.contains(p))
+        .unwrap_or_else(|| dir.join(name))
+}
+
+/// Names Windows reserves (harmless here, but a file sent on to a Windows
+/// machine, or a shared folder, would break).
+const RESERVED: [&str; 22] = [
+    "con", "prn", "aux", "nul", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8",
+    "com9", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9",
+];
+
+/// One safe file name from what a peer offered: the last path component
+/// (`/` and `\` both separate), without control characters, not `.` or
+/// `..`, not a reserved device name, at most 200 bytes.
+pub fn sanitize(offered: &str) -> String {
+    let last = offered
+        .rsplit(['/', '\\'])
+        .find(|c| !c.trim().is_empty() && *c != "." && *c != "..")
+        .unwrap_or("");
+    let mut name: String = last.chars().filter(|c| !c.is_control()).collect();
+    name = name.trim().trim_end_matches('.').to_owned();
+    if name.is_empty() || name == "." || name == ".." {
+        name = "unnamed".into();
+    }
+    let base = name.split('.').next().unwrap_or("").to_ascii_lowercase();
+    if RESERVED.contains(&base.as_str()) {
+        name = format!("_{name}");
+    }
+    if name.len() > 200 {
+        let mut end = 200;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_names_become_one_safe_component() {
+        for (offered, want) in [
+            ("report.pdf", "report.pdf"),
+            ("../../etc/passwd", "passwd"),
+            ("/etc/shadow", "shadow"),
+            ("a/b/../c.txt", "c.txt"),
+            ("..", "unnamed"),
+            ("../..", "unnamed"),
+            ("", "unnamed"),
+            ("dir\\..\\win.ini", "win.ini"),
+            ("evil\u{1b}[2Jname\n.txt", "evil[2Jname.txt"),
+            ("CON", "_CON"),
+            ("nul.txt", "_nul.txt"),
+            ("trailing. . .", "trailing"),
+            ("photo .jpg", "photo .jpg"),
+        ] {
+            assert_eq!(sanitize(offered), want, "{offered:?}");
+        }
+        let long = "é".repeat(300);
+        let s = sanitize(&long);
+        assert!(s.len() <= 200 && s.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn existing_names_get_a_number() {
+        let dir = std::env::temp_dir().join(format!("p2pd-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.txt"), b"x").unwrap();
+        assert_eq!(unique_dest(&dir, "a.txt", &[]), dir.join("a (1).txt"));
+        assert_eq!(
+            unique_dest(&dir, "a.txt", &[dir.join("a (1).txt")]),
+            dir.join("a (2).txt")
+        );
+        assert_eq!(unique_dest(&dir, "b", &[]), dir.join("b"));
+        std::fs::write(dir.join("b"), b"x").unwrap();
+        assert_eq!(unique_dest(&dir, "b", &[]), dir.join("b (1)"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
