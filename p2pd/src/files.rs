@@ -345,7 +345,8 @@ pub fn sanitize(offered: &str) -> String {
         .find(|c| !c.trim().is_empty() && *c != "." && *c != "..")
         .unwrap_or("");
     let mut name: String = last.chars().filter(|c| !c.is_control()).collect();
-    name = name.trim().trim_end_matches('.').to_owned();
+    // Trailing dots and spaces vanish on some filesystems: drop them.
+    name = name.trim_end_matches(['.', ' ']).trim_start().to_owned();
     if name.is_empty() || name == "." || name == ".." {
         name = "unnamed".into();
     }
