@@ -183,7 +183,7 @@ impl PeerEntry {
         Self {
             pinned,
             reliable: Reliable::new(recv_next),
-            transfers: Transfers::new(),
+            transfers: Transfers::new(rand::random()),
             session: None,
             auto_connect: false,
             connecting: false,

@@ -813,14 +813,18 @@ pub enum PeerToPeer {
     Close,
     /// A numbered packet of the flow that carries file transfers
     /// ([`crate::flow`]): acknowledged by [`PeerToPeer::FlowAck`], its
-    /// frame sent again in a new packet if it is lost.
+    /// frame sent again in a new packet if it is lost. `epoch` names the
+    /// sender's flow: a new one (a new session, a restarted daemon) numbers
+    /// from 0 again, and the receiver starts afresh on a new epoch.
     Flow {
+        epoch: u32,
         pn: u64,
         frame: FileFrame,
     },
-    /// Which flow packets arrived: inclusive ranges of packet numbers,
-    /// highest first, and how long the largest was held before this ack.
+    /// Which packets of flow `epoch` arrived: inclusive ranges of packet
+    /// numbers, highest first, and how long the largest was held.
     FlowAck {
+        epoch: u32,
         delay_us: u32,
         ranges: Vec<(u64, u64)>,
     },
@@ -865,8 +869,8 @@ pub const MAX_FILE_PATH: usize = 1024;
 pub const MAX_HASHES: usize = 32;
 /// Most ranges in [`FileFrame::Accept`] and [`PeerToPeer::FlowAck`].
 pub const MAX_RANGES: usize = 32;
-/// type, pn, frame type, id, offset, length.
-const DATA_FRAME_OVERHEAD: usize = 1 + 8 + 1 + 8 + 8 + 2;
+/// type, epoch, pn, frame type, id, offset, length.
+const DATA_FRAME_OVERHEAD: usize = 1 + 4 + 8 + 1 + 8 + 8 + 2;
 /// Most file bytes in one [`FileFrame::Data`], filling a [`MAX_PACKET`]
 /// datagram.
 pub const MAX_FILE_DATA: usize = MAX_INNER - DATA_FRAME_OVERHEAD;
@@ -1004,9 +1008,16 @@ impl std::fmt::Debug for PeerToPeer {
             PeerToPeer::Ping { nonce } => write!(f, "Ping({nonce})"),
             PeerToPeer::Pong { nonce } => write!(f, "Pong({nonce})"),
             PeerToPeer::Close => f.write_str("Close"),
-            PeerToPeer::Flow { pn, frame } => write!(f, "Flow({pn}, {frame:?})"),
-            PeerToPeer::FlowAck { delay_us, ranges } => f
+            PeerToPeer::Flow { epoch, pn, frame } => {
+                write!(f, "Flow({epoch:x}/{pn}, {frame:?})")
+            }
+            PeerToPeer::FlowAck {
+                epoch,
+                delay_us,
+                ranges,
+            } => f
                 .debug_struct("FlowAck")
+                .field("epoch", epoch)
                 .field("delay_us", delay_us)
                 .field("ranges", ranges)
                 .finish(),
@@ -1044,12 +1055,16 @@ impl PeerToPeer {
             PeerToPeer::Close => {
                 w.u8(6);
             }
-            PeerToPeer::Flow { pn, frame } => {
-                w.u8(0x10).u64(*pn);
+            PeerToPeer::Flow { epoch, pn, frame } => {
+                w.u8(0x10).u32(*epoch).u64(*pn);
                 frame.encode(&mut w);
             }
-            PeerToPeer::FlowAck { delay_us, ranges } => {
-                w.u8(0x11).u32(*delay_us);
+            PeerToPeer::FlowAck {
+                epoch,
+                delay_us,
+                ranges,
+            } => {
+                w.u8(0x11).u32(*epoch).u32(*delay_us);
                 w.list(ranges, |w, (a, b)| {
                     w.u64(*a).u64(*b);
                 });
@@ -1076,10 +1091,12 @@ impl PeerToPeer {
             5 => PeerToPeer::Pong { nonce: r.u64()? },
             6 => PeerToPeer::Close,
             0x10 => PeerToPeer::Flow {
+                epoch: r.u32()?,
                 pn: r.u64()?,
                 frame: FileFrame::decode(&mut r)?,
             },
             0x11 => PeerToPeer::FlowAck {
+                epoch: r.u32()?,
                 delay_us: r.u32()?,
                 ranges: r.list(MAX_RANGES, |r| Ok((r.u64()?, r.u64()?)))?,
             },
@@ -1148,19 +1165,21 @@ mod tests {
         );
         assert_eq!(
             hex(&PeerToPeer::Flow {
+                epoch: 2,
                 pn: 1,
                 frame: FileFrame::Done { id: 0xabc }
             }
             .encode()),
-            "100000000000000001070000000000000abc"
+            "10000000020000000000000001070000000000000abc"
         );
         assert_eq!(
             hex(&PeerToPeer::FlowAck {
+                epoch: 2,
                 delay_us: 5,
                 ranges: vec![(7, 9)]
             }
             .encode()),
-            "1100000005010000000000000007".to_owned() + "0000000000000009"
+            "110000000200000005010000000000000007".to_owned() + "0000000000000009"
         );
         // A relayed packet may exceed MAX_PACKET by its header, no more.
         let full = vec![0xaa; MAX_PACKET];
@@ -1362,12 +1381,14 @@ mod tests {
             4 => PeerToPeer::Pong { nonce: rng.gen() },
             5 => PeerToPeer::Close,
             6 => PeerToPeer::FlowAck {
+                epoch: rng.gen(),
                 delay_us: rng.gen(),
                 ranges: (0..rng.gen_range(0..=MAX_RANGES))
                     .map(|_| (rng.gen(), rng.gen()))
                     .collect(),
             },
             _ => PeerToPeer::Flow {
+                epoch: rng.gen(),
                 pn: rng.gen(),
                 frame: random_frame(rng),
             },
@@ -1508,7 +1529,7 @@ mod tests {
         );
         // A flow packet whose frame type is unknown.
         let mut flow = vec![0x10];
-        flow.extend_from_slice(&[0; 8]);
+        flow.extend_from_slice(&[0; 12]);
         flow.push(0x7f);
         assert_eq!(
             PeerToPeer::decode(&flow),
@@ -1516,7 +1537,7 @@ mod tests {
         );
         // File data longer than a packet holds.
         let mut data = vec![0x10];
-        data.extend_from_slice(&[0; 8]);
+        data.extend_from_slice(&[0; 12]);
         data.push(5);
         data.extend_from_slice(&[0; 16]);
         data.extend_from_slice(&((MAX_FILE_DATA + 1) as u16).to_be_bytes());

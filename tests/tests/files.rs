@@ -119,3 +119,182 @@ fn a_file_arrives_byte_identical_and_is_never_overwritten() {
         );
     }
 }
+
+fn state_of(lab: &Lab, who: &str, id: &str) -> Value {
+    transfers(lab, who)
+        .into_iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn cancel_ends_it_on_both_sides_and_leaves_no_partial_file() {
+    let mut lab = pair("fcancel");
+    let data = content(2, 64 * 1024 * 1024);
+    let src = write_file(&lab.dir.join("out"), "big.bin", &data);
+    let inbox = lab.dir.join("inbox");
+    let sender = send_in_background(&lab, "a", "bob", &src);
+    let id = offer_at(&mut lab, "b", "big.bin");
+    lab.ctl(
+        "b",
+        &[
+            "accept-file",
+            &id,
+            "--to",
+            inbox.to_str().unwrap(),
+            "--no-wait",
+        ],
+    )
+    .ok();
+    lab.wait_for("some progress", WAIT, |lab| {
+        (state_of(lab, "b", &id)["done"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    lab.ctl("b", &["cancel", &id]).ok();
+    let sent = sender.join().unwrap();
+    assert_eq!(sent.code, 1, "{sent:?}");
+    assert!(sent.stderr.contains("cancelled"), "{sent:?}");
+    for who in ["a", "b"] {
+        lab.wait_for("the transfer to end", WAIT, |lab| {
+            (state_of(lab, who, &id)["state"] == "ended").then_some(())
+        });
+    }
+    let left: Vec<_> = std::fs::read_dir(&inbox).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_transfer_resumes_after_the_receiver_and_then_the_sender_are_killed() {
+    let mut lab = pair("fresume");
+    let data = content(3, 96 * 1024 * 1024);
+    let src = write_file(&lab.dir.join("out"), "movie.bin", &data);
+    let inbox = lab.dir.join("inbox");
+    lab.ctl(
+        "a",
+        &["send-file", "bob", src.to_str().unwrap(), "--no-wait"],
+    )
+    .ok();
+    let id = offer_at(&mut lab, "b", "movie.bin");
+    lab.ctl(
+        "b",
+        &[
+            "accept-file",
+            &id,
+            "--to",
+            inbox.to_str().unwrap(),
+            "--no-wait",
+        ],
+    )
+    .ok();
+    let size = data.len() as u64;
+    let progressed = |lab: &Lab, at_least: u64| {
+        let done = state_of(lab, "b", &id)["done"].as_u64().unwrap_or(0);
+        (done >= at_least && done < size).then_some(done)
+    };
+    // SIGKILL the receiver part-way, then start it again.
+    let before = lab.wait_for("a quarter", WAIT, |lab| progressed(lab, size / 4));
+    lab.kill("b");
+    lab.start_daemon("b");
+    let t = state_of(&lab, "b", &id);
+    assert!(
+        t["done"].as_u64().unwrap() >= before.min(size / 4) / 2,
+        "kept {t}"
+    );
+    // Then the sender.
+    lab.wait_for("more", WAIT, |lab| progressed(lab, before + 1));
+    lab.kill("a");
+    lab.start_daemon("a");
+    // It finishes by itself: nobody sends or accepts again.
+    lab.wait_for("the file", Duration::from_secs(120), |lab| {
+        (state_of(lab, "b", &id)["state"] == "done").then_some(())
+    });
+    assert_eq!(std::fs::read(inbox.join("movie.bin")).unwrap(), data);
+    lab.wait_for("the sender to know", WAIT, |lab| {
+        (state_of(lab, "a", &id)["state"] == "done").then_some(())
+    });
+}
+
+#[test]
+fn chat_goes_on_during_transfers_both_ways() {
+    let mut lab = pair("fchat");
+    let inbox_a = lab.dir.join("inbox-a");
+    let inbox_b = lab.dir.join("inbox-b");
+    let big = content(4, 64 * 1024 * 1024);
+    let f1 = write_file(&lab.dir.join("out-a"), "one.bin", &big);
+    let f2 = write_file(
+        &lab.dir.join("out-b"),
+        "two.bin",
+        &content(5, 8 * 1024 * 1024),
+    );
+    let f3 = write_file(&lab.dir.join("out-a"), "three.bin", &content(6, 100));
+    for (who, peer, f) in [("a", "bob", &f1), ("b", "alice", &f2), ("a", "bob", &f3)] {
+        lab.ctl(who, &["send-file", peer, f.to_str().unwrap(), "--no-wait"])
+            .ok();
+    }
+    for (who, name, inbox) in [
+        ("b", "one.bin", &inbox_b),
+        ("a", "two.bin", &inbox_a),
+        ("b", "three.bin", &inbox_b),
+    ] {
+        let id = offer_at(&mut lab, who, name);
+        lab.ctl(
+            who,
+            &[
+                "accept-file",
+                &id,
+                "--to",
+                inbox.to_str().unwrap(),
+                "--no-wait",
+            ],
+        )
+        .ok();
+    }
+    // A chat message while the big one is under way arrives before it ends.
+    lab.ctl("a", &["send", "bob", "still here?"]).ok();
+    lab.wait_for("the message", WAIT, |lab| {
+        let h = lab.ctl("b", &["--json", "history", "alice"]).json();
+        h.as_array()
+            .is_some_and(|m| m.iter().any(|m| m["text"] == "still here?"))
+            .then_some(())
+    });
+    let big_state = transfers(&lab, "b")
+        .into_iter()
+        .find(|t| t["name"] == "one.bin")
+        .unwrap();
+    println!("when the message arrived, one.bin was {big_state}");
+    // Not queued behind the file: it arrived while the file was under way.
+    assert_eq!(big_state["state"], "active", "{big_state}");
+    for (who, n) in [("a", 3), ("b", 3)] {
+        lab.wait_for("every transfer done", Duration::from_secs(120), |lab| {
+            let t = transfers(lab, who);
+            (t.len() == n && t.iter().all(|t| t["state"] == "done")).then_some(())
+        });
+    }
+    assert_eq!(std::fs::read(inbox_b.join("one.bin")).unwrap(), big);
+    assert_eq!(
+        std::fs::read(inbox_a.join("two.bin")).unwrap().len(),
+        8 * 1024 * 1024
+    );
+    assert_eq!(std::fs::read(inbox_b.join("three.bin")).unwrap().len(), 100);
+}
+
+#[test]
+fn hostile_file_names_are_made_safe() {
+    let mut lab = pair("fnames");
+    let inbox = lab.dir.join("inbox");
+    // A reserved device name, and a terminal escape in a name.
+    for (offered, safe) in [
+        ("CON.txt", "_CON.txt"),
+        ("evil\u{1b}[31m.txt", "evil[31m.txt"),
+    ] {
+        let src = write_file(&lab.dir.join("out"), offered, b"hello");
+        lab.ctl(
+            "a",
+            &["send-file", "bob", src.to_str().unwrap(), "--no-wait"],
+        )
+        .ok();
+        let id = offer_at(&mut lab, "b", safe);
+        lab.ctl("b", &["accept-file", &id, "--to", inbox.to_str().unwrap()])
+            .ok();
+        assert_eq!(std::fs::read(inbox.join(safe)).unwrap(), b"hello");
+    }
+}

@@ -165,6 +165,18 @@ impl Bbr {
         (bw > 0.0).then_some(bw * rtt.as_secs_f64())
     }
 
+    /// What the window must hold to keep the path busy: the BDP plus what
+    /// arrives while the receiver holds its acknowledgements (up to
+    /// `MAX_ACK_DELAY`) and the sender's own scheduling delay, which the
+    /// minimum RTT of a fast path does not show. Without it, a loopback
+    /// path (min RTT ~50 µs) gets a window of a few packets and a rate to
+    /// match. (BBR v2 adds its `extra_acked` for the same reason.)
+    fn window_target(&self) -> Option<f64> {
+        let bdp = self.bdp()?;
+        let aggregation = self.bandwidth() * crate::flow::MAX_ACK_DELAY.as_secs_f64();
+        Some(self.cwnd_gain * bdp + aggregation)
+    }
+
     /// Packets were lost.
     pub fn on_loss(&mut self, bytes: usize) {
         self.round_lost += bytes as u64;
@@ -316,9 +328,9 @@ impl Bbr {
 
     fn update_cwnd(&mut self, acked: usize) {
         let floor = MIN_WINDOW_PACKETS * self.mss;
-        match self.bdp() {
-            Some(bdp) => {
-                let target = (self.cwnd_gain * bdp) as usize + 3 * self.mss;
+        match self.window_target() {
+            Some(target) => {
+                let target = target as usize + 3 * self.mss;
                 if self.filled_pipe {
                     self.cwnd = (self.cwnd + acked).min(target);
                 } else if self.cwnd < target {

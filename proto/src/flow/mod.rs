@@ -406,6 +406,16 @@ impl Flow {
         true
     }
 
+    /// Forgets what was received: the peer's flow is a new one (its
+    /// numbers start again), while ours goes on.
+    pub fn reset_receiving(&mut self) {
+        self.received = Ranges::default();
+        self.largest_received_at = None;
+        self.unacked_eliciting = 0;
+        self.ack_deadline = None;
+        self.ack_now = false;
+    }
+
     /// The acknowledgement to send now, if one is due.
     pub fn poll_ack(&mut self, now: Instant) -> Option<AckFrame> {
         let due = self.ack_now || self.ack_deadline.is_some_and(|t| now >= t);

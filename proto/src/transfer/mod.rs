@@ -189,6 +189,13 @@ enum Carried {
 
 pub struct Transfers {
     flow: Flow,
+    /// Our flow's epoch, and the peer's as last seen.
+    epoch: u32,
+    peer_epoch: Option<u32>,
+    /// The peer's earlier epochs: their late packets are dropped, not
+    /// taken for yet another restart.
+    old_epochs: VecDeque<u32>,
+    rng: rand::rngs::StdRng,
     outgoing: BTreeMap<u64, Outgoing>,
     incoming: BTreeMap<u64, Incoming>,
     control: VecDeque<FileFrame>,
@@ -199,16 +206,17 @@ pub struct Transfers {
     buf: Vec<u8>,
 }
 
-impl Default for Transfers {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Transfers {
-    pub fn new() -> Self {
+    /// `seed` draws the flow epochs (fresh randomness in production).
+    pub fn new(seed: u64) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         Self {
             flow: Flow::new(MSS),
+            epoch: rng.gen(),
+            peer_epoch: None,
+            old_epochs: VecDeque::new(),
+            rng,
             outgoing: BTreeMap::new(),
             incoming: BTreeMap::new(),
             control: VecDeque::new(),
@@ -429,7 +437,15 @@ impl Transfers {
     /// old one, and the peer may have restarted. Start a fresh flow, send
     /// lost frames again, and ask for what incoming transfers still lack.
     pub fn session_restarted(&mut self) {
+        use rand::Rng;
         self.flow = Flow::new(MSS);
+        self.epoch = self.rng.gen();
+        if let Some(old) = self.peer_epoch.take() {
+            self.old_epochs.push_back(old);
+            if self.old_epochs.len() > 8 {
+                self.old_epochs.pop_front();
+            }
+        }
         for (_, c) in self.carried.drain() {
             match c {
                 Carried::Control(f) => self.control.push_back(f),
@@ -444,8 +460,13 @@ impl Transfers {
         for t in self.outgoing.values_mut() {
             t.unacked = 0;
         }
-        // Offers not yet answered and incoming transfers under way are
-        // announced again; the other side treats repeats as no-ops.
+        self.announce();
+    }
+
+    /// Offers not yet answered and incoming transfers under way are
+    /// announced again (after a session or peer restart); the other side
+    /// treats repeats as no-ops.
+    fn announce(&mut self) {
         let offers: Vec<FileFrame> = self
             .outgoing
             .iter()
@@ -510,7 +531,14 @@ impl Transfers {
     /// A flow packet or acknowledgement from the peer.
     pub fn handle(&mut self, now: Instant, msg: PeerToPeer) {
         match msg {
-            PeerToPeer::FlowAck { delay_us, ranges } => {
+            PeerToPeer::FlowAck {
+                epoch,
+                delay_us,
+                ranges,
+            } => {
+                if epoch != self.epoch {
+                    return; // for a flow of ours that is gone
+                }
                 let ack = AckFrame {
                     ranges,
                     delay: Duration::from_micros(delay_us as u64),
@@ -518,8 +546,29 @@ impl Transfers {
                 self.flow.on_ack(now, &ack);
                 self.drain_flow();
             }
-            PeerToPeer::Flow { pn, frame } if self.flow.on_received(now, pn, true) => {
-                self.on_frame(frame)
+            PeerToPeer::Flow { epoch, pn, frame } => {
+                if self.old_epochs.contains(&epoch) {
+                    return;
+                }
+                if self.peer_epoch != Some(epoch) {
+                    // The peer's flow is new (its session or its daemon
+                    // restarted): its numbers start again, and it may have
+                    // forgotten what we told it. Our own flow goes on (its
+                    // packets the peer lost are declared lost and sent
+                    // again); changing it too would make the peer restart
+                    // in turn, and so on.
+                    if let Some(old) = self.peer_epoch.replace(epoch) {
+                        self.old_epochs.push_back(old);
+                        if self.old_epochs.len() > 8 {
+                            self.old_epochs.pop_front();
+                        }
+                        self.flow.reset_receiving();
+                        self.announce();
+                    }
+                }
+                if self.flow.on_received(now, pn, true) {
+                    self.on_frame(frame)
+                }
             }
             _ => {}
         }
@@ -798,6 +847,7 @@ impl Transfers {
     pub fn poll_packet(&mut self, now: Instant, src: &mut dyn FileSource) -> Option<PeerToPeer> {
         if let Some(ack) = self.flow.poll_ack(now) {
             return Some(PeerToPeer::FlowAck {
+                epoch: self.peer_epoch.unwrap_or(0),
                 delay_us: ack.delay.as_micros().min(u32::MAX as u128) as u32,
                 ranges: ack.ranges,
             });
@@ -835,7 +885,11 @@ impl Transfers {
     fn send_frame(&mut self, now: Instant, frame: FileFrame) -> PeerToPeer {
         let pn = self.flow.on_sent(now, MSS, true);
         self.carried.insert(pn, Carried::Control(frame.clone()));
-        PeerToPeer::Flow { pn, frame }
+        PeerToPeer::Flow {
+            epoch: self.epoch,
+            pn,
+            frame,
+        }
     }
 
     fn next_from(&mut self, now: Instant, id: u64, src: &mut dyn FileSource) -> Option<PeerToPeer> {
@@ -885,6 +939,7 @@ impl Transfers {
         let pn = self.flow.on_sent(now, MSS, true);
         self.carried.insert(pn, Carried::Data { id, offset, len });
         Some(PeerToPeer::Flow {
+            epoch: self.epoch,
             pn,
             frame: FileFrame::Data { id, offset, data },
         })
