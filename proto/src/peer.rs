@@ -829,7 +829,18 @@ impl PeerSession {
         // clear on the wire and must not buy anyone a stream of replies.
         let searching = matches!(self.state, State::Punching { .. }) || self.discovery.is_some();
         if !searching {
-            return;
+            if !self.on_relay() {
+                return;
+            }
+            // Relayed, and the peer is searching for a direct path: search
+            // too, so two schedules that drifted apart still meet.
+            tracing::debug!(%from, "PATH(SEARCH_WITH_PEER)");
+            self.probed.clear();
+            self.upgrade_at = None;
+            self.discovery = Some(Discovery {
+                next_probe: now,
+                until: now + PROBE_WINDOW,
+            });
         }
         if !reply {
             self.transmits.push_back(Transmit {

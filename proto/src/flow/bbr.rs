@@ -376,7 +376,8 @@ mod tests {
         assert_eq!(b.mode(), Mode::ProbeBw);
         let bdp = link * 0.05;
         assert!(b.window() as f64 >= 2.0 * bdp * 0.9, "{}", b.window());
-        assert!(b.window() as f64 <= 2.0 * bdp + 4.0 * mss as f64);
+        let aggregation = link * crate::flow::MAX_ACK_DELAY.as_secs_f64();
+        assert!(b.window() as f64 <= 2.0 * bdp + aggregation + 4.0 * mss as f64);
     }
 
     #[test]
