@@ -86,6 +86,20 @@ sleep 0.5
 step "history at alice"
 run alice history bob
 
+step "alice sends bob a file; bob takes it"
+head -c 3000000 /dev/urandom > "$DIR/holiday.jpg"
+run alice send-file bob "$DIR/holiday.jpg" --no-wait
+ID=""
+for _ in $(seq 100); do
+    ID="$(bob transfers | awk '/offered/ {print $1; exit}')"
+    [[ -n "$ID" ]] && break
+    sleep 0.1
+done
+run bob transfers
+run bob accept-file "$ID" --to "$DIR/bob-downloads"
+cmp "$DIR/holiday.jpg" "$DIR/bob-downloads/holiday.jpg" && echo "(the received file is byte-identical)"
+run alice transfers
+
 step "bob's daemon stops; alice's messages wait in her outbox"
 kill "${PIDS[2]}"
 sleep 0.5

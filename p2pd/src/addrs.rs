@@ -29,7 +29,29 @@ pub fn bind_dual(port: u16) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
     s.set_only_v6(false)?;
+    grow_buffers(&s);
     let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Socket buffers asked for: a burst of file data at a few hundred MB/s
+/// (a millisecond of pacing, plus acknowledgement aggregation) must not
+/// overflow the default ~200 KiB. The kernel caps it at
+/// `net.core.rmem_max`/`wmem_max`; a smaller buffer only costs speed.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+fn grow_buffers(s: &socket2::Socket) {
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+}
+
+/// A non-blocking UDP socket on `addr` (any family), with large buffers.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    grow_buffers(&s);
     s.bind(&addr.into())?;
     s.set_nonblocking(true)?;
     Ok(s.into())

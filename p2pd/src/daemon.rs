@@ -286,8 +286,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 /// host without IPv6 it falls back to `0.0.0.0:port`.
 async fn bind_udp(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
     if listen.ip() != std::net::Ipv6Addr::UNSPECIFIED {
-        return UdpSocket::bind(listen)
-            .await
+        return addrs::bind_udp(listen)
+            .and_then(UdpSocket::from_std)
             .with_context(|| format!("cannot bind UDP socket {listen}"));
     }
     match addrs::bind_dual(listen.port()).and_then(UdpSocket::from_std) {
@@ -295,8 +295,8 @@ async fn bind_udp(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
         Err(e) => {
             let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), listen.port());
             tracing::info!(error = %e, "UDP(NO_IPV6_USING_IPV4)");
-            UdpSocket::bind(v4)
-                .await
+            addrs::bind_udp(v4)
+                .and_then(UdpSocket::from_std)
                 .with_context(|| format!("cannot bind UDP socket {v4}"))
         }
     }

@@ -237,16 +237,23 @@ impl Bbr {
             return;
         }
         // An application-limited sample only counts if it raises the
-        // estimate: it shows at least that much is possible.
-        if s.app_limited && s.delivery_rate <= self.bandwidth() {
+        // estimate: it shows at least that much is possible. So does one
+        // taken in ProbeRtt, whose four-packet window says nothing about
+        // the path; and the window of rounds does not move on then, or a
+        // fast path (many short rounds in 200 ms) would forget its
+        // bandwidth and crawl back from the ProbeRtt rate.
+        let limited = s.app_limited || self.mode == Mode::ProbeRtt;
+        if limited && s.delivery_rate <= self.bandwidth() {
             return;
         }
         match self.bw_samples.last_mut() {
             Some((r, bw)) if *r == self.round => *bw = bw.max(s.delivery_rate),
             _ => self.bw_samples.push((self.round, s.delivery_rate)),
         }
-        let oldest = self.round.saturating_sub(BW_WINDOW_ROUNDS);
-        self.bw_samples.retain(|(r, _)| *r > oldest);
+        if !limited {
+            let oldest = self.round.saturating_sub(BW_WINDOW_ROUNDS);
+            self.bw_samples.retain(|(r, _)| *r > oldest);
+        }
     }
 
     fn update_min_rtt(&mut self, now: Instant, rtt: Duration) {
@@ -415,5 +422,38 @@ mod tests {
         delivered += mss as u64;
         b.on_ack(now, s(delivered), mss, delivered, 40_000);
         assert!(b.window() <= 40_000, "{}", b.window());
+    }
+
+    #[test]
+    fn probe_rtt_does_not_forget_the_bandwidth() {
+        let mss = 1200;
+        let mut b = Bbr::new(mss);
+        let mut now = Instant::now();
+        let rtt = Duration::from_micros(200);
+        let mut delivered = 0u64;
+        let feed = |b: &mut Bbr, now: Instant, rate: f64, rounds: u32, delivered: &mut u64| {
+            for _ in 0..rounds {
+                let prior = *delivered;
+                for _ in 0..4 {
+                    *delivered += mss as u64;
+                    let s = RateSample {
+                        delivery_rate: rate,
+                        rtt,
+                        app_limited: false,
+                        prior_delivered: prior,
+                    };
+                    b.on_ack(now, s, mss, *delivered, 4 * mss);
+                }
+            }
+        };
+        feed(&mut b, now, 500e6, 50, &mut delivered);
+        assert_eq!(b.mode(), Mode::ProbeBw);
+        // Past the min-RTT window: ProbeRtt, with its low delivery rate
+        // for many short rounds.
+        now += MIN_RTT_WINDOW + Duration::from_millis(1);
+        feed(&mut b, now, 5e6, 1, &mut delivered);
+        assert_eq!(b.mode(), Mode::ProbeRtt);
+        feed(&mut b, now, 5e6, 100, &mut delivered);
+        assert!(b.bandwidth() >= 500e6, "{}", b.bandwidth());
     }
 }
