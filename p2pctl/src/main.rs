@@ -384,7 +384,7 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
     loop {
         let v = w.next().await.map_err(|mut f| {
             f.message = format!(
-                "p2pd stopped while transfer {id} was under way; it resumes when p2pd runs again                  (see p2pctl transfers)"
+                "p2pd stopped while transfer {id} was under way; it resumes when p2pd runs again (see p2pctl transfers)"
             );
             f
         })?;

@@ -482,6 +482,12 @@ impl Daemon {
         path: String,
     ) -> Result<Option<serde_json::Value>, ControlError> {
         Self::check_name(&peer)?;
+        if !self.node.is_known(&peer) {
+            return Err(err(
+                ErrorCode::NotConnected,
+                format!("{peer} is not a contact yet: `p2pctl connect {peer}` first"),
+            ));
+        }
         let path = std::path::PathBuf::from(path);
         if !path.is_absolute() {
             return Err(err(ErrorCode::InvalidArgument, "the path must be absolute"));
@@ -590,7 +596,12 @@ impl Daemon {
             )
             .map_err(internal)?;
         tracing::info!(id = %hex_id(row.id), peer = %row.peer, "TRANSFER(ACCEPTED)");
-        self.node.accept_file(now, &row.peer, row.id, &[]);
+        if !self.node.accept_file(now, &row.peer, row.id, &[]) {
+            return Err(err(
+                ErrorCode::NoTransfer,
+                format!("transfer {} is no longer offered", hex_id(row.id)),
+            ));
+        }
         json(&self.transfer_info(&self.find_transfer(&hex_id(row.id))?))
     }
 
@@ -703,7 +714,12 @@ impl Daemon {
                         .chunks_exact(32)
                         .map(|c| c.try_into().unwrap_or([0; 32]))
                         .collect();
-                    if !unchanged || self.files.open_source(t.id, path.as_ref()).is_err() {
+                    let opened = unchanged
+                        && self
+                            .files
+                            .open_source(t.id, path.as_ref(), t.size, t.mtime_ns.unwrap_or(0))
+                            .is_ok();
+                    if !opened {
                         self.store.transfer_state(
                             t.id,
                             "ended",
@@ -724,9 +740,23 @@ impl Daemon {
                         hashes,
                     );
                 }
+                (false, "offered") => {
+                    self.node.restore_offer(
+                        now,
+                        &t.peer,
+                        t.id,
+                        t.name.clone(),
+                        t.size,
+                        t.piece_size,
+                        t.hash,
+                    );
+                }
                 (false, "active") => {
                     let Some(part) = t.part.clone() else { continue };
-                    if self.files.open_part(t.id, part.as_ref()).is_err() {
+                    // A part file that vanished would make its verified
+                    // pieces a lie: the transfer ends instead.
+                    let exists = std::path::Path::new(&part).exists();
+                    if !exists || self.files.open_part(t.id, part.as_ref()).is_err() {
                         self.store.transfer_state(
                             t.id,
                             "ended",
@@ -788,7 +818,7 @@ impl Daemon {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "unnamed".into());
-                if let Err(e) = self.files.open_source(id, &path) {
+                if let Err(e) = self.files.open_source(id, &path, size, mtime_ns) {
                     self.broadcast(Event::TransferFailed {
                         id: hex_id(id),
                         peer,
@@ -889,12 +919,22 @@ impl Daemon {
                 piece_size,
                 hash,
             } => {
-                // A repeat of an offer we know keeps its record.
+                // A repeat of an offer we know keeps its record; one we
+                // finished or ended is answered as such, not shown again.
                 let known = self
                     .store
                     .transfers()
-                    .is_ok_and(|v| v.iter().any(|t| t.id == id));
-                if !known {
+                    .ok()
+                    .and_then(|v| v.into_iter().find(|t| t.id == id));
+                match known.as_ref().map(|t| t.state.as_str()) {
+                    Some("done") => return self.node.already_have(now, &peer, id),
+                    Some("ended") => {
+                        self.node.cancel_file(now, &peer, id, "this transfer ended");
+                        return;
+                    }
+                    _ => {}
+                }
+                if known.is_none() {
                     let row = TransferRow {
                         id,
                         peer: peer.clone(),

@@ -61,8 +61,15 @@ struct Part {
     path: PathBuf,
 }
 
+/// A file being sent, with what it was when it was hashed.
+struct Source {
+    file: File,
+    size: u64,
+    mtime_ns: i64,
+}
+
 pub struct Files {
-    sources: HashMap<u64, File>,
+    sources: HashMap<u64, Source>,
     parts: HashMap<u64, Part>,
     jobs: mpsc::Sender<JobDone>,
 }
@@ -103,8 +110,24 @@ impl Files {
         });
     }
 
-    pub fn open_source(&mut self, id: u64, path: &Path) -> std::io::Result<()> {
-        self.sources.insert(id, File::open(path)?);
+    /// Opens a file to send; `size` and `mtime_ns` are what it was when
+    /// hashed: a file that changes since is refused as it is read.
+    pub fn open_source(
+        &mut self,
+        id: u64,
+        path: &Path,
+        size: u64,
+        mtime_ns: i64,
+    ) -> std::io::Result<()> {
+        let file = File::open(path)?;
+        self.sources.insert(
+            id,
+            Source {
+                file,
+                size,
+                mtime_ns,
+            },
+        );
         Ok(())
     }
 
@@ -199,10 +222,21 @@ impl Files {
 
 impl FileSource for Files {
     fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        let f = self
+        let s = self
             .sources
             .get(&id)
             .ok_or_else(|| std::io::Error::other("the file is no longer open"))?;
+        // At each piece, the file must still be what was hashed and
+        // offered (one fstat a MiB).
+        if offset % proto::transfer::PIECE_SIZE as u64 == 0 {
+            let meta = s.file.metadata()?;
+            if meta.len() != s.size || mtime_ns(&meta) != s.mtime_ns {
+                return Err(std::io::Error::other(
+                    "the file changed while it was being sent",
+                ));
+            }
+        }
+        let f = &s.file;
         let mut n = 0;
         while n < buf.len() {
             match f.read_at(&mut buf[n..], offset + n as u64)? {
@@ -360,6 +394,7 @@ pub fn sanitize(offered: &str) -> String {
             end -= 1;
         }
         name.truncate(end);
+        name = name.trim_end_matches(['.', ' ']).to_owned();
     }
     name
 }

@@ -94,6 +94,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.heartbeat == 0 {
         anyhow::bail!("--heartbeat must be at least 1 second");
     }
+    if let Some(d) = &args.downloads {
+        if !d.is_absolute() {
+            anyhow::bail!("--downloads must be an absolute path");
+        }
+    }
     if args.keepalive == 0 {
         anyhow::bail!("--keepalive must be at least 1 second");
     }

@@ -72,7 +72,8 @@ pub enum Command {
     /// Turns this connection into a stream of [`Event`]s.
     Watch,
     /// Offers the file at `path` (absolute, as the daemon sees it) to
-    /// `peer`; answers once it is hashed and offered, with the transfer.
+    /// `peer`, a contact; answers at once with the transfer (state
+    /// `hashing`); the offer goes out once the file is hashed.
     SendFile { peer: String, path: String },
     /// Takes an offered file into directory `to` (absolute; default the
     /// daemon's downloads directory); answers at once with the transfer.

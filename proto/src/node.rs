@@ -534,6 +534,30 @@ impl Node {
         self.pump(now);
     }
 
+    /// An offer from `name` known from before a restart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore_offer(
+        &mut self,
+        now: Instant,
+        name: &str,
+        id: u64,
+        path: String,
+        size: u64,
+        piece_size: u32,
+        hash: [u8; 32],
+    ) {
+        let e = self.entry(now, name);
+        e.transfers.restore_offer(id, path, size, piece_size, hash);
+    }
+
+    /// `name` offers again a file we already have: tell it so.
+    pub fn already_have(&mut self, now: Instant, name: &str, id: u64) {
+        if let Ok(t) = self.transfers_of(name) {
+            t.already_have(id);
+        }
+        self.pump(now);
+    }
+
     pub fn cancel_file(&mut self, now: Instant, name: &str, id: u64, reason: &str) -> bool {
         let ok = self.transfers_of(name).is_ok_and(|t| t.cancel(id, reason));
         self.pump(now);

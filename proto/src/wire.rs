@@ -8,8 +8,8 @@
 //! unknown type decodes to an error the caller counts and drops, so a newer
 //! peer never crashes an older one.
 //!
-//! Type codes 0x10 to 0x1f of [`PeerToPeer`] are reserved for file
-//! transfer.
+//! Type codes 0x10 to 0x1f of [`PeerToPeer`] belong to file transfer:
+//! 0x10 [`PeerToPeer::Flow`] carries a [`FileFrame`], 0x11 acknowledges.
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::identity::PublicIdentity;

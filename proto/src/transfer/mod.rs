@@ -170,7 +170,13 @@ struct Incoming {
     pieces: Vec<PieceState>,
     verified: u64,
     phase: Phase,
+    /// Pieces that failed their check, in all.
+    bad: u32,
 }
+
+/// A transfer whose pieces fail their check this often ends: the sender's
+/// file is changing, or its disk is failing, and fetching again won't help.
+const MAX_BAD_PIECES: u32 = 8;
 
 impl Incoming {
     fn verified_pieces(&self) -> Vec<bool> {
@@ -331,9 +337,46 @@ impl Transfers {
                     .collect(),
                 verified: 0,
                 phase: Phase::Offered,
+                bad: 0,
             },
         );
         self.accept(id, have);
+    }
+
+    /// An offer waiting for the user, known from before a restart: it can
+    /// be accepted at once (the sender's repeat of it is then a no-op).
+    pub fn restore_offer(
+        &mut self,
+        id: u64,
+        path: String,
+        size: u64,
+        piece_size: u32,
+        hash: [u8; 32],
+    ) {
+        let n = piece_count(size, piece_size.max(1));
+        self.incoming.insert(
+            id,
+            Incoming {
+                path,
+                size,
+                piece_size: piece_size.max(1),
+                hash,
+                piece_hashes: vec![None; n as usize],
+                pieces: (0..n)
+                    .map(|_| PieceState::Filling(BTreeMap::new()))
+                    .collect(),
+                verified: 0,
+                phase: Phase::Offered,
+                bad: 0,
+            },
+        );
+    }
+
+    /// The peer offers again a file we already received (our `Done` was
+    /// lost): tell it again, and forget the offer.
+    pub fn already_have(&mut self, id: u64) {
+        self.incoming.remove(&id);
+        self.control.push_back(FileFrame::Done { id });
     }
 
     /// Cancels (or declines) a transfer in either direction.
@@ -395,6 +438,12 @@ impl Transfers {
         } else {
             tracing::info!(id = format_args!("{id:x}"), piece, "TRANSFER(BAD_PIECE)");
             *p = PieceState::Filling(BTreeMap::new());
+            t.bad += 1;
+            if t.bad > MAX_BAD_PIECES {
+                let reason = "pieces keep failing their check: the sender's file is changing";
+                self.cancel(id, reason);
+                return;
+            }
             self.control.push_back(FileFrame::BadPiece { id, piece });
         }
     }
@@ -440,12 +489,10 @@ impl Transfers {
         use rand::Rng;
         self.flow = Flow::new(MSS);
         self.epoch = self.rng.gen();
-        if let Some(old) = self.peer_epoch.take() {
-            self.old_epochs.push_back(old);
-            if self.old_epochs.len() > 8 {
-                self.old_epochs.pop_front();
-            }
-        }
+        // The peer's flow may go on under the new session (it saw no
+        // restart): accept whatever epoch comes next. Only a switch seen
+        // within a flow retires an epoch.
+        self.peer_epoch = None;
         for (_, c) in self.carried.drain() {
             match c {
                 Carried::Control(f) => self.control.push_back(f),
@@ -653,14 +700,15 @@ impl Transfers {
                     });
                     return;
                 }
-                let n = piece_count(size, piece_size);
-                if n > 1 << 24 {
+                let pieces = size.div_ceil(piece_size as u64);
+                if pieces > 1 << 24 {
                     self.control.push_back(FileFrame::Cancel {
                         id,
                         reason: "file too large".into(),
                     });
                     return;
                 }
+                let n = pieces as u32;
                 self.incoming.insert(
                     id,
                     Incoming {
@@ -674,6 +722,7 @@ impl Transfers {
                             .collect(),
                         verified: 0,
                         phase: Phase::Offered,
+                        bad: 0,
                     },
                 );
                 self.events.push_back(TransferEvent::Offered {
@@ -921,7 +970,7 @@ impl Transfers {
                     format!("the file is shorter than offered ({n} of {len} bytes at {offset})");
                 self.events
                     .push_back(TransferEvent::ReadFailed { id, error });
-                self.end(id, "the file changed while sending".into());
+                self.cancel(id, "the file changed while sending");
                 return None;
             }
             Err(e) => {
@@ -929,7 +978,7 @@ impl Transfers {
                     id,
                     error: e.to_string(),
                 });
-                self.end(id, format!("cannot read the file: {e}"));
+                self.cancel(id, &format!("cannot read the file: {e}"));
                 return None;
             }
         }

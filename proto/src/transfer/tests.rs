@@ -437,3 +437,48 @@ fn a_declined_offer_ends_both_sides_and_sends_nothing() {
         .iter()
         .any(|e| matches!(e, TransferEvent::Write { .. })));
 }
+
+#[test]
+fn one_side_starting_a_new_flow_alone_does_not_stall_the_other() {
+    // Our session restarted (we saw `Up`), the peer's did not: it keeps
+    // its flow and epoch. Both directions must go on.
+    for (seed, restart_sender) in [(14, true), (15, false)] {
+        let mut sim = Sim::new(seed, BAD);
+        let data = random_file(&mut sim.rng, 4 * PIECE_SIZE as usize);
+        sim.a.offer(6, data.clone());
+        sim.run_until(Duration::from_secs(600), |s| {
+            s.b.verified.get(&6).is_some_and(|v| v.iter().any(|x| *x))
+        });
+        if restart_sender {
+            sim.a.t.session_restarted();
+        } else {
+            sim.b.t.session_restarted();
+        }
+        sim.run_until(Duration::from_secs(600), |s| {
+            s.a.finished(6) && s.b.finished(6)
+        });
+        assert_eq!(sim.b.disk[&6], data);
+    }
+}
+
+#[test]
+fn an_offer_too_large_to_track_is_refused_not_allocated() {
+    let now = Instant::now();
+    let mut t = Transfers::new(1);
+    t.handle(
+        now,
+        PeerToPeer::Flow {
+            epoch: 1,
+            pn: 0,
+            frame: FileFrame::Offer {
+                id: 9,
+                path: "huge".into(),
+                size: u64::MAX,
+                piece_size: 1,
+                hash: [0; 32],
+            },
+        },
+    );
+    assert!(t.poll_event().is_none(), "no offer shown");
+    assert!(t.status().is_empty());
+}
