@@ -228,7 +228,10 @@ impl FileSource for Files {
             .ok_or_else(|| std::io::Error::other("the file is no longer open"))?;
         // At each piece, the file must still be what was hashed and
         // offered (one fstat a MiB).
-        if offset % proto::transfer::PIECE_SIZE as u64 == 0 {
+        // (`is_multiple_of` is newer than the crate's rust-version.)
+        #[allow(clippy::manual_is_multiple_of)]
+        let piece_start = offset % proto::transfer::PIECE_SIZE as u64 == 0;
+        if piece_start {
             let meta = s.file.metadata()?;
             if meta.len() != s.size || mtime_ns(&meta) != s.mtime_ns {
                 return Err(std::io::Error::other(
