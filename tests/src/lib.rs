@@ -19,9 +19,12 @@ use std::time::{Duration, Instant};
 /// holds this test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
+    // Tests run from target/<profile>/deps; the lab's own binaries
+    // (bench-lab) from target/<profile>.
     let dir = exe
         .parent()
-        .and_then(|deps| deps.parent())
+        .filter(|d| d.join(name).exists())
+        .or_else(|| exe.parent().and_then(|deps| deps.parent()))
         .expect("target directory");
     let path = dir.join(name);
     assert!(
