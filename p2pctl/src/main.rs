@@ -381,6 +381,14 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
     let tty = !json && std::io::stderr().is_terminal();
     let began = std::time::Instant::now();
     let mut last_tenth = 0;
+    // A directory: its files' events carry its id as `group`; it is done
+    // when all of them are, and its progress is the sum of theirs.
+    let files = start
+        .get("files")
+        .and_then(Value::as_u64)
+        .filter(|_| start.get("group") == start.get("id"));
+    let mut files_done = 0u64;
+    let mut per_file: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     loop {
         let v = w.next().await.map_err(|mut f| {
             f.message = format!(
@@ -388,7 +396,9 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
             );
             f
         })?;
-        if v.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+        let ours = v.get("id").and_then(Value::as_str) == Some(id.as_str())
+            || (files.is_some() && v.get("group").and_then(Value::as_str) == Some(id.as_str()));
+        if !ours {
             continue;
         }
         if json {
@@ -396,7 +406,11 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
         }
         match field(&v, "event") {
             "transfer_progress" if !json => {
-                let done = v.get("done").and_then(Value::as_u64).unwrap_or(0);
+                let mut done = v.get("done").and_then(Value::as_u64).unwrap_or(0);
+                if files.is_some() {
+                    per_file.insert(field(&v, "id").to_owned(), done);
+                    done = per_file.values().sum();
+                }
                 let pct = (done * 100).checked_div(size).unwrap_or(100);
                 let rate = rate_text(v.get("rate").and_then(Value::as_f64));
                 if tty {
@@ -415,6 +429,16 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
                         "{pct}% ({} of {}) {rate}",
                         bytes(done),
                         bytes(size)
+                    ))?;
+                }
+            }
+            "transfer_done" if files.is_some_and(|n| files_done + 1 < n) => {
+                files_done += 1;
+                if !json {
+                    out(&format!(
+                        "got {} ({files_done} of {})",
+                        clean(field(&v, "path")),
+                        files.unwrap_or(0)
                     ))?;
                 }
             }
@@ -905,8 +929,19 @@ fn event_text(e: &Event) -> String {
             peer,
             name,
             size,
+            group,
+            files,
         } => {
+            // A file of a directory: accepting the directory takes it all.
+            let id = group.as_ref().unwrap_or(id);
             let short = id.get(..8).unwrap_or(id);
+            if let (Some(_), Some(n)) = (group, files) {
+                return format!(
+                    "-- {peer} offers {} ({}; one of {n} files of a folder): p2pctl accept-file {short} / p2pctl cancel {short}",
+                    clean(name),
+                    bytes(*size)
+                );
+            }
             format!(
                 "-- {peer} offers {} ({}): p2pctl accept-file {short} / p2pctl cancel {short}",
                 clean(name),
@@ -926,14 +961,16 @@ fn event_text(e: &Event) -> String {
             bytes(*size),
             rate_text(*rate)
         ),
-        Event::TransferDone { id, peer, path } => format!(
+        Event::TransferDone { id, peer, path, .. } => format!(
             "-- transfer {} with {peer} done{}",
             id.get(..8).unwrap_or(id),
             path.as_deref()
                 .map(|p| format!(": {}", clean(p)))
                 .unwrap_or_default()
         ),
-        Event::TransferFailed { id, peer, reason } => format!(
+        Event::TransferFailed {
+            id, peer, reason, ..
+        } => format!(
             "-- transfer {} with {peer} failed: {}",
             id.get(..8).unwrap_or(id),
             clean(reason)

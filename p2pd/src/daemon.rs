@@ -100,7 +100,12 @@ struct Daemon {
     progress: HashMap<u64, std::collections::VecDeque<(Instant, u64)>>,
     /// When each transfer's progress was last broadcast.
     progress_shown: HashMap<u64, Instant>,
+    /// Transfer id → the id of the directory it belongs to.
+    groups: HashMap<u64, u64>,
 }
+
+/// Most files one directory send may hold.
+const MAX_DIR_FILES: usize = 10_000;
 
 /// Integrity is checked by pieces of this size.
 const PIECE_SIZE: u32 = proto::transfer::PIECE_SIZE;
@@ -228,6 +233,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         files,
         progress: HashMap::new(),
         progress_shown: HashMap::new(),
+        groups: HashMap::new(),
     };
     d.restore_transfers(Instant::now())?;
     d.drain(Instant::now()).await?;
@@ -495,10 +501,7 @@ impl Daemon {
         let meta = std::fs::metadata(&path)
             .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", path.display())))?;
         if meta.is_dir() {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                format!("{} is a directory: send its files one by one (directories are not supported yet)", path.display()),
-            ));
+            return self.send_dir(peer, path);
         }
         if !meta.is_file() {
             return Err(err(
@@ -506,25 +509,20 @@ impl Daemon {
                 format!("{} is not a regular file", path.display()),
             ));
         }
-        let id = loop {
-            let id: u64 = rand::random();
-            if id != 0
-                && !self
-                    .store
-                    .transfers()
-                    .map_err(internal)?
-                    .iter()
-                    .any(|t| t.id == id)
-            {
-                break id;
-            }
-        };
+        let id = self.new_transfer_id()?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "unnamed".into());
         tracing::info!(id = %hex_id(id), %peer, size = meta.len(), "TRANSFER(HASHING)");
-        self.files.hash(id, peer.clone(), path.clone(), PIECE_SIZE);
+        self.files.hash(
+            id,
+            peer.clone(),
+            path.clone(),
+            name.clone(),
+            (0, 0),
+            PIECE_SIZE,
+        );
         json(&TransferInfo {
             id: hex_id(id),
             peer,
@@ -537,7 +535,83 @@ impl Daemon {
             eta_s: None,
             path: Some(path.display().to_string()),
             reason: None,
+            group: None,
+            files: None,
         })
+    }
+
+    /// Offers every regular file under `dir`, as one group: each file's
+    /// name is its path from (and including) the directory's name.
+    fn send_dir(
+        &mut self,
+        peer: String,
+        dir: std::path::PathBuf,
+    ) -> Result<Option<serde_json::Value>, ControlError> {
+        let top = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "folder".into());
+        let list = files::walk(&dir, MAX_DIR_FILES)
+            .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", dir.display())))?;
+        if list.is_empty() {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!("{} has no files", dir.display()),
+            ));
+        }
+        let group = self.new_transfer_id()?;
+        let n = list.len() as u32;
+        let mut size = 0;
+        for (path, rel) in list {
+            size += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let id = self.new_transfer_id()?;
+            self.groups.insert(id, group);
+            self.files.hash(
+                id,
+                peer.clone(),
+                path,
+                format!("{top}/{rel}"),
+                (group, n),
+                PIECE_SIZE,
+            );
+        }
+        tracing::info!(group = %hex_id(group), %peer, files = n, size, "TRANSFER(HASHING_DIRECTORY)");
+        json(&TransferInfo {
+            id: hex_id(group),
+            peer,
+            direction: "out".into(),
+            name: top,
+            size,
+            done: 0,
+            state: "hashing".into(),
+            rate: None,
+            eta_s: None,
+            path: Some(dir.display().to_string()),
+            reason: None,
+            group: Some(hex_id(group)),
+            files: Some(n),
+        })
+    }
+
+    fn new_transfer_id(&self) -> Result<u64, ControlError> {
+        let rows = self.store.transfers().map_err(internal)?;
+        loop {
+            let id: u64 = rand::random();
+            let taken = rows.iter().any(|t| t.id == id || t.group == id)
+                || self.groups.contains_key(&id)
+                || self.groups.values().any(|g| *g == id);
+            if id != 0 && !taken {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// The group id of a transfer, as the API shows it.
+    fn group_of(&self, id: u64) -> Option<String> {
+        self.groups
+            .get(&id)
+            .filter(|g| **g != 0)
+            .map(|g| hex_id(*g))
     }
 
     fn accept_file(
@@ -546,16 +620,6 @@ impl Daemon {
         id: &str,
         to: Option<String>,
     ) -> Result<Option<serde_json::Value>, ControlError> {
-        let row = self.find_transfer(id)?;
-        if row.outgoing || row.state != "offered" {
-            return Err(err(
-                ErrorCode::NoTransfer,
-                format!(
-                    "transfer {} is not an offer waiting for you",
-                    hex_id(row.id)
-                ),
-            ));
-        }
         let dir = match to {
             Some(d) => std::path::PathBuf::from(d),
             None => self.config.downloads.clone(),
@@ -566,9 +630,127 @@ impl Daemon {
                 "the directory must be absolute",
             ));
         }
+        // A directory: its id, or any of its files' ids.
+        let want = id.trim().to_ascii_lowercase();
+        let by_group = self
+            .store
+            .transfers()
+            .map_err(internal)?
+            .into_iter()
+            .find(|t| {
+                !t.outgoing && t.group != 0 && want.len() >= 4 && hex_id(t.group).starts_with(&want)
+            })
+            .map(|t| t.group);
+        let group = match by_group {
+            Some(g) => Some(g),
+            None => Some(self.find_transfer(id)?)
+                .filter(|t| t.group != 0 && !t.outgoing)
+                .map(|t| t.group),
+        };
         std::fs::create_dir_all(&dir)
             .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", dir.display())))?;
+        if let Some(group) = group {
+            return self.accept_group(now, group, &dir);
+        }
+        let row = self.find_transfer(id)?;
+        if row.outgoing || row.state != "offered" {
+            return Err(err(
+                ErrorCode::NoTransfer,
+                format!(
+                    "transfer {} is not an offer waiting for you",
+                    hex_id(row.id)
+                ),
+            ));
+        }
         let name = files::sanitize(&row.name);
+        self.accept_into(now, &row, &dir, &name)?;
+        json(&self.transfer_info(&self.find_transfer(&hex_id(row.id))?))
+    }
+
+    /// Takes every file offered so far of directory `group` into a new
+    /// directory under `dir` (its name, numbered if taken); files of it
+    /// offered later follow by themselves.
+    fn accept_group(
+        &mut self,
+        now: Instant,
+        group: u64,
+        dir: &std::path::Path,
+    ) -> Result<Option<serde_json::Value>, ControlError> {
+        let members: Vec<TransferRow> = self
+            .store
+            .transfers()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|t| !t.outgoing && t.group == group)
+            .collect();
+        let key = format!("group_root:{}", hex_id(group));
+        let root = match self.store.setting(&key).map_err(internal)? {
+            Some(r) => std::path::PathBuf::from(r),
+            None => {
+                let top = members
+                    .first()
+                    .map(|t| files::sanitize_path(&t.name)[0].clone())
+                    .unwrap_or_else(|| "folder".into());
+                let root = files::unique_dest(dir, &top, &[]);
+                std::fs::create_dir_all(&root)
+                    .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", root.display())))?;
+                self.store
+                    .set_setting(&key, &root.display().to_string())
+                    .map_err(internal)?;
+                root
+            }
+        };
+        for t in members.iter().filter(|t| t.state == "offered") {
+            self.accept_member(now, t, &root)?;
+        }
+        let first = members.first();
+        json(&TransferInfo {
+            id: hex_id(group),
+            peer: first.map(|t| t.peer.clone()).unwrap_or_default(),
+            direction: "in".into(),
+            name: root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            size: members.iter().map(|t| t.size).sum(),
+            done: 0,
+            state: "active".into(),
+            rate: None,
+            eta_s: None,
+            path: Some(root.display().to_string()),
+            reason: None,
+            group: Some(hex_id(group)),
+            files: first.map(|t| t.group_files),
+        })
+    }
+
+    /// One file of a directory, under the directory's `root`.
+    fn accept_member(
+        &mut self,
+        now: Instant,
+        row: &TransferRow,
+        root: &std::path::Path,
+    ) -> Result<(), ControlError> {
+        let parts = files::sanitize_path(&row.name);
+        let (name, dirs) = parts.split_last().expect("never empty");
+        // The first component is the directory itself: `root` stands for it.
+        let mut parent = root.to_path_buf();
+        for d in dirs.iter().skip(1) {
+            parent.push(d);
+        }
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", parent.display())))?;
+        self.accept_into(now, row, &parent, name)
+    }
+
+    /// Accepts `row` as `dir/name` (numbered if taken).
+    fn accept_into(
+        &mut self,
+        now: Instant,
+        row: &TransferRow,
+        dir: &std::path::Path,
+        name: &str,
+    ) -> Result<(), ControlError> {
         let taken: Vec<std::path::PathBuf> = self
             .store
             .transfers()
@@ -577,11 +759,11 @@ impl Daemon {
             .filter(|t| !t.outgoing && t.state == "active")
             .filter_map(|t| t.path.map(Into::into))
             .collect();
-        let dest = files::unique_dest(&dir, &name, &taken);
+        let dest = files::unique_dest(dir, name, &taken);
         let final_name = dest
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or(name);
+            .unwrap_or_else(|| name.to_owned());
         let part = dir.join(format!(".{final_name}.{}.part", hex_id(row.id)));
         self.files
             .open_part(row.id, &part)
@@ -602,7 +784,7 @@ impl Daemon {
                 format!("transfer {} is no longer offered", hex_id(row.id)),
             ));
         }
-        json(&self.transfer_info(&self.find_transfer(&hex_id(row.id))?))
+        Ok(())
     }
 
     /// A transfer by id, or by a prefix (four hex digits or more) that
@@ -665,10 +847,10 @@ impl Daemon {
             id: hex_id(t.id),
             peer: t.peer.clone(),
             direction: if t.outgoing { "out" } else { "in" }.into(),
-            name: if t.outgoing {
-                t.name.clone()
-            } else {
-                files::sanitize(&t.name)
+            name: match (t.outgoing, t.group) {
+                (true, _) => t.name.clone(),
+                (false, 0) => files::sanitize(&t.name),
+                (false, _) => files::sanitize_path(&t.name).join("/"),
             },
             size: t.size,
             done,
@@ -677,6 +859,8 @@ impl Daemon {
             eta_s,
             path: t.path.clone(),
             reason: t.reason.clone(),
+            group: (t.group != 0).then(|| hex_id(t.group)),
+            files: (t.group != 0).then_some(t.group_files),
         }
     }
 
@@ -703,6 +887,9 @@ impl Daemon {
     /// (if their file did not change).
     fn restore_transfers(&mut self, now: Instant) -> anyhow::Result<()> {
         for t in self.store.transfers()? {
+            if t.group != 0 {
+                self.groups.insert(t.id, t.group);
+            }
             match (t.outgoing, t.state.as_str()) {
                 (true, "offered" | "active") => {
                     let path = t.path.clone().unwrap_or_default();
@@ -738,6 +925,7 @@ impl Daemon {
                         t.piece_size,
                         t.hash,
                         hashes,
+                        (t.group, t.group_files),
                     );
                 }
                 (false, "offered") => {
@@ -800,6 +988,7 @@ impl Daemon {
             id: hex_id(row.id),
             peer: row.peer.clone(),
             reason: reason.to_owned(),
+            group: self.group_of(row.id),
         });
     }
 
@@ -809,20 +998,19 @@ impl Daemon {
                 id,
                 peer,
                 path,
+                name,
+                group,
                 size,
                 mtime_ns,
                 hash,
                 piece_hashes,
             } => {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "unnamed".into());
                 if let Err(e) = self.files.open_source(id, &path, size, mtime_ns) {
                     self.broadcast(Event::TransferFailed {
                         id: hex_id(id),
                         peer,
                         reason: format!("{}: {e}", path.display()),
+                        group: self.group_of(id),
                     });
                     return;
                 }
@@ -842,14 +1030,25 @@ impl Daemon {
                     state: "offered".into(),
                     reason: None,
                     created_ms: now_ms(),
+                    group: group.0,
+                    group_files: group.1,
                 };
                 if let Err(e) = self.store.insert_transfer(&row) {
                     tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
                     return;
                 }
                 tracing::info!(id = %hex_id(id), %peer, size, "TRANSFER(OFFERED)");
-                self.node
-                    .offer_file(now, &peer, id, name, size, PIECE_SIZE, hash, piece_hashes);
+                self.node.offer_file(
+                    now,
+                    &peer,
+                    id,
+                    name,
+                    size,
+                    PIECE_SIZE,
+                    hash,
+                    piece_hashes,
+                    group,
+                );
             }
             JobDone::HashFailed {
                 id,
@@ -861,6 +1060,7 @@ impl Daemon {
                     id: hex_id(id),
                     peer,
                     reason: format!("cannot read {}: {error}", path.display()),
+                    group: self.group_of(id),
                 });
             }
             JobDone::Piece {
@@ -898,6 +1098,7 @@ impl Daemon {
                             id: hex_id(id),
                             peer: peer.clone(),
                             path: Some(p),
+                            group: self.group_of(id),
                         });
                     }
                     Err(reason) => {
@@ -918,7 +1119,12 @@ impl Daemon {
                 size,
                 piece_size,
                 hash,
+                group,
+                group_files,
             } => {
+                if group != 0 {
+                    self.groups.insert(id, group);
+                }
                 // A repeat of an offer we know keeps its record; one we
                 // finished or ended is answered as such, not shown again.
                 let known = self
@@ -951,18 +1157,44 @@ impl Daemon {
                         state: "offered".into(),
                         reason: None,
                         created_ms: now_ms(),
+                        group,
+                        group_files,
                     };
                     if let Err(e) = self.store.insert_transfer(&row) {
                         tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
                         return;
                     }
+                    // A file of a directory already accepted follows it.
+                    let root = self
+                        .store
+                        .setting(&format!("group_root:{}", hex_id(group)))
+                        .ok()
+                        .flatten()
+                        .filter(|_| group != 0);
+                    if let Some(root) = root {
+                        if let Err(e) = self.accept_member(now, &row, root.as_ref()) {
+                            tracing::warn!(error = %e.message, "TRANSFER(GROUP_ACCEPT_FAILED)");
+                        }
+                        return;
+                    }
                 }
                 tracing::info!(id = %hex_id(id), %peer, size, "TRANSFER(OFFER_RECEIVED)");
+                let (name, group, files) = if group != 0 {
+                    (
+                        files::sanitize_path(&path).join("/"),
+                        Some(hex_id(group)),
+                        Some(group_files),
+                    )
+                } else {
+                    (files::sanitize(&path), None, None)
+                };
                 self.broadcast(Event::FileOffer {
                     id: hex_id(id),
                     peer,
-                    name: files::sanitize(&path),
+                    name,
                     size,
+                    group,
+                    files,
                 });
             }
             T::Accepted { id } => {
@@ -1019,12 +1251,14 @@ impl Daemon {
                         .find(|(_, s)| s.id == id)
                         .map_or(0, |(_, s)| s.size);
                     let rate = self.rate(id);
+                    let group = self.group_of(id);
                     self.broadcast(Event::TransferProgress {
                         id: hex_id(id),
                         peer,
                         done,
                         size,
                         rate,
+                        group,
                     });
                 }
             }
@@ -1039,10 +1273,12 @@ impl Daemon {
                     self.files.close(id);
                     let _ = self.store.transfer_state(id, "done", None, None);
                     tracing::info!(id = %hex_id(id), %peer, "TRANSFER(SENT)");
+                    let group = self.group_of(id);
                     self.broadcast(Event::TransferDone {
                         id: hex_id(id),
                         peer,
                         path: row.path,
+                        group,
                     });
                 }
             }
@@ -1238,6 +1474,36 @@ impl Daemon {
                 json(&list)
             }
             Command::Cancel { transfer } => {
+                // A directory: cancel each of its files not finished.
+                let want = transfer.trim().to_ascii_lowercase();
+                let members: Vec<TransferRow> = self
+                    .store
+                    .transfers()
+                    .map_err(internal)?
+                    .into_iter()
+                    .filter(|t| {
+                        t.group != 0 && want.len() >= 4 && hex_id(t.group).starts_with(&want)
+                    })
+                    .collect();
+                if !members.is_empty() {
+                    for row in members
+                        .iter()
+                        .filter(|t| !matches!(t.state.as_str(), "done" | "ended"))
+                    {
+                        self.node
+                            .cancel_file(now, &row.peer, row.id, "cancelled by the user");
+                        self.end_transfer(row, "cancelled by the user");
+                    }
+                    return json(
+                        &self
+                            .transfer_list()?
+                            .into_iter()
+                            .filter(|t| {
+                                t.group.as_deref() == Some(hex_id(members[0].group).as_str())
+                            })
+                            .collect::<Vec<_>>(),
+                    );
+                }
                 let row = self.find_transfer(&transfer)?;
                 if matches!(row.state.as_str(), "done" | "ended") {
                     return Err(err(

@@ -29,6 +29,10 @@ pub enum JobDone {
         id: u64,
         peer: String,
         path: PathBuf,
+        /// The name offered: the file's name, or its path from the
+        /// directory sent (`photos/2024/a.jpg`).
+        name: String,
+        group: (u64, u32),
         size: u64,
         mtime_ns: i64,
         hash: [u8; 32],
@@ -86,7 +90,15 @@ impl Files {
     }
 
     /// Hashes `path` on a blocking thread; [`JobDone::Hashed`] follows.
-    pub fn hash(&self, id: u64, peer: String, path: PathBuf, piece_size: u32) {
+    pub fn hash(
+        &self,
+        id: u64,
+        peer: String,
+        path: PathBuf,
+        name: String,
+        group: (u64, u32),
+        piece_size: u32,
+    ) {
         let jobs = self.jobs.clone();
         tokio::task::spawn_blocking(move || {
             let done = match hash_file(&path, piece_size) {
@@ -94,6 +106,8 @@ impl Files {
                     id,
                     peer,
                     path,
+                    name,
+                    group,
                     size,
                     mtime_ns,
                     hash,
@@ -366,6 +380,52 @@ pub fn unique_dest(dir: &Path, name: &str, taken: &[PathBuf]) -> PathBuf {
         .unwrap_or_else(|| dir.join(name))
 }
 
+/// The regular files under `dir` (symbolic links are not followed), with
+/// their paths relative to it joined by `/`, in a stable order; at most
+/// `max`.
+pub fn walk(dir: &Path, max: usize) -> std::io::Result<Vec<(PathBuf, String)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, rel)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let t = e.file_type()?;
+            if t.is_dir() {
+                stack.push((e.path(), r));
+            } else if t.is_file() {
+                out.push((e.path(), r));
+                if out.len() > max {
+                    return Err(std::io::Error::other(format!("more than {max} files")));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
+}
+
+/// A relative path a peer offered, as safe components ([`sanitize`] each;
+/// `.`, `..` and empty ones dropped); never empty, at most 32 deep.
+pub fn sanitize_path(offered: &str) -> Vec<String> {
+    let mut parts: Vec<String> = offered
+        .split(['/', '\\'])
+        .filter(|c| !c.trim().is_empty() && *c != "." && *c != "..")
+        .map(sanitize)
+        .collect();
+    parts.truncate(32);
+    if parts.is_empty() {
+        parts.push("unnamed".into());
+    }
+    parts
+}
+
 /// Names Windows reserves (harmless here, but a file sent on to a Windows
 /// machine, or a shared folder, would break).
 const RESERVED: [&str; 22] = [
@@ -428,6 +488,19 @@ mod tests {
         let long = "é".repeat(300);
         let s = sanitize(&long);
         assert!(s.len() <= 200 && s.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn offered_paths_stay_inside() {
+        assert_eq!(
+            sanitize_path("photos/2024/a.jpg"),
+            ["photos", "2024", "a.jpg"]
+        );
+        assert_eq!(sanitize_path("../../etc/passwd"), ["etc", "passwd"]);
+        assert_eq!(sanitize_path("/abs/./x"), ["abs", "x"]);
+        assert_eq!(sanitize_path("a\\..\\b"), ["a", "b"]);
+        assert_eq!(sanitize_path(".."), ["unnamed"]);
+        assert_eq!(sanitize_path("d/CON"), ["d", "_CON"]);
     }
 
     #[test]

@@ -104,7 +104,9 @@ impl Store {
                      mtime_ns INTEGER,
                      state TEXT NOT NULL,
                      reason TEXT,
-                     created_ms INTEGER NOT NULL
+                     created_ms INTEGER NOT NULL,
+                     grp INTEGER NOT NULL DEFAULT 0,
+                     grp_files INTEGER NOT NULL DEFAULT 0
                  );
                  PRAGMA user_version = 2;
                  COMMIT;",
@@ -312,14 +314,17 @@ pub struct TransferRow {
     pub state: String,
     pub reason: Option<String>,
     pub created_ms: u64,
+    /// The directory sent with it (0: none), and its file count.
+    pub group: u64,
+    pub group_files: u32,
 }
 
 impl Store {
     pub fn insert_transfer(&self, t: &TransferRow) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT OR REPLACE INTO transfers (id, peer, direction, name, path, part, size, \
-             piece_size, hash, piece_hashes, verified, mtime_ns, state, reason, created_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             piece_size, hash, piece_hashes, verified, mtime_ns, state, reason, created_ms, grp, grp_files) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 t.id as i64,
                 t.peer,
@@ -336,6 +341,8 @@ impl Store {
                 t.state,
                 t.reason,
                 t.created_ms as i64,
+                t.group as i64,
+                t.group_files,
             ],
         )?;
         Ok(())
@@ -383,7 +390,7 @@ impl Store {
     pub fn transfers(&self) -> Result<Vec<TransferRow>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, peer, direction, name, path, part, size, piece_size, hash, \
-             piece_hashes, verified, mtime_ns, state, reason, created_ms \
+             piece_hashes, verified, mtime_ns, state, reason, created_ms, grp, grp_files \
              FROM transfers ORDER BY created_ms DESC, id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -404,6 +411,8 @@ impl Store {
                 state: r.get(12)?,
                 reason: r.get(13)?,
                 created_ms: r.get::<_, i64>(14)? as u64,
+                group: r.get::<_, i64>(15)? as u64,
+                group_files: r.get(16)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -346,6 +346,11 @@ pub struct TransferInfo {
     pub path: Option<String>,
     /// Why it ended, if it ended without the file.
     pub reason: Option<String>,
+    /// The directory it was sent with (an id like a transfer's; `accept_file`
+    /// and `cancel` take it for all its files), and how many files that
+    /// directory has.
+    pub group: Option<String>,
+    pub files: Option<u32>,
 }
 
 /// An event line on a watching connection.
@@ -415,6 +420,9 @@ pub enum Event {
         peer: String,
         name: String,
         size: u64,
+        /// Part of a directory: its id and file count.
+        group: Option<String>,
+        files: Option<u32>,
     },
     /// A transfer advanced (at most a few times a second per transfer).
     TransferProgress {
@@ -423,18 +431,21 @@ pub enum Event {
         done: u64,
         size: u64,
         rate: Option<f64>,
+        group: Option<String>,
     },
     /// The file arrived, verified (in), or the peer has it (out).
     TransferDone {
         id: String,
         peer: String,
         path: Option<String>,
+        group: Option<String>,
     },
     /// The transfer ended without the file.
     TransferFailed {
         id: String,
         peer: String,
         reason: String,
+        group: Option<String>,
     },
 }
 

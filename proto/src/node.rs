@@ -485,10 +485,11 @@ impl Node {
         piece_size: u32,
         hash: [u8; 32],
         piece_hashes: Vec<[u8; 32]>,
+        group: (u64, u32),
     ) {
         let e = self.entry(now, name);
         e.transfers
-            .offer(id, path, size, piece_size, hash, piece_hashes);
+            .offer(id, path, size, piece_size, hash, piece_hashes, group);
         if !e.auto_connect {
             e.auto_connect = true;
             e.next_reconnect = now;

@@ -837,12 +837,19 @@ pub enum FileFrame {
     /// "Here is a file": its relative path (components joined by `/`,
     /// sanitised by the receiver), size, the size of the pieces its
     /// integrity is checked by, and the SHA-256 of the whole file.
+    ///
+    /// Files of a directory share a `group` (0: a single file) and say how
+    /// many the group has (`group_files`), so the receiver can take them
+    /// as one and know when it has them all; their `path` starts with the
+    /// directory's name.
     Offer {
         id: u64,
         path: String,
         size: u64,
         piece_size: u32,
         hash: [u8; 32],
+        group: u64,
+        group_files: u32,
     },
     /// The receiver takes it; `have` lists the pieces it already holds,
     /// verified (resumption), as inclusive ranges.
@@ -915,13 +922,17 @@ impl FileFrame {
                 size,
                 piece_size,
                 hash,
+                group,
+                group_files,
             } => {
                 w.u8(1)
                     .u64(*id)
                     .string(path)
                     .u64(*size)
                     .u32(*piece_size)
-                    .bytes(hash);
+                    .bytes(hash)
+                    .u64(*group)
+                    .u32(*group_files);
             }
             FileFrame::Accept { id, have } => {
                 w.u8(2).u64(*id);
@@ -958,6 +969,8 @@ impl FileFrame {
                 size: r.u64()?,
                 piece_size: r.u32()?,
                 hash: r.array()?,
+                group: r.u64()?,
+                group_files: r.u32()?,
             },
             2 => FileFrame::Accept {
                 id: r.u64()?,
@@ -1404,6 +1417,8 @@ mod tests {
                 size: rng.gen(),
                 piece_size: rng.gen(),
                 hash: rng.gen(),
+                group: rng.gen(),
+                group_files: rng.gen(),
             },
             1 => FileFrame::Accept {
                 id,

@@ -298,3 +298,49 @@ fn hostile_file_names_are_made_safe() {
         assert_eq!(std::fs::read(inbox.join(safe)).unwrap(), b"hello");
     }
 }
+
+/// Every file under `dir`, relative path → contents.
+fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_directory_arrives_whole_and_is_never_merged_into_another() {
+    let mut lab = pair("fdir");
+    let src = lab.dir.join("out").join("photos");
+    write_file(&src, "a.jpg", &content(7, 3 * 1024 * 1024 + 5));
+    write_file(&src.join("2024"), "b.bin", &content(8, 100_000));
+    write_file(&src.join("2024").join("deep"), "c.txt", b"deep");
+    write_file(&src, "empty", b"");
+    let want = tree(&src);
+    let inbox = lab.dir.join("inbox");
+    for (round, folder) in ["photos", "photos (1)"].iter().enumerate() {
+        let sender = send_in_background(&lab, "a", "bob", &src);
+        let group = lab.wait_for("the offers", WAIT, |lab| {
+            let t = transfers(lab, "b");
+            let offered: Vec<&Value> = t.iter().filter(|t| t["state"] == "offered").collect();
+            (offered.len() == 4).then(|| offered[0]["group"].as_str().unwrap().to_owned())
+        });
+        let got = lab.ctl(
+            "b",
+            &["accept-file", &group, "--to", inbox.to_str().unwrap()],
+        );
+        got.ok();
+        assert!(got.stdout.contains("done"), "round {round}: {got:?}");
+        sender.join().unwrap().ok();
+        assert_eq!(tree(&inbox.join(folder)), want, "{folder}");
+    }
+}

@@ -54,6 +54,9 @@ pub enum TransferEvent {
         size: u64,
         piece_size: u32,
         hash: [u8; 32],
+        /// The directory it belongs to (0: none), and its file count.
+        group: u64,
+        group_files: u32,
     },
     /// The peer accepted our offer.
     Accepted { id: u64 },
@@ -138,6 +141,7 @@ fn to_ranges(held: &[bool]) -> Vec<(u32, u32)> {
 
 struct Outgoing {
     path: String,
+    group: (u64, u32),
     size: u64,
     piece_size: u32,
     hash: [u8; 32],
@@ -261,6 +265,7 @@ impl Transfers {
         piece_size: u32,
         hash: [u8; 32],
         piece_hashes: Vec<[u8; 32]>,
+        group: (u64, u32),
     ) {
         self.control.push_back(FileFrame::Offer {
             id,
@@ -268,6 +273,8 @@ impl Transfers {
             size,
             piece_size,
             hash,
+            group: group.0,
+            group_files: group.1,
         });
         self.outgoing.insert(
             id,
@@ -277,6 +284,7 @@ impl Transfers {
                 piece_size,
                 hash,
                 piece_hashes,
+                group,
                 phase: Phase::Offered,
                 todo: VecDeque::new(),
                 resend: VecDeque::new(),
@@ -524,6 +532,8 @@ impl Transfers {
                 size: t.size,
                 piece_size: t.piece_size,
                 hash: t.hash,
+                group: t.group.0,
+                group_files: t.group.1,
             })
             .collect();
         for f in offers {
@@ -675,6 +685,8 @@ impl Transfers {
                 size,
                 piece_size,
                 hash,
+                group,
+                group_files,
             } => {
                 if let Some(t) = self.incoming.get(&id) {
                     // Offered again: the sender restarted, or our answer
@@ -731,6 +743,8 @@ impl Transfers {
                     size,
                     piece_size,
                     hash,
+                    group,
+                    group_files,
                 });
             }
             FileFrame::Accept { id, have } => {

@@ -87,6 +87,7 @@ impl Side {
             PIECE_SIZE,
             hash,
             pieces,
+            (0, 0),
         );
         self.sources.insert(id, data);
     }
@@ -476,6 +477,8 @@ fn an_offer_too_large_to_track_is_refused_not_allocated() {
                 size: u64::MAX,
                 piece_size: 1,
                 hash: [0; 32],
+                group: 0,
+                group_files: 0,
             },
         },
     );
