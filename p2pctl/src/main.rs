@@ -111,6 +111,16 @@ enum Cmd {
     Transfers,
     /// Cancel a transfer in either direction, or decline an offer.
     Cancel { id: String },
+    /// Take every file NAME offers from now on into DIR, without asking;
+    /// `--off` asks again.
+    AutoAccept {
+        name: String,
+        /// Directory for NAME's files.
+        #[arg(required_unless_present = "off")]
+        dir: Option<PathBuf>,
+        #[arg(long, conflicts_with = "dir")]
+        off: bool,
+    },
 }
 
 /// A failure and the exit status it maps to.
@@ -641,6 +651,20 @@ async fn run(args: Args) -> Result<(), Failure> {
                 out(&transfer_text(t))?;
             }
             Ok(())
+        }
+        Cmd::AutoAccept { name, dir, off: _ } => {
+            let dir = dir.map(|d| absolute(&d)).transpose()?;
+            let v = conn
+                .call(Command::AutoAccept {
+                    peer: name.clone(),
+                    dir: dir.as_ref().map(|d| d.display().to_string()),
+                })
+                .await?;
+            let text = match dir {
+                Some(d) => format!("files from {name} go to {} without asking", d.display()),
+                None => format!("files from {name} wait for accept-file again"),
+            };
+            print(&v, text)
         }
         Cmd::Cancel { id } => {
             let v = conn.call(Command::Cancel { transfer: id }).await?;

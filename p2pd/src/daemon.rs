@@ -1164,6 +1164,31 @@ impl Daemon {
                         tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
                         return;
                     }
+                    // From a peer whose files we take without asking.
+                    let auto = self
+                        .store
+                        .setting(&format!("auto_accept:{peer}"))
+                        .ok()
+                        .flatten()
+                        .filter(|d| !d.is_empty());
+                    if let Some(dir) = auto {
+                        let dir = std::path::PathBuf::from(dir);
+                        let _ = std::fs::create_dir_all(&dir);
+                        let done = if group != 0 {
+                            self.accept_group(now, group, &dir).map(|_| ())
+                        } else {
+                            self.accept_into(now, &row, &dir, &files::sanitize(&path))
+                        };
+                        match done {
+                            Ok(()) => {
+                                tracing::info!(id = %hex_id(id), %peer, "TRANSFER(AUTO_ACCEPTED)");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e.message, "TRANSFER(AUTO_ACCEPT_FAILED)")
+                            }
+                        }
+                    }
                     // A file of a directory already accepted follows it.
                     let root = self
                         .store
@@ -1469,6 +1494,22 @@ impl Daemon {
         match command {
             Command::SendFile { peer, path } => self.send_file(peer, path),
             Command::AcceptFile { transfer, to } => self.accept_file(now, &transfer, to),
+            Command::AutoAccept { peer, dir } => {
+                Self::check_name(&peer)?;
+                if let Some(d) = &dir {
+                    if !std::path::Path::new(d).is_absolute() {
+                        return Err(err(
+                            ErrorCode::InvalidArgument,
+                            "the directory must be absolute",
+                        ));
+                    }
+                }
+                self.store
+                    .set_setting(&format!("auto_accept:{peer}"), dir.as_deref().unwrap_or(""))
+                    .map_err(internal)?;
+                tracing::info!(%peer, on = dir.is_some(), "TRANSFER(AUTO_ACCEPT)");
+                json(&serde_json::json!({ "peer": peer, "dir": dir }))
+            }
             Command::Transfers => {
                 let list = self.transfer_list()?;
                 json(&list)

@@ -86,6 +86,14 @@ pub enum Command {
     Transfers,
     /// Cancels a transfer in either direction (declines an offer).
     Cancel { transfer: String },
+    /// Takes every file `peer` offers from now on into directory `dir`
+    /// (absolute) without asking; no `dir` turns it off. Answers with the
+    /// setting.
+    AutoAccept {
+        peer: String,
+        #[serde(default)]
+        dir: Option<String>,
+    },
 }
 
 impl Command {
@@ -110,6 +118,7 @@ impl Command {
             Command::AcceptFile { .. } => "accept_file",
             Command::Transfers => "transfers",
             Command::Cancel { .. } => "cancel",
+            Command::AutoAccept { .. } => "auto_accept",
         }
     }
 }

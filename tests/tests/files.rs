@@ -344,3 +344,26 @@ fn a_directory_arrives_whole_and_is_never_merged_into_another() {
         assert_eq!(tree(&inbox.join(folder)), want, "{folder}");
     }
 }
+
+#[test]
+fn files_from_a_trusted_contact_can_be_taken_without_asking() {
+    let lab = pair("fauto");
+    let inbox = lab.dir.join("auto");
+    lab.ctl("b", &["auto-accept", "alice", inbox.to_str().unwrap()])
+        .ok();
+    let data = content(9, 2 * 1024 * 1024);
+    let src = write_file(&lab.dir.join("out"), "notes.pdf", &data);
+    // send-file waits until bob has it: nobody accepts by hand.
+    lab.ctl("a", &["send-file", "bob", src.to_str().unwrap()])
+        .ok();
+    assert_eq!(std::fs::read(inbox.join("notes.pdf")).unwrap(), data);
+    // Turned off, the next offer waits again.
+    lab.ctl("b", &["auto-accept", "alice", "--off"]).ok();
+    lab.ctl(
+        "a",
+        &["send-file", "bob", src.to_str().unwrap(), "--no-wait"],
+    )
+    .ok();
+    let mut lab = lab;
+    offer_at(&mut lab, "b", "notes.pdf");
+}
