@@ -1228,16 +1228,27 @@ impl Daemon {
             }
             T::Write { id, offset, data } => {
                 if let Err(e) = self.files.write(id, offset, &data) {
-                    let reason = if e.raw_os_error() == Some(libc::ENOSPC) {
-                        "the receiver's disk is full".to_owned()
+                    let Ok(row) = self.find_transfer(&hex_id(id)) else {
+                        return;
+                    };
+                    if row.state != "active" {
+                        return; // ended already: packets still in flight
+                    }
+                    let full = e.raw_os_error() == Some(libc::ENOSPC);
+                    let reason = if full {
+                        // What arrived stays, for the user to look at or
+                        // to free space and have it sent again.
+                        self.files.keep_part(id);
+                        format!(
+                            "the receiver's disk is full (what arrived is kept in {})",
+                            row.part.as_deref().unwrap_or("the .part file")
+                        )
                     } else {
                         format!("cannot write the file: {e}")
                     };
                     tracing::warn!(id = %hex_id(id), %reason, "TRANSFER(WRITE_FAILED)");
                     self.node.cancel_file(now, &peer, id, &reason);
-                    if let Ok(row) = self.find_transfer(&hex_id(id)) {
-                        self.end_transfer(&row, &reason);
-                    }
+                    self.end_transfer(&row, &reason);
                 }
             }
             T::VerifyPiece {

@@ -169,6 +169,11 @@ impl Files {
         Ok(())
     }
 
+    /// Closes the partial file of a transfer but leaves it on disk.
+    pub fn keep_part(&mut self, id: u64) {
+        self.parts.remove(&id);
+    }
+
     /// Removes the partial file of a transfer that ended without it.
     pub fn discard_part(&mut self, id: u64) {
         if let Some(p) = self.parts.remove(&id) {

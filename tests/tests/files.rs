@@ -367,3 +367,47 @@ fn files_from_a_trusted_contact_can_be_taken_without_asking() {
     let mut lab = lab;
     offer_at(&mut lab, "b", "notes.pdf");
 }
+
+#[test]
+fn a_full_disk_ends_the_transfer_clearly_and_keeps_what_arrived() {
+    let root = std::process::Command::new("id").arg("-u").output();
+    if !root.is_ok_and(|o| o.stdout.trim_ascii() == b"0") {
+        eprintln!("SKIPPED: mounting a small filesystem needs root");
+        return;
+    }
+    let mut lab = pair("ffull");
+    let inbox = lab.dir.join("small");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount a tmpfs at {}", inbox.display());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(inbox.clone());
+    let data = content(10, 4 * 1024 * 1024);
+    let src = write_file(&lab.dir.join("out"), "big.iso", &data);
+    let sender = send_in_background(&lab, "a", "bob", &src);
+    let id = offer_at(&mut lab, "b", "big.iso");
+    let got = lab.ctl("b", &["accept-file", &id, "--to", inbox.to_str().unwrap()]);
+    assert_eq!(got.code, 1, "{got:?}");
+    assert!(got.stderr.contains("disk is full"), "{got:?}");
+    let sent = sender.join().unwrap();
+    assert_eq!(sent.code, 1, "{sent:?}");
+    assert!(sent.stderr.contains("disk is full"), "{sent:?}");
+    // What arrived is still there, under its .part name; no final name.
+    let names: Vec<String> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].ends_with(".part"), "{names:?}");
+    let kept = std::fs::metadata(inbox.join(&names[0])).unwrap().len();
+    assert!(kept > 0, "nothing kept");
+}
