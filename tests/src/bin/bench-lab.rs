@@ -7,6 +7,13 @@
 //! on each link: a 50 ms round trip between the hosts, plus what the
 //! hosts add; `LOSS` percent lost on each link in each direction, so
 //! about twice that end to end), alice sends bob a file of `SIZE` MiB.
+//!
+//! With a third argument `RATE` (Mbit/s), alice's router sends no faster
+//! than that (`tc tbf`), and a TCP flow from alice's host to the public
+//! segment shares that bottleneck while the file goes: the figures show
+//! how the two split it.
+//!
+//!     bench-lab [SIZE_MIB] [LOSS_PCT] [RATE_MBIT]
 
 use e2e::natlab::{Nat, Net, SERVER_V4};
 use e2e::Lab;
@@ -16,6 +23,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let size_mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(256);
     let loss: String = args.next().unwrap_or_else(|| "0.5".into());
+    let rate: Option<u32> = args.next().and_then(|a| a.parse().ok());
     let Some(mut net) = Net::new("bench") else {
         eprintln!("bench-lab: the NAT lab cannot run here (see above)");
         std::process::exit(2);
@@ -26,6 +34,26 @@ fn main() {
     net.block_v6(&ra);
     net.block_v6(&rb);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
+    if let Some(mbit) = rate {
+        e2e::natlab::exec(
+            &ra.ns,
+            &[
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "wan",
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                "64kb",
+                "latency",
+                "100ms",
+            ],
+        );
+    }
     let mut lab = Lab::new("bench");
     lab.server = Some(format!("{SERVER_V4}:7000"));
     let public = net.public.clone();
@@ -76,6 +104,11 @@ fn main() {
             })
     });
     let inbox = lab.dir.join("inbox");
+    // The competing TCP flow: alice's host to the public segment, through
+    // the same bottleneck, for as long as the file takes.
+    let tcp = rate
+        .filter(|_| std::env::var_os("BENCH_NO_TCP").is_none())
+        .map(|_| TcpFlow::start(&ha.ns, &net.public));
     let start = Instant::now();
     lab.ctl(
         "bob",
@@ -83,6 +116,7 @@ fn main() {
     )
     .ok();
     let secs = start.elapsed().as_secs_f64();
+    let tcp_bytes = tcp.map(|t| t.stop());
     let same = std::fs::read(inbox.join("file.bin"))
         .map(|d| d == data)
         .unwrap_or(false);
@@ -98,7 +132,95 @@ fn main() {
         bytes / secs / 1e6,
         bytes * 8.0 / secs / 1e6
     );
+    if let (Some(mbit), Some(b)) = (rate, tcp_bytes) {
+        let file = bytes * 8.0 / secs / 1e6;
+        let tcp = b as f64 * 8.0 / secs / 1e6;
+        println!("bottleneck: {mbit} Mbit/s (tc tbf at alice's router), shared with one TCP flow");
+        println!(
+            "shares:    file {file:.1} Mbit/s ({:.0}%), TCP {tcp:.1} Mbit/s ({:.0}%)",
+            100.0 * file / (file + tcp),
+            100.0 * tcp / (file + tcp)
+        );
+    }
     if !same {
         std::process::exit(1);
+    }
+}
+
+/// A bulk TCP flow from namespace `from` to a listener in namespace `to`
+/// (on the public segment's address), counting what arrives.
+struct TcpFlow {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn enter(ns: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("namespace");
+    // SAFETY: setns on a namespace file we own; it affects this thread,
+    // which exists only for the flow.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {ns}");
+}
+
+impl TcpFlow {
+    fn start(from: &str, to: &str) -> TcpFlow {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let to = to.to_owned();
+        let (s, r) = (stop.clone(), received.clone());
+        let server = std::thread::spawn(move || {
+            enter(&to);
+            let l = std::net::TcpListener::bind((SERVER_V4, 5201)).expect("listen");
+            let _ = ready_tx.send(());
+            let (mut c, _) = l.accept().expect("accept");
+            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut buf = vec![0u8; 1 << 16];
+            while !s.load(Ordering::SeqCst) {
+                match c.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        r.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                    Err(_) => continue,
+                }
+            }
+        });
+        let _ = ready_rx.recv();
+        let from = from.to_owned();
+        let s = stop.clone();
+        let client = std::thread::spawn(move || {
+            enter(&from);
+            let mut c = std::net::TcpStream::connect((SERVER_V4, 5201)).expect("connect");
+            let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
+            let buf = vec![0x5au8; 1 << 16];
+            while !s.load(Ordering::SeqCst) {
+                let _ = c.write(&buf);
+            }
+        });
+        // Let TCP reach its share before the file starts.
+        std::thread::sleep(Duration::from_secs(3));
+        received.store(0, Ordering::SeqCst);
+        TcpFlow {
+            stop,
+            received,
+            threads: vec![server, client],
+        }
+    }
+
+    /// Bytes received since the file started.
+    fn stop(self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let got = self.received.load(Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        got
     }
 }
