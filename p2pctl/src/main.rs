@@ -668,7 +668,14 @@ async fn run(args: Args) -> Result<(), Failure> {
         }
         Cmd::Cancel { id } => {
             let v = conn.call(Command::Cancel { transfer: id }).await?;
-            print(&v, transfer_text(&v))
+            if json {
+                return out(&v.to_string());
+            }
+            // A directory answers with its files.
+            match v.as_array() {
+                Some(list) => list.iter().try_for_each(|t| out(&transfer_text(t))),
+                None => out(&transfer_text(&v)),
+            }
         }
         Cmd::Watch => {
             conn.call(Command::Watch).await?;

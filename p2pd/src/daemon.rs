@@ -559,6 +559,18 @@ impl Daemon {
                 format!("{} has no files", dir.display()),
             ));
         }
+        if let Some((_, rel)) = list
+            .iter()
+            .find(|(_, rel)| top.len() + 1 + rel.len() > proto::wire::MAX_FILE_PATH)
+        {
+            return Err(err(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{top}/{rel} is longer than {} bytes",
+                    proto::wire::MAX_FILE_PATH
+                ),
+            ));
+        }
         let group = self.new_transfer_id()?;
         let n = list.len() as u32;
         let mut size = 0;
@@ -632,15 +644,25 @@ impl Daemon {
         }
         // A directory: its id, or any of its files' ids.
         let want = id.trim().to_ascii_lowercase();
-        let by_group = self
+        let mut groups: Vec<u64> = self
             .store
             .transfers()
             .map_err(internal)?
             .into_iter()
-            .find(|t| {
+            .filter(|t| {
                 !t.outgoing && t.group != 0 && want.len() >= 4 && hex_id(t.group).starts_with(&want)
             })
-            .map(|t| t.group);
+            .map(|t| t.group)
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        if groups.len() > 1 {
+            return Err(err(
+                ErrorCode::NoTransfer,
+                format!("{want} names more than one directory; give more digits"),
+            ));
+        }
+        let by_group = groups.first().copied();
         let group = match by_group {
             Some(g) => Some(g),
             None => Some(self.find_transfer(id)?)
@@ -1235,19 +1257,24 @@ impl Daemon {
                         return; // ended already: packets still in flight
                     }
                     let full = e.raw_os_error() == Some(libc::ENOSPC);
-                    let reason = if full {
+                    // The peer is told why, not where our files are.
+                    let (told, reason) = if full {
                         // What arrived stays, for the user to look at or
                         // to free space and have it sent again.
                         self.files.keep_part(id);
-                        format!(
-                            "the receiver's disk is full (what arrived is kept in {})",
-                            row.part.as_deref().unwrap_or("the .part file")
+                        (
+                            "the receiver's disk is full".to_owned(),
+                            format!(
+                                "the receiver's disk is full (what arrived is kept in {})",
+                                row.part.as_deref().unwrap_or("the .part file")
+                            ),
                         )
                     } else {
-                        format!("cannot write the file: {e}")
+                        let r = format!("cannot write the file: {e}");
+                        ("the receiver cannot write the file".to_owned(), r)
                     };
                     tracing::warn!(id = %hex_id(id), %reason, "TRANSFER(WRITE_FAILED)");
-                    self.node.cancel_file(now, &peer, id, &reason);
+                    self.node.cancel_file(now, &peer, id, &told);
                     self.end_transfer(&row, &reason);
                 }
             }
@@ -1537,6 +1564,15 @@ impl Daemon {
                         t.group != 0 && want.len() >= 4 && hex_id(t.group).starts_with(&want)
                     })
                     .collect();
+                let mut distinct: Vec<u64> = members.iter().map(|t| t.group).collect();
+                distinct.sort_unstable();
+                distinct.dedup();
+                if distinct.len() > 1 {
+                    return Err(err(
+                        ErrorCode::NoTransfer,
+                        format!("{want} names more than one directory; give more digits"),
+                    ));
+                }
                 if !members.is_empty() {
                     for row in members
                         .iter()
