@@ -67,13 +67,25 @@ struct Part {
 
 /// A file being sent, with what it was when it was hashed.
 struct Source {
-    file: File,
+    path: PathBuf,
+    /// Opened when first read; closed again when too many are open.
+    file: Option<File>,
+    used: u64,
     size: u64,
     mtime_ns: i64,
 }
 
+/// Source files kept open at once (a directory of thousands of files must
+/// not run into the open-file limit).
+const MAX_OPEN_SOURCES: usize = 64;
+/// Files hashed at once (each reads a piece-sized buffer).
+const HASHERS: usize = 2;
+
 pub struct Files {
     sources: HashMap<u64, Source>,
+    /// Reads so far: the clock of "least recently used".
+    reads: u64,
+    hashing: std::sync::Arc<tokio::sync::Semaphore>,
     parts: HashMap<u64, Part>,
     jobs: mpsc::Sender<JobDone>,
 }
@@ -83,6 +95,8 @@ impl Files {
         let (jobs, rx) = mpsc::channel(1024);
         let files = Self {
             sources: HashMap::new(),
+            reads: 0,
+            hashing: std::sync::Arc::new(tokio::sync::Semaphore::new(HASHERS)),
             parts: HashMap::new(),
             jobs,
         };
@@ -100,32 +114,22 @@ impl Files {
         piece_size: u32,
     ) {
         let jobs = self.jobs.clone();
-        tokio::task::spawn_blocking(move || {
-            let done = match hash_file(&path, piece_size) {
-                Ok((size, mtime_ns, hash, piece_hashes)) => JobDone::Hashed {
-                    id,
-                    peer,
-                    path,
-                    name,
-                    group,
-                    size,
-                    mtime_ns,
-                    hash,
-                    piece_hashes,
-                },
-                Err(e) => JobDone::HashFailed {
-                    id,
-                    peer,
-                    error: e.to_string(),
-                    path,
-                },
+        let permits = self.hashing.clone();
+        // A few at a time: a directory of thousands of files queues here.
+        tokio::spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
             };
-            let _ = jobs.blocking_send(done);
+            let _ = tokio::task::spawn_blocking(move || {
+                hash_job(id, peer, path, name, group, piece_size, jobs)
+            })
+            .await;
         });
     }
 
-    /// Opens a file to send; `size` and `mtime_ns` are what it was when
-    /// hashed: a file that changes since is refused as it is read.
+    /// Notes a file to send; `size` and `mtime_ns` are what it was when
+    /// hashed: a file that changes since is refused as it is read. It is
+    /// opened when first read.
     pub fn open_source(
         &mut self,
         id: u64,
@@ -133,11 +137,13 @@ impl Files {
         size: u64,
         mtime_ns: i64,
     ) -> std::io::Result<()> {
-        let file = File::open(path)?;
+        std::fs::metadata(path)?;
         self.sources.insert(
             id,
             Source {
-                file,
+                path: path.to_owned(),
+                file: None,
+                used: 0,
                 size,
                 mtime_ns,
             },
@@ -239,26 +245,77 @@ impl Files {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn hash_job(
+    id: u64,
+    peer: String,
+    path: PathBuf,
+    name: String,
+    group: (u64, u32),
+    piece_size: u32,
+    jobs: mpsc::Sender<JobDone>,
+) {
+    let done = match hash_file(&path, piece_size) {
+        Ok((size, mtime_ns, hash, piece_hashes)) => JobDone::Hashed {
+            id,
+            peer,
+            path,
+            name,
+            group,
+            size,
+            mtime_ns,
+            hash,
+            piece_hashes,
+        },
+        Err(e) => JobDone::HashFailed {
+            id,
+            peer,
+            error: e.to_string(),
+            path,
+        },
+    };
+    let _ = jobs.blocking_send(done);
+}
+
 impl FileSource for Files {
     fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reads += 1;
+        let open = self.sources.values().filter(|s| s.file.is_some()).count();
+        let needs_open = self.sources.get(&id).is_some_and(|s| s.file.is_none());
+        if needs_open && open >= MAX_OPEN_SOURCES {
+            if let Some(lru) = self
+                .sources
+                .values_mut()
+                .filter(|s| s.file.is_some())
+                .min_by_key(|s| s.used)
+            {
+                lru.file = None;
+            }
+        }
+        let reads = self.reads;
         let s = self
             .sources
-            .get(&id)
+            .get_mut(&id)
             .ok_or_else(|| std::io::Error::other("the file is no longer open"))?;
+        s.used = reads;
+        if s.file.is_none() {
+            s.file = Some(File::open(&s.path)?);
+        }
+        let file = s.file.as_ref().expect("opened above");
         // At each piece, the file must still be what was hashed and
         // offered (one fstat a MiB).
         // (`is_multiple_of` is newer than the crate's rust-version.)
         #[allow(clippy::manual_is_multiple_of)]
         let piece_start = offset % proto::transfer::PIECE_SIZE as u64 == 0;
         if piece_start {
-            let meta = s.file.metadata()?;
+            let meta = file.metadata()?;
             if meta.len() != s.size || mtime_ns(&meta) != s.mtime_ns {
                 return Err(std::io::Error::other(
                     "the file changed while it was being sent",
                 ));
             }
         }
-        let f = &s.file;
+        let f = file;
         let mut n = 0;
         while n < buf.len() {
             match f.read_at(&mut buf[n..], offset + n as u64)? {

@@ -411,3 +411,35 @@ fn a_full_disk_ends_the_transfer_clearly_and_keeps_what_arrived() {
     let kept = std::fs::metadata(inbox.join(&names[0])).unwrap().len();
     assert!(kept > 0, "nothing kept");
 }
+
+#[test]
+fn a_directory_of_many_files_arrives_whole() {
+    // More files than the sender keeps open at once (64).
+    let mut lab = pair("fmany");
+    let src = lab.dir.join("out").join("many");
+    for i in 0..150u64 {
+        let sub = src.join(format!("d{}", i % 7));
+        write_file(
+            &sub,
+            &format!("f{i}.txt"),
+            &content(100 + i, 5_000 + i as usize),
+        );
+    }
+    let want = tree(&src);
+    let inbox = lab.dir.join("inbox");
+    let sender = send_in_background(&lab, "a", "bob", &src);
+    let group = lab.wait_for("the first offer", WAIT, |lab| {
+        transfers(lab, "b")
+            .into_iter()
+            .find(|t| t["state"] == "offered")
+            .map(|t| t["group"].as_str().unwrap().to_owned())
+    });
+    // Accepting early: files offered later follow by themselves.
+    let got = lab.ctl(
+        "b",
+        &["accept-file", &group, "--to", inbox.to_str().unwrap()],
+    );
+    got.ok();
+    sender.join().unwrap().ok();
+    assert_eq!(tree(&inbox.join("many")), want);
+}
