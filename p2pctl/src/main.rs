@@ -398,6 +398,8 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
         .and_then(Value::as_u64)
         .filter(|_| start.get("group") == start.get("id"));
     let mut files_done = 0u64;
+    let mut files_failed = 0u64;
+    let mut sizes: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     let mut per_file: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     loop {
         let v = w.next().await.map_err(|mut f| {
@@ -417,11 +419,16 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
         match field(&v, "event") {
             "transfer_progress" if !json => {
                 let mut done = v.get("done").and_then(Value::as_u64).unwrap_or(0);
+                let mut size = size;
                 if files.is_some() {
                     per_file.insert(field(&v, "id").to_owned(), done);
                     done = per_file.values().sum();
+                    let s = v.get("size").and_then(Value::as_u64).unwrap_or(0);
+                    sizes.insert(field(&v, "id").to_owned(), s);
+                    // Files offered after the accept add to the total.
+                    size = size.max(sizes.values().sum());
                 }
-                let pct = (done * 100).checked_div(size).unwrap_or(100);
+                let pct = (done * 100).checked_div(size).unwrap_or(100).min(100);
                 let rate = rate_text(v.get("rate").and_then(Value::as_f64));
                 if tty {
                     let width = 30;
@@ -442,7 +449,7 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
                     ))?;
                 }
             }
-            "transfer_done" if files.is_some_and(|n| files_done + 1 < n) => {
+            "transfer_done" if files.is_some_and(|n| files_done + files_failed + 1 < n) => {
                 files_done += 1;
                 if !json {
                     out(&format!(
@@ -452,20 +459,38 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
                     ))?;
                 }
             }
+            "transfer_done" if files_failed > 0 => {
+                if tty {
+                    eprintln!();
+                }
+                return Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "directory {id}: {files_failed} of {} files failed",
+                        files.unwrap_or(0)
+                    ),
+                });
+            }
             "transfer_done" => {
                 if tty {
                     eprintln!();
                 }
                 if !json {
                     let secs = began.elapsed().as_secs_f64();
-                    let path = v
-                        .get("path")
-                        .and_then(Value::as_str)
-                        .map(clean)
-                        .unwrap_or_default();
+                    // A directory: where it is as a whole, not its last file.
+                    let path = match files {
+                        Some(_) => start.get("path"),
+                        None => v.get("path"),
+                    }
+                    .and_then(Value::as_str)
+                    .map(clean)
+                    .unwrap_or_default();
+                    let what = match files {
+                        Some(n) => format!("{n} files"),
+                        None => bytes(size),
+                    };
                     out(&format!(
-                        "done: {name} ({}) in {secs:.1} s{}",
-                        bytes(size),
+                        "done: {name} ({what}) in {secs:.1} s{}",
                         if path.is_empty() {
                             String::new()
                         } else {
@@ -475,18 +500,37 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
                 }
                 return Ok(());
             }
+            // One file of a directory failed: say so and go on with the
+            // others; the directory as a whole fails at the end.
+            "transfer_failed" if files.is_some_and(|n| files_done + files_failed + 1 < n) => {
+                files_failed += 1;
+                let name = per_file_name(&v);
+                eprintln!("p2pctl: {name} failed: {}", clean(field(&v, "reason")));
+            }
             "transfer_failed" => {
                 if tty {
                     eprintln!();
                 }
-                return Err(Failure {
-                    code: 1,
-                    message: format!("transfer {id} failed: {}", clean(field(&v, "reason"))),
-                });
+                let reason = clean(field(&v, "reason"));
+                let message = match files {
+                    Some(n) => format!(
+                        "directory {id}: {} of {n} files failed (last: {reason})",
+                        files_failed + 1
+                    ),
+                    None => format!("transfer {id} failed: {reason}"),
+                };
+                return Err(Failure { code: 1, message });
             }
             _ => {}
         }
     }
+}
+
+/// A file's name in an event, for messages: its transfer id when the
+/// event has no path.
+fn per_file_name(v: &Value) -> String {
+    let id = field(v, "id");
+    format!("transfer {}", id.get(..8).unwrap_or(id))
 }
 
 fn field<'a>(v: &'a Value, key: &str) -> &'a str {
