@@ -183,6 +183,26 @@ struct Incoming {
 const MAX_BAD_PIECES: u32 = 8;
 
 impl Incoming {
+    /// An offer, nothing received yet. `piece_size` is at least 1 and the
+    /// piece count was checked by the caller.
+    fn new(path: String, size: u64, piece_size: u32, hash: [u8; 32]) -> Self {
+        let piece_size = piece_size.max(1);
+        let n = piece_count(size, piece_size);
+        Incoming {
+            path,
+            size,
+            piece_size,
+            hash,
+            piece_hashes: vec![None; n as usize],
+            pieces: (0..n)
+                .map(|_| PieceState::Filling(BTreeMap::new()))
+                .collect(),
+            verified: 0,
+            phase: Phase::Offered,
+            bad: 0,
+        }
+    }
+
     fn verified_pieces(&self) -> Vec<bool> {
         self.pieces
             .iter()
@@ -331,23 +351,8 @@ impl Transfers {
         hash: [u8; 32],
         have: &[bool],
     ) {
-        let n = piece_count(size, piece_size.max(1));
-        self.incoming.insert(
-            id,
-            Incoming {
-                path,
-                size,
-                piece_size: piece_size.max(1),
-                hash,
-                piece_hashes: vec![None; n as usize],
-                pieces: (0..n)
-                    .map(|_| PieceState::Filling(BTreeMap::new()))
-                    .collect(),
-                verified: 0,
-                phase: Phase::Offered,
-                bad: 0,
-            },
-        );
+        self.incoming
+            .insert(id, Incoming::new(path, size, piece_size, hash));
         self.accept(id, have);
     }
 
@@ -361,23 +366,8 @@ impl Transfers {
         piece_size: u32,
         hash: [u8; 32],
     ) {
-        let n = piece_count(size, piece_size.max(1));
-        self.incoming.insert(
-            id,
-            Incoming {
-                path,
-                size,
-                piece_size: piece_size.max(1),
-                hash,
-                piece_hashes: vec![None; n as usize],
-                pieces: (0..n)
-                    .map(|_| PieceState::Filling(BTreeMap::new()))
-                    .collect(),
-                verified: 0,
-                phase: Phase::Offered,
-                bad: 0,
-            },
-        );
+        self.incoming
+            .insert(id, Incoming::new(path, size, piece_size, hash));
     }
 
     /// The peer offers again a file we already received (our `Done` was
@@ -720,23 +710,8 @@ impl Transfers {
                     });
                     return;
                 }
-                let n = pieces as u32;
-                self.incoming.insert(
-                    id,
-                    Incoming {
-                        path: path.clone(),
-                        size,
-                        piece_size,
-                        hash,
-                        piece_hashes: vec![None; n as usize],
-                        pieces: (0..n)
-                            .map(|_| PieceState::Filling(BTreeMap::new()))
-                            .collect(),
-                        verified: 0,
-                        phase: Phase::Offered,
-                        bad: 0,
-                    },
-                );
+                self.incoming
+                    .insert(id, Incoming::new(path.clone(), size, piece_size, hash));
                 self.events.push_back(TransferEvent::Offered {
                     id,
                     path,
