@@ -606,10 +606,9 @@ impl Daemon {
     }
 
     fn new_transfer_id(&self) -> Result<u64, ControlError> {
-        let rows = self.store.transfers().map_err(internal)?;
         loop {
             let id: u64 = rand::random();
-            let taken = rows.iter().any(|t| t.id == id || t.group == id)
+            let taken = self.store.id_taken(id).map_err(internal)?
                 || self.groups.contains_key(&id)
                 || self.groups.values().any(|g| *g == id);
             if id != 0 && !taken {
@@ -643,26 +642,7 @@ impl Daemon {
             ));
         }
         // A directory: its id, or any of its files' ids.
-        let want = id.trim().to_ascii_lowercase();
-        let mut groups: Vec<u64> = self
-            .store
-            .transfers()
-            .map_err(internal)?
-            .into_iter()
-            .filter(|t| {
-                !t.outgoing && t.group != 0 && want.len() >= 4 && hex_id(t.group).starts_with(&want)
-            })
-            .map(|t| t.group)
-            .collect();
-        groups.sort_unstable();
-        groups.dedup();
-        if groups.len() > 1 {
-            return Err(err(
-                ErrorCode::NoTransfer,
-                format!("{want} names more than one directory; give more digits"),
-            ));
-        }
-        let by_group = groups.first().copied();
+        let by_group = self.find_group(id, true)?;
         let group = match by_group {
             Some(g) => Some(g),
             None => Some(self.find_transfer(id)?)
@@ -686,7 +666,7 @@ impl Daemon {
         }
         let name = files::sanitize(&row.name);
         self.accept_into(now, &row, &dir, &name)?;
-        json(&self.transfer_info(&self.find_transfer(&hex_id(row.id))?))
+        json(&self.transfer_info(&self.transfer_row(row.id)?))
     }
 
     /// Takes every file offered so far of directory `group` into a new
@@ -700,10 +680,10 @@ impl Daemon {
     ) -> Result<Option<serde_json::Value>, ControlError> {
         let members: Vec<TransferRow> = self
             .store
-            .transfers()
+            .group_members(group)
             .map_err(internal)?
             .into_iter()
-            .filter(|t| !t.outgoing && t.group == group)
+            .filter(|t| !t.outgoing)
             .collect();
         let key = format!("group_root:{}", hex_id(group));
         let root = match self.store.setting(&key).map_err(internal)? {
@@ -775,11 +755,10 @@ impl Daemon {
     ) -> Result<(), ControlError> {
         let taken: Vec<std::path::PathBuf> = self
             .store
-            .transfers()
+            .active_incoming_paths()
             .map_err(internal)?
             .into_iter()
-            .filter(|t| !t.outgoing && t.state == "active")
-            .filter_map(|t| t.path.map(Into::into))
+            .map(Into::into)
             .collect();
         let dest = files::unique_dest(dir, name, &taken);
         let final_name = dest
@@ -807,6 +786,42 @@ impl Daemon {
             ));
         }
         Ok(())
+    }
+
+    /// The directory a prefix (four hex digits or more) names, if it names
+    /// one; an error if it names several. `incoming`: only directories
+    /// received.
+    fn find_group(&self, id: &str, incoming: bool) -> Result<Option<u64>, ControlError> {
+        let want = id.trim().to_ascii_lowercase();
+        if want.len() < 4 {
+            return Ok(None);
+        }
+        let mut groups: Vec<u64> = self
+            .store
+            .transfers()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|t| t.group != 0 && !(incoming && t.outgoing))
+            .map(|t| t.group)
+            .filter(|g| hex_id(*g).starts_with(&want))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        if groups.len() > 1 {
+            return Err(err(
+                ErrorCode::NoTransfer,
+                format!("{want} names more than one directory; give more digits"),
+            ));
+        }
+        Ok(groups.first().copied())
+    }
+
+    /// A transfer by its whole id.
+    fn transfer_row(&self, id: u64) -> Result<TransferRow, ControlError> {
+        self.store
+            .transfer(id)
+            .map_err(internal)?
+            .ok_or_else(|| err(ErrorCode::NoTransfer, format!("no transfer {}", hex_id(id))))
     }
 
     /// A transfer by id, or by a prefix (four hex digits or more) that
@@ -1092,17 +1107,8 @@ impl Daemon {
                 ok,
             } => {
                 if ok {
-                    if let Ok(Some(mut row)) = self
-                        .store
-                        .transfers()
-                        .map(|v| v.into_iter().find(|t| t.id == id))
-                    {
-                        if let Some(v) = row.verified.get_mut(piece as usize) {
-                            *v = 1;
-                        }
-                        if let Err(e) = self.store.piece_verified(id, &row.verified) {
-                            tracing::error!(error = %e, "STORE(PIECE)");
-                        }
+                    if let Err(e) = self.store.piece_verified(id, piece) {
+                        tracing::error!(error = %e, "STORE(PIECE)");
                     }
                 }
                 self.node.piece_checked(now, &peer, id, piece, ok);
@@ -1149,11 +1155,7 @@ impl Daemon {
                 }
                 // A repeat of an offer we know keeps its record; one we
                 // finished or ended is answered as such, not shown again.
-                let known = self
-                    .store
-                    .transfers()
-                    .ok()
-                    .and_then(|v| v.into_iter().find(|t| t.id == id));
+                let known = self.store.transfer(id).ok().flatten();
                 match known.as_ref().map(|t| t.state.as_str()) {
                     Some("done") => return self.node.already_have(now, &peer, id),
                     Some("ended") => {
@@ -1250,7 +1252,7 @@ impl Daemon {
             }
             T::Write { id, offset, data } => {
                 if let Err(e) = self.files.write(id, offset, &data) {
-                    let Ok(row) = self.find_transfer(&hex_id(id)) else {
+                    let Ok(row) = self.transfer_row(id) else {
                         return;
                     };
                     if row.state != "active" {
@@ -1288,7 +1290,7 @@ impl Daemon {
                 self.files.check_piece(peer, id, piece, offset, len, hash);
             }
             T::VerifyFile { id, hash } => {
-                let Ok(row) = self.find_transfer(&hex_id(id)) else {
+                let Ok(row) = self.transfer_row(id) else {
                     return;
                 };
                 let dest = std::path::PathBuf::from(row.path.clone().unwrap_or_default());
@@ -1326,7 +1328,7 @@ impl Daemon {
                 }
             }
             T::Finished { id } => {
-                let Ok(row) = self.find_transfer(&hex_id(id)) else {
+                let Ok(row) = self.transfer_row(id) else {
                     return;
                 };
                 self.progress.remove(&id);
@@ -1347,7 +1349,7 @@ impl Daemon {
             }
             T::Ended { id, reason } => {
                 self.node.forget_transfer(&peer, id);
-                if let Ok(row) = self.find_transfer(&hex_id(id)) {
+                if let Ok(row) = self.transfer_row(id) {
                     if row.state != "ended" && row.state != "done" {
                         tracing::info!(id = %hex_id(id), %peer, %reason, "TRANSFER(ENDED)");
                         self.end_transfer(&row, &reason);
@@ -1554,25 +1556,10 @@ impl Daemon {
             }
             Command::Cancel { transfer } => {
                 // A directory: cancel each of its files not finished.
-                let want = transfer.trim().to_ascii_lowercase();
-                let members: Vec<TransferRow> = self
-                    .store
-                    .transfers()
-                    .map_err(internal)?
-                    .into_iter()
-                    .filter(|t| {
-                        t.group != 0 && want.len() >= 4 && hex_id(t.group).starts_with(&want)
-                    })
-                    .collect();
-                let mut distinct: Vec<u64> = members.iter().map(|t| t.group).collect();
-                distinct.sort_unstable();
-                distinct.dedup();
-                if distinct.len() > 1 {
-                    return Err(err(
-                        ErrorCode::NoTransfer,
-                        format!("{want} names more than one directory; give more digits"),
-                    ));
-                }
+                let members = match self.find_group(&transfer, false)? {
+                    Some(g) => self.store.group_members(g).map_err(internal)?,
+                    None => Vec::new(),
+                };
                 if !members.is_empty() {
                     for row in members
                         .iter()
@@ -1602,7 +1589,7 @@ impl Daemon {
                 let reason = "cancelled by the user";
                 self.node.cancel_file(now, &row.peer, row.id, reason);
                 self.end_transfer(&row, reason);
-                json(&self.transfer_info(&self.find_transfer(&hex_id(row.id))?))
+                json(&self.transfer_info(&self.transfer_row(row.id)?))
             }
             Command::Whoami => {
                 let link = self.node.link();

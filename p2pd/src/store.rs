@@ -363,15 +363,6 @@ impl Store {
         Ok(())
     }
 
-    /// A piece of an incoming file is verified and synced.
-    pub fn piece_verified(&self, id: u64, verified: &[u8]) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE transfers SET verified = ?2 WHERE id = ?1",
-            params![id as i64, verified],
-        )?;
-        Ok(())
-    }
-
     pub fn transfer_state(
         &self,
         id: u64,
@@ -388,12 +379,77 @@ impl Store {
 
     /// Transfers, newest first.
     pub fn transfers(&self) -> Result<Vec<TransferRow>, StoreError> {
+        self.transfers_where("1", [])
+    }
+
+    pub fn transfer(&self, id: u64) -> Result<Option<TransferRow>, StoreError> {
+        Ok(self
+            .transfers_where("id = ?1", [id as i64])?
+            .into_iter()
+            .next())
+    }
+
+    /// The files of directory `group`.
+    pub fn group_members(&self, group: u64) -> Result<Vec<TransferRow>, StoreError> {
+        self.transfers_where("grp = ?1", [group as i64])
+    }
+
+    /// Whether `id` names a transfer or a directory already.
+    pub fn id_taken(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM transfers WHERE id = ?1 OR grp = ?1 LIMIT 1",
+                [id as i64],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Where incoming files under way will get their names.
+    pub fn active_incoming_paths(&self) -> Result<Vec<String>, StoreError> {
         let mut stmt = self.conn.prepare(
+            "SELECT path FROM transfers WHERE direction = 'in' AND state = 'active' \
+             AND path IS NOT NULL",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Piece `piece` of incoming transfer `id` is verified and synced.
+    pub fn piece_verified(&self, id: u64, piece: u32) -> Result<(), StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let blob: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT verified FROM transfers WHERE id = ?1",
+                [id as i64],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        let mut verified = blob.unwrap_or_default();
+        if let Some(v) = verified.get_mut(piece as usize) {
+            *v = 1;
+            tx.execute(
+                "UPDATE transfers SET verified = ?2 WHERE id = ?1",
+                params![id as i64, verified],
+            )?;
+        }
+        Ok(tx.commit()?)
+    }
+
+    fn transfers_where<P: rusqlite::Params>(
+        &self,
+        condition: &str,
+        params: P,
+    ) -> Result<Vec<TransferRow>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
             "SELECT id, peer, direction, name, path, part, size, piece_size, hash, \
              piece_hashes, verified, mtime_ns, state, reason, created_ms, grp, grp_files \
-             FROM transfers ORDER BY created_ms DESC, id",
-        )?;
-        let rows = stmt.query_map([], |r| {
+             FROM transfers WHERE {condition} ORDER BY created_ms DESC, id"
+        ))?;
+        let rows = stmt.query_map(params, |r| {
             let hash: Vec<u8> = r.get(8)?;
             Ok(TransferRow {
                 id: r.get::<_, i64>(0)? as u64,
