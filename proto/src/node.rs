@@ -174,16 +174,12 @@ struct PeerEntry {
 }
 
 impl PeerEntry {
-    fn new(
-        now: Instant,
-        recv_next: u64,
-        pinned: Option<PublicIdentity>,
-        backoff: Duration,
-    ) -> Self {
+    /// `seed` draws the transfers' flow epochs.
+    fn new(now: Instant, recv_next: u64, backoff: Duration, seed: u64) -> Self {
         Self {
-            pinned,
+            pinned: None,
             reliable: Reliable::new(recv_next),
-            transfers: Transfers::new(rand::random()),
+            transfers: Transfers::new(seed),
             session: None,
             auto_connect: false,
             connecting: false,
@@ -201,6 +197,15 @@ impl PeerEntry {
 
     fn is_up(&self) -> bool {
         self.session.as_ref().is_some_and(|s| s.is_up())
+    }
+
+    /// Something waits for this peer (a message, a file): reconnect by
+    /// itself, at once if it was not already trying.
+    fn want_session(&mut self, now: Instant) {
+        if !self.auto_connect {
+            self.auto_connect = true;
+            self.next_reconnect = now;
+        }
     }
 
     /// Closes the session politely (its `Close` goes into `out`) and stops
@@ -307,18 +312,20 @@ impl Node {
         recv_next: u64,
     ) {
         let backoff = self.config.reconnect_min;
+        let seed = self.rng.gen();
         let e = self
             .peers
             .entry(name.to_owned())
-            .or_insert_with(|| PeerEntry::new(now, recv_next, None, backoff));
+            .or_insert_with(|| PeerEntry::new(now, recv_next, backoff, seed));
         e.pinned = Some(identity);
     }
 
     fn entry(&mut self, now: Instant, name: &str) -> &mut PeerEntry {
         let backoff = self.config.reconnect_min;
+        let seed = self.rng.gen();
         self.peers
             .entry(name.to_owned())
-            .or_insert_with(|| PeerEntry::new(now, 0, None, backoff))
+            .or_insert_with(|| PeerEntry::new(now, 0, backoff, seed))
     }
 
     pub fn register(&mut self, now: Instant, name: &str) -> u32 {
@@ -416,10 +423,7 @@ impl Node {
     pub fn send_message(&mut self, now: Instant, name: &str, msg: Outgoing) {
         let e = self.entry(now, name);
         e.reliable.push(msg);
-        if !e.auto_connect {
-            e.auto_connect = true;
-            e.next_reconnect = now;
-        }
+        e.want_session(now);
         self.pump(now);
     }
 
@@ -490,10 +494,7 @@ impl Node {
         let e = self.entry(now, name);
         e.transfers
             .offer(id, path, size, piece_size, hash, piece_hashes, group);
-        if !e.auto_connect {
-            e.auto_connect = true;
-            e.next_reconnect = now;
-        }
+        e.want_session(now);
         self.pump(now);
     }
 
@@ -528,10 +529,7 @@ impl Node {
         let e = self.entry(now, name);
         e.transfers
             .restore_incoming(id, path, size, piece_size, hash, have);
-        if !e.auto_connect {
-            e.auto_connect = true;
-            e.next_reconnect = now;
-        }
+        e.want_session(now);
         self.pump(now);
     }
 
