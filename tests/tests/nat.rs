@@ -5,7 +5,7 @@
 //! Each test builds its own lab and deletes it. Without root or nftables
 //! the tests print SKIPPED and pass, unless `P2P_REQUIRE_NATLAB=1`.
 
-use e2e::natlab::{Capture, Host, Nat, Net, SERVER_V4};
+use e2e::natlab::{Capture, Host, Nat, Net, Router, SERVER_V4};
 use e2e::Lab;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -29,6 +29,15 @@ fn daemon(lab: &mut Lab, name: &str, host: &Host) {
     // The default listen address: IPv4 and IPv6 on one socket.
     lab.start_daemon_in(Some(&host.ns), name, &[]);
     registered(lab, name);
+}
+
+/// A host behind each router, alice's and bob's, with their daemons up
+/// and logged in.
+fn alice_and_bob(net: &mut Net, lab: &mut Lab, ra: &Router, rb: &Router) -> (Host, Host) {
+    let (ha, hb) = (net.host(ra), net.host(rb));
+    daemon(lab, "alice", &ha);
+    daemon(lab, "bob", &hb);
+    (ha, hb)
 }
 
 /// Registers `name` and waits until it is logged in (and has probed its
@@ -111,9 +120,7 @@ fn two_home_routers_connect_directly() {
     // IPv4 only: the path must go through both NATs.
     net.block_v6(&ra);
     net.block_v6(&rb);
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
 
     let (took, pa, pb) = connect(&mut lab, "alice", "bob");
     println!("direct session up {took:?} after accept");
@@ -156,9 +163,7 @@ fn double_nat_connects() {
     let cgn = net.cgnat();
     let ra = net.router_behind(&cgn, Nat::Home);
     let rb = net.router(Nat::Home);
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     let (_, pa, _) = connect(&mut lab, "alice", "bob");
     println!("double NAT: alice reaches bob at {}", pa["endpoint"]);
     chat(&mut lab, "alice", "bob", "through two NATs");
@@ -172,9 +177,7 @@ fn symmetric_nats_on_both_sides_are_relayed_and_the_relay_reads_nothing() {
     let (ra, rb) = (net.router(Nat::Symmetric), net.router(Nat::Symmetric));
     net.block_v6(&ra);
     net.block_v6(&rb);
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     let (took, pa, pb) = connect(&mut lab, "alice", "bob");
     println!("relayed session up {took:?} after accept");
     let server = format!("{SERVER_V4}:7000");
@@ -216,9 +219,7 @@ fn symmetric_nat_on_one_side_is_relayed_then_direct_by_port_prediction() {
     let (ra, rb) = (net.router(Nat::Symmetric), net.router(Nat::Home));
     // IPv4 only, so the direct path must come through the NATs.
     net.block_v6(&ra);
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     let accepted = Instant::now();
     let (took, pa, pb) = connect(&mut lab, "alice", "bob");
     println!("session up {took:?} after accept: {pa} / {pb}");
@@ -336,9 +337,7 @@ fn a_router_that_forgets_its_mappings_mid_conversation_loses_nothing() {
     let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
     net.block_v6(&ra);
     net.block_v6(&rb);
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
     chat(&mut lab, "alice", "bob", "before");
     // Alice's router forgets every mapping, as a rebooted or rebinding NAT
@@ -382,9 +381,7 @@ fn a_network_that_drops_udp_falls_back_to_tcp_and_is_relayed() {
         return;
     };
     let (ra, rb) = (net.router(Nat::UdpBlocked), net.router(Nat::Home));
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     let (took, pa, pb) = connect(&mut lab, "alice", "bob");
     println!("session up {took:?} after accept: alice {pa}, bob {pb}");
     assert_eq!(pa["path"], "relay-tcp", "{pa}");
@@ -418,9 +415,7 @@ fn ipv6_goes_direct_where_ipv4_cannot() {
     // Symmetric NATs on IPv4 (no direct IPv4 path), while both hosts have
     // global IPv6 behind the routers' stateful firewalls.
     let (ra, rb) = (net.router(Nat::Symmetric), net.router(Nat::Symmetric));
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    let (ha, hb) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
     let (took, pa, pb) = connect(&mut lab, "alice", "bob");
     println!("session up {took:?} after accept: {pa} / {pb}");
     // Possibly relayed first, then direct over IPv6 once the probes meet.
@@ -450,9 +445,7 @@ fn a_relayed_session_moves_to_a_direct_path_when_one_opens() {
     let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
     // A firewall between the two routers: only the relay gets through.
     net.block(&ra, &rb);
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    let (_, hb) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
     let (_, pa, _) = connect(&mut lab, "alice", "bob");
     assert_eq!(pa["path"], "relay-udp", "{pa}");
     lab.watch("alice");
@@ -511,9 +504,7 @@ fn lossy_jittery_links_still_punch_through_and_lose_nothing() {
     let rb = net.router_via_link(Nat::Home, &impair);
     net.block_v6(&ra);
     net.block_v6(&rb);
-    let (ha, hb) = (net.host(&ra), net.host(&rb));
-    daemon(&mut lab, "alice", &ha);
-    daemon(&mut lab, "bob", &hb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     let (took, pa, _) = connect(&mut lab, "alice", "bob");
     println!("session up {took:?} after accept: {pa}");
     // A lost handshake may bring it up through the relay first; the
