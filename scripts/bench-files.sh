@@ -11,6 +11,7 @@ SIZE="${1:-1024}"
 source scripts/bench-pair.sh
 
 head -c "$((SIZE * 1024 * 1024))" /dev/urandom > "$DIR/file.bin"
+sync "$DIR/file.bin"  # its write-back would compete with the transfer
 now() { date +%s.%N; }
 a send-file bob "$DIR/file.bin" --no-wait >/dev/null
 t0=$(now)

@@ -5,9 +5,10 @@ cargo build --release --workspace --bins
 BIN="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release"
 DIR="$(mktemp -d /tmp/p2p-bench.XXXXXX)"
 PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$DIR"' EXIT
+# BENCH_KEEP=1 keeps the directory (daemon logs) for a look afterwards.
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; [[ -n "${BENCH_KEEP:-}" ]] && echo "kept $DIR" || rm -rf "$DIR"' EXIT
 wait_for_line() { for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; cat "$1" >&2; exit 1; }
-export RUST_LOG=warn
+export RUST_LOG="${RUST_LOG:-warn}"
 "$BIN/rendezvous" --listen 127.0.0.1:0 --data-dir "$DIR/rv" 2>"$DIR/rv.log" & PIDS+=($!)
 wait_for_line "$DIR/rv.log" "listening on"
 SERVER="$(sed -n 's/.*listening on \([^,]*\),.*/\1/p' "$DIR/rv.log" | head -1)"

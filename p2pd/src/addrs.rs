@@ -42,9 +42,59 @@ pub fn bind_dual(port: u16) -> std::io::Result<std::net::UdpSocket> {
 /// `net.core.rmem_max`/`wmem_max`; a smaller buffer only costs speed.
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// Large buffers, and datagrams that leave whole or not at all.
 fn grow_buffers(s: &socket2::Socket) {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    no_fragments(s);
+}
+
+/// The system must neither fragment our datagrams nor shrink them to a
+/// size an ICMP message claims: path MTU discovery (`proto::flow::pmtud`)
+/// learns what the path carries from acknowledged probes, and a probe
+/// that arrived in fragments would prove nothing. Linux: DF set, the
+/// kernel's path MTU cache ignored (IP_PMTUDISC_PROBE), for IPv4 and, on
+/// an IPv6 socket, for IPv6 as well. macOS: DF on IPv4.
+fn no_fragments(s: &socket2::Socket) {
+    use std::os::fd::AsRawFd;
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: a valid socket and a c_int option of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::debug!(error = %e, "UDP(NO_DF)");
+        }
+    };
+    let v6 = s.domain().is_ok_and(|d| d == socket2::Domain::IPV6);
+    #[cfg(target_os = "linux")]
+    {
+        set(
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        );
+        if v6 {
+            set(
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_PROBE,
+            );
+        }
+    }
+    #[cfg(target_vendor = "apple")]
+    if !v6 {
+        set(libc::IPPROTO_IP, libc::IP_DONTFRAG, 1);
+    }
+    #[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
+    let _ = (set, v6);
 }
 
 /// A non-blocking UDP socket on `addr` (any family), with large buffers.

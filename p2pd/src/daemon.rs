@@ -239,7 +239,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     d.drain(Instant::now()).await?;
 
     tokio::pin!(shutdown);
-    let mut buf = vec![0u8; 2048];
+    // One byte more than the largest datagram, so a larger one is seen
+    // (and dropped as oversized) rather than cut to fit.
+    let mut buf = vec![0u8; proto::wire::MAX_DATAGRAM + 1];
     loop {
         let deadline = d.next_deadline();
         let udp = d.udp.clone();
@@ -1289,7 +1291,7 @@ impl Daemon {
             } => {
                 self.files.check_piece(peer, id, piece, offset, len, hash);
             }
-            T::VerifyFile { id, hash } => {
+            T::VerifyFile { id } => {
                 let Ok(row) = self.transfer_row(id) else {
                     return;
                 };
@@ -1299,7 +1301,7 @@ impl Daemon {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| files::sanitize(&row.name));
-                self.files.finish(peer, id, hash, dir, name);
+                self.files.finish(peer, id, dir, name);
             }
             T::Progress { id, done } => {
                 self.note_progress(now, id, done);

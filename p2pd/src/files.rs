@@ -222,10 +222,9 @@ impl Files {
         });
     }
 
-    /// Checks the whole file against `hash`, syncs it and gives it its
-    /// final name in `dir` (never replacing a file); [`JobDone::File`]
-    /// follows.
-    pub fn finish(&self, peer: String, id: u64, hash: [u8; 32], dir: PathBuf, name: String) {
+    /// Syncs the verified file and gives it its final name in `dir`
+    /// (never replacing a file); [`JobDone::File`] follows.
+    pub fn finish(&self, peer: String, id: u64, dir: PathBuf, name: String) {
         let Some(part) = self.parts.get(&id) else {
             return;
         };
@@ -234,7 +233,7 @@ impl Files {
         };
         let jobs = self.jobs.clone();
         tokio::task::spawn_blocking(move || {
-            let result = finish_file(&file, &part_path, &dir, &name, hash);
+            let result = finish_file(&file, &part_path, &dir, &name);
             let _ = jobs.blocking_send(JobDone::File { peer, id, result });
         });
     }
@@ -327,11 +326,12 @@ impl FileSource for Files {
     }
 }
 
-/// What hashing a file found: size, modification time (ns), SHA-256 of
-/// the whole file and of each piece.
+/// What hashing a file found: size, modification time (ns), the file's
+/// hash (`proto::transfer::file_hash`) and the SHA-256 of each piece.
 pub type Hashed = (u64, i64, [u8; 32], Vec<[u8; 32]>);
 
-/// Size, modification time, SHA-256 of the whole file and of each piece.
+/// Size, modification time, the file's hash and each piece's, in one
+/// read.
 pub fn hash_file(path: &Path, piece_size: u32) -> std::io::Result<Hashed> {
     let mut f = File::open(path)?;
     let meta = f.metadata()?;
@@ -339,7 +339,6 @@ pub fn hash_file(path: &Path, piece_size: u32) -> std::io::Result<Hashed> {
         return Err(std::io::Error::other("not a regular file"));
     }
     let mtime_ns = mtime_ns(&meta);
-    let mut whole = Sha256::new();
     let mut pieces = Vec::new();
     let mut buf = vec![0u8; piece_size as usize];
     let mut size = 0u64;
@@ -354,7 +353,6 @@ pub fn hash_file(path: &Path, piece_size: u32) -> std::io::Result<Hashed> {
         if n == 0 {
             break;
         }
-        whole.update(&buf[..n]);
         pieces.push(Sha256::digest(&buf[..n]).into());
         size += n as u64;
         if n < buf.len() {
@@ -366,7 +364,7 @@ pub fn hash_file(path: &Path, piece_size: u32) -> std::io::Result<Hashed> {
             "the file changed while it was hashed",
         ));
     }
-    Ok((size, mtime_ns, whole.finalize().into(), pieces))
+    Ok((size, mtime_ns, proto::transfer::file_hash(&pieces), pieces))
 }
 
 pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
@@ -380,28 +378,10 @@ fn read_hash(file: &File, offset: u64, len: u64) -> std::io::Result<[u8; 32]> {
     Ok(Sha256::digest(&buf).into())
 }
 
-fn finish_file(
-    file: &File,
-    part: &Path,
-    dir: &Path,
-    name: &str,
-    hash: [u8; 32],
-) -> Result<PathBuf, String> {
-    let mut whole = Sha256::new();
-    let size = file.metadata().map_err(|e| e.to_string())?.len();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0;
-    while offset < size {
-        let n = (size - offset).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], offset)
-            .map_err(|e| format!("cannot read the received file: {e}"))?;
-        whole.update(&buf[..n]);
-        offset += n as u64;
-    }
-    let got: [u8; 32] = whole.finalize().into();
-    if got != hash {
-        return Err("the received file does not match the hash the sender offered".into());
-    }
+/// The last step of a verified file (its pieces were checked against
+/// hashes that match the offer; see `proto::transfer::file_hash`): make it
+/// durable and give it its final name.
+fn finish_file(file: &File, part: &Path, dir: &Path, name: &str) -> Result<PathBuf, String> {
     file.sync_all()
         .map_err(|e| format!("cannot sync the file: {e}"))?;
     // A hard link never replaces an existing file; on a name taken since,

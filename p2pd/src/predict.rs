@@ -104,10 +104,7 @@ impl Predictor {
             let std_socket = if self.v6 {
                 addrs::bind_dual(0)
             } else {
-                std::net::UdpSocket::bind(("0.0.0.0", 0)).and_then(|s| {
-                    s.set_nonblocking(true)?;
-                    Ok(s)
-                })
+                addrs::bind_udp(SocketAddr::from(([0, 0, 0, 0], 0)))
             };
             let bound = std_socket.and_then(UdpSocket::from_std);
             let Ok(socket) = bound else {
@@ -215,6 +212,10 @@ impl Predictor {
     }
 }
 
+/// Reads what a prediction socket receives. Its buffer stays small (a
+/// round opens hundreds of sockets): larger datagrams arrive cut short and
+/// fail to decrypt, so path MTU discovery settles on the 1,452-byte size
+/// on such a path.
 async fn read(id: u32, socket: Arc<UdpSocket>, tx: mpsc::Sender<Extra>) {
     let mut buf = vec![0u8; 2048];
     loop {

@@ -22,7 +22,7 @@ use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
 use crate::reliable::{Outgoing, Reliable, ReliableEvent};
 use crate::transfer::{FileSource, TransferEvent, TransferStatus, Transfers};
-use crate::wire::{ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
+use crate::wire::{self, ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
 use crate::{canonical, Transmit};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -598,6 +598,13 @@ impl Node {
             let Some(s) = e.session.as_mut().filter(|s| s.is_up()) else {
                 continue;
             };
+            // A relay forwards only base-size packets; a direct path may
+            // carry more, which path MTU discovery finds out.
+            match s.path() {
+                Some(Path::Direct(a)) => e.transfers.set_path(a, wire::MAX_DATAGRAM),
+                Some(Path::Relay(a)) => e.transfers.set_path(a, wire::MAX_PACKET),
+                None => {}
+            }
             while let Some(p) = e.transfers.poll_packet(now, src) {
                 if !s.send(now, &p) {
                     break;

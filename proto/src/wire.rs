@@ -18,11 +18,18 @@ use std::net::SocketAddr;
 
 /// The protocol version this crate speaks; packets with another are dropped.
 /// Version 2: relay, NAT probes, the `hard` and `probe_port` fields.
-pub const VERSION: u8 = 2;
+/// Version 3: data packets larger than [`MAX_PACKET`] (path MTU
+/// discovery), and a file's hash taken over its piece hashes.
+pub const VERSION: u8 = 3;
 /// The largest datagram we send or accept. 1232 bytes is what fits in the
 /// IPv6 minimum MTU (1280) after the IPv6 and UDP headers, so it crosses
 /// any path without fragmentation.
 pub const MAX_PACKET: usize = 1232;
+/// The largest datagram a session's data packet may be: what loopback
+/// carries (IPv6 on a 65,536-byte MTU, less the IPv6 and UDP headers).
+/// Sessions send [`MAX_PACKET`] until a larger size has been proven on the
+/// path (`flow::pmtud`); only data packets may exceed [`MAX_PACKET`].
+pub const MAX_DATAGRAM: usize = 65_488;
 /// A handshake initiation is padded to at least this size, so that the
 /// responder's reply is never larger than the request (no amplification).
 pub const MIN_INIT_LEN: usize = 256;
@@ -131,8 +138,11 @@ pub enum Packet<'a> {
 
 impl<'a> Packet<'a> {
     pub fn decode(buf: &'a [u8]) -> Result<Self, DecodeError> {
-        let relayed = buf.get(1) == Some(&(PacketType::Relay as u8));
-        let max = if relayed { MAX_RELAYED } else { MAX_PACKET };
+        let max = match buf.get(1) {
+            Some(t) if *t == PacketType::Relay as u8 => MAX_RELAYED,
+            Some(t) if *t == PacketType::Data as u8 => MAX_DATAGRAM,
+            _ => MAX_PACKET,
+        };
         if buf.len() > max {
             return Err(DecodeError::Oversized {
                 len: buf.len(),
@@ -868,6 +878,9 @@ pub enum FileFrame {
     BadPiece { id: u64, piece: u32 },
     /// The receiver verified the whole file and gave it its name.
     Done { id: u64 },
+    /// `len` bytes of nothing: a path MTU probe is a padded flow packet,
+    /// acknowledged like any other.
+    Padding { len: u16 },
 }
 
 /// Longest relative path in an offer, in bytes.
@@ -878,9 +891,19 @@ pub const MAX_HASHES: usize = 32;
 pub const MAX_RANGES: usize = 32;
 /// type, epoch, pn, frame type, id, offset, length.
 const DATA_FRAME_OVERHEAD: usize = 1 + 4 + 8 + 1 + 8 + 8 + 2;
-/// Most file bytes in one [`FileFrame::Data`], filling a [`MAX_PACKET`]
-/// datagram.
-pub const MAX_FILE_DATA: usize = MAX_INNER - DATA_FRAME_OVERHEAD;
+/// What a data packet adds around the file bytes of a
+/// [`FileFrame::Data`]: packet header, AEAD tag, flow and frame headers.
+pub const DATA_PACKET_OVERHEAD: usize = DATA_HEADER_LEN + 16 + DATA_FRAME_OVERHEAD;
+/// Most file bytes in one [`FileFrame::Data`] in a datagram of `datagram`
+/// bytes.
+pub const fn max_file_data(datagram: usize) -> usize {
+    datagram.saturating_sub(DATA_PACKET_OVERHEAD)
+}
+/// Most file bytes in one [`FileFrame::Data`] that any path carries
+/// (a [`MAX_PACKET`] datagram).
+pub const MAX_FILE_DATA: usize = max_file_data(MAX_PACKET);
+/// Most file bytes in one [`FileFrame::Data`] at all (a [`MAX_DATAGRAM`]).
+pub const MAX_FILE_DATA_LARGE: usize = max_file_data(MAX_DATAGRAM);
 
 impl std::fmt::Debug for FileFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -897,6 +920,7 @@ impl std::fmt::Debug for FileFrame {
             }
             FileFrame::BadPiece { id, piece } => write!(f, "BadPiece({id:x}, {piece})"),
             FileFrame::Done { id } => write!(f, "Done({id:x})"),
+            FileFrame::Padding { len } => write!(f, "Padding({len})"),
         }
     }
 }
@@ -911,6 +935,7 @@ impl FileFrame {
             | FileFrame::Data { id, .. }
             | FileFrame::BadPiece { id, .. }
             | FileFrame::Done { id } => *id,
+            FileFrame::Padding { .. } => 0,
         }
     }
 
@@ -958,6 +983,10 @@ impl FileFrame {
             FileFrame::Done { id } => {
                 w.u8(7).u64(*id);
             }
+            FileFrame::Padding { len } => {
+                w.u8(8).u16(*len);
+                w.buf.resize(w.buf.len() + *len as usize, 0);
+            }
         }
     }
 
@@ -988,13 +1017,16 @@ impl FileFrame {
             5 => FileFrame::Data {
                 id: r.u64()?,
                 offset: r.u64()?,
-                data: r.bytes16(MAX_FILE_DATA)?.to_vec(),
+                data: r.bytes16(MAX_FILE_DATA_LARGE)?.to_vec(),
             },
             6 => FileFrame::BadPiece {
                 id: r.u64()?,
                 piece: r.u32()?,
             },
             7 => FileFrame::Done { id: r.u64()? },
+            8 => FileFrame::Padding {
+                len: r.bytes16(MAX_DATAGRAM)?.len() as u16,
+            },
             t => return Err(DecodeError::UnknownType(t)),
         })
     }
@@ -1150,14 +1182,14 @@ mod tests {
                 reply: true
             }
             .encode()),
-            "0205010203040506070801"
+            "0305010203040506070801"
         );
         assert_eq!(
             hex(&Packet::SessionUnknown {
                 receiver: 0xdeadbeef
             }
             .encode()),
-            "0206deadbeef"
+            "0306deadbeef"
         );
         assert_eq!(
             hex(&Packet::Relay {
@@ -1165,7 +1197,7 @@ mod tests {
                 payload: &[0x02, 0x06, 0xde, 0xad, 0xbe, 0xef]
             }
             .encode()),
-            "020701020304050607080206deadbeef"
+            "030701020304050607080206deadbeef"
         );
         assert_eq!(
             hex(&Packet::Data {
@@ -1174,7 +1206,7 @@ mod tests {
                 ciphertext: &[0xaa; 16]
             }
             .encode()),
-            format!("020400000001{:016x}{}", 2, "aa".repeat(16))
+            format!("030400000001{:016x}{}", 2, "aa".repeat(16))
         );
         assert_eq!(
             hex(&PeerToPeer::Flow {
@@ -1194,6 +1226,31 @@ mod tests {
             .encode()),
             "110000000200000005010000000000000007".to_owned() + "0000000000000009"
         );
+        assert_eq!(
+            hex(&PeerToPeer::Flow {
+                epoch: 2,
+                pn: 1,
+                frame: FileFrame::Padding { len: 3 }
+            }
+            .encode()),
+            "10000000020000000000000001080003000000"
+        );
+        // Data packets may be as large as MAX_DATAGRAM, no larger.
+        let big = vec![0xaa; MAX_DATAGRAM - DATA_HEADER_LEN];
+        let data = Packet::Data {
+            receiver: 1,
+            counter: 2,
+            ciphertext: &big,
+        }
+        .encode();
+        assert_eq!(data.len(), MAX_DATAGRAM);
+        assert!(Packet::decode(&data).is_ok());
+        let mut over = data.clone();
+        over.push(0);
+        assert!(matches!(
+            Packet::decode(&over),
+            Err(DecodeError::Oversized { .. })
+        ));
         // A relayed packet may exceed MAX_PACKET by its header, no more.
         let full = vec![0xaa; MAX_PACKET];
         let relay = Packet::Relay {
@@ -1216,7 +1273,7 @@ mod tests {
         }
         .encode();
         assert_eq!(init.len(), MIN_INIT_LEN);
-        assert_eq!(hex(&init[..12]), "0201000000090100030102".to_owned() + "03");
+        assert_eq!(hex(&init[..12]), "0301000000090100030102".to_owned() + "03");
         assert_eq!(
             hex(&ClientToServer::Register {
                 rid: 7,
@@ -1410,7 +1467,7 @@ mod tests {
 
     fn random_frame(rng: &mut impl Rng) -> FileFrame {
         let id = rng.gen();
-        match rng.gen_range(0..7) {
+        match rng.gen_range(0..8) {
             0 => FileFrame::Offer {
                 id,
                 path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
@@ -1449,6 +1506,9 @@ mod tests {
             5 => FileFrame::BadPiece {
                 id,
                 piece: rng.gen(),
+            },
+            6 => FileFrame::Padding {
+                len: rng.gen_range(0..1000),
             },
             _ => FileFrame::Done { id },
         }
@@ -1550,13 +1610,13 @@ mod tests {
             PeerToPeer::decode(&flow),
             Err(DecodeError::UnknownType(0x7f))
         );
-        // File data longer than a packet holds.
+        // File data longer than the largest datagram holds.
         let mut data = vec![0x10];
         data.extend_from_slice(&[0; 12]);
         data.push(5);
         data.extend_from_slice(&[0; 16]);
-        data.extend_from_slice(&((MAX_FILE_DATA + 1) as u16).to_be_bytes());
-        data.extend(std::iter::repeat_n(0, MAX_FILE_DATA + 1));
+        data.extend_from_slice(&((MAX_FILE_DATA_LARGE + 1) as u16).to_be_bytes());
+        data.extend(std::iter::repeat_n(0, MAX_FILE_DATA_LARGE + 1));
         assert!(matches!(
             PeerToPeer::decode(&data),
             Err(DecodeError::Oversized { .. })

@@ -126,6 +126,13 @@ impl Bbr {
         }
     }
 
+    /// The largest packet changed: the window's floor and allowances
+    /// follow it.
+    pub fn set_mss(&mut self, mss: usize) {
+        self.mss = mss;
+        self.cwnd = self.cwnd.max(MIN_WINDOW_PACKETS * mss);
+    }
+
     pub fn mode(&self) -> Mode {
         self.mode
     }

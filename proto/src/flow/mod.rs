@@ -25,6 +25,7 @@
 //! forget and what to send again.
 
 pub mod bbr;
+pub mod pmtud;
 pub mod ranges;
 
 use bbr::{Bbr, RateSample};
@@ -45,6 +46,11 @@ const INITIAL_RTT: Duration = Duration::from_millis(333);
 pub const MAX_ACK_DELAY: Duration = Duration::from_millis(10);
 /// Acknowledge at least every this many ack-eliciting packets.
 const ACK_EVERY: u32 = 8;
+/// The pacer lets this much of its rate leave at once (quinn's choice).
+const BURST_INTERVAL: Duration = Duration::from_millis(2);
+/// Bounds of the pacer's burst, in packets.
+const MIN_BURST: usize = 10;
+const MAX_BURST: usize = 256;
 /// PTO doubling stops here (RFC 9002 leaves it open; 2^6 × PTO is long).
 const MAX_PTO_BACKOFF: u32 = 6;
 
@@ -84,6 +90,9 @@ struct Sent {
     delivered_time: Instant,
     first_sent_time: Instant,
     app_limited: bool,
+    /// A path MTU probe: its loss says the packet was too large, not that
+    /// the path is congested.
+    mtu_probe: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +210,17 @@ impl Flow {
         }
     }
 
+    /// The largest packet changed (path MTU discovery).
+    pub fn set_mss(&mut self, mss: usize) {
+        self.mss = mss;
+        self.cc.set_mss(mss);
+    }
+
+    /// Probe timeouts in a row without an acknowledgement.
+    pub fn pto_count(&self) -> u32 {
+        self.pto_count
+    }
+
     pub fn controller(&self) -> &Bbr {
         &self.cc
     }
@@ -218,10 +238,15 @@ impl Flow {
         self.sent.len()
     }
 
-    /// Burst the pacer allows: about 1 ms at the current rate, at least two
-    /// packets, so fast paths can batch sends.
+    /// Burst the pacer allows: about [`BURST_INTERVAL`] at the current
+    /// rate, within [`MIN_BURST`] and [`MAX_BURST`] packets. Timers fire
+    /// about a millisecond late at best: a smaller burst would let the
+    /// timer, not the controller, set the rate (and the rate samples that
+    /// feed the controller would then say no more than that).
     fn burst(&self) -> f64 {
-        (self.cc.pacing_rate() * 0.001).max(2.0 * self.mss as f64)
+        let mss = self.mss as f64;
+        (self.cc.pacing_rate() * BURST_INTERVAL.as_secs_f64())
+            .clamp(MIN_BURST as f64 * mss, MAX_BURST as f64 * mss)
     }
 
     /// Tokens the pacer has at `now`.
@@ -261,6 +286,16 @@ impl Flow {
 
     /// Records a packet the owner sends now; returns its number.
     pub fn on_sent(&mut self, now: Instant, size: usize, ack_eliciting: bool) -> u64 {
+        self.record(now, size, ack_eliciting, false)
+    }
+
+    /// Records a path MTU probe sent now (whatever the window: one at a
+    /// time); its loss is not taken for congestion.
+    pub fn on_sent_probe(&mut self, now: Instant, size: usize) -> u64 {
+        self.record(now, size, true, true)
+    }
+
+    fn record(&mut self, now: Instant, size: usize, ack_eliciting: bool, mtu_probe: bool) -> u64 {
         let pn = self.next_pn;
         self.next_pn += 1;
         self.stats.sent_packets += 1;
@@ -283,6 +318,7 @@ impl Flow {
                 delivered_time: self.delivered_time.unwrap_or(now),
                 first_sent_time: self.first_sent_time.unwrap_or(now),
                 app_limited,
+                mtu_probe,
             },
         );
         self.in_flight += size;
@@ -370,8 +406,10 @@ impl Flow {
         for pn in lost {
             let p = self.sent.remove(&pn).expect("listed");
             self.in_flight -= p.size;
-            self.cc.on_loss(p.size);
-            self.stats.lost_packets += 1;
+            if !p.mtu_probe {
+                self.cc.on_loss(p.size);
+                self.stats.lost_packets += 1;
+            }
             self.events.push_back(FlowEvent::Lost(pn));
         }
     }

@@ -25,17 +25,41 @@
 //! take turns packet by packet, so several share the path fairly, and chat
 //! never waits behind them: it does not go through this flow at all.
 
+use crate::flow::pmtud::{self, Pmtud};
 use crate::flow::{AckFrame, Flow, FlowEvent};
-use crate::wire::{FileFrame, PeerToPeer, MAX_FILE_DATA, MAX_HASHES, MAX_RANGES};
+use crate::wire::{
+    max_file_data, FileFrame, PeerToPeer, DATA_PACKET_OVERHEAD, MAX_FILE_DATA_LARGE, MAX_HASHES,
+    MAX_RANGES,
+};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Integrity is checked per piece of this size: big enough that the hash
 /// list stays small (32 bytes per MiB), small enough that a bad piece costs
 /// little to fetch again.
 pub const PIECE_SIZE: u32 = 1 << 20;
-/// The largest flow packet, for the congestion window's arithmetic.
-const MSS: usize = crate::wire::MAX_PACKET;
+/// A control frame's packet size, for the congestion window's
+/// arithmetic: they are small, but count them as full base packets.
+const CONTROL_SIZE: usize = pmtud::BASE;
+/// Probe timeouts in a row, at a size above the base, after which the
+/// large size is taken for a black hole.
+const BLACK_HOLE_PTOS: u32 = 2;
+
+/// The hash an offer names: SHA-256 over the file's piece hashes, in
+/// order (BitTorrent v2's piece layer, one level). The receiver checks the
+/// piece hashes the sender sends against it before it trusts any, and
+/// every piece against its piece hash as it arrives, so the whole file is
+/// verified against the offer when the last piece is, without reading it
+/// all again.
+pub fn file_hash(piece_hashes: &[[u8; 32]]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in piece_hashes {
+        h.update(p);
+    }
+    h.finalize().into()
+}
 
 /// Where the sender's bytes come from (the owner's open files).
 pub trait FileSource {
@@ -71,10 +95,10 @@ pub enum TransferEvent {
         len: u64,
         hash: [u8; 32],
     },
-    /// Every piece is verified: check the whole file against the offer's
-    /// hash, make it durable under its final name, and call
+    /// Every piece is verified, and with them the whole file (see
+    /// [`file_hash`]): make it durable under its final name, and call
     /// [`Transfers::file_checked`].
-    VerifyFile { id: u64, hash: [u8; 32] },
+    VerifyFile { id: u64 },
     /// Progress: bytes the peer has acknowledged (sending) or verified
     /// pieces cover (receiving).
     Progress { id: u64, done: u64 },
@@ -171,6 +195,9 @@ struct Incoming {
     piece_size: u32,
     hash: [u8; 32],
     piece_hashes: Vec<Option<[u8; 32]>>,
+    /// Every piece hash is here and they match the offer's hash: pieces
+    /// may be checked.
+    hashes_ok: bool,
     pieces: Vec<PieceState>,
     verified: u64,
     phase: Phase,
@@ -194,6 +221,7 @@ impl Incoming {
             piece_size,
             hash,
             piece_hashes: vec![None; n as usize],
+            hashes_ok: false,
             pieces: (0..n)
                 .map(|_| PieceState::Filling(BTreeMap::new()))
                 .collect(),
@@ -214,11 +242,20 @@ impl Incoming {
 /// What a flow packet carried, to act on its fate.
 enum Carried {
     Control(FileFrame),
-    Data { id: u64, offset: u64, len: usize },
+    Data {
+        id: u64,
+        offset: u64,
+        len: usize,
+    },
+    /// A path MTU probe.
+    Probe,
 }
 
 pub struct Transfers {
     flow: Flow,
+    pmtud: Pmtud,
+    /// The path the session uses, as last told by the owner.
+    path: Option<SocketAddr>,
     /// Our flow's epoch, and the peer's as last seen.
     epoch: u32,
     peer_epoch: Option<u32>,
@@ -242,7 +279,9 @@ impl Transfers {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         Self {
-            flow: Flow::new(MSS),
+            flow: Flow::new(pmtud::BASE),
+            pmtud: Pmtud::new(pmtud::BASE),
+            path: None,
             epoch: rng.gen(),
             peer_epoch: None,
             old_epochs: VecDeque::new(),
@@ -253,7 +292,7 @@ impl Transfers {
             carried: HashMap::new(),
             turn: 0,
             events: VecDeque::new(),
-            buf: vec![0; MAX_FILE_DATA],
+            buf: vec![0; MAX_FILE_DATA_LARGE],
         }
     }
 
@@ -272,6 +311,23 @@ impl Transfers {
 
     pub fn flow(&self) -> &Flow {
         &self.flow
+    }
+
+    /// The largest datagram proven on the path so far.
+    pub fn datagram_size(&self) -> usize {
+        self.pmtud.current()
+    }
+
+    /// The session's path, and the largest datagram it may carry (a relay
+    /// carries only the base size). A new path starts the path MTU search
+    /// over.
+    pub fn set_path(&mut self, path: SocketAddr, ceiling: usize) {
+        if self.path == Some(path) && self.pmtud.ceiling() == ceiling {
+            return;
+        }
+        self.path = Some(path);
+        self.pmtud.new_path(ceiling);
+        self.flow.set_mss(pmtud::BASE);
     }
 
     /// Offers a file (the owner has hashed it: whole and per piece of
@@ -451,10 +507,15 @@ impl Transfers {
             return;
         };
         if t.phase == Phase::Active && t.pieces.iter().all(|p| matches!(p, PieceState::Verified)) {
+            // Verified pieces were checked against hashes that matched the
+            // offer (before a restart too); an empty file has no pieces,
+            // and its hash is that of no piece hashes.
+            if t.pieces.is_empty() && t.hash != file_hash(&[]) {
+                self.cancel(id, "the empty file does not match the offered hash");
+                return;
+            }
             t.phase = Phase::Finishing;
-            let hash = t.hash;
-            self.events
-                .push_back(TransferEvent::VerifyFile { id, hash });
+            self.events.push_back(TransferEvent::VerifyFile { id });
         }
     }
 
@@ -485,7 +546,8 @@ impl Transfers {
     /// lost frames again, and ask for what incoming transfers still lack.
     pub fn session_restarted(&mut self) {
         use rand::Rng;
-        self.flow = Flow::new(MSS);
+        self.flow = Flow::new(pmtud::BASE);
+        self.pmtud.new_path(self.pmtud.ceiling());
         self.epoch = self.rng.gen();
         // The peer's flow may go on under the new session (it saw no
         // restart): accept whatever epoch comes next. Only a switch seen
@@ -500,6 +562,7 @@ impl Transfers {
                         t.unacked = 0;
                     }
                 }
+                Carried::Probe => {}
             }
         }
         for t in self.outgoing.values_mut() {
@@ -591,7 +654,7 @@ impl Transfers {
                     delay: Duration::from_micros(delay_us as u64),
                 };
                 self.flow.on_ack(now, &ack);
-                self.drain_flow();
+                self.drain_flow(now);
             }
             PeerToPeer::Flow { epoch, pn, frame } => {
                 if self.old_epochs.contains(&epoch) {
@@ -621,7 +684,7 @@ impl Transfers {
         }
     }
 
-    fn drain_flow(&mut self) {
+    fn drain_flow(&mut self, now: Instant) {
         while let Some(ev) = self.flow.poll_event() {
             match ev {
                 FlowEvent::Acked(pn) => match self.carried.remove(&pn) {
@@ -640,6 +703,12 @@ impl Transfers {
                             }
                         }
                     }
+                    Some(Carried::Probe) => {
+                        if let Some(size) = self.pmtud.on_acked(pn) {
+                            tracing::debug!(size, "PMTU(RAISED)");
+                            self.flow.set_mss(size);
+                        }
+                    }
                     Some(Carried::Control(_)) | None => {}
                 },
                 FlowEvent::Lost(pn) => match self.carried.remove(&pn) {
@@ -652,6 +721,7 @@ impl Transfers {
                         self.control.push_back(f)
                     }
                     Some(Carried::Control(_)) => {}
+                    Some(Carried::Probe) => self.pmtud.on_lost(now, pn),
                     Some(Carried::Data { id, offset, len }) => {
                         if let Some(t) = self.outgoing.get_mut(&id) {
                             t.unacked = t.unacked.saturating_sub(len);
@@ -771,12 +841,24 @@ impl Transfers {
                 let Some(t) = self.incoming.get_mut(&id) else {
                     return;
                 };
+                if t.hashes_ok {
+                    return; // sent again after a restart: known already
+                }
                 for (i, h) in hashes.into_iter().enumerate() {
                     let Some(slot) = t.piece_hashes.get_mut(first as usize + i) else {
                         break;
                     };
                     *slot = Some(h);
                 }
+                let all: Option<Vec<[u8; 32]>> = t.piece_hashes.iter().copied().collect();
+                let Some(all) = all else {
+                    return;
+                };
+                if file_hash(&all) != t.hash {
+                    self.cancel(id, "the piece hashes do not match the offered file hash");
+                    return;
+                }
+                t.hashes_ok = true;
                 self.verify_ready(id);
             }
             FileFrame::Data { id, offset, data } => self.on_data(id, offset, data),
@@ -792,11 +874,23 @@ impl Transfers {
                 t.acked = t.acked.saturating_sub(e - s);
                 t.phase = Phase::Active;
             }
+            FileFrame::Padding { .. } => {}
             FileFrame::Done { id } => {
                 if let Some(t) = self.outgoing.get_mut(&id) {
                     if t.phase != Phase::Done && t.phase != Phase::Ended {
                         t.phase = Phase::Done;
                         t.acked = t.size;
+                        let (f, cc) = (&self.flow.stats, self.flow.controller());
+                        tracing::debug!(
+                            id = format_args!("{id:x}"),
+                            sent = f.sent_packets,
+                            lost = f.lost_packets,
+                            ptos = f.ptos,
+                            datagram = self.pmtud.current(),
+                            bw_mbit = cc.bandwidth() * 8e-6,
+                            min_rtt = ?cc.min_rtt(),
+                            "FLOW(STATS)"
+                        );
                         self.events.push_back(TransferEvent::Finished { id });
                     }
                 }
@@ -847,7 +941,7 @@ impl Transfers {
 
     /// Asks the owner to check complete pieces whose hash is known.
     fn verify_ready(&mut self, id: u64) {
-        let Some(t) = self.incoming.get_mut(&id) else {
+        let Some(t) = self.incoming.get_mut(&id).filter(|t| t.hashes_ok) else {
             return;
         };
         for (i, p) in t.pieces.iter_mut().enumerate() {
@@ -867,6 +961,14 @@ impl Transfers {
                 hash,
             });
         }
+    }
+
+    /// Whether file data waits to be sent (what makes a larger packet
+    /// worth probing for).
+    fn data_waiting(&self) -> bool {
+        self.outgoing
+            .values()
+            .any(|t| t.phase == Phase::Active && (!t.todo.is_empty() || !t.resend.is_empty()))
     }
 
     fn wants_to_send(&self) -> bool {
@@ -896,7 +998,20 @@ impl Transfers {
             }
             return None;
         }
-        if self.flow.send_time(now, MSS) != Some(now) {
+        if let Some(size) = self.pmtud.probe_size(now).filter(|_| self.data_waiting()) {
+            // Padding fills the datagram: flow and frame headers, the
+            // padding's length, the packet header and the AEAD tag.
+            let len = size - (1 + 4 + 8 + 1 + 2) - crate::wire::DATA_HEADER_LEN - 16;
+            let pn = self.flow.on_sent_probe(now, size);
+            self.pmtud.on_probe_sent(pn);
+            self.carried.insert(pn, Carried::Probe);
+            return Some(PeerToPeer::Flow {
+                epoch: self.epoch,
+                pn,
+                frame: FileFrame::Padding { len: len as u16 },
+            });
+        }
+        if self.flow.send_time(now, self.pmtud.current()) != Some(now) {
             return None;
         }
         if let Some(frame) = self.control.pop_front() {
@@ -921,7 +1036,7 @@ impl Transfers {
     }
 
     fn send_frame(&mut self, now: Instant, frame: FileFrame) -> PeerToPeer {
-        let pn = self.flow.on_sent(now, MSS, true);
+        let pn = self.flow.on_sent(now, CONTROL_SIZE, true);
         self.carried.insert(pn, Carried::Control(frame.clone()));
         PeerToPeer::Flow {
             epoch: self.epoch,
@@ -939,13 +1054,18 @@ impl Transfers {
             t.hashes_next = end as u32;
             return Some(self.send_frame(now, FileFrame::Hashes { id, first, hashes }));
         }
-        let (offset, len) = if let Some(r) = t.resend.pop_front() {
-            r
+        let most = max_file_data(self.pmtud.current());
+        let (offset, len) = if let Some((offset, len)) = t.resend.pop_front() {
+            // Sent in a larger packet than the path now carries: in parts.
+            if len > most {
+                t.resend.push_front((offset + most as u64, len - most));
+            }
+            (offset, len.min(most))
         } else {
             let (s, e) = t.todo.pop_front()?;
             // Never across a piece boundary: the receiver checks by piece.
             let piece_end = (s / t.piece_size as u64 + 1) * t.piece_size as u64;
-            let len = (e.min(piece_end) - s).min(MAX_FILE_DATA as u64) as usize;
+            let len = (e.min(piece_end) - s).min(most as u64) as usize;
             if s + (len as u64) < e {
                 t.todo.push_front((s + len as u64, e));
             }
@@ -974,7 +1094,7 @@ impl Transfers {
         let data = buf.to_vec();
         let t = self.outgoing.get_mut(&id)?;
         t.unacked += len;
-        let pn = self.flow.on_sent(now, MSS, true);
+        let pn = self.flow.on_sent(now, len + DATA_PACKET_OVERHEAD, true);
         self.carried.insert(pn, Carried::Data { id, offset, len });
         Some(PeerToPeer::Flow {
             epoch: self.epoch,
@@ -987,7 +1107,7 @@ impl Transfers {
     /// [`Transfers::handle_timeout`] next.
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         let send = if self.wants_to_send() {
-            self.flow.send_time(now, MSS)
+            self.flow.send_time(now, self.pmtud.current())
         } else {
             None
         };
@@ -997,7 +1117,14 @@ impl Transfers {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.flow.poll_timeout().is_some_and(|t| t <= now) {
             self.flow.handle_timeout(now);
-            self.drain_flow();
+            self.drain_flow(now);
+            if self.flow.pto_count() >= BLACK_HOLE_PTOS && self.pmtud.black_hole() {
+                // Large packets stopped arriving (a route change the
+                // session did not see): back to the size every path
+                // carries; what was sent large goes again in parts.
+                tracing::info!(size = pmtud::BASE, "PMTU(BLACK_HOLE)");
+                self.flow.set_mss(pmtud::BASE);
+            }
             // A probe the PTO asked for, with nothing new to send: the
             // oldest packet in flight goes again.
             if self.flow.probes_wanted() > 0 && !self.wants_to_send() {
@@ -1009,6 +1136,12 @@ impl Transfers {
                                 t.resend.push_back((offset, len));
                                 t.unacked = t.unacked.saturating_sub(len);
                             }
+                        }
+                        Some(Carried::Probe) => {
+                            // Not worth sending again: take it for lost, and
+                            // ask for an acknowledgement with a small packet.
+                            self.pmtud.on_lost(now, pn);
+                            self.control.push_back(FileFrame::Padding { len: 0 });
                         }
                         None => {}
                     }
