@@ -1031,6 +1031,37 @@ impl Daemon {
         });
     }
 
+    /// A write into an incoming file failed: end the transfer on both
+    /// sides, saying why (a full disk keeps what arrived).
+    fn write_failed(&mut self, now: Instant, peer: &str, id: u64, e: std::io::Error) {
+        let Ok(row) = self.transfer_row(id) else {
+            return;
+        };
+        if row.state != "active" {
+            return; // ended already: packets still in flight
+        }
+        let full = e.raw_os_error() == Some(libc::ENOSPC);
+        // The peer is told why, not where our files are.
+        let (told, reason) = if full {
+            // What arrived stays, for the user to look at or to free space
+            // and have it sent again.
+            self.files.keep_part(id);
+            (
+                "the receiver's disk is full".to_owned(),
+                format!(
+                    "the receiver's disk is full (what arrived is kept in {})",
+                    row.part.as_deref().unwrap_or("the .part file")
+                ),
+            )
+        } else {
+            let r = format!("cannot write the file: {e}");
+            ("the receiver cannot write the file".to_owned(), r)
+        };
+        tracing::warn!(id = %hex_id(id), %reason, "TRANSFER(WRITE_FAILED)");
+        self.node.cancel_file(now, peer, id, &told);
+        self.end_transfer(&row, &reason);
+    }
+
     fn on_job(&mut self, now: Instant, done: JobDone) {
         match done {
             JobDone::Hashed {
@@ -1115,6 +1146,7 @@ impl Daemon {
                 }
                 self.node.piece_checked(now, &peer, id, piece, ok);
             }
+            JobDone::WriteFailed { peer, id, error } => self.write_failed(now, &peer, id, error),
             JobDone::File { peer, id, result } => {
                 match &result {
                     Ok(path) => {
@@ -1253,33 +1285,8 @@ impl Daemon {
                 tracing::info!(id = %hex_id(id), %peer, "TRANSFER(PEER_ACCEPTED)");
             }
             T::Write { id, offset, data } => {
-                if let Err(e) = self.files.write(id, offset, &data) {
-                    let Ok(row) = self.transfer_row(id) else {
-                        return;
-                    };
-                    if row.state != "active" {
-                        return; // ended already: packets still in flight
-                    }
-                    let full = e.raw_os_error() == Some(libc::ENOSPC);
-                    // The peer is told why, not where our files are.
-                    let (told, reason) = if full {
-                        // What arrived stays, for the user to look at or
-                        // to free space and have it sent again.
-                        self.files.keep_part(id);
-                        (
-                            "the receiver's disk is full".to_owned(),
-                            format!(
-                                "the receiver's disk is full (what arrived is kept in {})",
-                                row.part.as_deref().unwrap_or("the .part file")
-                            ),
-                        )
-                    } else {
-                        let r = format!("cannot write the file: {e}");
-                        ("the receiver cannot write the file".to_owned(), r)
-                    };
-                    tracing::warn!(id = %hex_id(id), %reason, "TRANSFER(WRITE_FAILED)");
-                    self.node.cancel_file(now, &peer, id, &told);
-                    self.end_transfer(&row, &reason);
+                if let Err(e) = self.files.write(peer.clone(), id, offset, data) {
+                    self.write_failed(now, &peer, id, e);
                 }
             }
             T::VerifyPiece {

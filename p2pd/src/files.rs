@@ -3,8 +3,11 @@
 //! [`proto::transfer`] decides what goes where; this module opens source
 //! files and reads them for it ([`FileSource`]), writes what arrives into
 //! a partial file next to its destination, and runs the slow work (hashing
-//! a file to offer it, checking a piece, checking a whole file and giving
-//! it its name) on blocking threads, reporting back through a channel.
+//! a file to offer it, checking a piece, syncing a file and giving it its
+//! name) on blocking threads, reporting back through a channel. Writes go
+//! to one disk thread in the order they arrive, and a piece's check is
+//! queued behind its writes there, so the network loop never waits for the
+//! page cache while the check still reads what was written.
 //!
 //! Where an incoming file goes: the name the peer offered is reduced to
 //! one safe component ([`sanitize`]), and a name that exists already gets a
@@ -16,11 +19,12 @@
 
 use proto::transfer::FileSource;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// What a blocking job found.
@@ -51,6 +55,13 @@ pub enum JobDone {
         piece: u32,
         ok: bool,
     },
+    /// A write into a partial file failed (later writes of that transfer
+    /// are dropped).
+    WriteFailed {
+        peer: String,
+        id: u64,
+        error: std::io::Error,
+    },
     /// The whole file checked: its final path, or why not.
     File {
         peer: String,
@@ -61,9 +72,37 @@ pub enum JobDone {
 
 /// An incoming file being written.
 struct Part {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
 }
+
+/// Work for the disk thread, done in order.
+enum DiskJob {
+    /// A partial file was (re)opened: its writes count again.
+    Opened { id: u64 },
+    Write {
+        peer: String,
+        id: u64,
+        file: Arc<File>,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Hash the piece (once the writes before it are done) on a blocking
+    /// thread; [`JobDone::Piece`] follows.
+    Check {
+        peer: String,
+        id: u64,
+        piece: u32,
+        offset: u64,
+        len: u64,
+        hash: [u8; 32],
+        file: Arc<File>,
+    },
+}
+
+/// Writes queued for the disk thread before the network loop waits (64
+/// datagrams' worth: a few MiB).
+const DISK_QUEUE: usize = 64;
 
 /// A file being sent, with what it was when it was hashed.
 struct Source {
@@ -88,17 +127,26 @@ pub struct Files {
     hashing: std::sync::Arc<tokio::sync::Semaphore>,
     parts: HashMap<u64, Part>,
     jobs: mpsc::Sender<JobDone>,
+    disk: std::sync::mpsc::SyncSender<DiskJob>,
 }
 
 impl Files {
+    /// Starts the disk thread; call from within the tokio runtime.
     pub fn new() -> (Self, mpsc::Receiver<JobDone>) {
         let (jobs, rx) = mpsc::channel(1024);
+        let (disk, disk_rx) = std::sync::mpsc::sync_channel(DISK_QUEUE);
+        let (done, runtime) = (jobs.clone(), tokio::runtime::Handle::current());
+        std::thread::Builder::new()
+            .name("disk".into())
+            .spawn(move || disk_thread(disk_rx, done, runtime))
+            .expect("cannot start the disk thread");
         let files = Self {
             sources: HashMap::new(),
             reads: 0,
             hashing: std::sync::Arc::new(tokio::sync::Semaphore::new(HASHERS)),
             parts: HashMap::new(),
             jobs,
+            disk,
         };
         (files, rx)
     }
@@ -168,10 +216,11 @@ impl Files {
         self.parts.insert(
             id,
             Part {
-                file,
+                file: Arc::new(file),
                 path: path.to_owned(),
             },
         );
+        let _ = self.disk.send(DiskJob::Opened { id });
         Ok(())
     }
 
@@ -187,15 +236,33 @@ impl Files {
         }
     }
 
-    pub fn write(&mut self, id: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    /// Queues a write for the disk thread; a failure comes back as
+    /// [`JobDone::WriteFailed`]. Waits only while the queue is full.
+    pub fn write(
+        &mut self,
+        peer: String,
+        id: u64,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> std::io::Result<()> {
         let p = self
             .parts
             .get(&id)
             .ok_or_else(|| std::io::Error::other("no partial file open"))?;
-        p.file.write_all_at(data, offset)
+        let job = DiskJob::Write {
+            peer,
+            id,
+            file: p.file.clone(),
+            offset,
+            data,
+        };
+        self.disk
+            .send(job)
+            .map_err(|_| std::io::Error::other("the disk thread is gone"))
     }
 
-    /// Checks a piece on a blocking thread; [`JobDone::Piece`] follows.
+    /// Checks a piece once its writes are done; [`JobDone::Piece`]
+    /// follows.
     pub fn check_piece(
         &self,
         peer: String,
@@ -205,20 +272,17 @@ impl Files {
         len: u64,
         hash: [u8; 32],
     ) {
-        let Some(file) = self.parts.get(&id).and_then(|p| p.file.try_clone().ok()) else {
+        let Some(file) = self.parts.get(&id).map(|p| p.file.clone()) else {
             return;
         };
-        let jobs = self.jobs.clone();
-        tokio::task::spawn_blocking(move || {
-            let ok = read_hash(&file, offset, len).is_ok_and(|h| h == hash)
-                // Durable before it counts as held (resumption trusts it).
-                && file.sync_data().is_ok();
-            let _ = jobs.blocking_send(JobDone::Piece {
-                peer,
-                id,
-                piece,
-                ok,
-            });
+        let _ = self.disk.send(DiskJob::Check {
+            peer,
+            id,
+            piece,
+            offset,
+            len,
+            hash,
+            file,
         });
     }
 
@@ -228,9 +292,7 @@ impl Files {
         let Some(part) = self.parts.get(&id) else {
             return;
         };
-        let (Ok(file), part_path) = (part.file.try_clone(), part.path.clone()) else {
-            return;
-        };
+        let (file, part_path) = (part.file.clone(), part.path.clone());
         let jobs = self.jobs.clone();
         tokio::task::spawn_blocking(move || {
             let result = finish_file(&file, &part_path, &dir, &name);
@@ -241,6 +303,65 @@ impl Files {
     /// The partial file is now the final one: forget it without removing.
     pub fn finished(&mut self, id: u64) {
         self.parts.remove(&id);
+    }
+}
+
+/// Does the disk jobs in order: writes here, piece checks handed on to a
+/// blocking thread (they read what the writes before them wrote).
+fn disk_thread(
+    jobs: std::sync::mpsc::Receiver<DiskJob>,
+    done: mpsc::Sender<JobDone>,
+    runtime: tokio::runtime::Handle,
+) {
+    // Transfers whose writes failed: the rest of their writes is moot.
+    let mut failed = HashSet::new();
+    while let Ok(job) = jobs.recv() {
+        match job {
+            DiskJob::Opened { id } => {
+                failed.remove(&id);
+            }
+            DiskJob::Write {
+                peer,
+                id,
+                file,
+                offset,
+                data,
+            } => {
+                if failed.contains(&id) {
+                    continue;
+                }
+                if let Err(error) = file.write_all_at(&data, offset) {
+                    failed.insert(id);
+                    let _ = done.blocking_send(JobDone::WriteFailed { peer, id, error });
+                }
+            }
+            DiskJob::Check {
+                peer,
+                id,
+                piece,
+                offset,
+                len,
+                hash,
+                file,
+            } => {
+                if failed.contains(&id) {
+                    continue;
+                }
+                let done = done.clone();
+                runtime.spawn_blocking(move || {
+                    let ok = read_hash(&file, offset, len).is_ok_and(|h| h == hash)
+                        // Durable before it counts as held (resumption
+                        // trusts it).
+                        && file.sync_data().is_ok();
+                    let _ = done.blocking_send(JobDone::Piece {
+                        peer,
+                        id,
+                        piece,
+                        ok,
+                    });
+                });
+            }
+        }
     }
 }
 
