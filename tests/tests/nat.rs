@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(30);
 /// `proto::wire::VERSION`, the first byte of every datagram (these tests
 /// look at the wire from outside, as a capture would).
-const WIRE_VERSION: u8 = 2;
+const WIRE_VERSION: u8 = 3;
 
 /// A lab with the rendezvous server on the public segment.
 fn lab(tag: &str) -> Option<(Net, Lab)> {
