@@ -20,7 +20,7 @@ use crate::codec::Reader;
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
-use crate::reliable::{Outgoing, Reliable, ReliableEvent};
+use crate::reliable::{Outgoing, ReliableEvent};
 use crate::transfer::{FileSource, TransferEvent, TransferStatus, Transfers};
 use crate::wire::{self, ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
 use crate::{canonical, Transmit};
@@ -161,7 +161,7 @@ pub struct PeerStatus {
 
 struct PeerEntry {
     pinned: Option<PublicIdentity>,
-    reliable: Reliable,
+    /// Chat and file transfers with the peer, over one flow.
     transfers: Transfers,
     session: Option<PeerSession>,
     auto_connect: bool,
@@ -178,8 +178,7 @@ impl PeerEntry {
     fn new(now: Instant, recv_next: u64, backoff: Duration, seed: u64) -> Self {
         Self {
             pinned: None,
-            reliable: Reliable::new(recv_next),
-            transfers: Transfers::new(seed),
+            transfers: Transfers::new(seed, recv_next),
             session: None,
             auto_connect: false,
             connecting: false,
@@ -422,7 +421,7 @@ impl Node {
     /// to a known peer by itself if needed.
     pub fn send_message(&mut self, now: Instant, name: &str, msg: Outgoing) {
         let e = self.entry(now, name);
-        e.reliable.push(msg);
+        e.transfers.send_chat(msg);
         e.want_session(now);
         self.pump(now);
     }
@@ -637,7 +636,9 @@ impl Node {
     pub fn peer_status(&self) -> Vec<PeerStatus> {
         self.peers
             .iter()
-            .filter(|(_, e)| e.session.is_some() || e.reliable.pending() > 0 || e.pinned.is_some())
+            .filter(|(_, e)| {
+                e.session.is_some() || e.transfers.chat_pending() > 0 || e.pinned.is_some()
+            })
             .map(|(name, e)| PeerStatus {
                 name: name.clone(),
                 phase: e
@@ -652,9 +653,9 @@ impl Node {
                     .session
                     .as_ref()
                     .and_then(|s| s.rtt())
-                    .or(e.reliable.srtt()),
+                    .or(e.transfers.flow().smoothed_rtt()),
                 fingerprint: e.identity().map(|i| i.fingerprint()),
-                queued: e.reliable.pending(),
+                queued: e.transfers.chat_pending(),
             })
             .collect()
     }
@@ -679,8 +680,10 @@ impl Node {
         .min();
         let peers = self.peers.values().flat_map(|e| {
             let session = e.session.as_ref().and_then(|s| s.poll_timeout());
-            let reliable = if e.is_up() {
-                e.reliable.poll_timeout()
+            // The flow's loss, probe and acknowledgement timers (chat
+            // rides it); its pacing times are in `file_timeout`.
+            let flow = if e.is_up() {
+                e.transfers.flow().poll_timeout()
             } else {
                 None
             };
@@ -689,7 +692,7 @@ impl Node {
             } else {
                 None
             };
-            [session, reliable, reconnect]
+            [session, flow, reconnect]
         });
         std::iter::once(link).chain(peers).flatten().min()
     }
@@ -698,7 +701,7 @@ impl Node {
         e.session.is_none()
             && e.auto_connect
             && !e.connecting
-            && (e.reliable.pending() > 0 || e.resume || e.transfers.wants_session())
+            && (e.resume || e.transfers.wants_session())
             && e.identity().is_some()
             && self.link.state() == LinkState::LoggedIn
     }
@@ -1005,7 +1008,6 @@ impl Node {
                         e.connecting = false;
                         e.resume = false;
                         e.transfers.session_restarted();
-                        e.reliable.path_changed(now);
                         let identity = s.remote().clone();
                         e.pinned = Some(identity.clone());
                         self.events.push_back(NodeEvent::PeerUp {
@@ -1022,7 +1024,6 @@ impl Node {
                         })
                     }
                     PeerEvent::PathChanged { endpoint } => {
-                        e.reliable.path_changed(now);
                         self.events.push_back(NodeEvent::PathChanged {
                             name: name.to_owned(),
                             endpoint,
@@ -1040,15 +1041,6 @@ impl Node {
                         nonce,
                         rtt,
                     }),
-                    PeerEvent::Received(PeerToPeer::Message {
-                        seq,
-                        base,
-                        sent_ms,
-                        body,
-                    }) => e.reliable.handle_message(seq, base, sent_ms, body),
-                    PeerEvent::Received(PeerToPeer::Ack { upto, sacks }) => {
-                        e.reliable.handle_ack(now, upto, &sacks)
-                    }
                     PeerEvent::Received(
                         m @ (PeerToPeer::Flow { .. } | PeerToPeer::FlowAck { .. }),
                     ) => e.transfers.handle(now, m),
@@ -1062,7 +1054,7 @@ impl Node {
                 event,
             });
         }
-        while let Some(ev) = e.reliable.poll_event() {
+        while let Some(ev) = e.transfers.poll_chat_event() {
             self.events.push_back(match ev {
                 ReliableEvent::Delivered { seq, sent_ms, body } => NodeEvent::Delivered {
                     peer: name.to_owned(),
@@ -1078,7 +1070,7 @@ impl Node {
         }
         if let Some(s) = e.session.as_mut() {
             if s.is_up() {
-                while let Some(p) = e.reliable.poll_packet(now) {
+                while let Some(p) = e.transfers.poll_control(now) {
                     if !s.send(now, &p) {
                         break;
                     }

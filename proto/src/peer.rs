@@ -621,7 +621,7 @@ impl PeerSession {
             return false;
         };
         e.last_tx = now;
-        let wants_answer = matches!(msg, PeerToPeer::Message { .. } | PeerToPeer::Ping { .. });
+        let wants_answer = matches!(msg, PeerToPeer::Flow { .. } | PeerToPeer::Ping { .. });
         if wants_answer && dst == e.dst {
             e.unanswered_since.get_or_insert(now);
         }
@@ -1163,10 +1163,9 @@ impl PeerSession {
                 }
             }
             PeerToPeer::Close => self.go_down("the peer closed the session"),
-            m @ (PeerToPeer::Message { .. }
-            | PeerToPeer::Ack { .. }
-            | PeerToPeer::Flow { .. }
-            | PeerToPeer::FlowAck { .. }) => self.events.push_back(PeerEvent::Received(m)),
+            m @ (PeerToPeer::Flow { .. } | PeerToPeer::FlowAck { .. }) => {
+                self.events.push_back(PeerEvent::Received(m))
+            }
         }
     }
 }

@@ -49,8 +49,8 @@ pub const DATA_HEADER_LEN: usize = 1 + 1 + 4 + 8;
 /// Room for the inner message of a data packet: the packet minus its
 /// header and the AEAD tag.
 pub const MAX_INNER: usize = MAX_PACKET - DATA_HEADER_LEN - 16;
-/// The longest chat message body, in bytes: what fits in one packet with
-/// the [`PeerToPeer::Message`] header.
+/// The longest chat message body, in bytes: what fits in one base-size
+/// packet with the [`FileFrame::Chat`] and flow headers.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Longest user name, in bytes.
 pub const MAX_NAME: usize = 32;
@@ -58,8 +58,6 @@ pub const MAX_NAME: usize = 32;
 pub const MAX_ENDPOINTS: usize = 8;
 /// Most users in one [`ServerToClient::UserList`] page.
 pub const USERS_PER_PAGE: usize = 12;
-/// Most selective acknowledgements in one [`PeerToPeer::Ack`].
-pub const MAX_SACKS: usize = 32;
 const MAX_DETAIL: usize = 200;
 
 #[repr(u8)]
@@ -795,22 +793,6 @@ impl ServerToClient {
 /// Messages between two peers inside their session.
 #[derive(Clone, PartialEq, Eq)]
 pub enum PeerToPeer {
-    /// A chat message. `seq` numbers the sender's messages to this peer
-    /// across sessions and restarts; `base` is the lowest `seq` the sender
-    /// has not yet seen acknowledged, so a receiver that lost its state can
-    /// skip ahead instead of waiting forever. `sent_ms` is the sender's
-    /// wall clock in Unix milliseconds, for display only.
-    Message {
-        seq: u64,
-        base: u64,
-        sent_ms: u64,
-        body: Vec<u8>,
-    },
-    /// Every `seq` below `upto` arrived, and so did each in `sacks`.
-    Ack {
-        upto: u64,
-        sacks: Vec<u64>,
-    },
     /// Keeps the NAT mapping and the session alive (heartbeat).
     Keepalive,
     Ping {
@@ -821,7 +803,7 @@ pub enum PeerToPeer {
     },
     /// The sender closes the session.
     Close,
-    /// A numbered packet of the flow that carries file transfers
+    /// A numbered packet of the flow that carries chat and file transfers
     /// ([`crate::flow`]): acknowledged by [`PeerToPeer::FlowAck`], its
     /// frame sent again in a new packet if it is lost. `epoch` names the
     /// sender's flow: a new one (a new session, a restarted daemon) numbers
@@ -840,8 +822,9 @@ pub enum PeerToPeer {
     },
 }
 
-/// The frames of file transfer, one per [`PeerToPeer::Flow`] packet. A
-/// transfer is named by `id`, chosen at random by the sender.
+/// The frames a flow carries, one per [`PeerToPeer::Flow`] packet: chat
+/// messages and their acknowledgement, and file transfer. A transfer is
+/// named by `id`, chosen at random by the sender.
 #[derive(Clone, PartialEq, Eq)]
 pub enum FileFrame {
     /// "Here is a file": its relative path (components joined by `/`,
@@ -881,6 +864,19 @@ pub enum FileFrame {
     /// `len` bytes of nothing: a path MTU probe is a padded flow packet,
     /// acknowledged like any other.
     Padding { len: u16 },
+    /// A chat message. `seq` numbers the sender's messages to this peer
+    /// across sessions and restarts; `base` is the lowest `seq` the sender
+    /// has not yet seen acknowledged, so a receiver that lost its state can
+    /// skip ahead instead of waiting forever. `sent_ms` is the sender's
+    /// wall clock in Unix milliseconds, for display only.
+    Chat {
+        seq: u64,
+        base: u64,
+        sent_ms: u64,
+        body: Vec<u8>,
+    },
+    /// Every chat message below `upto` was delivered and stored.
+    ChatAck { upto: u64 },
 }
 
 /// Longest relative path in an offer, in bytes.
@@ -921,6 +917,11 @@ impl std::fmt::Debug for FileFrame {
             FileFrame::BadPiece { id, piece } => write!(f, "BadPiece({id:x}, {piece})"),
             FileFrame::Done { id } => write!(f, "Done({id:x})"),
             FileFrame::Padding { len } => write!(f, "Padding({len})"),
+            // Message bodies never reach a log.
+            FileFrame::Chat {
+                seq, base, body, ..
+            } => write!(f, "Chat({seq}, base {base}, {} bytes)", body.len()),
+            FileFrame::ChatAck { upto } => write!(f, "ChatAck({upto})"),
         }
     }
 }
@@ -935,7 +936,7 @@ impl FileFrame {
             | FileFrame::Data { id, .. }
             | FileFrame::BadPiece { id, .. }
             | FileFrame::Done { id } => *id,
-            FileFrame::Padding { .. } => 0,
+            FileFrame::Padding { .. } | FileFrame::Chat { .. } | FileFrame::ChatAck { .. } => 0,
         }
     }
 
@@ -987,6 +988,17 @@ impl FileFrame {
                 w.u8(8).u16(*len);
                 w.buf.resize(w.buf.len() + *len as usize, 0);
             }
+            FileFrame::Chat {
+                seq,
+                base,
+                sent_ms,
+                body,
+            } => {
+                w.u8(9).u64(*seq).u64(*base).u64(*sent_ms).bytes16(body);
+            }
+            FileFrame::ChatAck { upto } => {
+                w.u8(10).u64(*upto);
+            }
         }
     }
 
@@ -1027,6 +1039,13 @@ impl FileFrame {
             8 => FileFrame::Padding {
                 len: r.bytes16(MAX_DATAGRAM)?.len() as u16,
             },
+            9 => FileFrame::Chat {
+                seq: r.u64()?,
+                base: r.u64()?,
+                sent_ms: r.u64()?,
+                body: r.bytes16(MAX_MESSAGE_BYTES)?.to_vec(),
+            },
+            10 => FileFrame::ChatAck { upto: r.u64()? },
             t => return Err(DecodeError::UnknownType(t)),
         })
     }
@@ -1035,20 +1054,6 @@ impl FileFrame {
 impl std::fmt::Debug for PeerToPeer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            // Message bodies never reach a log.
-            PeerToPeer::Message {
-                seq, base, body, ..
-            } => f
-                .debug_struct("Message")
-                .field("seq", seq)
-                .field("base", base)
-                .field("len", &body.len())
-                .finish(),
-            PeerToPeer::Ack { upto, sacks } => f
-                .debug_struct("Ack")
-                .field("upto", upto)
-                .field("sacks", sacks)
-                .finish(),
             PeerToPeer::Keepalive => f.write_str("Keepalive"),
             PeerToPeer::Ping { nonce } => write!(f, "Ping({nonce})"),
             PeerToPeer::Pong { nonce } => write!(f, "Pong({nonce})"),
@@ -1074,20 +1079,6 @@ impl PeerToPeer {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(32);
         match self {
-            PeerToPeer::Message {
-                seq,
-                base,
-                sent_ms,
-                body,
-            } => {
-                w.u8(1).u64(*seq).u64(*base).u64(*sent_ms).bytes16(body);
-            }
-            PeerToPeer::Ack { upto, sacks } => {
-                w.u8(2).u64(*upto);
-                w.list(sacks, |w, s| {
-                    w.u64(*s);
-                });
-            }
             PeerToPeer::Keepalive => {
                 w.u8(3);
             }
@@ -1121,16 +1112,8 @@ impl PeerToPeer {
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
         let m = match r.u8()? {
-            1 => PeerToPeer::Message {
-                seq: r.u64()?,
-                base: r.u64()?,
-                sent_ms: r.u64()?,
-                body: r.bytes16(MAX_MESSAGE_BYTES)?.to_vec(),
-            },
-            2 => PeerToPeer::Ack {
-                upto: r.u64()?,
-                sacks: r.list(MAX_SACKS, Reader::u64)?,
-            },
+            // 1 and 2 were chat messages and their acknowledgements before
+            // chat moved into the flow (FileFrame::Chat, ChatAck).
             3 => PeerToPeer::Keepalive,
             4 => PeerToPeer::Ping { nonce: r.u64()? },
             5 => PeerToPeer::Pong { nonce: r.u64()? },
@@ -1283,12 +1266,28 @@ mod tests {
             "0100000007000362".to_owned() + "6f62"
         );
         assert_eq!(
-            hex(&PeerToPeer::Ack {
-                upto: 3,
-                sacks: vec![5]
+            hex(&PeerToPeer::Flow {
+                epoch: 2,
+                pn: 1,
+                frame: FileFrame::ChatAck { upto: 3 }
             }
             .encode()),
-            "02000000000000000301".to_owned() + "0000000000000005"
+            "100000000200000000000000010a".to_owned() + "0000000000000003"
+        );
+        assert_eq!(
+            hex(&PeerToPeer::Flow {
+                epoch: 2,
+                pn: 1,
+                frame: FileFrame::Chat {
+                    seq: 4,
+                    base: 3,
+                    sent_ms: 2,
+                    body: b"hi".to_vec()
+                }
+            }
+            .encode()),
+            "10000000020000000000000001090000000000000004".to_owned()
+                + "0000000000000003000000000000000200026869"
         );
         assert_eq!(
             hex(&ServerToClient::Failed {
@@ -1429,23 +1428,7 @@ mod tests {
     }
 
     fn random_p2p(rng: &mut impl Rng) -> PeerToPeer {
-        match rng.gen_range(0..8) {
-            0 => {
-                let mut body = vec![0u8; rng.gen_range(0..=MAX_MESSAGE_BYTES)];
-                rng.fill_bytes(&mut body);
-                PeerToPeer::Message {
-                    seq: rng.gen(),
-                    base: rng.gen(),
-                    sent_ms: rng.gen(),
-                    body,
-                }
-            }
-            1 => PeerToPeer::Ack {
-                upto: rng.gen(),
-                sacks: (0..rng.gen_range(0..=MAX_SACKS))
-                    .map(|_| rng.gen())
-                    .collect(),
-            },
+        match rng.gen_range(2..8) {
             2 => PeerToPeer::Keepalive,
             3 => PeerToPeer::Ping { nonce: rng.gen() },
             4 => PeerToPeer::Pong { nonce: rng.gen() },
@@ -1467,7 +1450,7 @@ mod tests {
 
     fn random_frame(rng: &mut impl Rng) -> FileFrame {
         let id = rng.gen();
-        match rng.gen_range(0..8) {
+        match rng.gen_range(0..10) {
             0 => FileFrame::Offer {
                 id,
                 path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
@@ -1510,6 +1493,17 @@ mod tests {
             6 => FileFrame::Padding {
                 len: rng.gen_range(0..1000),
             },
+            7 => {
+                let mut body = vec![0u8; rng.gen_range(0..=MAX_MESSAGE_BYTES)];
+                rng.fill_bytes(&mut body);
+                FileFrame::Chat {
+                    seq: rng.gen(),
+                    base: rng.gen(),
+                    sent_ms: rng.gen(),
+                    body,
+                }
+            }
+            8 => FileFrame::ChatAck { upto: rng.gen() },
             _ => FileFrame::Done { id },
         }
     }
@@ -1621,7 +1615,9 @@ mod tests {
             PeerToPeer::decode(&data),
             Err(DecodeError::Oversized { .. })
         ));
-        let mut big = vec![1u8];
+        let mut big = vec![0x10];
+        big.extend_from_slice(&[0; 12]);
+        big.push(9);
         big.extend_from_slice(&[0; 24]);
         big.extend_from_slice(&((MAX_MESSAGE_BYTES + 1) as u16).to_be_bytes());
         big.extend(std::iter::repeat_n(0, MAX_MESSAGE_BYTES + 1));

@@ -22,11 +22,14 @@
 //!
 //! Each frame travels in its own flow packet. A lost control frame is sent
 //! again as it was; lost data is read again from the source. Transfers
-//! take turns packet by packet, so several share the path fairly, and chat
-//! never waits behind them: it does not go through this flow at all.
+//! take turns packet by packet, so several share the path fairly. Chat
+//! rides the same flow ([`crate::reliable`]): its frames go before any
+//! file data waiting to be sent, so a message waits at most for room in
+//! the congestion window, never behind a file.
 
 use crate::flow::pmtud::{self, Pmtud};
 use crate::flow::{AckFrame, Flow, FlowEvent};
+use crate::reliable::{Outgoing as ChatMessage, Reliable, ReliableEvent};
 use crate::wire::{
     max_file_data, FileFrame, PeerToPeer, DATA_PACKET_OVERHEAD, MAX_FILE_DATA_LARGE, MAX_HASHES,
     MAX_RANGES,
@@ -253,6 +256,8 @@ enum Carried {
 
 pub struct Transfers {
     flow: Flow,
+    /// Chat messages with this peer, carried by the same flow.
+    chat: Reliable,
     pmtud: Pmtud,
     /// The path the session uses, as last told by the owner.
     path: Option<SocketAddr>,
@@ -274,12 +279,14 @@ pub struct Transfers {
 }
 
 impl Transfers {
-    /// `seed` draws the flow epochs (fresh randomness in production).
-    pub fn new(seed: u64) -> Self {
+    /// `seed` draws the flow epochs (fresh randomness in production);
+    /// `chat_recv_next`: every chat message below it was delivered before.
+    pub fn new(seed: u64, chat_recv_next: u64) -> Self {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         Self {
             flow: Flow::new(pmtud::BASE),
+            chat: Reliable::new(chat_recv_next),
             pmtud: Pmtud::new(pmtud::BASE),
             path: None,
             epoch: rng.gen(),
@@ -296,9 +303,25 @@ impl Transfers {
         }
     }
 
+    /// Queues a chat message (sent before any file data).
+    pub fn send_chat(&mut self, msg: ChatMessage) {
+        self.chat.push(msg);
+    }
+
+    /// Chat messages not yet acknowledged.
+    pub fn chat_pending(&self) -> usize {
+        self.chat.pending()
+    }
+
+    #[must_use]
+    pub fn poll_chat_event(&mut self) -> Option<ReliableEvent> {
+        self.chat.poll_event()
+    }
+
     /// Whether anything here needs a session with the peer.
     pub fn wants_session(&self) -> bool {
-        !self.control.is_empty()
+        self.chat.pending() > 0
+            || !self.control.is_empty()
             || self
                 .outgoing
                 .values()
@@ -555,6 +578,8 @@ impl Transfers {
         self.peer_epoch = None;
         for (_, c) in self.carried.drain() {
             match c {
+                // Chat goes again from its own state (below).
+                Carried::Control(FileFrame::Chat { .. } | FileFrame::ChatAck { .. }) => {}
                 Carried::Control(f) => self.control.push_back(f),
                 Carried::Data { id, offset, len } => {
                     if let Some(t) = self.outgoing.get_mut(&id) {
@@ -568,6 +593,9 @@ impl Transfers {
         for t in self.outgoing.values_mut() {
             t.unacked = 0;
         }
+        self.control
+            .retain(|f| !matches!(f, FileFrame::Chat { .. } | FileFrame::ChatAck { .. }));
+        self.chat.restart();
         self.announce();
     }
 
@@ -674,6 +702,8 @@ impl Transfers {
                         }
                         self.flow.reset_receiving();
                         self.announce();
+                        // It may have lost what it held of our messages.
+                        self.chat.restart();
                     }
                 }
                 if self.flow.on_received(now, pn, true) {
@@ -875,6 +905,13 @@ impl Transfers {
                 t.phase = Phase::Active;
             }
             FileFrame::Padding { .. } => {}
+            FileFrame::Chat {
+                seq,
+                base,
+                sent_ms,
+                body,
+            } => self.chat.handle_message(seq, base, sent_ms, body),
+            FileFrame::ChatAck { upto } => self.chat.handle_ack(upto),
             FileFrame::Done { id } => {
                 if let Some(t) = self.outgoing.get_mut(&id) {
                     if t.phase != Phase::Done && t.phase != Phase::Ended {
@@ -972,7 +1009,8 @@ impl Transfers {
     }
 
     fn wants_to_send(&self) -> bool {
-        !self.control.is_empty()
+        self.chat.wants_to_send()
+            || !self.control.is_empty()
             || self.outgoing.values().any(|t| {
                 t.phase == Phase::Active
                     && (!t.todo.is_empty()
@@ -982,9 +1020,19 @@ impl Transfers {
     }
 
     /// The next packet to send now, if the flow lets one go: an
-    /// acknowledgement first, then control frames, then hashes and data,
-    /// one transfer after another.
+    /// acknowledgement first, then control frames, chat, then hashes and
+    /// data, one transfer after another.
     pub fn poll_packet(&mut self, now: Instant, src: &mut dyn FileSource) -> Option<PeerToPeer> {
+        self.poll(now, Some(src))
+    }
+
+    /// Like [`Transfers::poll_packet`] but without file data (no source
+    /// at hand): acknowledgements, control frames and chat.
+    pub fn poll_control(&mut self, now: Instant) -> Option<PeerToPeer> {
+        self.poll(now, None)
+    }
+
+    fn poll(&mut self, now: Instant, src: Option<&mut dyn FileSource>) -> Option<PeerToPeer> {
         if let Some(ack) = self.flow.poll_ack(now) {
             return Some(PeerToPeer::FlowAck {
                 epoch: self.peer_epoch.unwrap_or(0),
@@ -998,7 +1046,8 @@ impl Transfers {
             }
             return None;
         }
-        if let Some(size) = self.pmtud.probe_size(now).filter(|_| self.data_waiting()) {
+        let probe = self.pmtud.probe_size(now).filter(|_| self.data_waiting());
+        if let Some(size) = probe.filter(|_| src.is_some()) {
             // Padding fills the datagram: flow and frame headers, the
             // padding's length, the packet header and the AEAD tag.
             let len = size - (1 + 4 + 8 + 1 + 2) - crate::wire::DATA_HEADER_LEN - 16;
@@ -1017,6 +1066,10 @@ impl Transfers {
         if let Some(frame) = self.control.pop_front() {
             return Some(self.send_frame(now, frame));
         }
+        if let Some(frame) = self.chat.poll_frame() {
+            return Some(self.send_frame(now, frame));
+        }
+        let src = src?;
         // Round robin over active senders, starting after the last turn.
         let ids: Vec<u64> = self
             .outgoing

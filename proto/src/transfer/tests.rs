@@ -68,7 +68,7 @@ impl FileSource for Src<'_> {
 impl Side {
     fn new() -> Self {
         Side {
-            t: Transfers::new(rand::random()),
+            t: Transfers::new(rand::random(), 0),
             sources: HashMap::new(),
             corrupt: None,
             disk: HashMap::new(),
@@ -470,7 +470,7 @@ fn one_side_starting_a_new_flow_alone_does_not_stall_the_other() {
 #[test]
 fn an_offer_too_large_to_track_is_refused_not_allocated() {
     let now = Instant::now();
-    let mut t = Transfers::new(1);
+    let mut t = Transfers::new(1, 0);
     t.handle(
         now,
         PeerToPeer::Flow {
