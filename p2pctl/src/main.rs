@@ -369,7 +369,7 @@ fn transfer_text(t: &Value) -> String {
 
 /// Follows one transfer's events until it is done or failed: a progress
 /// bar on a terminal, a line per 10% otherwise, JSON lines with --json.
-async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
+async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
     use std::io::IsTerminal;
     let id = field(start, "id").to_owned();
     let name = clean(field(start, "name"));
@@ -397,11 +397,56 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
         .get("files")
         .and_then(Value::as_u64)
         .filter(|_| start.get("group") == start.get("id"));
-    let mut files_done = 0u64;
-    let mut files_failed = 0u64;
+    // A directory's files that ended, by id: counted once each, whether
+    // the event came or they had ended before we subscribed.
+    let mut files_done = std::collections::HashSet::new();
+    let mut files_failed = std::collections::HashSet::new();
+    if files.is_some() {
+        let list = conn.call(Command::Transfers).await?;
+        for t in list.as_array().into_iter().flatten() {
+            if t.get("group").and_then(Value::as_str) != Some(id.as_str()) {
+                continue;
+            }
+            let member = field(t, "id").to_owned();
+            match field(t, "state") {
+                "done" => {
+                    files_done.insert(member);
+                }
+                "ended" => {
+                    eprintln!(
+                        "p2pctl: {} failed: {}",
+                        clean(field(t, "name")),
+                        clean(field(t, "reason"))
+                    );
+                    files_failed.insert(member);
+                }
+                _ => {}
+            }
+        }
+    }
     let mut sizes: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     let mut per_file: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     loop {
+        if let Some(n) = files.filter(|n| (files_done.len() + files_failed.len()) as u64 >= *n) {
+            if tty {
+                eprintln!();
+            }
+            if !files_failed.is_empty() {
+                return Err(Failure {
+                    code: 1,
+                    message: format!("directory {id}: {} of {n} files failed", files_failed.len()),
+                });
+            }
+            if !json {
+                let secs = began.elapsed().as_secs_f64();
+                let path = start.get("path").and_then(Value::as_str).map(clean);
+                out(&format!(
+                    "done: {name} ({n} files) in {secs:.1} s{}",
+                    path.map(|p| format!(", {p}")).unwrap_or_default()
+                ))?;
+            }
+            return Ok(());
+        }
         let v = w.next().await.map_err(|mut f| {
             f.message = format!(
                 "p2pd stopped while transfer {id} was under way; it resumes when p2pd runs again (see p2pctl transfers)"
@@ -449,27 +494,17 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
                     ))?;
                 }
             }
-            "transfer_done" if files.is_some_and(|n| files_done + files_failed + 1 < n) => {
-                files_done += 1;
-                if !json {
+            // One file of a directory: counted; the loop ends the
+            // directory once all are.
+            "transfer_done" if files.is_some() => {
+                if files_done.insert(field(&v, "id").to_owned()) && !json {
                     out(&format!(
-                        "got {} ({files_done} of {})",
+                        "got {} ({} of {})",
                         clean(field(&v, "path")),
+                        files_done.len(),
                         files.unwrap_or(0)
                     ))?;
                 }
-            }
-            "transfer_done" if files_failed > 0 => {
-                if tty {
-                    eprintln!();
-                }
-                return Err(Failure {
-                    code: 1,
-                    message: format!(
-                        "directory {id}: {files_failed} of {} files failed",
-                        files.unwrap_or(0)
-                    ),
-                });
             }
             "transfer_done" => {
                 if tty {
@@ -477,20 +512,14 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
                 }
                 if !json {
                     let secs = began.elapsed().as_secs_f64();
-                    // A directory: where it is as a whole, not its last file.
-                    let path = match files {
-                        Some(_) => start.get("path"),
-                        None => v.get("path"),
-                    }
-                    .and_then(Value::as_str)
-                    .map(clean)
-                    .unwrap_or_default();
-                    let what = match files {
-                        Some(n) => format!("{n} files"),
-                        None => bytes(size),
-                    };
+                    let path = v
+                        .get("path")
+                        .and_then(Value::as_str)
+                        .map(clean)
+                        .unwrap_or_default();
                     out(&format!(
-                        "done: {name} ({what}) in {secs:.1} s{}",
+                        "done: {name} ({}) in {secs:.1} s{}",
+                        bytes(size),
                         if path.is_empty() {
                             String::new()
                         } else {
@@ -502,23 +531,18 @@ async fn follow(mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
             }
             // One file of a directory failed: say so and go on with the
             // others; the directory as a whole fails at the end.
-            "transfer_failed" if files.is_some_and(|n| files_done + files_failed + 1 < n) => {
-                files_failed += 1;
-                let name = per_file_name(&v);
-                eprintln!("p2pctl: {name} failed: {}", clean(field(&v, "reason")));
+            "transfer_failed" if files.is_some() => {
+                if files_failed.insert(field(&v, "id").to_owned()) {
+                    let name = per_file_name(&v);
+                    eprintln!("p2pctl: {name} failed: {}", clean(field(&v, "reason")));
+                }
             }
             "transfer_failed" => {
                 if tty {
                     eprintln!();
                 }
                 let reason = clean(field(&v, "reason"));
-                let message = match files {
-                    Some(n) => format!(
-                        "directory {id}: {} of {n} files failed (last: {reason})",
-                        files_failed + 1
-                    ),
-                    None => format!("transfer {id} failed: {reason}"),
-                };
+                let message = format!("transfer {id} failed: {reason}");
                 return Err(Failure { code: 1, message });
             }
             _ => {}
@@ -661,7 +685,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await?;
             match watch {
                 None => print(&v, transfer_text(&v)),
-                Some(w) => follow(w, &v, json).await,
+                Some(w) => follow(&mut conn, w, &v, json).await,
             }
         }
         Cmd::AcceptFile { id, to, no_wait } => {
@@ -679,7 +703,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await?;
             match watch {
                 None => print(&v, transfer_text(&v)),
-                Some(w) => follow(w, &v, json).await,
+                Some(w) => follow(&mut conn, w, &v, json).await,
             }
         }
         Cmd::Transfers => {

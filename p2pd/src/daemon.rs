@@ -695,9 +695,8 @@ impl Daemon {
                     .first()
                     .map(|t| files::sanitize_path(&t.name)[0].clone())
                     .unwrap_or_else(|| "folder".into());
-                let root = files::unique_dest(dir, &top, &[]);
-                std::fs::create_dir_all(&root)
-                    .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", root.display())))?;
+                let root = files::unique_dir(dir, &top)
+                    .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", dir.display())))?;
                 self.store
                     .set_setting(&key, &root.display().to_string())
                     .map_err(internal)?;
@@ -782,9 +781,12 @@ impl Daemon {
             .map_err(internal)?;
         tracing::info!(id = %hex_id(row.id), peer = %row.peer, "TRANSFER(ACCEPTED)");
         if !self.node.accept_file(now, &row.peer, row.id, &[]) {
+            // Gone meanwhile (the peer cancelled): undo, leave nothing.
+            let reason = "no longer offered";
+            self.end_transfer(row, reason);
             return Err(err(
                 ErrorCode::NoTransfer,
-                format!("transfer {} is no longer offered", hex_id(row.id)),
+                format!("transfer {} is {reason}", hex_id(row.id)),
             ));
         }
         Ok(())
@@ -1124,8 +1126,16 @@ impl Daemon {
                 id,
                 peer,
                 path,
+                name,
+                group,
                 error,
             } => {
+                if group.0 != 0 {
+                    // The receiver counts the directory's files: tell it
+                    // this one will not come (what, not where or why).
+                    let reason = "the sender could not read it";
+                    self.node.skip_file(now, &peer, id, name, group, reason);
+                }
                 self.broadcast(Event::TransferFailed {
                     id: hex_id(id),
                     peer,
@@ -1278,6 +1288,49 @@ impl Daemon {
                     size,
                     group,
                     files,
+                });
+            }
+            T::Skipped {
+                id,
+                path,
+                group,
+                group_files,
+                reason,
+            } => {
+                if self.store.transfer(id).ok().flatten().is_some() {
+                    return; // told again: known
+                }
+                let reason = format!("{path}: {reason}");
+                let row = TransferRow {
+                    id,
+                    peer: peer.clone(),
+                    outgoing: false,
+                    name: path,
+                    path: None,
+                    part: None,
+                    size: 0,
+                    piece_size: 0,
+                    hash: [0; 32],
+                    piece_hashes: Vec::new(),
+                    verified: Vec::new(),
+                    mtime_ns: None,
+                    state: "ended".into(),
+                    reason: Some(reason.clone()),
+                    created_ms: now_ms(),
+                    group,
+                    group_files,
+                };
+                if let Err(e) = self.store.insert_transfer(&row) {
+                    tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
+                    return;
+                }
+                self.groups.insert(id, group);
+                tracing::info!(id = %hex_id(id), %peer, "TRANSFER(SKIPPED)");
+                self.broadcast(Event::TransferFailed {
+                    id: hex_id(id),
+                    peer,
+                    reason,
+                    group: Some(hex_id(group)),
                 });
             }
             T::Accepted { id } => {

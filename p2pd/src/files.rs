@@ -46,6 +46,8 @@ pub enum JobDone {
         id: u64,
         peer: String,
         path: PathBuf,
+        name: String,
+        group: (u64, u32),
         error: String,
     },
     /// A piece checked (and synced, when good).
@@ -392,6 +394,8 @@ fn hash_job(
             peer,
             error: e.to_string(),
             path,
+            name,
+            group,
         },
     };
     let _ = jobs.blocking_send(done);
@@ -533,6 +537,30 @@ fn numbered(dir: &Path, name: &str, n: u32) -> PathBuf {
         Some((stem, ext)) if !stem.is_empty() => dir.join(format!("{stem} ({n}).{ext}")),
         _ => dir.join(format!("{name} ({n})")),
     }
+}
+
+/// Creates a new directory `name` in `dir` (created if missing), or
+/// `name (1)`, `name (2)`, ... when taken: never an existing one, so a
+/// received folder is never merged into another. A dot in a directory's
+/// name is not an extension (`v1.2 (1)`, not `v1 (1).2`).
+pub fn unique_dir(dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    for n in 0..10_000u32 {
+        let p = if n == 0 {
+            dir.join(name)
+        } else {
+            dir.join(format!("{name} ({n})"))
+        };
+        match std::fs::create_dir(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no free name for {name} in {}",
+        dir.display()
+    )))
 }
 
 /// The first name in `dir` that no file has and `taken` does not hold.
@@ -680,6 +708,22 @@ mod tests {
         assert_eq!(unique_dest(&dir, "b", &[]), dir.join("b"));
         std::fs::write(dir.join("b"), b"x").unwrap();
         assert_eq!(unique_dest(&dir, "b", &[]), dir.join("b (1)"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_is_always_a_new_one() {
+        let dir = std::env::temp_dir().join(format!("p2pd-dirs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = unique_dir(&dir, "v1.2").unwrap();
+        assert_eq!(first, dir.join("v1.2"));
+        std::fs::write(first.join("kept"), b"x").unwrap();
+        // Taken by a directory or by a file: the next number, never the
+        // dot taken for an extension.
+        assert_eq!(unique_dir(&dir, "v1.2").unwrap(), dir.join("v1.2 (1)"));
+        std::fs::write(dir.join("v1.2 (2)"), b"x").unwrap();
+        assert_eq!(unique_dir(&dir, "v1.2").unwrap(), dir.join("v1.2 (3)"));
+        assert!(first.join("kept").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

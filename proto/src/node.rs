@@ -497,6 +497,22 @@ impl Node {
         self.pump(now);
     }
 
+    /// Tells the peer a file of a directory will not be offered.
+    pub fn skip_file(
+        &mut self,
+        now: Instant,
+        name: &str,
+        id: u64,
+        path: String,
+        group: (u64, u32),
+        reason: &str,
+    ) {
+        let e = self.entry(now, name);
+        e.transfers.skip(id, path, group, reason);
+        e.want_session(now);
+        self.pump(now);
+    }
+
     fn transfers_of(&mut self, name: &str) -> Result<&mut Transfers, NodeError> {
         self.peers
             .get_mut(name)

@@ -877,6 +877,16 @@ pub enum FileFrame {
     },
     /// Every chat message below `upto` was delivered and stored.
     ChatAck { upto: u64 },
+    /// A file of directory `group` (of `group_files`) that will not be
+    /// offered: the sender could not read it. The receiver counts it as
+    /// failed instead of waiting for it.
+    Skipped {
+        id: u64,
+        path: String,
+        group: u64,
+        group_files: u32,
+        reason: String,
+    },
 }
 
 /// Longest relative path in an offer, in bytes.
@@ -922,6 +932,7 @@ impl std::fmt::Debug for FileFrame {
                 seq, base, body, ..
             } => write!(f, "Chat({seq}, base {base}, {} bytes)", body.len()),
             FileFrame::ChatAck { upto } => write!(f, "ChatAck({upto})"),
+            FileFrame::Skipped { id, group, .. } => write!(f, "Skipped({id:x}, group {group:x})"),
         }
     }
 }
@@ -935,7 +946,8 @@ impl FileFrame {
             | FileFrame::Hashes { id, .. }
             | FileFrame::Data { id, .. }
             | FileFrame::BadPiece { id, .. }
-            | FileFrame::Done { id } => *id,
+            | FileFrame::Done { id }
+            | FileFrame::Skipped { id, .. } => *id,
             FileFrame::Padding { .. } | FileFrame::Chat { .. } | FileFrame::ChatAck { .. } => 0,
         }
     }
@@ -999,6 +1011,20 @@ impl FileFrame {
             FileFrame::ChatAck { upto } => {
                 w.u8(10).u64(*upto);
             }
+            FileFrame::Skipped {
+                id,
+                path,
+                group,
+                group_files,
+                reason,
+            } => {
+                w.u8(11)
+                    .u64(*id)
+                    .string(path)
+                    .u64(*group)
+                    .u32(*group_files)
+                    .string(truncate_utf8(reason, MAX_DETAIL));
+            }
         }
     }
 
@@ -1046,6 +1072,13 @@ impl FileFrame {
                 body: r.bytes16(MAX_MESSAGE_BYTES)?.to_vec(),
             },
             10 => FileFrame::ChatAck { upto: r.u64()? },
+            11 => FileFrame::Skipped {
+                id: r.u64()?,
+                path: r.string(MAX_FILE_PATH)?,
+                group: r.u64()?,
+                group_files: r.u32()?,
+                reason: r.string(MAX_DETAIL)?,
+            },
             t => return Err(DecodeError::UnknownType(t)),
         })
     }
@@ -1450,7 +1483,7 @@ mod tests {
 
     fn random_frame(rng: &mut impl Rng) -> FileFrame {
         let id = rng.gen();
-        match rng.gen_range(0..10) {
+        match rng.gen_range(0..11) {
             0 => FileFrame::Offer {
                 id,
                 path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
@@ -1504,6 +1537,13 @@ mod tests {
                 }
             }
             8 => FileFrame::ChatAck { upto: rng.gen() },
+            9 => FileFrame::Skipped {
+                id,
+                path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
+                group: rng.gen(),
+                group_files: rng.gen(),
+                reason: "x".repeat(rng.gen_range(0..=MAX_DETAIL)),
+            },
             _ => FileFrame::Done { id },
         }
     }

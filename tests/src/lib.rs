@@ -212,7 +212,7 @@ impl Lab {
         let _ = Command::new("kill")
             .args(["-TERM", &p.child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             if let Ok(Some(status)) = p.child.try_wait() {
                 return status.code().unwrap_or(-1);
@@ -316,6 +316,9 @@ impl Lab {
     }
 }
 
+/// The longest one p2pctl command may take in a test.
+pub const P2PCTL_LIMIT: Duration = Duration::from_secs(180);
+
 /// Runs `p2pctl --socket SOCKET args...`, feeding `stdin` if given. Needs
 /// no lab, so a test can run it from another thread.
 pub fn p2pctl(socket: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
@@ -340,7 +343,21 @@ pub fn p2pctl(socket: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
             let _ = pipe.write_all(&bytes);
         });
     }
+    // A command that should end but hangs (a follow waiting for an event
+    // that never comes) fails its test instead of stalling the suite.
+    let (ended, watchdog) = std::sync::mpsc::channel::<()>();
+    let pid = child.id().to_string();
+    std::thread::spawn(move || {
+        if watchdog.recv_timeout(P2PCTL_LIMIT).is_err() {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+    });
     let out = child.wait_with_output().expect("p2pctl output");
+    let _ = ended.send(());
+    assert!(
+        out.status.code().is_some(),
+        "p2pctl {args:?} killed after {P2PCTL_LIMIT:?}: it hung"
+    );
     Output {
         args: args.iter().map(|s| s.to_string()).collect(),
         code: out.status.code().unwrap_or(-1),

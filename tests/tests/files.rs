@@ -346,6 +346,49 @@ fn a_directory_arrives_whole_and_is_never_merged_into_another() {
 }
 
 #[test]
+fn a_file_of_a_directory_that_cannot_be_read_is_reported_not_awaited() {
+    let mut lab = pair("fskip");
+    let src = lab.dir.join("out").join("docs");
+    // Two large files first: hashing takes two at a time, in name order,
+    // so the last file is read well after send-file has answered.
+    write_file(&src, "a1.bin", &content(10, 48 * 1024 * 1024));
+    write_file(&src, "a2.bin", &content(11, 48 * 1024 * 1024));
+    let gone = write_file(&src, "z.txt", b"gone before it is read");
+    let sent = lab.ctl(
+        "a",
+        &[
+            "send-file",
+            "bob",
+            src.to_str().unwrap(),
+            "--no-wait",
+            "--json",
+        ],
+    );
+    std::fs::remove_file(&gone).unwrap();
+    sent.ok();
+    let group = lab.wait_for("the offers", WAIT, |lab| {
+        let t = transfers(lab, "b");
+        let offered: Vec<&Value> = t.iter().filter(|t| t["state"] == "offered").collect();
+        (offered.len() == 2).then(|| offered[0]["group"].as_str().unwrap().to_owned())
+    });
+    let inbox = lab.dir.join("inbox");
+    // bob takes the folder and waits for its three files: two arrive, the
+    // third is reported as never coming (exit 1: a transfer failed).
+    let got = lab.ctl(
+        "b",
+        &["accept-file", &group, "--to", inbox.to_str().unwrap()],
+    );
+    got.fails_with(1);
+    assert!(got.stderr.contains("z.txt"), "{got:?}");
+    assert!(got.stderr.contains("could not read"), "{got:?}");
+    assert_eq!(
+        std::fs::read(inbox.join("docs").join("a2.bin")).unwrap(),
+        content(11, 48 * 1024 * 1024)
+    );
+    assert!(!inbox.join("docs").join("z.txt").exists());
+}
+
+#[test]
 fn files_from_a_trusted_contact_can_be_taken_without_asking() {
     let lab = pair("fauto");
     let inbox = lab.dir.join("auto");

@@ -111,6 +111,15 @@ pub enum TransferEvent {
     Ended { id: u64, reason: String },
     /// A source read failed: the owner should cancel with the reason.
     ReadFailed { id: u64, error: String },
+    /// A file of a directory the peer sends will not come: it could not
+    /// read it.
+    Skipped {
+        id: u64,
+        path: String,
+        group: u64,
+        group_files: u32,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,6 +456,18 @@ impl Transfers {
     ) {
         self.incoming
             .insert(id, Incoming::new(path, size, piece_size, hash));
+    }
+
+    /// Tells the peer that file `id` of directory `group` will not be
+    /// offered (we could not read it), so it does not wait for it.
+    pub fn skip(&mut self, id: u64, path: String, group: (u64, u32), reason: &str) {
+        self.control.push_back(FileFrame::Skipped {
+            id,
+            path,
+            group: group.0,
+            group_files: group.1,
+            reason: reason.to_owned(),
+        });
     }
 
     /// The peer offers again a file we already received (our `Done` was
@@ -905,6 +926,23 @@ impl Transfers {
                 t.phase = Phase::Active;
             }
             FileFrame::Padding { .. } => {}
+            FileFrame::Skipped {
+                id,
+                path,
+                group,
+                group_files,
+                reason,
+            } => {
+                if !self.incoming.contains_key(&id) && !self.outgoing.contains_key(&id) {
+                    self.events.push_back(TransferEvent::Skipped {
+                        id,
+                        path,
+                        group,
+                        group_files,
+                        reason,
+                    });
+                }
+            }
             FileFrame::Chat {
                 seq,
                 base,

@@ -596,3 +596,36 @@ fn a_new_path_starts_from_the_base_size() {
     assert_eq!(sim.b.disk[&8], data);
     assert_eq!(sim.a.t.datagram_size(), pmtud::BASE);
 }
+
+#[test]
+fn a_file_of_a_directory_the_sender_cannot_read_is_reported_not_awaited() {
+    let mut sim = Sim::new(14, BAD);
+    sim.a.t.skip(
+        9,
+        "photos/b.jpg".into(),
+        (77, 2),
+        "the sender could not read it",
+    );
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.b.events.iter().any(|e| {
+            matches!(
+                e,
+                TransferEvent::Skipped {
+                    id: 9,
+                    group: 77,
+                    group_files: 2,
+                    ..
+                }
+            )
+        })
+    });
+    // Lost and sent again on this link, it is reported once.
+    sim.run_until(Duration::from_secs(5), |s| s.a.t.flow().outstanding() == 0);
+    let skipped = sim
+        .b
+        .events
+        .iter()
+        .filter(|e| matches!(e, TransferEvent::Skipped { .. }))
+        .count();
+    assert_eq!(skipped, 1);
+}
