@@ -497,7 +497,8 @@ async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Resu
             // One file of a directory: counted; the loop ends the
             // directory once all are.
             "transfer_done" if files.is_some() => {
-                if files_done.insert(field(&v, "id").to_owned()) && !json {
+                let new = files_done.insert(field(&v, "id").to_owned());
+                if new && !json {
                     out(&format!(
                         "got {} ({} of {})",
                         clean(field(&v, "path")),
@@ -532,7 +533,8 @@ async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Resu
             // One file of a directory failed: say so and go on with the
             // others; the directory as a whole fails at the end.
             "transfer_failed" if files.is_some() => {
-                if files_failed.insert(field(&v, "id").to_owned()) {
+                let new = files_failed.insert(field(&v, "id").to_owned());
+                if new {
                     let name = per_file_name(&v);
                     eprintln!("p2pctl: {name} failed: {}", clean(field(&v, "reason")));
                 }
