@@ -102,8 +102,8 @@ enum DiskJob {
     },
 }
 
-/// Writes queued for the disk thread before the network loop waits (64
-/// datagrams' worth: a few MiB).
+/// Jobs queued for the disk thread before the network loop waits (64
+/// datagrams' worth: up to 4 MiB of data).
 const DISK_QUEUE: usize = 64;
 
 /// A file being sent, with what it was when it was hashed.
@@ -334,7 +334,12 @@ fn disk_thread(
                 }
                 if let Err(error) = file.write_all_at(&data, offset) {
                     failed.insert(id);
-                    let _ = done.blocking_send(JobDone::WriteFailed { peer, id, error });
+                    // Never wait here for the network loop: it may be
+                    // waiting for room in our queue.
+                    let done = done.clone();
+                    runtime.spawn(async move {
+                        let _ = done.send(JobDone::WriteFailed { peer, id, error }).await;
+                    });
                 }
             }
             DiskJob::Check {

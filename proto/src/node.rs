@@ -1,19 +1,20 @@
-//! What a daemon runs: one [`ServerLink`] and a [`PeerSession`] plus a
-//! [`Reliable`] stream per peer, behind one UDP socket.
+//! What a daemon runs: one [`ServerLink`] and, per peer, a [`PeerSession`]
+//! and the [`Transfers`] that carry chat and files over one flow, behind
+//! one UDP socket.
 //!
 //! The node demultiplexes datagrams by receiver index (handshake responses
 //! and data), by introduction id (punch probes) and by identity (handshake
 //! initiations, whose payload names the sender). It turns the link's
-//! introductions into sessions, feeds chat messages through each peer's
-//! reliable stream, pins each peer's identity at first contact, refuses
+//! introductions into sessions, feeds chat messages and files through each
+//! peer's flow, pins each peer's identity at first contact, refuses
 //! any other key for that name afterwards, and reconnects by itself to a
 //! known peer while messages for it are waiting.
 //!
 //! Drain order after every input: [`Node::poll_event`] until `None`, then
 //! [`Node::poll_transmit`], then [`Node::poll_timeout`]. A
-//! [`NodeEvent::Delivered`] is emitted before the acknowledgement for it is
-//! queued, so a caller that stores it while draining events acknowledges
-//! only what it stored.
+//! [`NodeEvent::Delivered`] is emitted before the datagram acknowledging
+//! it, so a caller that stores it while draining events acknowledges only
+//! what it stored.
 
 use crate::client::{ClientConfig, LinkEvent, LinkState, RequestError, ServerLink};
 use crate::codec::Reader;

@@ -25,7 +25,7 @@ use crate::codec::Reader;
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern, Transport, REJECT_AFTER_TIME, REKEY_AFTER_TIME};
 use crate::server::identity_payload;
-use crate::wire::{Packet, PeerToPeer};
+use crate::wire::{self, Packet, PeerToPeer};
 use crate::Transmit;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, VecDeque};
@@ -154,7 +154,7 @@ struct Est {
     last_rx: Instant,
     last_tx: Instant,
     /// The first packet sent since the peer was last heard that wants an
-    /// answer (a message, a ping): the measure of [`PATH_SUSPECT`].
+    /// answer (a flow packet, a ping): the measure of [`PATH_SUSPECT`].
     unanswered_since: Option<Instant>,
     rekey: Option<Hs>,
 }
@@ -628,7 +628,9 @@ impl PeerSession {
         let suspect = e
             .unanswered_since
             .is_some_and(|t| now.saturating_duration_since(t) >= PATH_SUSPECT);
-        let also_relay = relay.filter(|r| suspect && dst == e.dst && *r != dst);
+        // (Not a packet larger than the relay carries: it would be dropped.)
+        let fits = payload.len() <= wire::MAX_PACKET;
+        let also_relay = relay.filter(|r| suspect && fits && dst == e.dst && *r != dst);
         if let Some(r) = also_relay {
             tracing::debug!("PATH(SUSPECT_ALSO_RELAY)");
             self.emit(r, payload.clone());

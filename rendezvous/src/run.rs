@@ -25,10 +25,12 @@ use tokio::net::{TcpListener, UdpSocket};
 /// File name of the server's identity inside the data directory.
 pub const SERVER_KEY: &str = "server.key";
 
-/// Receive buffer: above the protocol's largest packet
-/// ([`proto::wire::MAX_PACKET`], 1232 bytes), so an oversized datagram
-/// arrives whole and is refused by the decoder rather than truncated into
-/// something that might parse.
+/// Receive buffer: above the largest packet the server takes
+/// ([`proto::wire::MAX_RELAYED`]), so an oversized one arrives whole and is
+/// refused by the decoder rather than truncated into something that might
+/// parse. Peers' large data packets (up to [`proto::wire::MAX_DATAGRAM`])
+/// are never meant for the server: one sent here arrives cut short and
+/// fails its authentication.
 const RECV_BUF: usize = 2048;
 
 /// How often the counters are logged while running.

@@ -1,6 +1,6 @@
 //! Loss recovery and congestion control for the data a session carries:
-//! the packet-level layer that file transfer (and, in time, chat) sends
-//! through. Sans-IO like the rest of the crate.
+//! the packet-level layer that chat and file transfer send through.
+//! Sans-IO like the rest of the crate.
 //!
 //! The sender numbers every packet (`pn`, never reused) and remembers what
 //! it sent; the receiver acknowledges with ranges of packet numbers

@@ -362,8 +362,8 @@ impl Transfers {
         self.flow.set_mss(pmtud::BASE);
     }
 
-    /// Offers a file (the owner has hashed it: whole and per piece of
-    /// `piece_size`).
+    /// Offers a file (the owner has hashed it per piece of `piece_size`;
+    /// `hash` is [`file_hash`] of `piece_hashes`).
     #[allow(clippy::too_many_arguments)]
     pub fn offer(
         &mut self,
@@ -723,7 +723,11 @@ impl Transfers {
                         }
                         self.flow.reset_receiving();
                         self.announce();
-                        // It may have lost what it held of our messages.
+                        // It may have lost what it held of our messages:
+                        // all go again, from the chat's state alone.
+                        self.control.retain(|f| {
+                            !matches!(f, FileFrame::Chat { .. } | FileFrame::ChatAck { .. })
+                        });
                         self.chat.restart();
                     }
                 }
