@@ -116,7 +116,10 @@ impl Lab {
         };
         let child = cmd
             .args(args)
-            .env("RUST_LOG", "info,proto=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("P2P_LAB_LOG").unwrap_or_else(|_| "info,proto=debug".into()),
+            )
             .env_remove("P2PD_SOCKET")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
@@ -374,6 +377,8 @@ impl Drop for Lab {
         }
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
+            eprintln!("lab kept at {}", self.dir.display());
+        } else if std::env::var_os("P2P_KEEP_LAB").is_some() {
             eprintln!("lab kept at {}", self.dir.display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);

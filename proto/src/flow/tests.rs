@@ -238,9 +238,7 @@ fn a_clean_path_fills_the_bottleneck_without_filling_the_queue() {
 #[test]
 fn random_loss_does_not_collapse_the_rate() {
     // 1% each way, as on the lossy lab link: loss-based control
-    // would crawl here; the model-based one keeps half the link or more.
-    // (A round that happens to lose more than 2% backs off as a lossy
-    // round shared with TCP must: the price of fairness, 55-72% here.)
+    // would crawl here; the model-based one keeps most of the link.
     let path = Path {
         loss: 0.01,
         ..Path::wan()
@@ -248,7 +246,7 @@ fn random_loss_does_not_collapse_the_rate() {
     for seed in [2, 3, 4] {
         let o = transfer(seed, path, 20_000);
         report("1% loss", path, &o);
-        assert!(o.goodput > 0.5 * path.rate, "seed {seed}");
+        assert!(o.goodput > 0.6 * path.rate, "seed {seed}");
     }
 }
 

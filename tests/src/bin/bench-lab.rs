@@ -11,7 +11,8 @@
 //! With a third argument `RATE` (Mbit/s), alice's router sends no faster
 //! than that (`tc tbf`), and a TCP flow from alice's host to the public
 //! segment shares that bottleneck while the file goes: the figures show
-//! how the two split it.
+//! how the two split it. `BENCH_QUEUE_MS` sets the bottleneck's queue
+//! (default 100 ms at that rate); `BENCH_NO_TCP=1` leaves the TCP flow out.
 //!
 //!     bench-lab [SIZE_MIB] [LOSS_PCT] [RATE_MBIT]
 
@@ -34,6 +35,11 @@ fn main() {
     net.block_v6(&ra);
     net.block_v6(&rb);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
+    // The bottleneck's queue, in ms at its rate (BENCH_QUEUE_MS).
+    let queue_ms: u32 = std::env::var("BENCH_QUEUE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     if let Some(mbit) = rate {
         e2e::natlab::exec(
             &ra.ns,
@@ -50,7 +56,7 @@ fn main() {
                 "burst",
                 "64kb",
                 "latency",
-                "100ms",
+                &format!("{queue_ms}ms"),
             ],
         );
     }
@@ -135,7 +141,7 @@ fn main() {
     if let (Some(mbit), Some(b)) = (rate, tcp_bytes) {
         let file = bytes * 8.0 / secs / 1e6;
         let tcp = b as f64 * 8.0 / secs / 1e6;
-        println!("bottleneck: {mbit} Mbit/s (tc tbf at alice's router), shared with one TCP flow");
+        println!("bottleneck: {mbit} Mbit/s, {queue_ms} ms of queue (tc tbf at alice's router), shared with one TCP flow");
         println!(
             "shares:    file {file:.1} Mbit/s ({:.0}%), TCP {tcp:.1} Mbit/s ({:.0}%)",
             100.0 * file / (file + tcp),
