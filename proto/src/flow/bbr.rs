@@ -32,12 +32,11 @@
 //! wins: in a shallow one BBR needs its two BDPs in flight to hold a
 //! share, in a deep one (two BDPs of buffer) they take most of the link.
 //! So when even the lowest RTT of each round stays well above the minimum
-//! (a standing queue another flow keeps full), the window keeps 1.25 BDPs
+//! (a standing queue another flow keeps full), the window keeps one BDP
 //! instead of two ([`Bbr::gain_for_window`]). Measured in the NAT lab (50
 //! Mbit/s `tbf` shared with one CUBIC flow, docs/benchmarks.md): a 25 ms
-//! queue gives the file 31-43%, a 100 ms queue 61-63%; each side keeps at
-//! least a third in all but one of nine runs. A 2% loss cap instead of
-//! 15% starved the file in the shallow queue (26-28%).
+//! queue gives the file 42-50%, a 100 ms queue 48-53%. A 2% loss cap
+//! instead of 15% starved the file in the shallow queue (26-28%).
 
 use std::time::{Duration, Instant};
 
@@ -46,11 +45,15 @@ const DRAIN_GAIN: f64 = 1.0 / 2.885;
 const CWND_GAIN: f64 = 2.0;
 /// A round whose lowest RTT is this many times the minimum, for this many
 /// rounds in a row, means a deep standing queue (see
-/// [`Bbr::gain_for_window`])...
-const DEEP_QUEUE_RTT: f64 = 1.6;
+/// [`Bbr::gain_for_window`]). (1.6 took a full shallow queue, 25 ms on a
+/// 49 ms path, for a deep one now and then; 1.8 missed deep ones.)...
+const DEEP_QUEUE_RTT: f64 = 1.7;
 const DEEP_QUEUE_ROUNDS: u32 = 2;
+/// ...and at least this much above it: on a path of sub-millisecond RTTs
+/// (loopback) scheduling alone doubles a sample.
+const DEEP_QUEUE_EXCESS: Duration = Duration::from_millis(5);
 /// ...where the window keeps this many BDPs.
-const DEEP_QUEUE_GAIN: f64 = 1.25;
+const DEEP_QUEUE_GAIN: f64 = 1.0;
 const PACING_CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 /// Bandwidth samples are kept for this many round trips.
 const BW_WINDOW_ROUNDS: u64 = 10;
@@ -189,11 +192,13 @@ impl Bbr {
 
     /// The window's gain: [`CWND_GAIN`] in ProbeBw, unless even the lowest
     /// RTT of each of the last [`DEEP_QUEUE_ROUNDS`] rounds was
-    /// [`DEEP_QUEUE_RTT`] times the minimum: a deep queue that another flow
-    /// keeps full (a loss-based TCP in a big buffer), where two BDPs in
-    /// flight would take most of the bottleneck; then [`DEEP_QUEUE_GAIN`].
-    /// (A shallow queue drains now and then, and a round's lowest RTT
-    /// shows it.)
+    /// [`DEEP_QUEUE_RTT`] times the minimum (and [`DEEP_QUEUE_EXCESS`]
+    /// above it): a deep queue that another flow keeps full (a loss-based
+    /// TCP in a big buffer), where two BDPs in flight would take most of
+    /// the bottleneck; then [`DEEP_QUEUE_GAIN`]. (A shallow queue drains
+    /// now and then, and a round's lowest RTT shows it. Alone on a path,
+    /// the queue is our own: one BDP still fills the pipe, the queue
+    /// drains, and the gain goes back to two.)
     fn gain_for_window(&self) -> f64 {
         if self.mode == Mode::ProbeBw && self.deep_rounds >= DEEP_QUEUE_ROUNDS {
             DEEP_QUEUE_GAIN
@@ -267,7 +272,10 @@ impl Bbr {
 
     fn end_round(&mut self, in_flight: usize) {
         let deep = match (self.round_min_rtt.take(), self.min_rtt) {
-            (Some(r), Some(min)) => r.as_secs_f64() >= DEEP_QUEUE_RTT * min.as_secs_f64(),
+            (Some(r), Some(min)) => {
+                r.as_secs_f64() >= DEEP_QUEUE_RTT * min.as_secs_f64()
+                    && r >= min + DEEP_QUEUE_EXCESS
+            }
             _ => false,
         };
         self.deep_rounds = if deep { self.deep_rounds + 1 } else { 0 };
@@ -281,6 +289,7 @@ impl Bbr {
             inflight_hi = self.inflight_hi,
             in_flight,
             lost_pct = 100.0 * lost / delivered,
+            deep_rounds = self.deep_rounds,
             "BBR(ROUND)"
         );
         if self.mode == Mode::Startup
