@@ -767,20 +767,39 @@ impl Daemon {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| name.to_owned());
         let part = dir.join(format!(".{final_name}.{}.part", hex_id(row.id)));
+        let pieces = row.size.div_ceil(row.piece_size.max(1) as u64) as usize;
+        // The same file, received before until the disk was full: go on
+        // from what that transfer kept and verified.
+        let mut verified = vec![0u8; pieces];
+        let kept = self
+            .store
+            .kept_part(&row.hash, row.size, row.piece_size)
+            .ok()
+            .flatten()
+            .filter(|k| k.id != row.id && k.verified.len() == pieces);
+        if let Some(k) = kept {
+            let old = std::path::PathBuf::from(k.part.clone().unwrap_or_default());
+            if std::fs::rename(&old, &part).is_ok() {
+                verified = k.verified.clone();
+                let held = verified.iter().filter(|v| **v == 1).count();
+                tracing::info!(id = %hex_id(row.id), from = %hex_id(k.id), held, "TRANSFER(RESUMES_KEPT_PART)");
+            }
+            let _ = self.store.forget_part(k.id);
+        }
         self.files
             .open_part(row.id, &part)
             .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", part.display())))?;
-        let pieces = row.size.div_ceil(row.piece_size.max(1) as u64) as usize;
         self.store
             .accept_transfer(
                 row.id,
                 &dest.display().to_string(),
                 &part.display().to_string(),
-                &vec![0u8; pieces],
+                &verified,
             )
             .map_err(internal)?;
         tracing::info!(id = %hex_id(row.id), peer = %row.peer, "TRANSFER(ACCEPTED)");
-        if !self.node.accept_file(now, &row.peer, row.id, &[]) {
+        let have: Vec<bool> = verified.iter().map(|v| *v == 1).collect();
+        if !self.node.accept_file(now, &row.peer, row.id, &have) {
             // Gone meanwhile (the peer cancelled): undo, leave nothing.
             let reason = "no longer offered";
             self.end_transfer(row, reason);
@@ -1051,7 +1070,7 @@ impl Daemon {
             (
                 "the receiver's disk is full".to_owned(),
                 format!(
-                    "the receiver's disk is full (what arrived is kept in {})",
+                    "the receiver's disk is full (what arrived is kept in {}; the same file sent again goes on from there)",
                     row.part.as_deref().unwrap_or("the .part file")
                 ),
             )

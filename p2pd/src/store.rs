@@ -382,6 +382,34 @@ impl Store {
         self.transfers_where("1", [])
     }
 
+    /// The newest incoming transfer of this content that ended keeping its
+    /// partial file (a full disk), to resume into.
+    pub fn kept_part(
+        &self,
+        hash: &[u8; 32],
+        size: u64,
+        piece_size: u32,
+    ) -> Result<Option<TransferRow>, StoreError> {
+        Ok(self
+            .transfers_where(
+                "direction = 'in' AND state = 'ended' AND part IS NOT NULL \
+                 AND hash = ?1 AND size = ?2 AND piece_size = ?3",
+                params![hash.as_slice(), size as i64, piece_size],
+            )?
+            .into_iter()
+            .next())
+    }
+
+    /// The transfer's partial file is no longer its own (taken over by a
+    /// new transfer of the same content).
+    pub fn forget_part(&self, id: u64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE transfers SET part = NULL WHERE id = ?1",
+            [id as i64],
+        )?;
+        Ok(())
+    }
+
     pub fn transfer(&self, id: u64) -> Result<Option<TransferRow>, StoreError> {
         Ok(self
             .transfers_where("id = ?1", [id as i64])?

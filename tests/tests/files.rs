@@ -453,6 +453,35 @@ fn a_full_disk_ends_the_transfer_clearly_and_keeps_what_arrived() {
     assert!(names[0].ends_with(".part"), "{names:?}");
     let kept = std::fs::metadata(inbox.join(&names[0])).unwrap().len();
     assert!(kept > 0, "nothing kept");
+    // Space is freed and the same file sent again: bob goes on from the
+    // pieces he kept, into the same folder; nothing is left behind.
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=16m"])
+        .arg(&inbox)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(grown, "cannot grow the tmpfs at {}", inbox.display());
+    let sender = send_in_background(&lab, "a", "bob", &src);
+    let again = lab.wait_for("the second offer", WAIT, |lab| {
+        transfers(lab, "b")
+            .into_iter()
+            .find(|t| t["state"] == "offered" && t["id"] != id.as_str())
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+    });
+    lab.ctl(
+        "b",
+        &["accept-file", &again, "--to", inbox.to_str().unwrap()],
+    )
+    .ok();
+    sender.join().unwrap().ok();
+    assert_eq!(std::fs::read(inbox.join("big.iso")).unwrap(), data);
+    let names: Vec<String> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["big.iso"]);
+    let log = std::fs::read_to_string(lab.dir.join("b.log")).unwrap();
+    assert!(log.contains("TRANSFER(RESUMES_KEPT_PART)"), "not resumed");
 }
 
 #[test]
