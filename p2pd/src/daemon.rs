@@ -973,6 +973,8 @@ impl Daemon {
                             None,
                             Some("the file changed or vanished since it was offered"),
                         )?;
+                        let told = "the sender's file changed or vanished";
+                        self.node.tell_ended(now, &t.peer, t.id, told);
                         continue;
                     }
                     tracing::info!(id = %hex_id(t.id), peer = %t.peer, "TRANSFER(RESUME_SENDING)");
@@ -1011,6 +1013,8 @@ impl Daemon {
                             None,
                             Some("the partial file is gone"),
                         )?;
+                        let told = "the receiver's partial file is gone";
+                        self.node.tell_ended(now, &t.peer, t.id, told);
                         continue;
                     }
                     let have: Vec<bool> = t.verified.iter().map(|v| *v == 1).collect();

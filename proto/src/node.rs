@@ -498,6 +498,15 @@ impl Node {
         self.pump(now);
     }
 
+    /// Tells the peer a transfer we no longer hold is over (it ended while
+    /// we were down); connects to it if needed.
+    pub fn tell_ended(&mut self, now: Instant, name: &str, id: u64, reason: &str) {
+        let e = self.entry(now, name);
+        e.transfers.tell_ended(id, reason);
+        e.want_session(now);
+        self.pump(now);
+    }
+
     /// Tells the peer a file of a directory will not be offered.
     pub fn skip_file(
         &mut self,

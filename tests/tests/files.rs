@@ -214,6 +214,39 @@ fn a_transfer_resumes_after_the_receiver_and_then_the_sender_are_killed() {
 }
 
 #[test]
+fn a_source_changed_while_its_sender_was_down_ends_the_transfer_on_both_sides() {
+    let mut lab = pair("fgone");
+    let data = content(12, 96 * 1024 * 1024);
+    let src = write_file(&lab.dir.join("out"), "draft.bin", &data);
+    let inbox = lab.dir.join("inbox");
+    lab.ctl(
+        "a",
+        &["send-file", "bob", src.to_str().unwrap(), "--no-wait"],
+    )
+    .ok();
+    let id = offer_at(&mut lab, "b", "draft.bin");
+    let socket = lab.socket("b");
+    let to = inbox.display().to_string();
+    let (id2, to2) = (id.clone(), to.clone());
+    let receiver = std::thread::spawn(move || {
+        e2e::p2pctl(&socket, &["accept-file", &id2, "--to", &to2], None)
+    });
+    lab.wait_for("some progress", WAIT, |lab| {
+        (state_of(lab, "b", &id)["done"].as_u64().unwrap_or(0) > 0).then_some(())
+    });
+    // The sender is killed, its file edited, and it starts again: it
+    // cannot go on, and says so to bob instead of leaving him waiting.
+    lab.kill("a");
+    write_file(&lab.dir.join("out"), "draft.bin", b"rewritten");
+    lab.start_daemon("a");
+    let got = receiver.join().unwrap();
+    got.fails_with(1);
+    assert!(got.stderr.contains("changed or vanished"), "{got:?}");
+    assert_eq!(state_of(&lab, "b", &id)["state"], "ended");
+    assert!(!inbox.join("draft.bin").exists());
+}
+
+#[test]
 fn chat_goes_on_during_transfers_both_ways() {
     let mut lab = pair("fchat");
     let inbox_a = lab.dir.join("inbox-a");

@@ -477,6 +477,17 @@ impl Transfers {
         self.control.push_back(FileFrame::Done { id });
     }
 
+    /// Tells the peer that transfer `id`, which this side no longer holds
+    /// (it ended while the daemon was down), is over.
+    pub fn tell_ended(&mut self, id: u64, reason: &str) {
+        if !self.cancel(id, reason) {
+            self.control.push_back(FileFrame::Cancel {
+                id,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
     /// Cancels (or declines) a transfer in either direction.
     pub fn cancel(&mut self, id: u64, reason: &str) -> bool {
         let known = self.outgoing.contains_key(&id) || self.incoming.contains_key(&id);
