@@ -72,11 +72,17 @@ pub enum JobDone {
     },
 }
 
-/// An incoming file being written.
+/// An incoming file being written: opened when written to, closed again
+/// when too many are open (a directory of thousands of files is accepted
+/// at once).
 struct Part {
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     path: PathBuf,
+    used: u64,
 }
+
+/// Partial files kept open at once.
+const MAX_OPEN_PARTS: usize = 64;
 
 /// Work for the disk thread, done in order.
 enum DiskJob {
@@ -206,24 +212,58 @@ impl Files {
         self.parts.remove(&id);
     }
 
-    /// Opens (creating it if needed) the partial file of an incoming
-    /// transfer.
+    /// Creates (if needed) the partial file of an incoming transfer; it is
+    /// opened when written to.
     pub fn open_part(&mut self, id: u64, path: &Path) -> std::io::Result<()> {
-        let file = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
-            .read(true)
             .write(true)
             .open(path)?;
         self.parts.insert(
             id,
             Part {
-                file: Arc::new(file),
+                file: None,
                 path: path.to_owned(),
+                used: 0,
             },
         );
         let _ = self.disk.send(DiskJob::Opened { id });
         Ok(())
+    }
+
+    /// The open partial file of `id`, opening it (and closing the least
+    /// recently used one when [`MAX_OPEN_PARTS`] are open). Jobs queued
+    /// for the disk thread keep their own handle.
+    fn part_file(&mut self, id: u64) -> std::io::Result<Arc<File>> {
+        self.reads += 1;
+        let now = self.reads;
+        let needs_open = self.parts.get(&id).is_some_and(|p| p.file.is_none());
+        if needs_open && self.parts.values().filter(|p| p.file.is_some()).count() >= MAX_OPEN_PARTS
+        {
+            if let Some(lru) = self
+                .parts
+                .values_mut()
+                .filter(|p| p.file.is_some())
+                .min_by_key(|p| p.used)
+            {
+                lru.file = None;
+            }
+        }
+        let p = self
+            .parts
+            .get_mut(&id)
+            .ok_or_else(|| std::io::Error::other("no partial file open"))?;
+        p.used = now;
+        if p.file.is_none() {
+            // Never created here: a part file that vanished is an error.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p.path)?;
+            p.file = Some(Arc::new(f));
+        }
+        Ok(p.file.clone().expect("opened above"))
     }
 
     /// Closes the partial file of a transfer but leaves it on disk.
@@ -247,14 +287,11 @@ impl Files {
         offset: u64,
         data: Vec<u8>,
     ) -> std::io::Result<()> {
-        let p = self
-            .parts
-            .get(&id)
-            .ok_or_else(|| std::io::Error::other("no partial file open"))?;
+        let file = self.part_file(id)?;
         let job = DiskJob::Write {
             peer,
             id,
-            file: p.file.clone(),
+            file,
             offset,
             data,
         };
@@ -266,7 +303,7 @@ impl Files {
     /// Checks a piece once its writes are done; [`JobDone::Piece`]
     /// follows.
     pub fn check_piece(
-        &self,
+        &mut self,
         peer: String,
         id: u64,
         piece: u32,
@@ -274,8 +311,12 @@ impl Files {
         len: u64,
         hash: [u8; 32],
     ) {
-        let Some(file) = self.parts.get(&id).map(|p| p.file.clone()) else {
-            return;
+        let file = match self.part_file(id) {
+            Ok(f) => f,
+            Err(error) => {
+                let _ = self.jobs.try_send(JobDone::WriteFailed { peer, id, error });
+                return;
+            }
         };
         let _ = self.disk.send(DiskJob::Check {
             peer,
@@ -290,12 +331,17 @@ impl Files {
 
     /// Syncs the verified file and gives it its final name in `dir`
     /// (never replacing a file); [`JobDone::File`] follows.
-    pub fn finish(&self, peer: String, id: u64, dir: PathBuf, name: String) {
-        let Some(part) = self.parts.get(&id) else {
-            return;
-        };
-        let (file, part_path) = (part.file.clone(), part.path.clone());
+    pub fn finish(&mut self, peer: String, id: u64, dir: PathBuf, name: String) {
         let jobs = self.jobs.clone();
+        let (file, part_path) = match (self.part_file(id), self.parts.get(&id)) {
+            (Ok(f), Some(p)) => (f, p.path.clone()),
+            (Err(e), _) => {
+                let result = Err(format!("cannot open the received file: {e}"));
+                let _ = jobs.try_send(JobDone::File { peer, id, result });
+                return;
+            }
+            _ => return,
+        };
         tokio::task::spawn_blocking(move || {
             let result = finish_file(&file, &part_path, &dir, &name);
             let _ = jobs.blocking_send(JobDone::File { peer, id, result });
