@@ -13,6 +13,9 @@
 //! segment shares that bottleneck while the file goes: the figures show
 //! how the two split it. `BENCH_QUEUE_MS` sets the bottleneck's queue
 //! (default 100 ms at that rate); `BENCH_NO_TCP=1` leaves the TCP flow out.
+//! `BENCH_RELAY=1` puts both hosts behind symmetric NATs: the file goes
+//! through the rendezvous server's relay (its per-user rate limit, 2 MB/s
+//! by default, then bounds it).
 //!
 //!     bench-lab [SIZE_MIB] [LOSS_PCT] [RATE_MBIT]
 
@@ -30,8 +33,15 @@ fn main() {
         std::process::exit(2);
     };
     let impair = ["--delay-ms", "12", "--loss-pct", loss.as_str()];
-    let ra = net.router_via_link(Nat::Home, &impair);
-    let rb = net.router_via_link(Nat::Home, &impair);
+    // BENCH_RELAY=1: symmetric NATs on both sides, so the session goes
+    // through the rendezvous server's relay.
+    let nat = if std::env::var_os("BENCH_RELAY").is_some() {
+        Nat::Symmetric
+    } else {
+        Nat::Home
+    };
+    let ra = net.router_via_link(nat, &impair);
+    let rb = net.router_via_link(nat, &impair);
     net.block_v6(&ra);
     net.block_v6(&rb);
     let (ha, hb) = (net.host(&ra), net.host(&rb));
