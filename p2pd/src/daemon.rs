@@ -773,18 +773,23 @@ impl Daemon {
         let mut verified = vec![0u8; pieces];
         let kept = self
             .store
-            .kept_part(&row.hash, row.size, row.piece_size)
-            .ok()
-            .flatten()
-            .filter(|k| k.id != row.id && k.verified.len() == pieces);
-        if let Some(k) = kept {
-            let old = std::path::PathBuf::from(k.part.clone().unwrap_or_default());
+            .kept_parts(&row.peer, &row.hash, row.size, row.piece_size)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| k.id != row.id && k.verified.len() == pieces)
+            .find_map(|k| {
+                let old = std::path::PathBuf::from(k.part.clone()?);
+                old.exists().then_some((k, old))
+            });
+        // (the old row and its part file, to give back if this fails)
+        let mut taken = None;
+        if let Some((k, old)) = kept {
             if std::fs::rename(&old, &part).is_ok() {
                 verified = k.verified.clone();
                 let held = verified.iter().filter(|v| **v == 1).count();
                 tracing::info!(id = %hex_id(row.id), from = %hex_id(k.id), held, "TRANSFER(RESUMES_KEPT_PART)");
+                taken = Some((k.id, old));
             }
-            let _ = self.store.forget_part(k.id);
         }
         self.files
             .open_part(row.id, &part)
@@ -798,10 +803,19 @@ impl Daemon {
             )
             .map_err(internal)?;
         tracing::info!(id = %hex_id(row.id), peer = %row.peer, "TRANSFER(ACCEPTED)");
+        if let Some((old_id, _)) = &taken {
+            let _ = self.store.forget_part(*old_id);
+        }
         let have: Vec<bool> = verified.iter().map(|v| *v == 1).collect();
         if !self.node.accept_file(now, &row.peer, row.id, &have) {
-            // Gone meanwhile (the peer cancelled): undo, leave nothing.
+            // Gone meanwhile (the peer cancelled): undo, leave nothing,
+            // and a kept part file goes back to where it was.
             let reason = "no longer offered";
+            if let Some((_, old)) = &taken {
+                if std::fs::rename(&part, old).is_ok() {
+                    self.files.keep_part(row.id);
+                }
+            }
             self.end_transfer(row, reason);
             return Err(err(
                 ErrorCode::NoTransfer,
@@ -1043,8 +1057,9 @@ impl Daemon {
         {
             tracing::error!(error = %e, "STORE(TRANSFER_STATE)");
         }
-        if !row.outgoing {
-            self.files.discard_part(row.id);
+        if !row.outgoing && self.files.discard_part(row.id) {
+            // Removed: nothing left to resume into.
+            let _ = self.store.forget_part(row.id);
         }
         self.files.close(row.id);
         self.progress.remove(&row.id);

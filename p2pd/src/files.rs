@@ -271,10 +271,15 @@ impl Files {
         self.parts.remove(&id);
     }
 
-    /// Removes the partial file of a transfer that ended without it.
-    pub fn discard_part(&mut self, id: u64) {
-        if let Some(p) = self.parts.remove(&id) {
-            let _ = std::fs::remove_file(&p.path);
+    /// Removes the partial file of a transfer that ended without it;
+    /// whether there was one.
+    pub fn discard_part(&mut self, id: u64) -> bool {
+        match self.parts.remove(&id) {
+            Some(p) => {
+                let _ = std::fs::remove_file(&p.path);
+                true
+            }
+            None => false,
         }
     }
 
@@ -314,7 +319,10 @@ impl Files {
         let file = match self.part_file(id) {
             Ok(f) => f,
             Err(error) => {
-                let _ = self.jobs.try_send(JobDone::WriteFailed { peer, id, error });
+                let jobs = self.jobs.clone();
+                tokio::spawn(async move {
+                    let _ = jobs.send(JobDone::WriteFailed { peer, id, error }).await;
+                });
                 return;
             }
         };
@@ -337,7 +345,9 @@ impl Files {
             (Ok(f), Some(p)) => (f, p.path.clone()),
             (Err(e), _) => {
                 let result = Err(format!("cannot open the received file: {e}"));
-                let _ = jobs.try_send(JobDone::File { peer, id, result });
+                tokio::spawn(async move {
+                    let _ = jobs.send(JobDone::File { peer, id, result }).await;
+                });
                 return;
             }
             _ => return,
@@ -402,10 +412,16 @@ fn disk_thread(
                 }
                 let done = done.clone();
                 runtime.spawn_blocking(move || {
-                    let ok = read_hash(&file, offset, len).is_ok_and(|h| h == hash)
-                        // Durable before it counts as held (resumption
-                        // trusts it).
-                        && file.sync_data().is_ok();
+                    let ok = read_hash(&file, offset, len).is_ok_and(|h| h == hash);
+                    // Durable before it counts as held (resumption trusts
+                    // it). A failed sync is the disk's fault (full, failing),
+                    // not the piece's: the transfer ends saying so.
+                    if ok {
+                        if let Err(error) = file.sync_data() {
+                            let _ = done.blocking_send(JobDone::WriteFailed { peer, id, error });
+                            return;
+                        }
+                    }
                     let _ = done.blocking_send(JobDone::Piece {
                         peer,
                         id,

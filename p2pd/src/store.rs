@@ -382,22 +382,20 @@ impl Store {
         self.transfers_where("1", [])
     }
 
-    /// The newest incoming transfer of this content that ended keeping its
-    /// partial file (a full disk), to resume into.
-    pub fn kept_part(
+    /// Incoming transfers of this content from `peer` that ended keeping
+    /// their partial file (a full disk), to resume into; newest first.
+    pub fn kept_parts(
         &self,
+        peer: &str,
         hash: &[u8; 32],
         size: u64,
         piece_size: u32,
-    ) -> Result<Option<TransferRow>, StoreError> {
-        Ok(self
-            .transfers_where(
-                "direction = 'in' AND state = 'ended' AND part IS NOT NULL \
-                 AND hash = ?1 AND size = ?2 AND piece_size = ?3",
-                params![hash.as_slice(), size as i64, piece_size],
-            )?
-            .into_iter()
-            .next())
+    ) -> Result<Vec<TransferRow>, StoreError> {
+        self.transfers_where(
+            "direction = 'in' AND state = 'ended' AND part IS NOT NULL \
+             AND peer = ?1 AND hash = ?2 AND size = ?3 AND piece_size = ?4",
+            params![peer, hash.as_slice(), size as i64, piece_size],
+        )
     }
 
     /// The transfer's partial file is no longer its own (taken over by a

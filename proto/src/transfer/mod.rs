@@ -206,7 +206,10 @@ struct Incoming {
     size: u64,
     piece_size: u32,
     hash: [u8; 32],
+    /// Allocated when accepted (an offer costs no memory per piece).
     piece_hashes: Vec<Option<[u8; 32]>>,
+    /// Piece hashes received so far.
+    hashes_have: usize,
     /// Every piece hash is here and they match the offer's hash: pieces
     /// may be checked.
     hashes_ok: bool,
@@ -226,20 +229,30 @@ impl Incoming {
     /// piece count was checked by the caller.
     fn new(path: String, size: u64, piece_size: u32, hash: [u8; 32]) -> Self {
         let piece_size = piece_size.max(1);
-        let n = piece_count(size, piece_size);
         Incoming {
             path,
             size,
             piece_size,
             hash,
-            piece_hashes: vec![None; n as usize],
+            piece_hashes: Vec::new(),
+            hashes_have: 0,
             hashes_ok: false,
-            pieces: (0..n)
-                .map(|_| PieceState::Filling(BTreeMap::new()))
-                .collect(),
+            pieces: Vec::new(),
             verified: 0,
             phase: Phase::Offered,
             bad: 0,
+        }
+    }
+
+    /// The per-piece state, once accepted.
+    fn allocate(&mut self) {
+        let n = piece_count(self.size, self.piece_size) as usize;
+        if self.pieces.len() != n {
+            self.piece_hashes = vec![None; n];
+            self.hashes_have = 0;
+            self.pieces = (0..n)
+                .map(|_| PieceState::Filling(BTreeMap::new()))
+                .collect();
         }
     }
 
@@ -412,6 +425,7 @@ impl Transfers {
         if matches!(t.phase, Phase::Done | Phase::Ended) {
             return false;
         }
+        t.allocate();
         for (i, p) in t.pieces.iter_mut().enumerate() {
             if have.get(i).copied().unwrap_or(false) && !matches!(p, PieceState::Verified) {
                 *p = PieceState::Verified;
@@ -739,6 +753,14 @@ impl Transfers {
                         self.control.retain(|f| {
                             !matches!(f, FileFrame::Chat { .. } | FileFrame::ChatAck { .. })
                         });
+                        self.carried.retain(|_, c| {
+                            !matches!(
+                                c,
+                                Carried::Control(
+                                    FileFrame::Chat { .. } | FileFrame::ChatAck { .. }
+                                )
+                            )
+                        });
                         self.chat.restart();
                     }
                 }
@@ -828,8 +850,8 @@ impl Transfers {
                     }
                     return;
                 }
-                if self.outgoing.contains_key(&id) {
-                    return;
+                if self.outgoing.contains_key(&id) || id == 0 {
+                    return; // 0 names no transfer (chat frames carry it)
                 }
                 if piece_size == 0 || piece_size > 64 << 20 {
                     self.control.push_back(FileFrame::Cancel {
@@ -907,19 +929,23 @@ impl Transfers {
                 let Some(t) = self.incoming.get_mut(&id) else {
                     return;
                 };
-                if t.hashes_ok {
-                    return; // sent again after a restart: known already
+                if t.hashes_ok || t.phase != Phase::Active {
+                    return; // known already, or not asked for
                 }
                 for (i, h) in hashes.into_iter().enumerate() {
                     let Some(slot) = t.piece_hashes.get_mut(first as usize + i) else {
                         break;
                     };
-                    *slot = Some(h);
+                    if slot.replace(h).is_none() {
+                        t.hashes_have += 1;
+                    }
                 }
-                let all: Option<Vec<[u8; 32]>> = t.piece_hashes.iter().copied().collect();
-                let Some(all) = all else {
+                // Checked once, when the last arrives (not per frame: a
+                // long list would make that quadratic).
+                if t.hashes_have < t.piece_hashes.len() {
                     return;
-                };
+                }
+                let all: Vec<[u8; 32]> = t.piece_hashes.iter().flatten().copied().collect();
                 if file_hash(&all) != t.hash {
                     self.cancel(id, "the piece hashes do not match the offered file hash");
                     return;
