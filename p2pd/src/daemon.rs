@@ -981,14 +981,9 @@ impl Daemon {
                             .open_source(t.id, path.as_ref(), t.size, t.mtime_ns.unwrap_or(0))
                             .is_ok();
                     if !opened {
-                        self.store.transfer_state(
-                            t.id,
-                            "ended",
-                            None,
-                            Some("the file changed or vanished since it was offered"),
-                        )?;
+                        let why = "the file changed or vanished since it was offered";
                         let told = "the sender's file changed or vanished";
-                        self.node.tell_ended(now, &t.peer, t.id, told);
+                        self.end_at_restart(now, &t, why, told)?;
                         continue;
                     }
                     tracing::info!(id = %hex_id(t.id), peer = %t.peer, "TRANSFER(RESUME_SENDING)");
@@ -1021,14 +1016,8 @@ impl Daemon {
                     // pieces a lie: the transfer ends instead.
                     let exists = std::path::Path::new(&part).exists();
                     if !exists || self.files.open_part(t.id, part.as_ref()).is_err() {
-                        self.store.transfer_state(
-                            t.id,
-                            "ended",
-                            None,
-                            Some("the partial file is gone"),
-                        )?;
                         let told = "the receiver's partial file is gone";
-                        self.node.tell_ended(now, &t.peer, t.id, told);
+                        self.end_at_restart(now, &t, "the partial file is gone", told)?;
                         continue;
                     }
                     let have: Vec<bool> = t.verified.iter().map(|v| *v == 1).collect();
@@ -1047,6 +1036,20 @@ impl Daemon {
                 _ => {}
             }
         }
+        Ok(())
+    }
+
+    /// A transfer that cannot go on after a restart: ended here (`why`,
+    /// for `transfers`) and on the peer's side (`told`, without our paths).
+    fn end_at_restart(
+        &mut self,
+        now: Instant,
+        t: &TransferRow,
+        why: &str,
+        told: &str,
+    ) -> anyhow::Result<()> {
+        self.store.transfer_state(t.id, "ended", None, Some(why))?;
+        self.node.tell_ended(now, &t.peer, t.id, told);
         Ok(())
     }
 

@@ -238,17 +238,11 @@ impl Files {
     fn part_file(&mut self, id: u64) -> std::io::Result<Arc<File>> {
         self.reads += 1;
         let now = self.reads;
-        let needs_open = self.parts.get(&id).is_some_and(|p| p.file.is_none());
-        if needs_open && self.parts.values().filter(|p| p.file.is_some()).count() >= MAX_OPEN_PARTS
-        {
-            if let Some(lru) = self
-                .parts
-                .values_mut()
-                .filter(|p| p.file.is_some())
-                .min_by_key(|p| p.used)
-            {
-                lru.file = None;
-            }
+        if self.parts.get(&id).is_some_and(|p| p.file.is_none()) {
+            close_lru(
+                self.parts.values_mut().map(|p| (&mut p.file, p.used)),
+                MAX_OPEN_PARTS,
+            );
         }
         let p = self
             .parts
@@ -364,6 +358,17 @@ impl Files {
     }
 }
 
+/// Before one more file is opened: when `max` of these (file, last use)
+/// are open, closes the least recently used.
+fn close_lru<'a, F: 'a>(files: impl Iterator<Item = (&'a mut Option<F>, u64)>, max: usize) {
+    let mut open: Vec<_> = files.filter(|(f, _)| f.is_some()).collect();
+    if open.len() >= max {
+        if let Some(i) = (0..open.len()).min_by_key(|i| open[*i].1) {
+            *open.swap_remove(i).0 = None;
+        }
+    }
+}
+
 /// Does the disk jobs in order: writes here, piece checks handed on to a
 /// blocking thread (they read what the writes before them wrote).
 fn disk_thread(
@@ -471,17 +476,11 @@ fn hash_job(
 impl FileSource for Files {
     fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
         self.reads += 1;
-        let open = self.sources.values().filter(|s| s.file.is_some()).count();
-        let needs_open = self.sources.get(&id).is_some_and(|s| s.file.is_none());
-        if needs_open && open >= MAX_OPEN_SOURCES {
-            if let Some(lru) = self
-                .sources
-                .values_mut()
-                .filter(|s| s.file.is_some())
-                .min_by_key(|s| s.used)
-            {
-                lru.file = None;
-            }
+        if self.sources.get(&id).is_some_and(|s| s.file.is_none()) {
+            close_lru(
+                self.sources.values_mut().map(|s| (&mut s.file, s.used)),
+                MAX_OPEN_SOURCES,
+            );
         }
         let reads = self.reads;
         let s = self

@@ -421,8 +421,14 @@ impl Node {
     /// Queues a chat message; it is sent when a session is up, connecting
     /// to a known peer by itself if needed.
     pub fn send_message(&mut self, now: Instant, name: &str, msg: Outgoing) {
+        self.queue_for(now, name, |t| t.send_chat(msg));
+    }
+
+    /// Gives `name`'s flow something to send, connecting to the peer by
+    /// itself if needed.
+    fn queue_for(&mut self, now: Instant, name: &str, f: impl FnOnce(&mut Transfers)) {
         let e = self.entry(now, name);
-        e.transfers.send_chat(msg);
+        f(&mut e.transfers);
         e.want_session(now);
         self.pump(now);
     }
@@ -491,20 +497,15 @@ impl Node {
         piece_hashes: Vec<[u8; 32]>,
         group: (u64, u32),
     ) {
-        let e = self.entry(now, name);
-        e.transfers
-            .offer(id, path, size, piece_size, hash, piece_hashes, group);
-        e.want_session(now);
-        self.pump(now);
+        self.queue_for(now, name, |t| {
+            t.offer(id, path, size, piece_size, hash, piece_hashes, group)
+        });
     }
 
     /// Tells the peer a transfer we no longer hold is over (it ended while
     /// we were down); connects to it if needed.
     pub fn tell_ended(&mut self, now: Instant, name: &str, id: u64, reason: &str) {
-        let e = self.entry(now, name);
-        e.transfers.tell_ended(id, reason);
-        e.want_session(now);
-        self.pump(now);
+        self.queue_for(now, name, |t| t.tell_ended(id, reason));
     }
 
     /// Tells the peer a file of a directory will not be offered.
@@ -517,10 +518,7 @@ impl Node {
         group: (u64, u32),
         reason: &str,
     ) {
-        let e = self.entry(now, name);
-        e.transfers.skip(id, path, group, reason);
-        e.want_session(now);
-        self.pump(now);
+        self.queue_for(now, name, |t| t.skip(id, path, group, reason));
     }
 
     fn transfers_of(&mut self, name: &str) -> Result<&mut Transfers, NodeError> {
@@ -551,11 +549,9 @@ impl Node {
         hash: [u8; 32],
         have: &[bool],
     ) {
-        let e = self.entry(now, name);
-        e.transfers
-            .restore_incoming(id, path, size, piece_size, hash, have);
-        e.want_session(now);
-        self.pump(now);
+        self.queue_for(now, name, |t| {
+            t.restore_incoming(id, path, size, piece_size, hash, have)
+        });
     }
 
     /// An offer from `name` known from before a restart.

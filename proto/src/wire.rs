@@ -938,6 +938,11 @@ impl std::fmt::Debug for FileFrame {
 }
 
 impl FileFrame {
+    /// A chat frame (not about a transfer).
+    pub fn is_chat(&self) -> bool {
+        matches!(self, FileFrame::Chat { .. } | FileFrame::ChatAck { .. })
+    }
+
     pub fn id(&self) -> u64 {
         match self {
             FileFrame::Offer { id, .. }

@@ -622,10 +622,10 @@ impl Transfers {
         // restart): accept whatever epoch comes next. Only a switch seen
         // within a flow retires an epoch.
         self.peer_epoch = None;
+        // Chat goes again from its own state (below), the rest as it was.
+        self.forget_chat_frames();
         for (_, c) in self.carried.drain() {
             match c {
-                // Chat goes again from its own state (below).
-                Carried::Control(FileFrame::Chat { .. } | FileFrame::ChatAck { .. }) => {}
                 Carried::Control(f) => self.control.push_back(f),
                 Carried::Data { id, offset, len } => {
                     if let Some(t) = self.outgoing.get_mut(&id) {
@@ -639,10 +639,17 @@ impl Transfers {
         for t in self.outgoing.values_mut() {
             t.unacked = 0;
         }
-        self.control
-            .retain(|f| !matches!(f, FileFrame::Chat { .. } | FileFrame::ChatAck { .. }));
         self.chat.restart();
         self.announce();
+    }
+
+    /// Chat frames queued or in flight are forgotten: the chat sends what
+    /// is still unacknowledged again from its own state
+    /// ([`Reliable::restart`]).
+    fn forget_chat_frames(&mut self) {
+        self.control.retain(|f| !f.is_chat());
+        self.carried
+            .retain(|_, c| !matches!(c, Carried::Control(f) if f.is_chat()));
     }
 
     /// Offers not yet answered and incoming transfers under way are
@@ -750,17 +757,7 @@ impl Transfers {
                         self.announce();
                         // It may have lost what it held of our messages:
                         // all go again, from the chat's state alone.
-                        self.control.retain(|f| {
-                            !matches!(f, FileFrame::Chat { .. } | FileFrame::ChatAck { .. })
-                        });
-                        self.carried.retain(|_, c| {
-                            !matches!(
-                                c,
-                                Carried::Control(
-                                    FileFrame::Chat { .. } | FileFrame::ChatAck { .. }
-                                )
-                            )
-                        });
+                        self.forget_chat_frames();
                         self.chat.restart();
                     }
                 }
