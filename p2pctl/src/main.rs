@@ -7,9 +7,11 @@
 
 use clap::{Parser, Subcommand};
 use proto::control::{
-    Command, ControlError, Direction, ErrorCode, Event, HistoryEntry, MessageState, PeersResult,
-    Request, Response, UserInfo,
+    Cancelled, Command, Connected, ControlError, Direction, ErrorCode, Event, HistoryEntry,
+    LoggedIn, MessageState, PeersResult, PingResult, Registered, Request, Response, Sent,
+    TransferInfo, TransferState, UserInfo, Whoami,
 };
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::io::Write;
 use std::path::PathBuf;
@@ -260,6 +262,25 @@ impl Conn {
         let r = self.response().await?;
         into_result(r)
     }
+
+    /// Sends one command and waits for its result: as the daemon sent it
+    /// (what `--json` prints) and as the type the command answers with.
+    async fn call_as<T: DeserializeOwned>(
+        &mut self,
+        command: Command,
+    ) -> Result<(Value, T), Failure> {
+        let v = self.call(command).await?;
+        let t = typed(&v)?;
+        Ok((v, t))
+    }
+}
+
+/// A result or event line as its type.
+fn typed<T: DeserializeOwned>(v: &Value) -> Result<T, Failure> {
+    serde_json::from_value(v.clone()).map_err(|e| Failure {
+        code: 1,
+        message: format!("unreadable answer from p2pd: {e}"),
+    })
 }
 
 fn into_result(r: Response) -> Result<Value, Failure> {
@@ -332,34 +353,30 @@ fn rate_text(rate: Option<f64>) -> String {
 }
 
 /// One line for a transfer (`transfers`, and answers).
-fn transfer_text(t: &Value) -> String {
-    let num = |k: &str| t.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let (size, done) = (num("size"), num("done"));
-    let id = field(t, "id");
-    let short = id.get(..8).unwrap_or(id);
-    let arrow = if field(t, "direction") == "out" {
-        "to"
-    } else {
-        "from"
+fn transfer_text(t: &TransferInfo) -> String {
+    let short = short_id(&t.id);
+    let arrow = match t.direction {
+        Direction::Out => "to",
+        Direction::In => "from",
     };
     let mut line = format!(
         "{short}  {} {arrow} {}  {}/{}  {}",
-        clean(field(t, "name")),
-        field(t, "peer"),
-        bytes(done),
-        bytes(size),
-        field(t, "state"),
+        clean(&t.name),
+        t.peer,
+        bytes(t.done),
+        bytes(t.size),
+        t.state,
     );
-    if let Some(r) = t.get("rate").and_then(Value::as_f64) {
+    if let Some(r) = t.rate {
         line.push_str(&format!("  {}", rate_text(Some(r))));
     }
-    if let Some(e) = t.get("eta_s").and_then(Value::as_f64) {
+    if let Some(e) = t.eta_s {
         line.push_str(&format!("  {}s left", e.ceil() as u64));
     }
-    if let Some(r) = t.get("reason").and_then(Value::as_str) {
+    if let Some(r) = &t.reason {
         line.push_str(&format!("  ({})", clean(r)));
     }
-    if field(t, "state") == "offered" && field(t, "direction") == "in" {
+    if t.state == TransferState::Offered && t.direction == Direction::In {
         line.push_str(&format!(
             "  p2pctl accept-file {short} / p2pctl cancel {short}"
         ));
@@ -369,23 +386,27 @@ fn transfer_text(t: &Value) -> String {
 
 /// Follows one transfer's events until it is done or failed: a progress
 /// bar on a terminal, a line per 10% otherwise, JSON lines with --json.
-async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Result<(), Failure> {
+async fn follow(
+    conn: &mut Conn,
+    mut w: Conn,
+    (raw, start): (&Value, &TransferInfo),
+    json: bool,
+) -> Result<(), Failure> {
     use std::io::IsTerminal;
-    let id = field(start, "id").to_owned();
-    let name = clean(field(start, "name"));
-    let size = start.get("size").and_then(Value::as_u64).unwrap_or(0);
+    let id = start.id.clone();
+    let name = clean(&start.name);
+    let size = start.size;
     if json {
-        out(&start.to_string())?;
+        out(&raw.to_string())?;
     } else {
-        let verb = if field(start, "direction") == "out" {
-            "sending"
-        } else {
-            "receiving"
+        let verb = match start.direction {
+            Direction::Out => "sending",
+            Direction::In => "receiving",
         };
         out(&format!(
             "{verb} {name} ({}), transfer {}",
             bytes(size),
-            &id[..8.min(id.len())]
+            short_id(&id)
         ))?;
     }
     let tty = !json && std::io::stderr().is_terminal();
@@ -394,31 +415,32 @@ async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Resu
     // A directory: its files' events carry its id as `group`; it is done
     // when all of them are, and its progress is the sum of theirs.
     let files = start
-        .get("files")
-        .and_then(Value::as_u64)
-        .filter(|_| start.get("group") == start.get("id"));
+        .files
+        .map(u64::from)
+        .filter(|_| start.group.as_deref() == Some(id.as_str()));
     // A directory's files that ended, by id: counted once each, whether
     // the event came or they had ended before we subscribed.
     let mut files_done = std::collections::HashSet::new();
     let mut files_failed = std::collections::HashSet::new();
     if files.is_some() {
-        let list = conn.call(Command::Transfers).await?;
-        for t in list.as_array().into_iter().flatten() {
-            if t.get("group").and_then(Value::as_str) != Some(id.as_str()) {
+        let (_, list) = conn
+            .call_as::<Vec<TransferInfo>>(Command::Transfers)
+            .await?;
+        for t in list {
+            if t.group.as_deref() != Some(id.as_str()) {
                 continue;
             }
-            let member = field(t, "id").to_owned();
-            match field(t, "state") {
-                "done" => {
-                    files_done.insert(member);
+            match t.state {
+                TransferState::Done => {
+                    files_done.insert(t.id);
                 }
-                "ended" => {
+                TransferState::Ended => {
                     eprintln!(
                         "p2pctl: {} failed: {}",
-                        clean(field(t, "name")),
-                        clean(field(t, "reason"))
+                        clean(&t.name),
+                        clean(t.reason.as_deref().unwrap_or(""))
                     );
-                    files_failed.insert(member);
+                    files_failed.insert(t.id);
                 }
                 _ => {}
             }
@@ -439,7 +461,7 @@ async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Resu
             }
             if !json {
                 let secs = began.elapsed().as_secs_f64();
-                let path = start.get("path").and_then(Value::as_str).map(clean);
+                let path = start.path.as_deref().map(clean);
                 out(&format!(
                     "done: {name} ({n} files) in {secs:.1} s{}",
                     path.map(|p| format!(", {p}")).unwrap_or_default()
@@ -453,28 +475,42 @@ async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Resu
             );
             f
         })?;
-        let ours = v.get("id").and_then(Value::as_str) == Some(id.as_str())
-            || (files.is_some() && v.get("group").and_then(Value::as_str) == Some(id.as_str()));
+        // Events of other kinds and other transfers pass by.
+        let Ok(event) = serde_json::from_value::<Event>(v.clone()) else {
+            continue;
+        };
+        let (ev_id, ev_group) = match &event {
+            Event::TransferProgress { id, group, .. }
+            | Event::TransferDone { id, group, .. }
+            | Event::TransferFailed { id, group, .. } => (id.as_str(), group.as_deref()),
+            _ => continue,
+        };
+        let ours = ev_id == id || (files.is_some() && ev_group == Some(id.as_str()));
         if !ours {
             continue;
         }
         if json {
             out(&v.to_string())?;
         }
-        match field(&v, "event") {
-            "transfer_progress" if !json => {
-                let mut done = v.get("done").and_then(Value::as_u64).unwrap_or(0);
+        match &event {
+            Event::TransferProgress {
+                id: file,
+                done,
+                size: file_size,
+                rate,
+                ..
+            } if !json => {
+                let mut done = *done;
                 let mut size = size;
                 if files.is_some() {
-                    per_file.insert(field(&v, "id").to_owned(), done);
+                    per_file.insert(file.clone(), done);
                     done = per_file.values().sum();
-                    let s = v.get("size").and_then(Value::as_u64).unwrap_or(0);
-                    sizes.insert(field(&v, "id").to_owned(), s);
+                    sizes.insert(file.clone(), *file_size);
                     // Files offered after the accept add to the total.
                     size = size.max(sizes.values().sum());
                 }
                 let pct = (done * 100).checked_div(size).unwrap_or(100).min(100);
-                let rate = rate_text(v.get("rate").and_then(Value::as_f64));
+                let rate = rate_text(*rate);
                 if tty {
                     let width = 30;
                     let filled = (pct as usize * width / 100).min(width);
@@ -496,28 +532,24 @@ async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Resu
             }
             // One file of a directory: counted; the loop ends the
             // directory once all are.
-            "transfer_done" if files.is_some() => {
-                let new = files_done.insert(field(&v, "id").to_owned());
+            Event::TransferDone { id: file, path, .. } if files.is_some() => {
+                let new = files_done.insert(file.clone());
                 if new && !json {
                     out(&format!(
                         "got {} ({} of {})",
-                        clean(field(&v, "path")),
+                        clean(path.as_deref().unwrap_or("")),
                         files_done.len(),
                         files.unwrap_or(0)
                     ))?;
                 }
             }
-            "transfer_done" => {
+            Event::TransferDone { path, .. } => {
                 if tty {
                     eprintln!();
                 }
                 if !json {
                     let secs = began.elapsed().as_secs_f64();
-                    let path = v
-                        .get("path")
-                        .and_then(Value::as_str)
-                        .map(clean)
-                        .unwrap_or_default();
+                    let path = path.as_deref().map(clean).unwrap_or_default();
                     out(&format!(
                         "done: {name} ({}) in {secs:.1} s{}",
                         bytes(size),
@@ -532,18 +564,23 @@ async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Resu
             }
             // One file of a directory failed: say so and go on with the
             // others; the directory as a whole fails at the end.
-            "transfer_failed" if files.is_some() => {
-                let new = files_failed.insert(field(&v, "id").to_owned());
+            Event::TransferFailed {
+                id: file, reason, ..
+            } if files.is_some() => {
+                let new = files_failed.insert(file.clone());
                 if new {
-                    let name = per_file_name(&v);
-                    eprintln!("p2pctl: {name} failed: {}", clean(field(&v, "reason")));
+                    eprintln!(
+                        "p2pctl: transfer {} failed: {}",
+                        short_id(file),
+                        clean(reason)
+                    );
                 }
             }
-            "transfer_failed" => {
+            Event::TransferFailed { reason, .. } => {
                 if tty {
                     eprintln!();
                 }
-                let reason = clean(field(&v, "reason"));
+                let reason = clean(reason);
                 let message = format!("transfer {id} failed: {reason}");
                 return Err(Failure { code: 1, message });
             }
@@ -552,22 +589,16 @@ async fn follow(conn: &mut Conn, mut w: Conn, start: &Value, json: bool) -> Resu
     }
 }
 
-/// A file's name in an event, for messages: its transfer id when the
-/// event has no path.
-fn per_file_name(v: &Value) -> String {
-    let id = field(v, "id");
-    format!("transfer {}", id.get(..8).unwrap_or(id))
-}
-
-fn field<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(|x| x.as_str()).unwrap_or("")
+/// A transfer id as people see it: its first eight digits.
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
 }
 
 async fn run(args: Args) -> Result<(), Failure> {
     let socket = args
         .socket
         .clone()
-        .unwrap_or_else(p2pd::paths::default_socket);
+        .unwrap_or_else(proto::control::paths::default_socket);
     let json = args.json;
     let mut conn = Conn::open(&socket).await?;
     let print = |v: &Value, text: String| -> Result<(), Failure> {
@@ -579,40 +610,33 @@ async fn run(args: Args) -> Result<(), Failure> {
     };
     match args.command {
         Cmd::Whoami => {
-            let v = conn.call(Command::Whoami).await?;
+            let (v, w) = conn.call_as::<Whoami>(Command::Whoami).await?;
             let text = format!(
                 "name:        {}\nfingerprint: {}\nserver:      {} ({})\nserver key:  {}\nseen as:     {}\ndata:        {}",
-                v.get("name").and_then(|n| n.as_str()).unwrap_or("(not registered)"),
-                field(&v, "fingerprint"),
-                field(&v, "server"),
-                field(&v, "server_state").replace('_', " "),
-                v.get("server_fingerprint").and_then(|n| n.as_str()).unwrap_or("(not known yet)"),
-                v.get("observed").and_then(|n| n.as_str()).unwrap_or("-"),
-                field(&v, "data_dir"),
+                w.name.as_deref().unwrap_or("(not registered)"),
+                w.fingerprint,
+                w.server,
+                w.server_state.replace('_', " "),
+                w.server_fingerprint.as_deref().unwrap_or("(not known yet)"),
+                w.observed.as_deref().unwrap_or("-"),
+                w.data_dir,
             );
             print(&v, text)
         }
         Cmd::Register { name } => {
-            let v = conn.call(Command::Register { name }).await?;
-            let text = format!(
-                "registered {} (fingerprint {})",
-                field(&v, "name"),
-                field(&v, "fingerprint")
-            );
+            let (v, r) = conn
+                .call_as::<Registered>(Command::Register { name })
+                .await?;
+            let text = format!("registered {} (fingerprint {})", r.name, r.fingerprint);
             print(&v, text)
         }
         Cmd::Login => {
-            let v = conn.call(Command::Login).await?;
-            let text = format!(
-                "logged in as {}, seen from {}",
-                field(&v, "name"),
-                field(&v, "observed")
-            );
+            let (v, l) = conn.call_as::<LoggedIn>(Command::Login).await?;
+            let text = format!("logged in as {}, seen from {}", l.name, l.observed);
             print(&v, text)
         }
         Cmd::Users => {
-            let v = conn.call(Command::Users).await?;
-            let users: Vec<UserInfo> = serde_json::from_value(v.clone()).unwrap_or_default();
+            let (v, users) = conn.call_as::<Vec<UserInfo>>(Command::Users).await?;
             let width = users.iter().map(|u| u.name.len()).max().unwrap_or(0);
             let text = users
                 .iter()
@@ -632,33 +656,32 @@ async fn run(args: Args) -> Result<(), Failure> {
                 // The answer can take a while: the peer has to accept.
                 eprintln!("asking {name}; waiting for them to accept (up to 90 s)...");
             }
-            let v = conn.call(Command::Connect { peer: name }).await?;
-            print(&v, connected_text(&v))
+            let (v, c) = conn.call_as(Command::Connect { peer: name }).await?;
+            print(&v, connected_text(&c))
         }
         Cmd::Accept { name } => {
-            let v = conn.call(Command::Accept { peer: name }).await?;
-            print(&v, connected_text(&v))
+            let (v, c) = conn.call_as(Command::Accept { peer: name }).await?;
+            print(&v, connected_text(&c))
         }
         Cmd::Decline { name } => {
             let v = conn.call(Command::Decline { peer: name.clone() }).await?;
             print(&v, format!("declined {name}"))
         }
         Cmd::Ping { name } => {
-            let v = conn.call(Command::Ping { peer: name.clone() }).await?;
-            let rtt = v.get("rtt_ms").and_then(|r| r.as_f64()).unwrap_or(0.0);
-            print(&v, format!("{name}: round trip {rtt:.2} ms"))
+            let (v, p) = conn
+                .call_as::<PingResult>(Command::Ping { peer: name.clone() })
+                .await?;
+            print(&v, format!("{name}: round trip {:.2} ms", p.rtt_ms))
         }
         Cmd::Send { name, text } if !text.is_empty() => {
             let text = text.join(" ");
             proto::control::check_text(&text).map_err(Failure::from)?;
-            let v = conn
-                .call(Command::Send {
+            let (v, Sent { seq, queued, .. }) = conn
+                .call_as(Command::Send {
                     peer: name.clone(),
                     text,
                 })
                 .await?;
-            let seq = v.get("seq").and_then(|s| s.as_u64()).unwrap_or(0);
-            let queued = v.get("queued").and_then(|s| s.as_bool()).unwrap_or(false);
             let text = if queued {
                 format!("queued for {name} (#{seq}): it goes out when {name} is reachable")
             } else {
@@ -679,15 +702,15 @@ async fn run(args: Args) -> Result<(), Failure> {
             } else {
                 Some(watcher(&socket).await?)
             };
-            let v = conn
-                .call(Command::SendFile {
+            let (v, t) = conn
+                .call_as::<TransferInfo>(Command::SendFile {
                     peer: name,
                     path: path.display().to_string(),
                 })
                 .await?;
             match watch {
-                None => print(&v, transfer_text(&v)),
-                Some(w) => follow(&mut conn, w, &v, json).await,
+                None => print(&v, transfer_text(&t)),
+                Some(w) => follow(&mut conn, w, (&v, &t), json).await,
             }
         }
         Cmd::AcceptFile { id, to, no_wait } => {
@@ -697,23 +720,24 @@ async fn run(args: Args) -> Result<(), Failure> {
             } else {
                 Some(watcher(&socket).await?)
             };
-            let v = conn
-                .call(Command::AcceptFile {
+            let (v, t) = conn
+                .call_as::<TransferInfo>(Command::AcceptFile {
                     transfer: id,
                     to: to.map(|d| d.display().to_string()),
                 })
                 .await?;
             match watch {
-                None => print(&v, transfer_text(&v)),
-                Some(w) => follow(&mut conn, w, &v, json).await,
+                None => print(&v, transfer_text(&t)),
+                Some(w) => follow(&mut conn, w, (&v, &t), json).await,
             }
         }
         Cmd::Transfers => {
-            let v = conn.call(Command::Transfers).await?;
+            let (v, list) = conn
+                .call_as::<Vec<TransferInfo>>(Command::Transfers)
+                .await?;
             if json {
                 return out(&v.to_string());
             }
-            let list = v.as_array().cloned().unwrap_or_default();
             if list.is_empty() {
                 return out("no transfers");
             }
@@ -737,14 +761,16 @@ async fn run(args: Args) -> Result<(), Failure> {
             print(&v, text)
         }
         Cmd::Cancel { id } => {
-            let v = conn.call(Command::Cancel { transfer: id }).await?;
+            let (v, c) = conn
+                .call_as::<Cancelled>(Command::Cancel { transfer: id })
+                .await?;
             if json {
                 return out(&v.to_string());
             }
             // A directory answers with its files.
-            match v.as_array() {
-                Some(list) => list.iter().try_for_each(|t| out(&transfer_text(t))),
-                None => out(&transfer_text(&v)),
+            match c {
+                Cancelled::Directory(list) => list.iter().try_for_each(|t| out(&transfer_text(t))),
+                Cancelled::One(t) => out(&transfer_text(&t)),
             }
         }
         Cmd::Watch => {
@@ -773,7 +799,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             if json {
                 return out(&v.to_string());
             }
-            let entries: Vec<HistoryEntry> = serde_json::from_value(v).unwrap_or_default();
+            let entries: Vec<HistoryEntry> = typed(&v)?;
             if entries.is_empty() {
                 return out(&format!("no messages with {name}"));
             }
@@ -799,10 +825,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             if json {
                 return out(&v.to_string());
             }
-            let p: PeersResult = serde_json::from_value(v).map_err(|e| Failure {
-                code: 1,
-                message: format!("unreadable answer from p2pd: {e}"),
-            })?;
+            let p: PeersResult = typed(&v)?;
             if p.peers.is_empty() && p.requests.is_empty() {
                 return out("no peers");
             }
@@ -892,7 +915,7 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
         match into_result(r) {
             Ok(v) => {
                 sent += 1;
-                if v.get("queued").and_then(|q| q.as_bool()) == Some(true) {
+                if typed::<Sent>(&v)?.queued {
                     queued += 1;
                 }
                 if json {
@@ -925,13 +948,10 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
     Ok(())
 }
 
-fn connected_text(v: &Value) -> String {
+fn connected_text(c: &Connected) -> String {
     format!(
         "connected to {} at {} ({}, fingerprint {})",
-        field(v, "peer"),
-        field(v, "endpoint"),
-        field(v, "path"),
-        field(v, "fingerprint")
+        c.peer, c.endpoint, c.path, c.fingerprint
     )
 }
 
@@ -1035,7 +1055,7 @@ fn event_text(e: &Event) -> String {
         } => {
             // A file of a directory: accepting the directory takes it all.
             let id = group.as_ref().unwrap_or(id);
-            let short = id.get(..8).unwrap_or(id);
+            let short = short_id(id);
             if let (Some(_), Some(n)) = (group, files) {
                 return format!(
                     "-- {peer} offers {} ({}; one of {n} files of a folder): p2pctl accept-file {short} / p2pctl cancel {short}",
@@ -1057,14 +1077,14 @@ fn event_text(e: &Event) -> String {
             ..
         } => format!(
             "-- transfer {}: {} of {} {}",
-            id.get(..8).unwrap_or(id),
+            short_id(id),
             bytes(*done),
             bytes(*size),
             rate_text(*rate)
         ),
         Event::TransferDone { id, peer, path, .. } => format!(
             "-- transfer {} with {peer} done{}",
-            id.get(..8).unwrap_or(id),
+            short_id(id),
             path.as_deref()
                 .map(|p| format!(": {}", clean(p)))
                 .unwrap_or_default()
@@ -1073,7 +1093,7 @@ fn event_text(e: &Event) -> String {
             id, peer, reason, ..
         } => format!(
             "-- transfer {} with {peer} failed: {}",
-            id.get(..8).unwrap_or(id),
+            short_id(id),
             clean(reason)
         ),
     }

@@ -19,8 +19,9 @@ use crate::Config;
 use anyhow::Context;
 use proto::client::{LinkState, RequestError};
 use proto::control::{
-    check_text, Command, Connected, ControlError, ErrorCode, Event, PeerInfo, PeersResult,
-    PingResult, Request, Response, Sent, TransferInfo, UserInfo, Whoami,
+    check_text, AutoAcceptSet, Cancelled, Closed, Command, Connected, ControlError, Declined,
+    Direction, ErrorCode, Event, LoggedIn, PeerInfo, PeersResult, PingResult, Registered, Request,
+    Response, Sent, TransferInfo, TransferState, UserInfo, Watching, Whoami,
 };
 use proto::identity::{fingerprint, to_hex, PublicIdentity};
 use proto::node::{Node, NodeConfig, NodeError, NodeEvent};
@@ -528,11 +529,11 @@ impl Daemon {
         json(&TransferInfo {
             id: hex_id(id),
             peer,
-            direction: "out".into(),
+            direction: Direction::Out,
             name,
             size: meta.len(),
             done: 0,
-            state: "hashing".into(),
+            state: TransferState::Hashing,
             rate: None,
             eta_s: None,
             path: Some(path.display().to_string()),
@@ -593,11 +594,11 @@ impl Daemon {
         json(&TransferInfo {
             id: hex_id(group),
             peer,
-            direction: "out".into(),
+            direction: Direction::Out,
             name: top,
             size,
             done: 0,
-            state: "hashing".into(),
+            state: TransferState::Hashing,
             rate: None,
             eta_s: None,
             path: Some(dir.display().to_string()),
@@ -657,7 +658,7 @@ impl Daemon {
             return self.accept_group(now, group, &dir);
         }
         let row = self.find_transfer(id)?;
-        if row.outgoing || row.state != "offered" {
+        if row.outgoing || row.state != TransferState::Offered {
             return Err(err(
                 ErrorCode::NoTransfer,
                 format!(
@@ -703,21 +704,21 @@ impl Daemon {
                 root
             }
         };
-        for t in members.iter().filter(|t| t.state == "offered") {
+        for t in members.iter().filter(|t| t.state == TransferState::Offered) {
             self.accept_member(now, t, &root)?;
         }
         let first = members.first();
         json(&TransferInfo {
             id: hex_id(group),
             peer: first.map(|t| t.peer.clone()).unwrap_or_default(),
-            direction: "in".into(),
+            direction: Direction::In,
             name: root
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             size: members.iter().map(|t| t.size).sum(),
             done: 0,
-            state: "active".into(),
+            state: TransferState::Active,
             rate: None,
             eta_s: None,
             path: Some(root.display().to_string()),
@@ -900,8 +901,8 @@ impl Daemon {
             .into_iter()
             .find(|(_, s)| s.id == t.id)
             .map(|(_, s)| s);
-        let done = match (&live, t.state.as_str()) {
-            (_, "done") => t.size,
+        let done = match (&live, t.state) {
+            (_, TransferState::Done) => t.size,
             (Some(s), _) => s.done,
             (None, _) if !t.outgoing => {
                 let held = t.verified.iter().filter(|v| **v == 1).count() as u64;
@@ -909,18 +910,26 @@ impl Daemon {
             }
             _ => 0,
         };
-        let state = match (&live, t.state.as_str()) {
-            (Some(s), "active") if s.phase == proto::transfer::Phase::Finishing => "finishing",
+        let state = match (&live, t.state) {
+            (Some(s), TransferState::Active) if s.phase == proto::transfer::Phase::Finishing => {
+                TransferState::Finishing
+            }
             (_, st) => st,
         };
-        let rate = (state == "active").then(|| self.rate(t.id)).flatten();
+        let rate = (state == TransferState::Active)
+            .then(|| self.rate(t.id))
+            .flatten();
         let eta_s = rate
             .filter(|r| *r > 0.0)
             .map(|r| t.size.saturating_sub(done) as f64 / r);
         TransferInfo {
             id: hex_id(t.id),
             peer: t.peer.clone(),
-            direction: if t.outgoing { "out" } else { "in" }.into(),
+            direction: if t.outgoing {
+                Direction::Out
+            } else {
+                Direction::In
+            },
             name: match (t.outgoing, t.group) {
                 (true, _) => t.name.clone(),
                 (false, 0) => files::sanitize(&t.name),
@@ -928,7 +937,7 @@ impl Daemon {
             },
             size: t.size,
             done,
-            state: state.into(),
+            state,
             rate,
             eta_s,
             path: t.path.clone(),
@@ -964,8 +973,8 @@ impl Daemon {
             if t.group != 0 {
                 self.groups.insert(t.id, t.group);
             }
-            match (t.outgoing, t.state.as_str()) {
-                (true, "offered" | "active") => {
+            match (t.outgoing, t.state) {
+                (true, TransferState::Offered | TransferState::Active) => {
                     let path = t.path.clone().unwrap_or_default();
                     let unchanged = std::fs::metadata(&path).is_ok_and(|m| {
                         m.len() == t.size && Some(files::mtime_ns(&m)) == t.mtime_ns
@@ -999,7 +1008,7 @@ impl Daemon {
                         (t.group, t.group_files),
                     );
                 }
-                (false, "offered") => {
+                (false, TransferState::Offered) => {
                     self.node.restore_offer(
                         now,
                         &t.peer,
@@ -1010,7 +1019,7 @@ impl Daemon {
                         t.hash,
                     );
                 }
-                (false, "active") => {
+                (false, TransferState::Active) => {
                     let Some(part) = t.part.clone() else { continue };
                     // A part file that vanished would make its verified
                     // pieces a lie: the transfer ends instead.
@@ -1048,7 +1057,8 @@ impl Daemon {
         why: &str,
         told: &str,
     ) -> anyhow::Result<()> {
-        self.store.transfer_state(t.id, "ended", None, Some(why))?;
+        self.store
+            .transfer_state(t.id, TransferState::Ended, None, Some(why))?;
         self.node.tell_ended(now, &t.peer, t.id, told);
         Ok(())
     }
@@ -1056,7 +1066,7 @@ impl Daemon {
     fn end_transfer(&mut self, row: &TransferRow, reason: &str) {
         if let Err(e) = self
             .store
-            .transfer_state(row.id, "ended", None, Some(reason))
+            .transfer_state(row.id, TransferState::Ended, None, Some(reason))
         {
             tracing::error!(error = %e, "STORE(TRANSFER_STATE)");
         }
@@ -1080,7 +1090,7 @@ impl Daemon {
         let Ok(row) = self.transfer_row(id) else {
             return;
         };
-        if row.state != "active" {
+        if row.state != TransferState::Active {
             return; // ended already: packets still in flight
         }
         let full = e.raw_os_error() == Some(libc::ENOSPC);
@@ -1140,7 +1150,7 @@ impl Daemon {
                     piece_hashes: piece_hashes.concat(),
                     verified: Vec::new(),
                     mtime_ns: Some(mtime_ns),
-                    state: "offered".into(),
+                    state: TransferState::Offered,
                     reason: None,
                     created_ms: now_ms(),
                     group: group.0,
@@ -1203,7 +1213,10 @@ impl Daemon {
                     Ok(path) => {
                         self.files.finished(id);
                         let p = path.display().to_string();
-                        if let Err(e) = self.store.transfer_state(id, "done", Some(&p), None) {
+                        if let Err(e) =
+                            self.store
+                                .transfer_state(id, TransferState::Done, Some(&p), None)
+                        {
                             tracing::error!(error = %e, "STORE(TRANSFER_STATE)");
                         }
                         tracing::info!(id = %hex_id(id), %peer, "TRANSFER(RECEIVED)");
@@ -1241,9 +1254,9 @@ impl Daemon {
                 // A repeat of an offer we know keeps its record; one we
                 // finished or ended is answered as such, not shown again.
                 let known = self.store.transfer(id).ok().flatten();
-                match known.as_ref().map(|t| t.state.as_str()) {
-                    Some("done") => return self.node.already_have(now, &peer, id),
-                    Some("ended") => {
+                match known.as_ref().map(|t| t.state) {
+                    Some(TransferState::Done) => return self.node.already_have(now, &peer, id),
+                    Some(TransferState::Ended) => {
                         self.node.cancel_file(now, &peer, id, "this transfer ended");
                         return;
                     }
@@ -1263,7 +1276,7 @@ impl Daemon {
                         piece_hashes: Vec::new(),
                         verified: Vec::new(),
                         mtime_ns: None,
-                        state: "offered".into(),
+                        state: TransferState::Offered,
                         reason: None,
                         created_ms: now_ms(),
                         group,
@@ -1355,7 +1368,7 @@ impl Daemon {
                     piece_hashes: Vec::new(),
                     verified: Vec::new(),
                     mtime_ns: None,
-                    state: "ended".into(),
+                    state: TransferState::Ended,
                     reason: Some(reason.clone()),
                     created_ms: now_ms(),
                     group,
@@ -1375,7 +1388,9 @@ impl Daemon {
                 });
             }
             T::Accepted { id } => {
-                let _ = self.store.transfer_state(id, "active", None, None);
+                let _ = self
+                    .store
+                    .transfer_state(id, TransferState::Active, None, None);
                 tracing::info!(id = %hex_id(id), %peer, "TRANSFER(PEER_ACCEPTED)");
             }
             T::Write { id, offset, data } => {
@@ -1439,7 +1454,9 @@ impl Daemon {
                 self.node.forget_transfer(&peer, id);
                 if row.outgoing {
                     self.files.close(id);
-                    let _ = self.store.transfer_state(id, "done", None, None);
+                    let _ = self
+                        .store
+                        .transfer_state(id, TransferState::Done, None, None);
                     tracing::info!(id = %hex_id(id), %peer, "TRANSFER(SENT)");
                     let group = self.group_of(id);
                     self.broadcast(Event::TransferDone {
@@ -1453,7 +1470,7 @@ impl Daemon {
             T::Ended { id, reason } => {
                 self.node.forget_transfer(&peer, id);
                 if let Ok(row) = self.transfer_row(id) {
-                    if row.state != "ended" && row.state != "done" {
+                    if !row.state.is_final() {
                         tracing::info!(id = %hex_id(id), %peer, %reason, "TRANSFER(ENDED)");
                         self.end_transfer(&row, &reason);
                     }
@@ -1651,7 +1668,7 @@ impl Daemon {
                     .set_setting(&format!("auto_accept:{peer}"), dir.as_deref().unwrap_or(""))
                     .map_err(internal)?;
                 tracing::info!(%peer, on = dir.is_some(), "TRANSFER(AUTO_ACCEPT)");
-                json(&serde_json::json!({ "peer": peer, "dir": dir }))
+                json(&AutoAcceptSet { peer, dir })
             }
             Command::Transfers => {
                 let list = self.transfer_list()?;
@@ -1664,26 +1681,21 @@ impl Daemon {
                     None => Vec::new(),
                 };
                 if !members.is_empty() {
-                    for row in members
-                        .iter()
-                        .filter(|t| !matches!(t.state.as_str(), "done" | "ended"))
-                    {
+                    for row in members.iter().filter(|t| !t.state.is_final()) {
                         self.node
                             .cancel_file(now, &row.peer, row.id, "cancelled by the user");
                         self.end_transfer(row, "cancelled by the user");
                     }
-                    return json(
-                        &self
-                            .transfer_list()?
+                    let group = hex_id(members[0].group);
+                    return json(&Cancelled::Directory(
+                        self.transfer_list()?
                             .into_iter()
-                            .filter(|t| {
-                                t.group.as_deref() == Some(hex_id(members[0].group).as_str())
-                            })
-                            .collect::<Vec<_>>(),
-                    );
+                            .filter(|t| t.group.as_deref() == Some(group.as_str()))
+                            .collect(),
+                    ));
                 }
                 let row = self.find_transfer(&transfer)?;
-                if matches!(row.state.as_str(), "done" | "ended") {
+                if row.state.is_final() {
                     return Err(err(
                         ErrorCode::NoTransfer,
                         format!("transfer {} is already {}", hex_id(row.id), row.state),
@@ -1692,7 +1704,9 @@ impl Daemon {
                 let reason = "cancelled by the user";
                 self.node.cancel_file(now, &row.peer, row.id, reason);
                 self.end_transfer(&row, reason);
-                json(&self.transfer_info(&self.transfer_row(row.id)?))
+                json(&Cancelled::One(
+                    self.transfer_info(&self.transfer_row(row.id)?),
+                ))
             }
             Command::Whoami => {
                 let link = self.node.link();
@@ -1857,12 +1871,12 @@ impl Daemon {
                         format!("no session with {peer} to close"),
                     )
                 })?;
-                json(&serde_json::json!({ "peer": peer }))
+                json(&Closed { peer })
             }
             Command::Watch => {
                 tracing::info!(conn, "CONTROL(WATCH)");
                 self.watchers.insert(conn, out.clone());
-                json(&serde_json::json!({ "watching": true }))
+                json(&Watching { watching: true })
             }
         }
     }
@@ -2038,7 +2052,11 @@ impl Daemon {
                     state: "logged_in".into(),
                     detail: format!("as {name}, seen from {observed}"),
                 });
-                let v = serde_json::json!({ "name": name, "observed": observed.to_string() });
+                let v = serde_json::to_value(LoggedIn {
+                    name: name.clone(),
+                    observed: observed.to_string(),
+                })
+                .unwrap_or_default();
                 self.settle(|w| matches!(w, Wait::Login).then(|| Ok(v.clone())));
             }
             NodeEvent::LoginFailed { reason, detail } => {
@@ -2206,10 +2224,11 @@ impl Daemon {
                 if let Err(e) = self.store.set_setting("name", &name) {
                     tracing::error!(error = %e, "STORE(WRITE_FAILED)");
                 }
-                Ok(serde_json::json!({
-                    "name": name,
-                    "fingerprint": self.node.identity().fingerprint(),
-                }))
+                Ok(serde_json::to_value(Registered {
+                    name,
+                    fingerprint: self.node.identity().fingerprint(),
+                })
+                .unwrap_or_default())
             }
             (RidKind::Register, Err(e)) => Err(request_error(&e, "registration refused")),
             (
@@ -2240,7 +2259,9 @@ impl Daemon {
                 Ok(serde_json::to_value(&*acc).unwrap_or_default())
             }
             (RidKind::Users(_), Err(e)) => Err(request_error(&e, "cannot list users")),
-            (RidKind::Decline, Ok(_)) => Ok(serde_json::json!({ "declined": true })),
+            (RidKind::Decline, Ok(_)) => {
+                Ok(serde_json::to_value(Declined { declined: true }).unwrap_or_default())
+            }
             (RidKind::Decline, Err(e)) => Err(request_error(&e, "decline failed")),
             (_, Ok(other)) => Err(err(
                 ErrorCode::Internal,

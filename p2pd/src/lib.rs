@@ -12,7 +12,6 @@
 //!   transfers).
 //! * [`files`]: the disk side of file transfers: reading, writing,
 //!   hashing, verifying, naming.
-//! * [`paths`]: where things live by default.
 //! * [`addrs`]: our candidate addresses, and dual-stack address forms.
 //! * [`predict`]: the extra sockets of port prediction, when our NAT maps
 //!   each destination to a new port.
@@ -26,7 +25,6 @@ pub mod addrs;
 pub mod ctl;
 pub mod daemon;
 pub mod files;
-pub mod paths;
 pub mod predict;
 pub mod store;
 pub mod tcp;

@@ -105,14 +105,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = p2pd::Config {
         server,
         server_key,
-        data_dir: args.data_dir.unwrap_or_else(p2pd::paths::default_data_dir),
-        socket: args.socket.unwrap_or_else(p2pd::paths::default_socket),
+        data_dir: args
+            .data_dir
+            .unwrap_or_else(proto::control::paths::default_data_dir),
+        socket: args
+            .socket
+            .unwrap_or_else(proto::control::paths::default_socket),
         listen: args.listen,
         heartbeat: Duration::from_secs(args.heartbeat),
         keepalive: Duration::from_secs(args.keepalive),
         downloads: args
             .downloads
-            .unwrap_or_else(p2pd::paths::default_downloads),
+            .unwrap_or_else(proto::control::paths::default_downloads),
     };
     p2pd::run(config, shutdown_signal()).await
 }

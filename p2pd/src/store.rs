@@ -7,7 +7,7 @@
 //! packets). Each batch of events is one transaction.
 
 use proto::codec::{Reader, Writer};
-use proto::control::{Direction, HistoryEntry, MessageState};
+use proto::control::{Direction, HistoryEntry, MessageState, TransferState};
 use proto::identity::PublicIdentity;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
@@ -310,8 +310,8 @@ pub struct TransferRow {
     pub verified: Vec<u8>,
     /// Out: the source's modification time when hashed.
     pub mtime_ns: Option<i64>,
-    /// `offered`, `active`, `done` or `ended`.
-    pub state: String,
+    /// Stored as its word (`offered`, `active`, `done` or `ended`).
+    pub state: TransferState,
     pub reason: Option<String>,
     pub created_ms: u64,
     /// The directory sent with it (0: none), and its file count.
@@ -338,7 +338,7 @@ impl Store {
                 t.piece_hashes,
                 t.verified,
                 t.mtime_ns,
-                t.state,
+                t.state.as_str(),
                 t.reason,
                 t.created_ms as i64,
                 t.group as i64,
@@ -366,13 +366,13 @@ impl Store {
     pub fn transfer_state(
         &self,
         id: u64,
-        state: &str,
+        state: TransferState,
         path: Option<&str>,
         reason: Option<&str>,
     ) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE transfers SET state = ?2, path = COALESCE(?3, path), reason = ?4 WHERE id = ?1",
-            params![id as i64, state, path, reason],
+            params![id as i64, state.as_str(), path, reason],
         )?;
         Ok(())
     }
@@ -490,7 +490,16 @@ impl Store {
                 piece_hashes: r.get::<_, Option<Vec<u8>>>(9)?.unwrap_or_default(),
                 verified: r.get::<_, Option<Vec<u8>>>(10)?.unwrap_or_default(),
                 mtime_ns: r.get(11)?,
-                state: r.get(12)?,
+                state: {
+                    let word: String = r.get(12)?;
+                    TransferState::parse(&word).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            12,
+                            rusqlite::types::Type::Text,
+                            format!("unknown transfer state {word:?}").into(),
+                        )
+                    })?
+                },
                 reason: r.get(13)?,
                 created_ms: r.get::<_, i64>(14)? as u64,
                 group: r.get::<_, i64>(15)? as u64,

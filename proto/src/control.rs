@@ -18,7 +18,46 @@
 //! `docs/control-api.md`; these types are the single definition that both
 //! `p2pd` and `p2pctl` use.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where things live by default, shared by `p2pd` and `p2pctl` so both
+/// find the same control socket without configuration. (Computed from
+/// the environment; nothing is created.)
+pub mod paths {
+    use super::*;
+
+    /// The daemon's data directory: identity key and database.
+    /// `~/.local/share/p2p-chat/p2pd` on Linux,
+    /// `~/Library/Application Support/p2p-chat/p2pd` on macOS.
+    pub fn default_data_dir() -> PathBuf {
+        directories::ProjectDirs::from("", "", "p2p-chat")
+            .map(|d| d.data_dir().join("p2pd"))
+            .unwrap_or_else(|| PathBuf::from(".p2pd"))
+    }
+
+    /// The control socket: in the runtime directory (`$XDG_RUNTIME_DIR`)
+    /// where there is one, which is private to the user and cleared at
+    /// logout; in the data directory otherwise (macOS).
+    pub fn default_socket() -> PathBuf {
+        directories::ProjectDirs::from("", "", "p2p-chat")
+            .and_then(|d| d.runtime_dir().map(|r| r.join("p2pd.sock")))
+            .unwrap_or_else(|| default_data_dir().join("p2pd.sock"))
+    }
+
+    /// Where accepted files go by default: the user's downloads directory,
+    /// or `~/Downloads`, or `downloads` in the data directory.
+    pub fn default_downloads() -> PathBuf {
+        directories::UserDirs::new()
+            .and_then(|u| {
+                u.download_dir()
+                    .map(Path::to_path_buf)
+                    .or_else(|| Some(u.home_dir().join("Downloads")))
+            })
+            .unwrap_or_else(|| default_data_dir().join("downloads"))
+    }
+}
 
 /// Longest request line the daemon reads; longer lines get a
 /// `bad_request` error and the connection is closed.
@@ -32,6 +71,26 @@ pub struct Request {
     pub command: Command,
 }
 
+/// A command, and (in its doc) the type its result has:
+///
+/// | command | result |
+/// |---|---|
+/// | `whoami` | [`Whoami`] |
+/// | `register` | [`Registered`] |
+/// | `login` | [`LoggedIn`] |
+/// | `users` | `Vec<`[`UserInfo`]`>` |
+/// | `connect`, `accept` | [`Connected`] |
+/// | `decline` | [`Declined`] |
+/// | `ping` | [`PingResult`] |
+/// | `send` | [`Sent`] |
+/// | `history` | `Vec<`[`HistoryEntry`]`>` |
+/// | `peers` | [`PeersResult`] |
+/// | `close` | [`Closed`] |
+/// | `watch` | [`Watching`], then [`Event`] lines |
+/// | `send_file`, `accept_file` | [`TransferInfo`] |
+/// | `transfers` | `Vec<`[`TransferInfo`]`>` |
+/// | `cancel` | [`Cancelled`] |
+/// | `auto_accept` | [`AutoAcceptSet`] |
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
@@ -154,6 +213,26 @@ pub struct Response {
 }
 
 impl Response {
+    /// The result as the type the command answers with (see the table at
+    /// [`Command`]), or the daemon's error.
+    pub fn into_result<T: DeserializeOwned>(self) -> Result<T, ControlError> {
+        if !self.ok {
+            return Err(self.error.unwrap_or_else(|| {
+                ControlError::new(
+                    ErrorCode::Internal,
+                    "p2pd reported an error without details",
+                )
+            }));
+        }
+        let v = self.result.unwrap_or(serde_json::Value::Null);
+        serde_json::from_value(v).map_err(|e| {
+            ControlError::new(
+                ErrorCode::Internal,
+                format!("unreadable answer from p2pd: {e}"),
+            )
+        })
+    }
+
     pub fn ok(id: u64, result: impl Serialize) -> Self {
         Self {
             id,
@@ -243,6 +322,55 @@ pub struct Whoami {
     pub server_fingerprint: Option<String>,
     pub observed: Option<String>,
     pub data_dir: String,
+}
+
+/// What `register` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub name: String,
+    pub fingerprint: String,
+}
+
+/// What `login` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedIn {
+    pub name: String,
+    /// Our address as the server saw it.
+    pub observed: String,
+}
+
+/// What `decline` answers (`declined` is always true).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Declined {
+    pub declined: bool,
+}
+
+/// What `close` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Closed {
+    pub peer: String,
+}
+
+/// What `watch` answers before the first event (`watching` is always
+/// true).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watching {
+    pub watching: bool,
+}
+
+/// What `auto_accept` answers: the setting now (`dir` none: off).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoAcceptSet {
+    pub peer: String,
+    pub dir: Option<String>,
+}
+
+/// What `cancel` answers: the transfer, or a directory's files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Cancelled {
+    Directory(Vec<TransferInfo>),
+    One(TransferInfo),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,15 +466,13 @@ pub struct PeersResult {
 pub struct TransferInfo {
     pub id: String,
     pub peer: String,
-    /// `in` or `out`.
-    pub direction: String,
+    pub direction: Direction,
     /// The file's name (as offered; for incoming files, sanitised).
     pub name: String,
     pub size: u64,
     /// Bytes the peer acknowledged (out) or verified (in).
     pub done: u64,
-    /// `hashing`, `offered`, `active`, `finishing`, `done` or `ended`.
-    pub state: String,
+    pub state: TransferState,
     /// Bytes per second over the last seconds, while active.
     pub rate: Option<f64>,
     /// Seconds left at that rate, while active.
@@ -360,6 +486,62 @@ pub struct TransferInfo {
     /// directory has.
     pub group: Option<String>,
     pub files: Option<u32>,
+}
+
+/// Where a transfer stands; its JSON form is the word in the comment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferState {
+    /// `hashing`: ours, being hashed before the offer goes out.
+    Hashing,
+    /// `offered`: offered, not yet accepted.
+    Offered,
+    /// `active`: accepted, data moving.
+    Active,
+    /// `finishing`: every byte there, the last checks running.
+    Finishing,
+    /// `done`: the file is at the receiver, verified.
+    Done,
+    /// `ended`: ended without the file (cancelled, declined, failed).
+    Ended,
+}
+
+impl TransferState {
+    pub const ALL: [TransferState; 6] = [
+        TransferState::Hashing,
+        TransferState::Offered,
+        TransferState::Active,
+        TransferState::Finishing,
+        TransferState::Done,
+        TransferState::Ended,
+    ];
+
+    /// The word the control API and the database use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferState::Hashing => "hashing",
+            TransferState::Offered => "offered",
+            TransferState::Active => "active",
+            TransferState::Finishing => "finishing",
+            TransferState::Done => "done",
+            TransferState::Ended => "ended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Over: nothing more will happen to it.
+    pub fn is_final(self) -> bool {
+        matches!(self, TransferState::Done | TransferState::Ended)
+    }
+}
+
+impl std::fmt::Display for TransferState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An event line on a watching connection.
@@ -523,6 +705,26 @@ mod tests {
             serde_json::to_string(&err).unwrap(),
             r#"{"id":2,"ok":false,"error":{"code":"not_connected","message":"no"}}"#
         );
+        for t in TransferState::ALL {
+            let json = serde_json::to_string(&t).unwrap();
+            assert_eq!(json, format!("\"{}\"", t.as_str()));
+            assert_eq!(TransferState::parse(t.as_str()), Some(t));
+        }
+        let typed: Sent = Response::ok(
+            3,
+            Sent {
+                peer: "bob".into(),
+                seq: 7,
+                queued: true,
+            },
+        )
+        .into_result()
+        .unwrap();
+        assert_eq!(typed.seq, 7);
+        let e = Response::err(4, ControlError::new(ErrorCode::Offline, "away"))
+            .into_result::<Sent>()
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Offline);
         let ev = Event::PeerDown {
             peer: "bob".into(),
             reason: "closed".into(),

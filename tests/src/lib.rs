@@ -3,7 +3,8 @@
 //! its own ports and sockets.
 //!
 //! The binaries are the ones `cargo test --workspace` builds next to the
-//! test executable (`target/<profile>/`). Every process is killed when the
+//! test executable (`target/<profile>/`); one older than its sources is
+//! refused, never run ([`bin`]). Every process is killed when the
 //! lab is dropped; when a test fails, the lab prints every process's log.
 
 pub mod natlab;
@@ -32,7 +33,69 @@ pub fn bin(name: &str) -> PathBuf {
         "{} not built; run the tests with `cargo test --workspace`",
         path.display()
     );
+    refuse_stale(name, &path);
     path
+}
+
+/// The workspace crates each binary is built from: a binary older than
+/// any of their sources was not rebuilt for this run (`cargo test -p e2e`
+/// builds none of them), and testing it would test old code.
+fn sources_of(name: &str) -> &'static [&'static str] {
+    match name {
+        "p2pd" => &["proto", "p2pd"],
+        "p2pctl" => &["proto", "p2pctl"],
+        "rendezvous" => &["proto", "rendezvous"],
+        // The lab's own binaries are built with the tests themselves.
+        _ => &[],
+    }
+}
+
+/// Panics, saying what to run, when a source of `name` (or a manifest,
+/// or the lock file) is newer than the binary at `path`.
+fn refuse_stale(name: &str, path: &Path) {
+    let crates = sources_of(name);
+    if crates.is_empty() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let built = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .expect("binary's modification time");
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut consider = |p: PathBuf| {
+        if let Ok(t) = fs::metadata(&p).and_then(|m| m.modified()) {
+            if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                newest = Some((t, p));
+            }
+        }
+    };
+    consider(root.join("Cargo.toml"));
+    consider(root.join("Cargo.lock"));
+    for c in crates {
+        consider(root.join(c).join("Cargo.toml"));
+        let mut dirs = vec![root.join(c).join("src")];
+        while let Some(d) = dirs.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    consider(p);
+                }
+            }
+        }
+    }
+    if let Some((t, source)) = newest {
+        assert!(
+            t <= built,
+            "{} is older than {}: it was not rebuilt for this run. \
+             Run `cargo test --workspace` (or `cargo build --workspace --bins` first).",
+            path.display(),
+            source.display()
+        );
+    }
 }
 
 /// What a finished `p2pctl` run gave.
