@@ -72,7 +72,8 @@ struct Waiter {
 
 struct Daemon {
     config: Config,
-    node: Node,
+    /// The protocol, with the disk side of file transfers ([`Files`]).
+    node: Node<Files>,
     store: Store,
     udp: Arc<UdpSocket>,
     /// The socket is IPv6 (dual-stack): IPv4 destinations go v4-mapped.
@@ -96,7 +97,6 @@ struct Daemon {
     /// works (a server restart or a network change may have been all).
     udp_retry_at: Option<Instant>,
     predictor: Predictor,
-    files: Files,
     /// Recent progress per transfer: (when, bytes done), for rates.
     progress: HashMap<u64, std::collections::VecDeque<(Instant, u64)>>,
     /// When each transfer's progress was last broadcast.
@@ -177,7 +177,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let udp = bind_udp(config.listen).await?;
     let local = udp.local_addr()?;
     let now = Instant::now();
-    let mut node = Node::new(identity, node_config, now, rand::random());
+    let (files, mut jobs_inbox) = Files::new();
+    let mut node = Node::new(identity, node_config, now, rand::random(), files);
     node.set_locals(addrs::local_candidates(local, config.server));
     for c in store.contacts()? {
         if let Some(id) = c.identity {
@@ -212,7 +213,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let (tcp_events, mut tcp_inbox) = mpsc::channel::<TcpEvent>(1024);
     let (predictor, mut extra_inbox) = Predictor::new(local.is_ipv6());
-    let (files, mut jobs_inbox) = Files::new();
     let mut d = Daemon {
         config,
         node,
@@ -231,7 +231,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tcp_backoff: TCP_BACKOFF_MIN,
         udp_retry_at: None,
         predictor,
-        files,
         progress: HashMap::new(),
         progress_shown: HashMap::new(),
         groups: HashMap::new(),
@@ -436,7 +435,6 @@ impl Daemon {
             self.fallback_at(),
             self.udp_retry_at,
             self.predictor.deadline(),
-            self.node.file_timeout(Instant::now()),
         ]
         .into_iter()
         .flatten()
@@ -518,7 +516,7 @@ impl Daemon {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "unnamed".into());
         tracing::info!(id = %hex_id(id), %peer, size = meta.len(), "TRANSFER(HASHING)");
-        self.files.hash(
+        self.node.io_mut().hash(
             id,
             peer.clone(),
             path.clone(),
@@ -581,7 +579,7 @@ impl Daemon {
             size += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             let id = self.new_transfer_id()?;
             self.groups.insert(id, group);
-            self.files.hash(
+            self.node.io_mut().hash(
                 id,
                 peer.clone(),
                 path,
@@ -792,8 +790,9 @@ impl Daemon {
                 taken = Some((k.id, old));
             }
         }
-        self.files
-            .open_part(row.id, &part)
+        self.node
+            .io_mut()
+            .open_part(row.id, &part, &dest)
             .map_err(|e| err(ErrorCode::FileError, format!("{}: {e}", part.display())))?;
         self.store
             .accept_transfer(
@@ -814,7 +813,7 @@ impl Daemon {
             let reason = "no longer offered";
             if let Some((_, old)) = &taken {
                 if std::fs::rename(&part, old).is_ok() {
-                    self.files.keep_part(row.id);
+                    self.node.io_mut().keep_part(row.id);
                 }
             }
             self.end_transfer(row, reason);
@@ -986,7 +985,8 @@ impl Daemon {
                         .collect();
                     let opened = unchanged
                         && self
-                            .files
+                            .node
+                            .io_mut()
                             .open_source(t.id, path.as_ref(), t.size, t.mtime_ns.unwrap_or(0))
                             .is_ok();
                     if !opened {
@@ -1024,7 +1024,17 @@ impl Daemon {
                     // A part file that vanished would make its verified
                     // pieces a lie: the transfer ends instead.
                     let exists = std::path::Path::new(&part).exists();
-                    if !exists || self.files.open_part(t.id, part.as_ref()).is_err() {
+                    if !exists
+                        || self
+                            .node
+                            .io_mut()
+                            .open_part(
+                                t.id,
+                                part.as_ref(),
+                                t.path.as_deref().unwrap_or_default().as_ref(),
+                            )
+                            .is_err()
+                    {
                         let told = "the receiver's partial file is gone";
                         self.end_at_restart(now, &t, "the partial file is gone", told)?;
                         continue;
@@ -1070,11 +1080,11 @@ impl Daemon {
         {
             tracing::error!(error = %e, "STORE(TRANSFER_STATE)");
         }
-        if !row.outgoing && self.files.discard_part(row.id) {
+        if !row.outgoing && self.node.io_mut().discard_part(row.id) {
             // Removed: nothing left to resume into.
             let _ = self.store.forget_part(row.id);
         }
-        self.files.close(row.id);
+        self.node.io_mut().close(row.id);
         self.progress.remove(&row.id);
         self.broadcast(Event::TransferFailed {
             id: hex_id(row.id),
@@ -1098,7 +1108,7 @@ impl Daemon {
         let (told, reason) = if full {
             // What arrived stays, for the user to look at or to free space
             // and have it sent again.
-            self.files.keep_part(id);
+            self.node.io_mut().keep_part(id);
             (
                 "the receiver's disk is full".to_owned(),
                 format!(
@@ -1128,7 +1138,7 @@ impl Daemon {
                 hash,
                 piece_hashes,
             } => {
-                if let Err(e) = self.files.open_source(id, &path, size, mtime_ns) {
+                if let Err(e) = self.node.io_mut().open_source(id, &path, size, mtime_ns) {
                     self.broadcast(Event::TransferFailed {
                         id: hex_id(id),
                         peer,
@@ -1211,7 +1221,7 @@ impl Daemon {
             JobDone::File { peer, id, result } => {
                 match &result {
                     Ok(path) => {
-                        self.files.finished(id);
+                        self.node.io_mut().finished(id);
                         let p = path.display().to_string();
                         if let Err(e) =
                             self.store
@@ -1393,32 +1403,8 @@ impl Daemon {
                     .transfer_state(id, TransferState::Active, None, None);
                 tracing::info!(id = %hex_id(id), %peer, "TRANSFER(PEER_ACCEPTED)");
             }
-            T::Write { id, offset, data } => {
-                if let Err(e) = self.files.write(peer.clone(), id, offset, data) {
-                    self.write_failed(now, &peer, id, e);
-                }
-            }
-            T::VerifyPiece {
-                id,
-                piece,
-                offset,
-                len,
-                hash,
-            } => {
-                self.files.check_piece(peer, id, piece, offset, len, hash);
-            }
-            T::VerifyFile { id } => {
-                let Ok(row) = self.transfer_row(id) else {
-                    return;
-                };
-                let dest = std::path::PathBuf::from(row.path.clone().unwrap_or_default());
-                let dir = dest.parent().map(|p| p.to_owned()).unwrap_or_default();
-                let name = dest
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| files::sanitize(&row.name));
-                self.files.finish(peer, id, dir, name);
-            }
+            // Disk work goes to the node's `FileIo`, never here.
+            T::Write { .. } | T::VerifyPiece { .. } | T::VerifyFile { .. } => {}
             T::Progress { id, done } => {
                 self.note_progress(now, id, done);
                 let due = self
@@ -1451,9 +1437,8 @@ impl Daemon {
                 };
                 self.progress.remove(&id);
                 self.progress_shown.remove(&id);
-                self.node.forget_transfer(&peer, id);
                 if row.outgoing {
-                    self.files.close(id);
+                    self.node.io_mut().close(id);
                     let _ = self
                         .store
                         .transfer_state(id, TransferState::Done, None, None);
@@ -1468,7 +1453,6 @@ impl Daemon {
                 }
             }
             T::Ended { id, reason } => {
-                self.node.forget_transfer(&peer, id);
                 if let Ok(row) = self.transfer_row(id) {
                     if !row.state.is_final() {
                         tracing::info!(id = %hex_id(id), %peer, %reason, "TRANSFER(ENDED)");
@@ -1918,8 +1902,10 @@ impl Daemon {
                 }
                 continue;
             }
+            // File data is read as the flows let it go; an event that
+            // comes of it stops the transmits until it is handled.
             let mut sent_any = false;
-            while let Some(t) = self.node.poll_transmit() {
+            while let Some(t) = self.node.poll_transmit(now) {
                 sent_any = true;
                 // NAT probes always go by UDP: they measure UDP mappings,
                 // which a TCP connection's address says nothing about.
@@ -1946,11 +1932,6 @@ impl Daemon {
                 }
             }
             if !sent_any {
-                // File data last: whatever the flows let go now.
-                self.node.pump_files(now, &mut self.files);
-                if self.node.has_output() {
-                    continue;
-                }
                 return Ok(());
             }
         }

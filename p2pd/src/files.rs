@@ -17,7 +17,7 @@
 //! after the whole file matched the offer's hash and was synced, by a hard
 //! link that fails rather than replace an existing file.
 
-use proto::transfer::FileSource;
+use proto::transfer::{FileIo, FileSource};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -78,6 +78,8 @@ pub enum JobDone {
 struct Part {
     file: Option<Arc<File>>,
     path: PathBuf,
+    /// The name it gets once verified (numbered there if taken by then).
+    dest: PathBuf,
     used: u64,
 }
 
@@ -212,9 +214,9 @@ impl Files {
         self.parts.remove(&id);
     }
 
-    /// Creates (if needed) the partial file of an incoming transfer; it is
-    /// opened when written to.
-    pub fn open_part(&mut self, id: u64, path: &Path) -> std::io::Result<()> {
+    /// Creates (if needed) the partial file `path` of an incoming transfer
+    /// that goes to `dest` once verified; it is opened when written to.
+    pub fn open_part(&mut self, id: u64, path: &Path, dest: &Path) -> std::io::Result<()> {
         std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -225,6 +227,7 @@ impl Files {
             Part {
                 file: None,
                 path: path.to_owned(),
+                dest: dest.to_owned(),
                 used: 0,
             },
         );
@@ -277,31 +280,18 @@ impl Files {
         }
     }
 
-    /// Queues a write for the disk thread; a failure comes back as
-    /// [`JobDone::WriteFailed`]. Waits only while the queue is full.
-    pub fn write(
-        &mut self,
-        peer: String,
-        id: u64,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> std::io::Result<()> {
-        let file = self.part_file(id)?;
-        let job = DiskJob::Write {
-            peer,
-            id,
-            file,
-            offset,
-            data,
-        };
-        self.disk
-            .send(job)
-            .map_err(|_| std::io::Error::other("the disk thread is gone"))
+    /// Reports a write that failed before it reached the disk thread the
+    /// way the thread reports its own: as [`JobDone::WriteFailed`].
+    fn write_failed(&self, peer: String, id: u64, error: std::io::Error) {
+        let jobs = self.jobs.clone();
+        tokio::spawn(async move {
+            let _ = jobs.send(JobDone::WriteFailed { peer, id, error }).await;
+        });
     }
 
     /// Checks a piece once its writes are done; [`JobDone::Piece`]
     /// follows.
-    pub fn check_piece(
+    fn check_piece(
         &mut self,
         peer: String,
         id: u64,
@@ -312,13 +302,7 @@ impl Files {
     ) {
         let file = match self.part_file(id) {
             Ok(f) => f,
-            Err(error) => {
-                let jobs = self.jobs.clone();
-                tokio::spawn(async move {
-                    let _ = jobs.send(JobDone::WriteFailed { peer, id, error }).await;
-                });
-                return;
-            }
+            Err(error) => return self.write_failed(peer, id, error),
         };
         let _ = self.disk.send(DiskJob::Check {
             peer,
@@ -331,12 +315,12 @@ impl Files {
         });
     }
 
-    /// Syncs the verified file and gives it its final name in `dir`
-    /// (never replacing a file); [`JobDone::File`] follows.
-    pub fn finish(&mut self, peer: String, id: u64, dir: PathBuf, name: String) {
+    /// Syncs the verified file and gives it its final name (never
+    /// replacing a file); [`JobDone::File`] follows.
+    fn finish_part(&mut self, peer: String, id: u64) {
         let jobs = self.jobs.clone();
-        let (file, part_path) = match (self.part_file(id), self.parts.get(&id)) {
-            (Ok(f), Some(p)) => (f, p.path.clone()),
+        let (file, part_path, dest) = match (self.part_file(id), self.parts.get(&id)) {
+            (Ok(f), Some(p)) => (f, p.path.clone(), p.dest.clone()),
             (Err(e), _) => {
                 let result = Err(format!("cannot open the received file: {e}"));
                 tokio::spawn(async move {
@@ -346,6 +330,11 @@ impl Files {
             }
             _ => return,
         };
+        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "unnamed".into());
         tokio::task::spawn_blocking(move || {
             let result = finish_file(&file, &part_path, &dir, &name);
             let _ = jobs.blocking_send(JobDone::File { peer, id, result });
@@ -471,6 +460,46 @@ fn hash_job(
         },
     };
     let _ = jobs.blocking_send(done);
+}
+
+/// The node's disk side: writes and checks go to the disk thread in
+/// order, the final sync and rename to a blocking thread; each outcome
+/// comes back as a [`JobDone`].
+impl FileIo for Files {
+    fn write(&mut self, peer: &str, id: u64, offset: u64, data: Vec<u8>) {
+        let file = match self.part_file(id) {
+            Ok(f) => f,
+            Err(error) => return self.write_failed(peer.to_owned(), id, error),
+        };
+        let job = DiskJob::Write {
+            peer: peer.to_owned(),
+            id,
+            file,
+            offset,
+            data,
+        };
+        // Waits only while the queue is full.
+        if self.disk.send(job).is_err() {
+            let error = std::io::Error::other("the disk thread is gone");
+            self.write_failed(peer.to_owned(), id, error);
+        }
+    }
+
+    fn verify_piece(
+        &mut self,
+        peer: &str,
+        id: u64,
+        piece: u32,
+        offset: u64,
+        len: u64,
+        hash: [u8; 32],
+    ) {
+        self.check_piece(peer.to_owned(), id, piece, offset, len, hash);
+    }
+
+    fn finish(&mut self, peer: &str, id: u64) {
+        self.finish_part(peer.to_owned(), id);
+    }
 }
 
 impl FileSource for Files {

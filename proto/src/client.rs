@@ -16,7 +16,7 @@ use crate::server::identity_payload;
 use crate::wire::{ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient};
 use crate::Transmit;
 use rand::{Rng, SeedableRng};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -197,8 +197,8 @@ pub struct ServerLink {
     attempts: u32,
     probe_xx: bool,
     queue: VecDeque<(u32, ClientToServer)>,
-    inflight: HashMap<u32, Req>,
-    internal: HashMap<u32, Instant>,
+    inflight: BTreeMap<u32, Req>,
+    internal: BTreeMap<u32, Instant>,
     events: VecDeque<LinkEvent>,
     transmits: VecDeque<Transmit>,
     next_rid: u32,
@@ -222,8 +222,8 @@ impl ServerLink {
             attempts: 0,
             probe_xx: false,
             queue: VecDeque::new(),
-            inflight: HashMap::new(),
-            internal: HashMap::new(),
+            inflight: BTreeMap::new(),
+            internal: BTreeMap::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             // Request ids start at a random point, so that a restarted

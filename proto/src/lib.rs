@@ -32,12 +32,33 @@
 //! # Contract
 //!
 //! Nothing here opens a socket, reads a clock or sleeps. Time is an
-//! argument (`now: Instant`). Every machine has the same shape: inputs are
-//! `handle_*(now, ..)`, outputs are drained with `poll_transmit()`,
-//! `poll_event()` and `poll_timeout()`; after any input, the caller drains
-//! events first, then transmits, then asks for the next timeout. Events
-//! before transmits lets a daemon make a received message durable before the
-//! acknowledgement for it leaves.
+//! argument (`now: Instant`). Every machine has the same shape:
+//!
+//! * inputs are `handle_*(now, ..)` (a datagram, a timeout) and commands
+//!   (`connect`, `send_message`, `accept_file`, ...);
+//! * after any input the caller drains: `poll_event()` and
+//!   `poll_transmit(..)` until neither gives anything (events first: a
+//!   machine's `poll_transmit` gives nothing while an event waits), then
+//!   asks `poll_timeout()` once for the one deadline that covers all its
+//!   timers (retransmission, pacing, keepalive, expiry, reconnection) and
+//!   calls `handle_timeout(now)` when it passes.
+//!
+//! ```text
+//!  datagram / command / deadline
+//!          │
+//!          ▼
+//!   handle_*(now, ..) ──▶ loop { poll_event()* ; poll_transmit(now) } ──▶ poll_timeout()
+//! ```
+//!
+//! Events before transmits lets a daemon make a received message durable
+//! before the acknowledgement for it leaves. File data does not pass
+//! through events: the [`node::Node`] reads and writes it through the
+//! [`transfer::FileIo`] it is given, and the owner reports the outcome of
+//! slow disk work (piece checks, the final rename) back as inputs.
+//!
+//! Every machine draws its randomness from a seed it is given and keeps
+//! its state in ordered containers, so one seed gives one trace: the
+//! simulator (`tests/sim.rs`) runs a seed twice and compares.
 
 pub mod client;
 pub mod codec;

@@ -10,11 +10,14 @@
 //! any other key for that name afterwards, and reconnects by itself to a
 //! known peer while messages for it are waiting.
 //!
-//! Drain order after every input: [`Node::poll_event`] until `None`, then
-//! [`Node::poll_transmit`], then [`Node::poll_timeout`]. A
-//! [`NodeEvent::Delivered`] is emitted before the datagram acknowledging
-//! it, so a caller that stores it while draining events acknowledges only
-//! what it stored.
+//! The node follows the crate's drain contract (see the crate docs):
+//! after any input, [`Node::poll_event`] and [`Node::poll_transmit`] until
+//! neither gives anything, then [`Node::poll_timeout`]. `poll_transmit`
+//! holds back while an event waits, so a [`NodeEvent::Delivered`] is
+//! always seen before the datagram acknowledging it: a caller that stores
+//! it while draining events acknowledges only what it stored. File data
+//! is read through the [`FileIo`] the node was given, as `poll_transmit`
+//! lets each packet go; what arrives is written through it.
 
 use crate::client::{ClientConfig, LinkEvent, LinkState, RequestError, ServerLink};
 use crate::codec::Reader;
@@ -22,11 +25,11 @@ use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
 use crate::reliable::{Outgoing, ReliableEvent};
-use crate::transfer::{FileSource, TransferEvent, TransferStatus, Transfers};
+use crate::transfer::{FileIo, TransferEvent, TransferStatus, Transfers};
 use crate::wire::{self, ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
 use crate::{canonical, Transmit};
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -242,15 +245,20 @@ const NAT_PROBE_TRIES: u8 = 5;
 /// Most `SessionUnknown` answers sent per second.
 const SESSION_UNKNOWN_INTERVAL: Duration = Duration::from_millis(100);
 
-pub struct Node {
+pub struct Node<F> {
     identity: Identity,
+    /// Where file data is read from and written to.
+    io: F,
+    /// The latest time an input or poll gave: what the pacing deadline
+    /// in [`Node::poll_timeout`] is computed from.
+    now: Instant,
     config: NodeConfig,
     link: ServerLink,
     peers: BTreeMap<String, PeerEntry>,
     /// Connection requests waiting for `accept` or `decline`.
-    incoming: HashMap<String, (u64, PublicIdentity)>,
+    incoming: BTreeMap<String, (u64, PublicIdentity)>,
     /// Our `RequestConnect`s in flight: rid → (peer, made automatically).
-    outgoing: HashMap<u32, (String, bool)>,
+    outgoing: BTreeMap<u32, (String, bool)>,
     locals: Vec<SocketAddr>,
     /// Our NAT maps each destination to a new port (learned with
     /// [`Packet::Probe`]): peers are told, and port prediction is tried.
@@ -264,16 +272,21 @@ pub struct Node {
     rng: rand::rngs::StdRng,
 }
 
-impl Node {
-    pub fn new(identity: Identity, config: NodeConfig, now: Instant, seed: u64) -> Self {
+impl<F: FileIo> Node<F> {
+    /// A node for `identity`; `io` is the disk side of its file transfers,
+    /// `seed` draws every random choice it makes (so a simulation
+    /// replays).
+    pub fn new(identity: Identity, config: NodeConfig, now: Instant, seed: u64, io: F) -> Self {
         let link = ServerLink::new(identity.clone(), config.client.clone(), now, seed);
         Self {
             identity,
+            io,
+            now,
             config,
             link,
             peers: BTreeMap::new(),
-            incoming: HashMap::new(),
-            outgoing: HashMap::new(),
+            incoming: BTreeMap::new(),
+            outgoing: BTreeMap::new(),
             locals: Vec::new(),
             hard: false,
             nat_probe: None,
@@ -287,6 +300,15 @@ impl Node {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The disk side the node was given.
+    pub fn io(&self) -> &F {
+        &self.io
+    }
+
+    pub fn io_mut(&mut self) -> &mut F {
+        &mut self.io
     }
 
     pub fn link(&self) -> &ServerLink {
@@ -598,12 +620,6 @@ impl Node {
         self.pump(now);
     }
 
-    pub fn forget_transfer(&mut self, name: &str, id: u64) {
-        if let Ok(t) = self.transfers_of(name) {
-            t.forget(id);
-        }
-    }
-
     /// Every transfer with every peer.
     pub fn transfer_status(&self) -> Vec<(String, TransferStatus)> {
         self.peers
@@ -612,9 +628,10 @@ impl Node {
             .collect()
     }
 
-    /// File packets that may leave now, read through `src`: call after
-    /// draining transmits, then drain transmits again.
-    pub fn pump_files(&mut self, now: Instant, src: &mut dyn FileSource) {
+    /// File packets that may leave now, read through the node's
+    /// [`FileIo`]: [`Node::poll_transmit`] calls it when it has nothing
+    /// else queued.
+    fn pump_files(&mut self, now: Instant) {
         for e in self.peers.values_mut() {
             let Some(s) = e.session.as_mut().filter(|s| s.is_up()) else {
                 continue;
@@ -626,7 +643,7 @@ impl Node {
                 Some(Path::Relay(a)) => e.transfers.set_path(a, wire::MAX_PACKET),
                 None => {}
             }
-            while let Some(p) = e.transfers.poll_packet(now, src) {
+            while let Some(p) = e.transfers.poll_packet(now, &mut self.io) {
                 if !s.send(now, &p) {
                     break;
                 }
@@ -639,20 +656,6 @@ impl Node {
         for name in names {
             self.pump_peer(now, &name);
         }
-    }
-
-    /// Whether events or datagrams are waiting to be drained.
-    pub fn has_output(&self) -> bool {
-        !self.events.is_empty() || !self.transmits.is_empty()
-    }
-
-    /// When [`Node::pump_files`] or the transfers' timers want to run.
-    pub fn file_timeout(&self, now: Instant) -> Option<Instant> {
-        self.peers
-            .values()
-            .filter(|e| e.is_up())
-            .filter_map(|e| e.transfers.poll_timeout(now))
-            .min()
     }
 
     pub fn peer_status(&self) -> Vec<PeerStatus> {
@@ -687,11 +690,29 @@ impl Node {
         self.events.pop_front()
     }
 
+    /// The next datagram to send now. `None` while an event waits (drain
+    /// events first: one may have to be stored before the datagram that
+    /// acknowledges it leaves) and when nothing may leave now; file data
+    /// is read through the [`FileIo`] as the flows let it go.
     #[must_use]
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.now = self.now.max(now);
+        if !self.events.is_empty() {
+            return None;
+        }
+        if self.transmits.is_empty() {
+            self.pump_files(now);
+            if !self.events.is_empty() {
+                return None;
+            }
+        }
         self.transmits.pop_front()
     }
 
+    /// The earliest time [`Node::handle_timeout`] has work: timers of the
+    /// server link, the NAT probe, every session, every flow (loss,
+    /// acknowledgement, pacing) and reconnection.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let link = [
             self.link.poll_timeout(),
@@ -702,10 +723,10 @@ impl Node {
         .min();
         let peers = self.peers.values().flat_map(|e| {
             let session = e.session.as_ref().and_then(|s| s.poll_timeout());
-            // The flow's loss, probe and acknowledgement timers (chat
-            // rides it); its pacing times are in `file_timeout`.
+            // The flow's loss, probe, acknowledgement and pacing timers
+            // (chat rides it).
             let flow = if e.is_up() {
-                e.transfers.flow().poll_timeout()
+                e.transfers.poll_timeout(self.now)
             } else {
                 None
             };
@@ -729,6 +750,7 @@ impl Node {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         self.link.handle_timeout(now);
         for e in self.peers.values_mut() {
             if e.transfers.poll_timeout(now).is_some_and(|t| t <= now) {
@@ -760,6 +782,7 @@ impl Node {
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, buf: &[u8]) {
+        self.now = self.now.max(now);
         let packet = match Packet::decode(buf) {
             Ok(p) => p,
             Err(e) => {
@@ -1005,6 +1028,7 @@ impl Node {
 
     /// Moves events and packets between the sub-machines.
     fn pump(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         while let Some(ev) = self.link.poll_event() {
             self.on_link_event(now, ev);
         }
@@ -1071,6 +1095,32 @@ impl Node {
             }
         }
         while let Some(event) = e.transfers.poll_event() {
+            match event {
+                TransferEvent::Write { id, offset, data } => {
+                    self.io.write(name, id, offset, data);
+                    continue;
+                }
+                TransferEvent::VerifyPiece {
+                    id,
+                    piece,
+                    offset,
+                    len,
+                    hash,
+                } => {
+                    self.io.verify_piece(name, id, piece, offset, len, hash);
+                    continue;
+                }
+                TransferEvent::VerifyFile { id } => {
+                    self.io.finish(name, id);
+                    continue;
+                }
+                // The last word on a transfer: the owner keeps its record,
+                // the machine forgets it.
+                TransferEvent::Finished { id } | TransferEvent::Ended { id, .. } => {
+                    e.transfers.forget(id)
+                }
+                _ => {}
+            }
             self.events.push_back(NodeEvent::Transfer {
                 peer: name.to_owned(),
                 event,

@@ -28,7 +28,7 @@ use crate::server::identity_payload;
 use crate::wire::{self, Packet, PeerToPeer};
 use crate::Transmit;
 use rand::{Rng, SeedableRng};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -266,7 +266,7 @@ pub struct PeerSession {
     upgrade_at: Option<Instant>,
     last_direct_rx: Option<Instant>,
     rtt: Option<Duration>,
-    pings: HashMap<u64, Instant>,
+    pings: BTreeMap<u64, Instant>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
     rng: rand::rngs::StdRng,
@@ -298,7 +298,7 @@ impl PeerSession {
             upgrade_at: None,
             last_direct_rx: None,
             rtt: None,
-            pings: HashMap::new(),
+            pings: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             rng: rand::rngs::StdRng::seed_from_u64(seed),

@@ -23,7 +23,7 @@ use crate::wire::{
 };
 use crate::Transmit;
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -251,11 +251,11 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 pub struct Server {
     identity: Identity,
     config: ServerConfig,
-    sessions: HashMap<u32, Session>,
-    pending: HashMap<u32, PendingXx>,
-    by_name: HashMap<String, u32>,
-    intros: HashMap<u64, Intro>,
-    channels: HashMap<u64, Channel>,
+    sessions: BTreeMap<u32, Session>,
+    pending: BTreeMap<u32, PendingXx>,
+    by_name: BTreeMap<String, u32>,
+    intros: BTreeMap<u64, Intro>,
+    channels: BTreeMap<u64, Channel>,
     transmits: VecDeque<Transmit>,
     next_sweep: Option<Instant>,
     stats: ServerStats,
@@ -269,11 +269,11 @@ impl Server {
         Self {
             identity,
             config,
-            sessions: HashMap::new(),
-            pending: HashMap::new(),
-            by_name: HashMap::new(),
-            intros: HashMap::new(),
-            channels: HashMap::new(),
+            sessions: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            by_name: BTreeMap::new(),
+            intros: BTreeMap::new(),
+            channels: BTreeMap::new(),
             transmits: VecDeque::new(),
             next_sweep: None,
             stats: ServerStats::default(),

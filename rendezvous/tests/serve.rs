@@ -5,6 +5,7 @@
 
 use proto::identity::Identity;
 use proto::node::{Node, NodeConfig, NodeEvent};
+use proto::transfer::NoFiles;
 use proto::wire::{FailReason, ServerToClient};
 use rendezvous::{bind, Bound, Config, SqliteStore};
 use std::net::SocketAddr;
@@ -91,7 +92,7 @@ impl Running {
 /// it: after every input drain events, then transmits, then wait for a
 /// datagram or the next deadline.
 struct Client {
-    node: Node,
+    node: Node<NoFiles>,
     socket: UdpSocket,
     seen: Vec<NodeEvent>,
 }
@@ -99,7 +100,7 @@ struct Client {
 impl Client {
     async fn new(identity: Identity, config: NodeConfig, seed: u64) -> Self {
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("client socket");
-        let node = Node::new(identity, config, Instant::now(), seed);
+        let node = Node::new(identity, config, Instant::now(), seed, NoFiles);
         Self {
             node,
             socket,
@@ -123,7 +124,7 @@ impl Client {
                         return e;
                     }
                 }
-                while let Some(t) = self.node.poll_transmit() {
+                while let Some(t) = self.node.poll_transmit(Instant::now()) {
                     self.socket.send_to(&t.payload, t.dst).await.expect("send");
                 }
                 let deadline = self

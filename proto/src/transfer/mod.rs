@@ -34,7 +34,7 @@ use crate::wire::{
     max_file_data, FileFrame, PeerToPeer, DATA_PACKET_OVERHEAD, MAX_FILE_DATA_LARGE, MAX_HASHES,
     MAX_RANGES,
 };
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,54 @@ pub trait FileSource {
     fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
 }
 
+/// The disk side of file transfers: the node's owner implements it and
+/// gives it to the node ([`crate::node::Node::new`]), which reads what it
+/// sends through it and hands it what arrives. Work that takes time
+/// (writes, checks, the final sync and rename) may be done later, in
+/// order; its outcome goes back to the node as an input
+/// ([`crate::node::Node::piece_checked`], [`crate::node::Node::file_checked`],
+/// or a cancel when a write failed).
+pub trait FileIo: FileSource {
+    /// Bytes of incoming transfer `id` from `peer`, at `offset`.
+    fn write(&mut self, peer: &str, id: u64, offset: u64, data: Vec<u8>);
+    /// Piece `piece` (`len` bytes at `offset`) of incoming transfer `id`
+    /// is complete once the writes before this call are done: read it
+    /// back, hash it and compare with `hash`.
+    fn verify_piece(
+        &mut self,
+        peer: &str,
+        id: u64,
+        piece: u32,
+        offset: u64,
+        len: u64,
+        hash: [u8; 32],
+    );
+    /// Every piece of incoming transfer `id` is verified, and with them
+    /// the whole file (see [`file_hash`]): make it durable under its
+    /// final name.
+    fn finish(&mut self, peer: &str, id: u64);
+}
+
+/// The disk side of a node that moves no files (a tool, a test of chat):
+/// it accepts no offer, so nothing arrives to be written; a read fails.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoFiles;
+
+impl FileSource for NoFiles {
+    fn read(&mut self, _id: u64, _offset: u64, _buf: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other("this node sends no files"))
+    }
+}
+
+impl FileIo for NoFiles {
+    fn write(&mut self, _peer: &str, _id: u64, _offset: u64, _data: Vec<u8>) {}
+    fn verify_piece(&mut self, _: &str, _: u64, _: u32, _: u64, _: u64, _: [u8; 32]) {}
+    fn finish(&mut self, _peer: &str, _id: u64) {}
+}
+
+/// What the node reports of a transfer. The disk work (writes, piece and
+/// file checks) goes to the [`FileIo`] instead; these are for the owner's
+/// records and its user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransferEvent {
     /// A peer offers a file; answer with [`Transfers::accept`] or
@@ -293,7 +341,7 @@ pub struct Transfers {
     outgoing: BTreeMap<u64, Outgoing>,
     incoming: BTreeMap<u64, Incoming>,
     control: VecDeque<FileFrame>,
-    carried: HashMap<u64, Carried>,
+    carried: BTreeMap<u64, Carried>,
     /// The sending transfer whose turn is next.
     turn: u64,
     events: VecDeque<TransferEvent>,
@@ -318,7 +366,7 @@ impl Transfers {
             outgoing: BTreeMap::new(),
             incoming: BTreeMap::new(),
             control: VecDeque::new(),
-            carried: HashMap::new(),
+            carried: BTreeMap::new(),
             turn: 0,
             events: VecDeque::new(),
             buf: vec![0; MAX_FILE_DATA_LARGE],
@@ -624,7 +672,7 @@ impl Transfers {
         self.peer_epoch = None;
         // Chat goes again from its own state (below), the rest as it was.
         self.forget_chat_frames();
-        for (_, c) in self.carried.drain() {
+        for (_, c) in std::mem::take(&mut self.carried) {
             match c {
                 Carried::Control(f) => self.control.push_back(f),
                 Carried::Data { id, offset, len } => {

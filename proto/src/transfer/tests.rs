@@ -35,19 +35,19 @@ const BAD: Link = Link {
 /// One side: its machine, the files it sends, the files it receives.
 struct Side {
     t: Transfers,
-    sources: HashMap<u64, Vec<u8>>,
+    sources: BTreeMap<u64, Vec<u8>>,
     /// A read at this (id, offset) returns one flipped byte, once.
     corrupt: Option<(u64, u64)>,
-    disk: HashMap<u64, Vec<u8>>,
+    disk: BTreeMap<u64, Vec<u8>>,
     events: Vec<TransferEvent>,
     /// Pieces verified, as the owner would store them.
-    verified: HashMap<u64, Vec<bool>>,
+    verified: BTreeMap<u64, Vec<bool>>,
     /// Decline offers instead of accepting them.
     decline: bool,
 }
 
 struct Src<'a> {
-    sources: &'a HashMap<u64, Vec<u8>>,
+    sources: &'a BTreeMap<u64, Vec<u8>>,
     corrupt: &'a mut Option<(u64, u64)>,
 }
 
@@ -69,11 +69,11 @@ impl Side {
     fn new() -> Self {
         Side {
             t: Transfers::new(rand::random(), 0),
-            sources: HashMap::new(),
+            sources: BTreeMap::new(),
             corrupt: None,
-            disk: HashMap::new(),
+            disk: BTreeMap::new(),
             events: Vec::new(),
-            verified: HashMap::new(),
+            verified: BTreeMap::new(),
             decline: false,
         }
     }
