@@ -11,7 +11,7 @@
 use crate::addrs;
 use crate::ctl::{self, Input, Out, Reply};
 use crate::files::{self, Files, JobDone};
-use crate::predict::{Extra, Predictor};
+use crate::sockets::{Extra, Sockets};
 use crate::store::Store;
 use crate::store::TransferRow;
 use crate::tcp::{TcpEvent, TcpEventKind, TcpLink};
@@ -27,6 +27,7 @@ use proto::identity::{fingerprint, to_hex, PublicIdentity};
 use proto::node::{Node, NodeConfig, NodeError, NodeEvent};
 use proto::peer::SessionPhase;
 use proto::reliable::Outgoing;
+use proto::transport::{TransportCommand, Via};
 use proto::wire::{validate_name, FailReason, ServerToClient};
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,11 +56,12 @@ enum Wait {
     Up(String, Option<u32>),
     Pong(String, u64),
     Login,
+    /// The whole user list of this listing id.
+    Users(u32),
 }
 
 enum RidKind {
     Register,
-    Users(Vec<UserInfo>),
     Decline,
 }
 
@@ -80,23 +82,14 @@ struct Daemon {
     udp_v6: bool,
     waiters: Vec<Waiter>,
     watchers: HashMap<u64, Reply>,
-    /// The TCP fallback to the server, while one is open or opening.
+    /// The TCP connection to the server the node asked for, while one is
+    /// open or opening.
     tcp: Option<TcpLink>,
-    tcp_up: bool,
     tcp_events: mpsc::Sender<TcpEvent>,
     /// Generation of the current TCP link; events of older ones are stale.
     tcp_generation: u64,
-    /// The nonce of our last UDP probe while on TCP.
-    udp_probe: Option<u64>,
-    /// When the server last sent us a UDP datagram (or when UDP got its
-    /// last chance).
-    udp_heard: Instant,
-    tcp_retry_at: Instant,
-    tcp_backoff: Duration,
-    /// While on TCP: when to ask the server over UDP again whether UDP
-    /// works (a server restart or a network change may have been all).
-    udp_retry_at: Option<Instant>,
-    predictor: Predictor,
+    /// Extra sockets the node asked for (port prediction).
+    sockets: Sockets,
     /// Recent progress per transfer: (when, bytes done), for rates.
     progress: HashMap<u64, std::collections::VecDeque<(Instant, u64)>>,
     /// When each transfer's progress was last broadcast.
@@ -114,18 +107,6 @@ const PIECE_SIZE: u32 = proto::transfer::PIECE_SIZE;
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Rates are measured over this window.
 const RATE_WINDOW: Duration = Duration::from_secs(3);
-
-/// While on TCP, a UDP probe to the server this often; an answer moves the
-/// link back to UDP.
-const UDP_RETRY: Duration = Duration::from_secs(30);
-
-/// The link still connecting and not a datagram from the server over UDP
-/// for this long: try TCP. Three handshake attempts fit in it, so a
-/// server that is only slow or lossy is not taken for a blocked network.
-const TCP_FALLBACK_AFTER: Duration = Duration::from_secs(3);
-/// Backoff between failed TCP connections, doubling up to the maximum.
-const TCP_BACKOFF_MIN: Duration = Duration::from_secs(1);
-const TCP_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -151,13 +132,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let mut node_config = NodeConfig::new(config.server);
     node_config.client.heartbeat = config.heartbeat;
-    node_config.peer.keepalive = config.keepalive;
-    // Dead after about three keepalives went unanswered, and never sooner
-    // than the default (80 s).
-    node_config.peer.dead_after = node_config
-        .peer
-        .dead_after
-        .max(config.keepalive * 3 + config.keepalive / 5);
+    node_config.peer = node_config.peer.with_keepalive(config.keepalive);
     node_config.client.name = store.setting("name")?;
     let pinned_server = match store.setting("server_key")? {
         Some(hex) => proto::identity::key_from_hex(&hex),
@@ -212,7 +187,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(udp = %local, socket = %config.socket.display(), server = %config.server, "DAEMON(STARTED)");
 
     let (tcp_events, mut tcp_inbox) = mpsc::channel::<TcpEvent>(1024);
-    let (predictor, mut extra_inbox) = Predictor::new(local.is_ipv6());
+    let (sockets, mut extra_inbox) = Sockets::new(local.is_ipv6());
     let mut d = Daemon {
         config,
         node,
@@ -222,15 +197,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         waiters: Vec::new(),
         watchers: HashMap::new(),
         tcp: None,
-        tcp_up: false,
         tcp_events,
         tcp_generation: 0,
-        udp_probe: None,
-        udp_heard: now,
-        tcp_retry_at: now,
-        tcp_backoff: TCP_BACKOFF_MIN,
-        udp_retry_at: None,
-        predictor,
+        sockets,
         progress: HashMap::new(),
         progress_shown: HashMap::new(),
         groups: HashMap::new(),
@@ -248,15 +217,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::select! {
             _ = &mut shutdown => break,
             r = udp.recv_from(&mut buf) => match r {
-                Ok((n, from)) => {
-                    let now = Instant::now();
-                    let from = addrs::canonical(from);
-                    if from == d.config.server {
-                        d.udp_heard = now;
-                        d.udp_is_back(now, &buf[..n]);
-                    }
-                    d.node.handle_datagram(now, from, &buf[..n]);
-                }
+                Ok((n, from)) => d.node.handle_datagram(Instant::now(), from, &buf[..n]),
                 // An unconnected UDP socket can still report ICMP errors
                 // on some systems; they say nothing about our session.
                 Err(e) => tracing::debug!(error = %e, "UDP(RECV_ERROR)"),
@@ -266,7 +227,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 None => break,
             },
             Some(ev) = tcp_inbox.recv() => d.on_tcp(Instant::now(), ev),
-            Some(extra) = extra_inbox.recv() => d.on_extra(Instant::now(), extra),
+            Some(extra) = extra_inbox.recv() => {
+                let Extra { id, from, bytes } = extra;
+                d.node.handle_datagram_via(Instant::now(), Via::Socket(id), from, &bytes);
+            }
             Some(done) = jobs_inbox.recv() => d.on_job(Instant::now(), done),
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
@@ -274,9 +238,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     d.node.handle_timeout(now);
                 }
                 d.expire_waiters(now);
-                d.check_fallback(now);
-                d.retry_udp(now).await;
-                d.predictor.on_timer(now).await;
             }
         }
         d.drain(Instant::now()).await?;
@@ -429,16 +390,10 @@ fn respond(out: &Reply, resp: Response) {
 impl Daemon {
     fn next_deadline(&self) -> Option<Instant> {
         let waiters = self.waiters.iter().map(|w| w.deadline).min();
-        [
-            self.node.poll_timeout(),
-            waiters,
-            self.fallback_at(),
-            self.udp_retry_at,
-            self.predictor.deadline(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [self.node.poll_timeout(), waiters]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn wait(&mut self, now: Instant, id: u64, out: Reply, wait: Wait, for_: Duration) {
@@ -477,7 +432,7 @@ impl Daemon {
                 Wait::Up(p, _) => format!("no session with {p} in time"),
                 Wait::Pong(p, _) => format!("{p} did not answer the ping"),
                 Wait::Login => "the rendezvous server did not answer the login".into(),
-                Wait::Rid(..) => "the rendezvous server did not answer".into(),
+                Wait::Rid(..) | Wait::Users(_) => "the rendezvous server did not answer".into(),
             };
             respond(&w.out, Response::err(w.id, err(ErrorCode::TimedOut, what)));
         }
@@ -1466,105 +1421,38 @@ impl Daemon {
         }
     }
 
-    /// How a session reaches a peer at `endpoint`, in the control API's
-    /// words.
-    fn path_name(&self, endpoint: SocketAddr) -> &'static str {
-        if endpoint != self.config.server {
-            "direct"
-        } else if self.tcp_up {
-            "relay-tcp"
-        } else {
-            "relay-udp"
-        }
-    }
-
-    /// When to open a TCP connection to the server, if UDP to it seems
-    /// blocked: the link is still connecting and UDP has been silent.
-    fn fallback_at(&self) -> Option<Instant> {
-        let connecting = self.node.link_state() == LinkState::Connecting;
-        (self.tcp.is_none() && connecting)
-            .then(|| (self.udp_heard + TCP_FALLBACK_AFTER).max(self.tcp_retry_at))
-    }
-
-    fn check_fallback(&mut self, now: Instant) {
-        if self.fallback_at().is_some_and(|t| t <= now) {
-            tracing::info!(server = %self.config.server, "SERVER(UDP_SILENT_TRY_TCP)");
-            self.tcp_generation += 1;
-            self.tcp = Some(TcpLink::start(
-                self.config.server,
-                self.tcp_generation,
-                self.tcp_events.clone(),
-            ));
-        }
-    }
-
-    fn on_extra(&mut self, now: Instant, extra: Extra) {
-        if let Some(from) = self.predictor.on_datagram(now, &extra) {
-            self.node.handle_datagram(now, from, extra.bytes());
-        }
-    }
-
-    /// While on TCP, asks the server over UDP (a NAT probe, answered
-    /// without a session) whether UDP gets through again.
-    async fn retry_udp(&mut self, now: Instant) {
-        if self.udp_retry_at.is_none_or(|t| t > now) {
-            return;
-        }
-        self.udp_retry_at = Some(now + UDP_RETRY);
-        let nonce = rand::random();
-        self.udp_probe = Some(nonce);
-        let probe = proto::wire::Packet::Probe { nonce }.encode();
-        let dst = addrs::for_socket(self.config.server, self.udp_v6);
-        let _ = self.udp.send_to(&probe, dst).await;
-    }
-
-    /// A datagram from the server over UDP while on TCP: if it answers our
-    /// own probe, UDP works again.
-    fn udp_is_back(&mut self, now: Instant, datagram: &[u8]) {
-        let ours = matches!(
-            proto::wire::Packet::decode(datagram),
-            Ok(proto::wire::Packet::ProbeReply { nonce, .. }) if Some(nonce) == self.udp_probe
-        );
-        if self.tcp_up && ours {
-            self.udp_probe = None;
-            tracing::info!("SERVER(UDP_BACK_LEAVE_TCP)");
-            self.tcp = None;
-            self.tcp_up = false;
-            self.udp_retry_at = None;
-            self.node.relogin(now);
-        }
-    }
-
     fn on_tcp(&mut self, now: Instant, ev: TcpEvent) {
         if ev.generation != self.tcp_generation || self.tcp.is_none() {
             return; // from a link already replaced or dropped
         }
         match ev.kind {
-            TcpEventKind::Up => {
-                tracing::info!(server = %self.config.server, "SERVER(TCP_UP)");
-                self.tcp_up = true;
-                self.udp_retry_at = Some(now + UDP_RETRY);
-                self.tcp_backoff = TCP_BACKOFF_MIN;
-                // Handshake again at once, now over TCP.
-                self.node.relogin(now);
-            }
+            TcpEventKind::Up => self.node.handle_tcp_up(now),
             TcpEventKind::Frame(frame) => {
                 let server = self.config.server;
-                self.node.handle_datagram(now, server, &frame);
+                self.node
+                    .handle_datagram_via(now, Via::ServerTcp, server, &frame);
             }
             TcpEventKind::Down(why) => {
-                tracing::info!(%why, "SERVER(TCP_DOWN)");
-                let was_up = std::mem::take(&mut self.tcp_up);
                 self.tcp = None;
-                self.udp_retry_at = None;
-                // UDP gets another chance before the next TCP attempt.
-                self.udp_heard = now;
-                self.tcp_retry_at = now + self.tcp_backoff;
-                self.tcp_backoff = (self.tcp_backoff * 2).min(TCP_BACKOFF_MAX);
-                if was_up {
-                    self.node.relogin(now);
-                }
+                self.node.handle_tcp_down(now, &why);
             }
+        }
+    }
+
+    /// Opens and closes what the node asks for.
+    fn on_transport(&mut self, command: TransportCommand) {
+        match command {
+            TransportCommand::ConnectTcp { server } => {
+                self.tcp_generation += 1;
+                self.tcp = Some(TcpLink::start(
+                    server,
+                    self.tcp_generation,
+                    self.tcp_events.clone(),
+                ));
+            }
+            TransportCommand::CloseTcp => self.tcp = None,
+            TransportCommand::OpenSockets { first, count } => self.sockets.open(first, count),
+            TransportCommand::CloseSockets { ids } => self.sockets.close(&ids),
         }
     }
 
@@ -1732,14 +1620,8 @@ impl Daemon {
             }
             Command::Users => {
                 self.require_login()?;
-                let rid = self.node.list_users(now, 0);
-                self.wait(
-                    now,
-                    id,
-                    out.clone(),
-                    Wait::Rid(rid, RidKind::Users(Vec::new())),
-                    SERVER_WAIT,
-                );
+                let rid = self.node.list_users(now);
+                self.wait(now, id, out.clone(), Wait::Users(rid), SERVER_WAIT);
                 Ok(None)
             }
             Command::Connect { peer } => {
@@ -1823,14 +1705,8 @@ impl Daemon {
                         name: p.name,
                         state: p.phase.as_str().into(),
                         endpoint: p.endpoint.map(|e| e.to_string()),
-                        path: p.endpoint.map(|e| self.path_name(e).to_owned()),
-                        technique: p.endpoint.and_then(|e| {
-                            if self.predictor.is_predicted(e) {
-                                Some("port-prediction".to_owned())
-                            } else {
-                                p.technique.map(str::to_owned)
-                            }
-                        }),
+                        path: p.endpoint.map(|e| self.node.path_name(e).to_owned()),
+                        technique: p.technique.map(str::to_owned),
                         rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
                         fingerprint: p.fingerprint,
                         queued: p.queued,
@@ -1875,7 +1751,7 @@ impl Daemon {
                 endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
                 path: p
                     .endpoint
-                    .map(|e| self.path_name(e))
+                    .map(|e| self.node.path_name(e))
                     .unwrap_or_default()
                     .to_owned(),
                 fingerprint: p.fingerprint.unwrap_or_default(),
@@ -1907,28 +1783,18 @@ impl Daemon {
             let mut sent_any = false;
             while let Some(t) = self.node.poll_transmit(now) {
                 sent_any = true;
-                // NAT probes always go by UDP: they measure UDP mappings,
-                // which a TCP connection's address says nothing about.
-                let probe = t.payload.get(1) == Some(&(proto::wire::PacketType::Probe as u8));
-                if let (Some(tcp), true) = (
-                    &self.tcp,
-                    self.tcp_up && t.dst == self.config.server && !probe,
-                ) {
-                    tcp.send(t.payload);
-                    continue;
-                }
-                let dst = addrs::for_socket(t.dst, self.udp_v6);
-                let predicted = (t.dst != self.config.server)
-                    .then(|| self.predictor.route(t.dst))
-                    .flatten();
-                if let Some(sock) = predicted {
-                    if let Err(e) = sock.send_to(&t.payload, dst).await {
-                        tracing::debug!(%dst, error = %e, "UDP(SEND_ERROR)");
+                match t.via {
+                    Via::Udp => {
+                        let dst = addrs::for_socket(t.dst, self.udp_v6);
+                        if let Err(e) = self.udp.send_to(&t.payload, dst).await {
+                            tracing::debug!(dst = %t.dst, error = %e, "UDP(SEND_ERROR)");
+                        }
                     }
-                    continue;
-                }
-                if let Err(e) = self.udp.send_to(&t.payload, dst).await {
-                    tracing::debug!(dst = %t.dst, error = %e, "UDP(SEND_ERROR)");
+                    Via::ServerTcp => match &self.tcp {
+                        Some(tcp) => tcp.send(t.payload),
+                        None => tracing::debug!("TCP(NOT_OPEN_DROP)"),
+                    },
+                    Via::Socket(id) => self.sockets.send(id, &t.payload, t.dst).await,
                 }
             }
             if !sent_any {
@@ -2013,7 +1879,7 @@ impl Daemon {
                     detail: detail.clone(),
                 });
                 self.settle(|w| {
-                    matches!(w, Wait::Login | Wait::Rid(..))
+                    matches!(w, Wait::Login | Wait::Rid(..) | Wait::Users(_))
                         .then(|| Err(err(ErrorCode::ServerKeyMismatch, detail.clone())))
                 });
             }
@@ -2049,7 +1915,23 @@ impl Daemon {
                 });
                 self.settle(|w| matches!(w, Wait::Login).then(|| Err(e.clone())));
             }
-            NodeEvent::Response { rid, result } => self.on_response(now, rid, result),
+            NodeEvent::Response { rid, result } => self.on_response(rid, result),
+            NodeEvent::Users { id, result } => {
+                let answer = match result {
+                    Ok(users) => Ok(serde_json::to_value(
+                        users
+                            .into_iter()
+                            .map(|u| UserInfo {
+                                fingerprint: fingerprint(&u.sign_key),
+                                name: u.name,
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                    .unwrap_or_default()),
+                    Err(e) => Err(request_error(&e, "cannot list users")),
+                };
+                self.settle(|w| matches!(w, Wait::Users(r) if *r == id).then(|| answer.clone()));
+            }
             NodeEvent::ConnectRequest {
                 name,
                 identity,
@@ -2099,7 +1981,7 @@ impl Daemon {
             } => {
                 tracing::info!(peer = %name, %endpoint, "PEER(UP)");
                 self.pin(&name, &identity);
-                let path = self.path_name(endpoint).to_owned();
+                let path = self.node.path_name(endpoint).to_owned();
                 let c = Connected {
                     peer: name.clone(),
                     endpoint: endpoint.to_string(),
@@ -2127,16 +2009,9 @@ impl Daemon {
                         .then(|| Err(e.clone()))
                 });
             }
-            NodeEvent::PredictPorts {
-                name,
-                dst,
-                intro_id,
-            } => {
-                tracing::info!(peer = %name, %dst, "PREDICT(HARD_SIDE)");
-                self.predictor.start(now, dst, intro_id);
-            }
+            NodeEvent::Transport(command) => self.on_transport(command),
             NodeEvent::PathChanged { name, endpoint } => {
-                let path = self.path_name(endpoint).to_owned();
+                let path = self.node.path_name(endpoint).to_owned();
                 tracing::info!(peer = %name, %endpoint, %path, "PEER(PATH_CHANGED)");
                 self.broadcast(Event::PathChanged {
                     peer: name,
@@ -2177,12 +2052,7 @@ impl Daemon {
         }
     }
 
-    fn on_response(
-        &mut self,
-        now: Instant,
-        rid: u32,
-        result: Result<ServerToClient, RequestError>,
-    ) {
+    fn on_response(&mut self, rid: u32, result: Result<ServerToClient, RequestError>) {
         if let Err(e) = &result {
             // An agreement the server refused (the requester went away,
             // the request expired): the accept fails now, not at timeout.
@@ -2212,34 +2082,6 @@ impl Daemon {
                 .unwrap_or_default())
             }
             (RidKind::Register, Err(e)) => Err(request_error(&e, "registration refused")),
-            (
-                RidKind::Users(acc),
-                Ok(ServerToClient::UserList {
-                    total,
-                    offset,
-                    users,
-                    ..
-                }),
-            ) => {
-                let got = users.len();
-                acc.extend(users.into_iter().map(|u| UserInfo {
-                    fingerprint: fingerprint(&u.sign_key),
-                    name: u.name,
-                }));
-                let next = offset as usize + got;
-                if got > 0 && next < total as usize {
-                    // More pages: ask for the next one under a new rid.
-                    let next_rid = self
-                        .node
-                        .list_users(now, next.min(u16::MAX as usize) as u16);
-                    if let Wait::Rid(r, _) = &mut self.waiters[i].wait {
-                        *r = next_rid;
-                    }
-                    return;
-                }
-                Ok(serde_json::to_value(&*acc).unwrap_or_default())
-            }
-            (RidKind::Users(_), Err(e)) => Err(request_error(&e, "cannot list users")),
             (RidKind::Decline, Ok(_)) => {
                 Ok(serde_json::to_value(Declined { declined: true }).unwrap_or_default())
             }

@@ -13,8 +13,8 @@
 //! * [`files`]: the disk side of file transfers: reading, writing,
 //!   hashing, verifying, naming.
 //! * [`addrs`]: our candidate addresses, and dual-stack address forms.
-//! * [`predict`]: the extra sockets of port prediction, when our NAT maps
-//!   each destination to a new port.
+//! * [`sockets`]: the extra sockets of port prediction, opened and closed
+//!   as the node asks.
 //! * [`tcp`]: the TCP connection to the server for networks that drop
 //!   UDP.
 //!
@@ -25,7 +25,7 @@ pub mod addrs;
 pub mod ctl;
 pub mod daemon;
 pub mod files;
-pub mod predict;
+pub mod sockets;
 pub mod store;
 pub mod tcp;
 

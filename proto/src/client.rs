@@ -384,10 +384,9 @@ impl ServerLink {
             return;
         };
         match e.transport.seal(&msg.encode()) {
-            Ok(payload) => self.transmits.push_back(Transmit {
-                dst: self.config.server,
-                payload,
-            }),
+            Ok(payload) => self
+                .transmits
+                .push_back(Transmit::new(self.config.server, payload)),
             Err(err) => tracing::warn!(error = %err, "cannot seal request"),
         }
     }
@@ -430,10 +429,8 @@ impl ServerLink {
         self.attempts += 1;
         let delay = self.backoff();
         tracing::debug!(?pattern, attempt = self.attempts, "HANDSHAKE(INIT)");
-        self.transmits.push_back(Transmit {
-            dst: self.config.server,
-            payload: packet,
-        });
+        self.transmits
+            .push_back(Transmit::new(self.config.server, packet));
         // A retry is a new handshake with a new ephemeral key, as in
         // WireGuard, not a resend of the same bytes.
         self.state = State::Handshaking {
@@ -588,10 +585,8 @@ impl ServerLink {
                             *tries += 1;
                             tracing::debug!("HANDSHAKE(FINISH_RESENT)");
                             let payload = packet.clone();
-                            self.transmits.push_back(Transmit {
-                                dst: self.config.server,
-                                payload,
-                            });
+                            self.transmits
+                                .push_back(Transmit::new(self.config.server, payload));
                             return;
                         }
                     }
@@ -656,10 +651,8 @@ impl ServerLink {
             }
             .encode();
             finish = Some((packet.clone(), 0));
-            self.transmits.push_back(Transmit {
-                dst: self.config.server,
-                payload: packet,
-            });
+            self.transmits
+                .push_back(Transmit::new(self.config.server, packet));
         }
         let Ok(transport) = hs.into_transport(local_index, sender, now) else {
             return;

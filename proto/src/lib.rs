@@ -72,6 +72,7 @@ pub mod peer;
 pub mod reliable;
 pub mod server;
 pub mod transfer;
+pub mod transport;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -88,11 +89,26 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
-/// A datagram to send.
+/// A datagram to send, and which way it leaves.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Transmit {
     pub dst: SocketAddr,
     pub payload: Vec<u8>,
+    /// The socket or connection it leaves through: the machine decides,
+    /// the daemon never looks into the payload to choose.
+    pub via: transport::Via,
+}
+
+impl Transmit {
+    /// A datagram for the main UDP socket (the node routes it further:
+    /// over TCP to the server, through a prediction socket to a peer).
+    pub fn new(dst: SocketAddr, payload: Vec<u8>) -> Self {
+        Self {
+            dst,
+            payload,
+            via: transport::Via::Udp,
+        }
+    }
 }
 
 impl std::fmt::Debug for Transmit {
@@ -100,6 +116,7 @@ impl std::fmt::Debug for Transmit {
         // Payloads are ciphertext or handshake bytes: print only their size.
         f.debug_struct("Transmit")
             .field("dst", &self.dst)
+            .field("via", &self.via)
             .field("len", &self.payload.len())
             .finish()
     }

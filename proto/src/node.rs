@@ -26,7 +26,10 @@ use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
 use crate::reliable::{Outgoing, ReliableEvent};
 use crate::transfer::{FileIo, TransferEvent, TransferStatus, Transfers};
-use crate::wire::{self, ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient};
+use crate::transport::{Predictor, ServerTransport, TransportCommand, Via};
+use crate::wire::{
+    self, ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient, UserEntry,
+};
 use crate::{canonical, Transmit};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, VecDeque};
@@ -75,6 +78,12 @@ pub enum NodeEvent {
         reason: FailReason,
         detail: String,
     },
+    /// Every active user, answering [`Node::list_users`] with the id it
+    /// returned.
+    Users {
+        id: u32,
+        result: Result<Vec<UserEntry>, RequestError>,
+    },
     /// The answer to a request made with a returned `rid`.
     Response {
         rid: u32,
@@ -111,13 +120,9 @@ pub enum NodeEvent {
         name: String,
         endpoint: SocketAddr,
     },
-    /// Open extra sockets toward `dst` for port prediction (see
-    /// [`crate::peer::Prediction`]).
-    PredictPorts {
-        name: String,
-        dst: SocketAddr,
-        intro_id: u64,
-    },
+    /// Something for the daemon's transports to do: open or close the
+    /// TCP connection to the server, or extra sockets.
+    Transport(TransportCommand),
     Delivered {
         peer: String,
         seq: u64,
@@ -237,6 +242,16 @@ struct NatProbe {
     other: Option<SocketAddr>,
 }
 
+/// A user listing in progress: the id it answers with, the users so far.
+struct Listing {
+    id: u32,
+    users: Vec<UserEntry>,
+}
+
+/// Most users one listing gathers (the server's page count is not
+/// trusted to end).
+const MAX_LISTED: usize = 100_000;
+
 /// NAT probes are resent this often, this many times (the answers are
 /// small UDP datagrams that may be lost).
 const NAT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -257,6 +272,8 @@ pub struct Node<F> {
     peers: BTreeMap<String, PeerEntry>,
     /// Connection requests waiting for `accept` or `decline`.
     incoming: BTreeMap<String, (u64, PublicIdentity)>,
+    /// User listings in progress, by the rid of the page asked for last.
+    listings: BTreeMap<u32, Listing>,
     /// Our `RequestConnect`s in flight: rid → (peer, made automatically).
     outgoing: BTreeMap<u32, (String, bool)>,
     locals: Vec<SocketAddr>,
@@ -264,6 +281,12 @@ pub struct Node<F> {
     /// [`Packet::Probe`]): peers are told, and port prediction is tried.
     hard: bool,
     nat_probe: Option<NatProbe>,
+    /// UDP or TCP to the server.
+    transport: ServerTransport,
+    /// Extra sockets of port prediction.
+    predictor: Predictor,
+    /// Datagrams whose way is decided already (probes); they go first.
+    routed: VecDeque<Transmit>,
     events: VecDeque<NodeEvent>,
     transmits: VecDeque<Transmit>,
     last_unknown_reply: Option<Instant>,
@@ -278,6 +301,7 @@ impl<F: FileIo> Node<F> {
     /// replays).
     pub fn new(identity: Identity, config: NodeConfig, now: Instant, seed: u64, io: F) -> Self {
         let link = ServerLink::new(identity.clone(), config.client.clone(), now, seed);
+        let transport = ServerTransport::new(config.client.server, now);
         Self {
             identity,
             io,
@@ -286,10 +310,14 @@ impl<F: FileIo> Node<F> {
             link,
             peers: BTreeMap::new(),
             incoming: BTreeMap::new(),
+            listings: BTreeMap::new(),
             outgoing: BTreeMap::new(),
             locals: Vec::new(),
             hard: false,
             nat_probe: None,
+            transport,
+            predictor: Predictor::default(),
+            routed: VecDeque::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             last_unknown_reply: None,
@@ -364,12 +392,59 @@ impl<F: FileIo> Node<F> {
         self.pump(now);
     }
 
-    pub fn list_users(&mut self, now: Instant, offset: u16) -> u32 {
-        let rid = self
-            .link
-            .request(now, |rid| ClientToServer::ListUsers { rid, offset });
+    /// Asks the server for every active user, page after page; one
+    /// [`NodeEvent::Users`] with the returned id answers.
+    pub fn list_users(&mut self, now: Instant) -> u32 {
+        let rid = self.request_page(now, 0);
+        self.listings.insert(
+            rid,
+            Listing {
+                id: rid,
+                users: Vec::new(),
+            },
+        );
         self.pump(now);
         rid
+    }
+
+    fn request_page(&mut self, now: Instant, offset: u16) -> u32 {
+        self.link
+            .request(now, |rid| ClientToServer::ListUsers { rid, offset })
+    }
+
+    /// A page of a listing arrived: ask for the next one, or answer.
+    fn on_page(&mut self, now: Instant, rid: u32, result: Result<ServerToClient, RequestError>) {
+        let Some(mut listing) = self.listings.remove(&rid) else {
+            return;
+        };
+        let result = match result {
+            Ok(ServerToClient::UserList {
+                total,
+                offset,
+                users,
+                ..
+            }) => {
+                let got = users.len();
+                listing.users.extend(users);
+                let next = offset as usize + got;
+                // More pages (and the list still bounded): ask for the next.
+                if got > 0 && next < total as usize && listing.users.len() < MAX_LISTED {
+                    let next_rid = self.request_page(now, next.min(u16::MAX as usize) as u16);
+                    self.listings.insert(next_rid, listing);
+                    return;
+                }
+                Ok(listing.users)
+            }
+            Ok(other) => Err(RequestError::Failed {
+                reason: FailReason::ServerError,
+                detail: format!("unexpected answer to a user list: {other:?}"),
+            }),
+            Err(e) => Err(e),
+        };
+        self.events.push_back(NodeEvent::Users {
+            id: listing.id,
+            result,
+        });
     }
 
     pub fn ping_server(&mut self, now: Instant) -> u32 {
@@ -673,7 +748,13 @@ impl<F: FileIo> Node<F> {
                     .unwrap_or(SessionPhase::Closed),
                 endpoint: e.session.as_ref().and_then(|s| s.endpoint()),
                 path: e.session.as_ref().and_then(|s| s.path()),
-                technique: e.session.as_ref().and_then(|s| s.technique()),
+                technique: e
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.endpoint())
+                    .filter(|a| self.predictor.is_predicted(*a))
+                    .map(|_| "port-prediction")
+                    .or_else(|| e.session.as_ref().and_then(|s| s.technique())),
                 rtt: e
                     .session
                     .as_ref()
@@ -683,6 +764,19 @@ impl<F: FileIo> Node<F> {
                 queued: e.transfers.chat_pending(),
             })
             .collect()
+    }
+
+    /// The TCP connection asked for with
+    /// [`TransportCommand::ConnectTcp`] is up.
+    pub fn handle_tcp_up(&mut self, now: Instant) {
+        self.transport.on_tcp_up(now);
+        self.pump(now);
+    }
+
+    /// The TCP connection to the server failed or closed.
+    pub fn handle_tcp_down(&mut self, now: Instant, why: &str) {
+        self.transport.on_tcp_down(now, why);
+        self.pump(now);
     }
 
     #[must_use]
@@ -700,13 +794,41 @@ impl<F: FileIo> Node<F> {
         if !self.events.is_empty() {
             return None;
         }
+        if let Some(t) = self.routed.pop_front() {
+            return Some(t);
+        }
         if self.transmits.is_empty() {
             self.pump_files(now);
             if !self.events.is_empty() {
                 return None;
             }
         }
-        self.transmits.pop_front()
+        let mut t = self.transmits.pop_front()?;
+        t.via = self.route(t.dst);
+        Some(t)
+    }
+
+    /// Which way a datagram to `dst` leaves: to the server over UDP or
+    /// TCP, as the transport stands; to a peer through the socket port
+    /// prediction adopted for it, or the main socket.
+    fn route(&self, dst: SocketAddr) -> Via {
+        if dst == self.link.server_addr() {
+            self.transport.via()
+        } else {
+            self.predictor.route(dst).unwrap_or(Via::Udp)
+        }
+    }
+
+    /// How a session reaches a peer at `endpoint`, in the control API's
+    /// words: `direct`, or through the relay over UDP or TCP.
+    pub fn path_name(&self, endpoint: SocketAddr) -> &'static str {
+        if endpoint != self.link.server_addr() {
+            "direct"
+        } else if self.transport.on_tcp() {
+            "relay-tcp"
+        } else {
+            "relay-udp"
+        }
     }
 
     /// The earliest time [`Node::handle_timeout`] has work: timers of the
@@ -717,6 +839,8 @@ impl<F: FileIo> Node<F> {
         let link = [
             self.link.poll_timeout(),
             self.nat_probe.as_ref().map(|p| p.next),
+            self.transport.poll_timeout(),
+            self.predictor.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -752,6 +876,9 @@ impl<F: FileIo> Node<F> {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = self.now.max(now);
         self.link.handle_timeout(now);
+        let nonce = self.rng.gen();
+        self.transport.handle_timeout(now, nonce);
+        self.predictor.handle_timeout(now);
         for e in self.peers.values_mut() {
             if e.transfers.poll_timeout(now).is_some_and(|t| t <= now) {
                 e.transfers.handle_timeout(now);
@@ -781,8 +908,19 @@ impl<F: FileIo> Node<F> {
         self.pump(now);
     }
 
+    /// A datagram from `from` on the main UDP socket.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, buf: &[u8]) {
+        self.handle_datagram_via(now, Via::Udp, from, buf)
+    }
+
+    /// A datagram that came in `via` a socket or the TCP connection to
+    /// the server (whose frames are from the server, whatever `from`).
+    pub fn handle_datagram_via(&mut self, now: Instant, via: Via, from: SocketAddr, buf: &[u8]) {
         self.now = self.now.max(now);
+        let from = match via {
+            Via::ServerTcp => self.link.server_addr(),
+            _ => canonical(from),
+        };
         let packet = match Packet::decode(buf) {
             Ok(p) => p,
             Err(e) => {
@@ -792,6 +930,14 @@ impl<F: FileIo> Node<F> {
             }
         };
         let from_server = from == self.link.server_addr();
+        match via {
+            Via::Udp if from_server => self.transport.on_udp_datagram(now, &packet),
+            Via::Socket(id) if !self.predictor.on_datagram(now, id, from, &packet) => {
+                tracing::trace!(%from, "PREDICT(DROP)");
+                return;
+            }
+            _ => {}
+        }
         if let Packet::ProbeReply { nonce, observed } = packet {
             return self.on_probe_reply(from, nonce, observed);
         }
@@ -902,10 +1048,7 @@ impl<F: FileIo> Node<F> {
         p.next = now + NAT_PROBE_INTERVAL;
         let probe = Packet::Probe { nonce: p.nonce }.encode();
         for dst in [server, p.alt] {
-            self.transmits.push_back(Transmit {
-                dst,
-                payload: probe.clone(),
-            });
+            self.transmits.push_back(Transmit::new(dst, probe.clone()));
         }
     }
 
@@ -967,7 +1110,7 @@ impl<F: FileIo> Node<F> {
             .encode(),
             None => reply,
         };
-        self.transmits.push_back(Transmit { dst: from, payload });
+        self.transmits.push_back(Transmit::new(from, payload));
     }
 
     fn on_init(
@@ -1029,6 +1172,28 @@ impl<F: FileIo> Node<F> {
     /// Moves events and packets between the sub-machines.
     fn pump(&mut self, now: Instant) {
         self.now = self.now.max(now);
+        if self.transport.take_relogin() {
+            self.link.reconnect(now);
+        }
+        match self.link.state() {
+            LinkState::KeyMismatch => self.transport.halt(),
+            state => self
+                .transport
+                .set_connecting(now, state == LinkState::Connecting),
+        }
+        while let Some(c) = self.transport.poll_command() {
+            self.events.push_back(NodeEvent::Transport(c));
+        }
+        while let Some(c) = self.predictor.poll_command() {
+            self.events.push_back(NodeEvent::Transport(c));
+        }
+        // Probes measure the UDP path: they leave as they are.
+        while let Some(t) = self.transport.poll_transmit() {
+            self.routed.push_back(t);
+        }
+        while let Some(t) = self.predictor.poll_transmit() {
+            self.routed.push_back(t);
+        }
         while let Some(ev) = self.link.poll_event() {
             self.on_link_event(now, ev);
         }
@@ -1076,11 +1241,8 @@ impl<F: FileIo> Node<F> {
                         });
                     }
                     PeerEvent::PredictPorts { dst, intro_id } => {
-                        self.events.push_back(NodeEvent::PredictPorts {
-                            name: name.to_owned(),
-                            dst,
-                            intro_id,
-                        })
+                        tracing::info!(peer = %name, %dst, "PREDICT(HARD_SIDE)");
+                        self.predictor.start(now, dst, intro_id);
                     }
                     PeerEvent::Pong { nonce, rtt } => self.events.push_back(NodeEvent::Pong {
                         peer: name.to_owned(),
@@ -1227,6 +1389,9 @@ impl<F: FileIo> Node<F> {
             LinkEvent::LoginFailed { reason, detail } => self
                 .events
                 .push_back(NodeEvent::LoginFailed { reason, detail }),
+            LinkEvent::Response { rid, result } if self.listings.contains_key(&rid) => {
+                self.on_page(now, rid, result)
+            }
             LinkEvent::Response { rid, result } => {
                 if let Some((name, auto)) = self.outgoing.remove(&rid) {
                     if let Err(err) = &result {

@@ -72,6 +72,19 @@ impl Default for PeerConfig {
     }
 }
 
+impl PeerConfig {
+    /// A keepalive interval other than the default, and the liveness rule
+    /// that goes with it: dead after about three keepalives went
+    /// unanswered (3.2 intervals), and never sooner than the default 80 s.
+    pub fn with_keepalive(mut self, keepalive: Duration) -> Self {
+        self.keepalive = keepalive;
+        self.dead_after = Self::default()
+            .dead_after
+            .max(keepalive * 3 + keepalive / 5);
+        self
+    }
+}
+
 /// Most addresses sent a path probe per search.
 const MAX_PROBED: usize = 16;
 /// How long each direct-path search sends probes.
@@ -465,7 +478,7 @@ impl PeerSession {
             .encode(),
             _ => payload,
         };
-        self.transmits.push_back(Transmit { dst, payload });
+        self.transmits.push_back(Transmit::new(dst, payload));
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
@@ -782,10 +795,7 @@ impl PeerSession {
         }
         .encode();
         for c in &self.candidates {
-            self.transmits.push_back(Transmit {
-                dst: *c,
-                payload: probe.clone(),
-            });
+            self.transmits.push_back(Transmit::new(*c, probe.clone()));
         }
     }
 
@@ -805,10 +815,8 @@ impl PeerSession {
         .encode();
         for _ in 0..SPRAY_BATCH {
             let port = self.rng.gen_range(1024..=u16::MAX);
-            self.transmits.push_back(Transmit {
-                dst: SocketAddr::new(sp.ip, port),
-                payload: probe.clone(),
-            });
+            self.transmits
+                .push_back(Transmit::new(SocketAddr::new(sp.ip, port), probe.clone()));
         }
         sp.sent += SPRAY_BATCH;
         sp.next = now + SPRAY_TICK;
@@ -845,14 +853,12 @@ impl PeerSession {
             });
         }
         if !reply {
-            self.transmits.push_back(Transmit {
-                dst: from,
-                payload: Packet::Punch {
-                    intro_id,
-                    reply: true,
-                }
-                .encode(),
-            });
+            let payload = Packet::Punch {
+                intro_id,
+                reply: true,
+            }
+            .encode();
+            self.transmits.push_back(Transmit::new(from, payload));
         }
         match &self.state {
             State::Punching {
@@ -1169,5 +1175,19 @@ impl PeerSession {
                 self.events.push_back(PeerEvent::Received(m))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_after_follows_a_long_keepalive() {
+        let c = PeerConfig::default().with_keepalive(Duration::from_secs(5));
+        assert_eq!(c.dead_after, Duration::from_secs(80));
+        let c = PeerConfig::default().with_keepalive(Duration::from_secs(50));
+        assert_eq!(c.dead_after, Duration::from_secs(160));
+        assert_eq!(c.keepalive, Duration::from_secs(50));
     }
 }

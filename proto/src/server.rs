@@ -352,10 +352,7 @@ impl Server {
             Packet::Relay { channel, .. } => self.on_relay(now, from, channel, buf),
             Packet::Probe { .. } => {
                 if let Some(reply) = answer_probe(from, buf) {
-                    self.transmits.push_back(Transmit {
-                        dst: from,
-                        payload: reply,
-                    });
+                    self.transmits.push_back(Transmit::new(from, reply));
                 }
             }
             Packet::HandshakeResponse { .. }
@@ -376,7 +373,7 @@ impl Server {
             tracing::warn!(%dst, "DROP(AMPLIFICATION)");
             return;
         }
-        self.transmits.push_back(Transmit { dst, payload });
+        self.transmits.push_back(Transmit::new(dst, payload));
     }
 
     fn on_init(
@@ -625,10 +622,7 @@ impl Server {
             return;
         };
         match s.transport.seal(&msg.encode()) {
-            Ok(payload) => self.transmits.push_back(Transmit {
-                dst: s.addr,
-                payload,
-            }),
+            Ok(payload) => self.transmits.push_back(Transmit::new(s.addr, payload)),
             Err(e) => tracing::warn!(error = %e, "cannot seal"),
         }
     }
@@ -685,10 +679,8 @@ impl Server {
         let dst = self.sessions[&dst].addr;
         self.stats.relayed_packets += 1;
         self.stats.relayed_bytes += datagram.len() as u64;
-        self.transmits.push_back(Transmit {
-            dst,
-            payload: datagram.to_vec(),
-        });
+        self.transmits
+            .push_back(Transmit::new(dst, datagram.to_vec()));
     }
 
     /// Opens a relay channel for an agreed introduction, replacing any

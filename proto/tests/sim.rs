@@ -16,7 +16,8 @@ use proto::node::{Node, NodeConfig, NodeEvent};
 use proto::reliable::Outgoing;
 use proto::server::{MemoryStore, Server, ServerConfig};
 use proto::transfer::{FileIo, FileSource, TransferEvent};
-use proto::wire::FailReason;
+use proto::transport::{TransportCommand, Via};
+use proto::wire::{FailReason, ServerToClient};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -121,6 +122,11 @@ enum Trace {
     Datagram(Duration, SocketAddr, SocketAddr, usize),
 }
 
+/// Node `i`'s address as the server sees its TCP connection.
+fn tcp_addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([198, 51, 100, 10 + i as u8], 50_000))
+}
+
 /// An identity drawn from `seed`, so a simulation replays.
 fn seeded_identity(seed: u64) -> Identity {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -174,6 +180,10 @@ struct Sim {
     /// Drop everything between the two nodes (a NAT pair that defeats
     /// hole punching).
     block_peers: bool,
+    /// Nodes whose network drops all UDP (they reach the server over TCP).
+    udp_blocked: Vec<bool>,
+    /// Each node's TCP connection to the server, by its address there.
+    tcp: Vec<Option<SocketAddr>>,
     /// Every datagram the server sent, for tests that read what a relay
     /// could see.
     server_sent: Vec<Vec<u8>>,
@@ -214,6 +224,8 @@ impl Sim {
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             stalls: 0,
             block_peers: false,
+            udp_blocked: Vec::new(),
+            tcp: Vec::new(),
             server_sent: Vec::new(),
             trace: Vec::new(),
         };
@@ -226,6 +238,8 @@ impl Sim {
             sim.addrs.push(addr);
             sim.identities.push(id);
             sim.events.push(Vec::new());
+            sim.udp_blocked.push(false);
+            sim.tcp.push(None);
         }
         sim
     }
@@ -239,6 +253,15 @@ impl Sim {
         self.trace
             .push(Trace::Datagram(at, from, to, payload.len()));
         if self.block_peers && self.addrs.contains(&from) && self.addrs.contains(&to) {
+            return;
+        }
+        let blocked = |a: &SocketAddr| {
+            self.addrs
+                .iter()
+                .position(|x| x == a)
+                .is_some_and(|i| self.udp_blocked.get(i) == Some(&true))
+        };
+        if blocked(&from) || blocked(&to) {
             return;
         }
         if self.rng.gen_bool(self.link.loss) {
@@ -294,15 +317,49 @@ impl Sim {
                 for (peer, id) in &finished {
                     n.file_checked(now, peer, *id, Ok(()));
                 }
+                let commands: Vec<TransportCommand> = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        NodeEvent::Transport(c) => Some(c.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                // The transports the node asks for: a TCP connection comes
+                // up at once (one that fails is not simulated).
+                for c in &commands {
+                    match c {
+                        TransportCommand::ConnectTcp { .. } => {
+                            self.tcp[i] = Some(tcp_addr(i));
+                            n.handle_tcp_up(now);
+                        }
+                        TransportCommand::CloseTcp => self.tcp[i] = None,
+                        _ => {}
+                    }
+                }
                 let at = self.now - self.start;
                 for e in events {
                     self.trace.push(Trace::Event(at, i, format!("{e:?}")));
                     self.events[i].push(e);
                 }
                 let from = self.addrs[i];
-                let quiet = out.is_empty() && checked.is_empty() && finished.is_empty();
+                let quiet = out.is_empty()
+                    && checked.is_empty()
+                    && finished.is_empty()
+                    && commands.is_empty();
                 for t in out {
-                    self.send(from, t.dst, t.payload);
+                    match (t.via, self.tcp[i]) {
+                        (Via::Udp, _) => self.send(from, t.dst, t.payload),
+                        // TCP: no loss, no reordering.
+                        (Via::ServerTcp, Some(tcp)) => {
+                            let at = self.now - self.start;
+                            self.trace
+                                .push(Trace::Datagram(at, tcp, t.dst, t.payload.len()));
+                            let when = self.now + self.link.latency;
+                            self.wire.push((when, tcp, t.dst, t.payload));
+                        }
+                        (Via::ServerTcp, None) => panic!("sent over TCP with none open"),
+                        (Via::Socket(_), _) => {}
+                    }
                 }
                 if quiet {
                     break;
@@ -359,6 +416,10 @@ impl Sim {
             } else if let Some(i) = self.addrs.iter().position(|a| *a == to) {
                 if let Some(n) = self.nodes[i].as_mut() {
                     n.handle_datagram(now, from, &bytes);
+                }
+            } else if let Some(i) = self.tcp.iter().position(|a| *a == Some(to)) {
+                if let Some(n) = self.nodes[i].as_mut() {
+                    n.handle_datagram_via(now, Via::ServerTcp, from, &bytes);
                 }
             }
         }
@@ -1204,4 +1265,96 @@ fn one_seed_gives_one_trace() {
     assert_eq!(a.len(), b.len(), "one run went on longer");
     // The trace says something about the seed: another differs.
     assert_ne!(a, traced_run(42));
+}
+
+#[test]
+fn the_user_list_is_gathered_page_by_page() {
+    let mut sim = Sim::new(51, Link::clean());
+    sim.register_both();
+    // 28 more users online: 30 in all, three pages of twelve.
+    let now = sim.now;
+    for i in 0..28u64 {
+        let id = seeded_identity(5_100 + i);
+        let addr: SocketAddr = format!("192.0.2.{}:4000", i + 100).parse().unwrap();
+        let config = node_config(sim.server_addr);
+        let mut n = Node::new(id.clone(), config, now, 5_100 + i, MemFiles::default());
+        n.register(now, &format!("user{i:02}"));
+        sim.nodes.push(Some(n));
+        sim.addrs.push(addr);
+        sim.identities.push(id);
+        sim.events.push(Vec::new());
+        sim.udp_blocked.push(false);
+        sim.tcp.push(None);
+    }
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.nodes
+            .iter()
+            .flatten()
+            .all(|n| n.link_state() == LinkState::LoggedIn)
+    });
+    let now = sim.now;
+    let id = sim.node(0).list_users(now);
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.has_event(
+            0,
+            |e| matches!(e, NodeEvent::Users { id: i, .. } if *i == id),
+        )
+    });
+    let users = sim.events[0]
+        .iter()
+        .find_map(|e| match e {
+            NodeEvent::Users { result, .. } => Some(result.clone().expect("a list")),
+            _ => None,
+        })
+        .unwrap();
+    let mut names: Vec<String> = users.into_iter().map(|u| u.name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 30, "{names:?}");
+    assert!(names.contains(&"alice".to_owned()) && names.contains(&"user27".to_owned()));
+    // No page was answered as a bare response.
+    assert!(!sim.has_event(0, |e| matches!(
+        e,
+        NodeEvent::Response {
+            result: Ok(ServerToClient::UserList { .. }),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_node_whose_network_drops_udp_chats_over_tcp_and_returns_to_udp() {
+    let mut sim = Sim::new(61, Link::clean());
+    sim.udp_blocked[1] = true;
+    sim.register_both();
+    assert!(sim.tcp[1].is_some(), "bob reached the server over TCP");
+    assert!(sim.tcp[0].is_none(), "alice did not need to");
+    sim.connect();
+    let bob_sees = sim.node(1).peer_status()[0].endpoint.expect("an endpoint");
+    assert_eq!(bob_sees, sim.server_addr, "relayed");
+    assert_eq!(sim.node(1).path_name(bob_sees), "relay-tcp");
+    let now = sim.now;
+    for seq in 0..10 {
+        sim.node(0).send_message(now, "bob", msg(seq));
+        sim.node(1).send_message(now, "alice", msg(seq));
+    }
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.delivered(1, "alice").len() == 10 && s.delivered(0, "bob").len() == 10
+    });
+    // UDP works again: within one retry period bob leaves TCP and logs in
+    // over UDP again.
+    sim.udp_blocked[1] = false;
+    sim.run_until(Duration::from_secs(40), |s| s.tcp[1].is_none());
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.nodes[1].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(10));
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.delivered(1, "alice").len() == 11
+    });
+    assert_eq!(
+        sim.delivered(1, "alice"),
+        (0..11).map(|s| msg(s).body).collect::<Vec<_>>()
+    );
 }
