@@ -5,21 +5,35 @@
 //! * [`daemon`]: the one task that owns the protocol [`proto::node::Node`],
 //!   the UDP socket and the database; it runs the node from its deadlines
 //!   and turns control requests into node calls and node events into
-//!   stored messages, answers and watch events.
+//!   stored messages, answers and watch events. Split by job: `control`
+//!   (requests and the answers that wait), `events` (node events: stored,
+//!   answered, broadcast), `transfers` (file commands), `records`
+//!   (transfer events and disk results into the database).
+//! * [`files`]: the node's disk side (`proto::transfer::FileIo`): reading,
+//!   writing, hashing, verifying, naming.
 //! * [`ctl`]: the control socket: accepts same-user connections and moves
 //!   JSON lines between them and the daemon task.
 //! * [`store`]: the SQLite database (contacts, history, outbox,
 //!   transfers).
-//! * [`files`]: the disk side of file transfers: reading, writing,
-//!   hashing, verifying, naming.
 //! * [`addrs`]: our candidate addresses, and dual-stack address forms.
 //! * [`sockets`]: the extra sockets of port prediction, opened and closed
 //!   as the node asks.
-//! * [`tcp`]: the TCP connection to the server for networks that drop
-//!   UDP.
+//! * [`tcp`]: the TCP connection to the server, opened and closed as the
+//!   node asks (for networks that drop UDP).
 //!
 //! Data flows one way per direction: datagram → node → events (stored
-//! first) → transmits; request line → daemon → node → response line.
+//! first) → transmits (each naming its socket); request line → daemon →
+//! node → response line. Every protocol decision (timers, fallbacks,
+//! which way a datagram leaves) is the node's; the daemon owns the
+//! sockets, the files and the database.
+//!
+//! ```text
+//!  p2pctl ──JSON──▶ ctl ──▶ daemon::control ──▶ Node (proto) ──▶ Transmit{via} ──▶ UDP / TCP / sockets
+//!                              ▲                 │  ▲
+//!                 daemon::events ◀── NodeEvent ──┘  └── FileIo ◀──▶ files (disk thread)
+//!                      │
+//!                    store (SQLite)
+//! ```
 
 pub mod addrs;
 pub mod ctl;

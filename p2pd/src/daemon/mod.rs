@@ -1,0 +1,392 @@
+//! The daemon task: the thin shell around [`proto::node::Node`].
+//!
+//! One task owns the node, the UDP socket and the database, so none of
+//! them needs a lock. It waits for the first of: a datagram, a control
+//! request, the node's next deadline (or a waiting request's), shutdown.
+//! After each, it drains the node in the order the node's contract
+//! states: events first (written to the database in one transaction,
+//! then answered and broadcast), then datagrams. So a received message is
+//! on disk before the acknowledgement that tells the sender to forget it.
+
+mod control;
+mod events;
+mod records;
+mod transfers;
+
+use crate::addrs;
+use crate::ctl::{self, Input, Out, Reply};
+use crate::files::{self, Files, JobDone};
+use crate::sockets::{Extra, Sockets};
+use crate::store::Store;
+use crate::store::TransferRow;
+use crate::tcp::{TcpEvent, TcpEventKind, TcpLink};
+use crate::Config;
+use anyhow::Context;
+use control::{fail_error, request_error, Wait, Waiter};
+use proto::client::{LinkState, RequestError};
+use proto::control::{
+    check_text, AutoAcceptSet, Cancelled, Closed, Command, Connected, ControlError, Declined,
+    Direction, ErrorCode, Event, LoggedIn, PeerInfo, PeersResult, PingResult, Registered, Request,
+    Response, Sent, TransferInfo, TransferState, UserInfo, Watching, Whoami,
+};
+use proto::identity::{fingerprint, to_hex, PublicIdentity};
+use proto::node::{Node, NodeConfig, NodeError, NodeEvent};
+use proto::peer::SessionPhase;
+use proto::reliable::Outgoing;
+use proto::transport::{TransportCommand, Via};
+use proto::wire::{validate_name, FailReason, ServerToClient};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+struct Daemon {
+    config: Config,
+    /// The protocol, with the disk side of file transfers ([`Files`]).
+    node: Node<Files>,
+    store: Store,
+    udp: Arc<UdpSocket>,
+    /// The socket is IPv6 (dual-stack): IPv4 destinations go v4-mapped.
+    udp_v6: bool,
+    waiters: Vec<Waiter>,
+    watchers: HashMap<u64, Reply>,
+    /// The TCP connection to the server the node asked for, while one is
+    /// open or opening.
+    tcp: Option<TcpLink>,
+    tcp_events: mpsc::Sender<TcpEvent>,
+    /// Generation of the current TCP link; events of older ones are stale.
+    tcp_generation: u64,
+    /// Extra sockets the node asked for (port prediction).
+    sockets: Sockets,
+    /// Recent progress per transfer: (when, bytes done), for rates.
+    progress: HashMap<u64, std::collections::VecDeque<(Instant, u64)>>,
+    /// When each transfer's progress was last broadcast.
+    progress_shown: HashMap<u64, Instant>,
+    /// Transfer id → the id of the directory it belongs to.
+    groups: HashMap<u64, u64>,
+}
+
+/// Integrity is checked by pieces of this size.
+const PIECE_SIZE: u32 = proto::transfer::PIECE_SIZE;
+/// Rates are measured over this window.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    // One daemon per data directory and per socket, checked before
+    // anything is created.
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let (listener, _socket_guard) = ctl::bind(&config.socket).await?;
+
+    let key_path = config.data_dir.join("identity.key");
+    let (identity, created) = proto::keyfile::load_or_create(&key_path)?;
+    if created {
+        tracing::info!(path = %key_path.display(), fingerprint = %identity.fingerprint(), "IDENTITY(CREATED)");
+    }
+    let db_path = config.data_dir.join("p2pd.db");
+    let store = Store::open(&db_path)
+        .with_context(|| format!("cannot open database {}", db_path.display()))?;
+
+    let mut node_config = NodeConfig::new(config.server);
+    node_config.client.heartbeat = config.heartbeat;
+    node_config.peer = node_config.peer.with_keepalive(config.keepalive);
+    node_config.client.name = store.setting("name")?;
+    let pinned_server = match store.setting("server_key")? {
+        Some(hex) => proto::identity::key_from_hex(&hex),
+        None => None,
+    };
+    if let (Some(given), Some(pinned)) = (config.server_key, pinned_server) {
+        if given != pinned {
+            tracing::warn!(
+                given = %fingerprint(&given),
+                pinned = %fingerprint(&pinned),
+                "SERVER_KEY(REPINNED_FROM_COMMAND_LINE)"
+            );
+        }
+    }
+    node_config.client.server_key = config.server_key.or(pinned_server);
+
+    let udp = bind_udp(config.listen).await?;
+    let local = udp.local_addr()?;
+    let now = Instant::now();
+    let (files, mut jobs_inbox) = Files::new();
+    let mut node = Node::new(identity, node_config, now, rand::random(), files);
+    node.set_locals(addrs::local_candidates(local, config.server));
+    for c in store.contacts()? {
+        if let Some(id) = c.identity {
+            node.add_contact(now, &c.name, id, c.recv_next);
+        }
+    }
+    let outbox = store.outbox()?;
+    if !outbox.is_empty() {
+        tracing::info!(messages = outbox.len(), "OUTBOX(RESTORED)");
+    }
+    for q in outbox {
+        let msg = Outgoing {
+            seq: q.seq,
+            sent_ms: q.sent_ms,
+            body: q.body.into_bytes(),
+        };
+        node.send_message(now, &q.peer, msg);
+    }
+
+    let (to_daemon, mut inbox) = mpsc::channel::<Input>(1024);
+    // Dropping this handle at the end of `run` stops the accept loop; the
+    // connection tasks it owns go with it.
+    let accept = AbortOnDrop(tokio::spawn(ctl::accept_loop(listener, to_daemon)));
+    eprintln!(
+        "p2pd: fingerprint {}, udp {}, control socket {}, server {}",
+        node.identity().fingerprint(),
+        local,
+        config.socket.display(),
+        config.server
+    );
+    tracing::info!(udp = %local, socket = %config.socket.display(), server = %config.server, "DAEMON(STARTED)");
+
+    let (tcp_events, mut tcp_inbox) = mpsc::channel::<TcpEvent>(1024);
+    let (sockets, mut extra_inbox) = Sockets::new(local.is_ipv6());
+    let mut d = Daemon {
+        config,
+        node,
+        store,
+        udp_v6: local.is_ipv6(),
+        udp: Arc::new(udp),
+        waiters: Vec::new(),
+        watchers: HashMap::new(),
+        tcp: None,
+        tcp_events,
+        tcp_generation: 0,
+        sockets,
+        progress: HashMap::new(),
+        progress_shown: HashMap::new(),
+        groups: HashMap::new(),
+    };
+    d.restore_transfers(Instant::now())?;
+    d.drain(Instant::now()).await?;
+
+    tokio::pin!(shutdown);
+    // One byte more than the largest datagram, so a larger one is seen
+    // (and dropped as oversized) rather than cut to fit.
+    let mut buf = vec![0u8; proto::wire::MAX_DATAGRAM + 1];
+    loop {
+        let deadline = d.next_deadline();
+        let udp = d.udp.clone();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = udp.recv_from(&mut buf) => match r {
+                Ok((n, from)) => d.node.handle_datagram(Instant::now(), from, &buf[..n]),
+                // An unconnected UDP socket can still report ICMP errors
+                // on some systems; they say nothing about our session.
+                Err(e) => tracing::debug!(error = %e, "UDP(RECV_ERROR)"),
+            },
+            input = inbox.recv() => match input {
+                Some(input) => d.on_input(Instant::now(), input),
+                None => break,
+            },
+            Some(ev) = tcp_inbox.recv() => d.on_tcp(Instant::now(), ev),
+            Some(extra) = extra_inbox.recv() => {
+                let Extra { id, from, bytes } = extra;
+                d.node.handle_datagram_via(Instant::now(), Via::Socket(id), from, &bytes);
+            }
+            Some(done) = jobs_inbox.recv() => d.on_job(Instant::now(), done),
+            _ = sleep_until(deadline) => {
+                let now = Instant::now();
+                if d.node.poll_timeout().is_some_and(|t| t <= now) {
+                    d.node.handle_timeout(now);
+                }
+                d.expire_waiters(now);
+            }
+        }
+        d.drain(Instant::now()).await?;
+    }
+
+    tracing::info!("DAEMON(STOPPING)");
+    drop(accept);
+    d.node.shutdown(Instant::now());
+    d.drain(Instant::now()).await?;
+    Ok(())
+}
+
+/// Binds the UDP socket. The default `[::]:port` takes both families on
+/// one socket (IPV6_V6ONLY cleared, whatever the system default); on a
+/// host without IPv6 it falls back to `0.0.0.0:port`.
+async fn bind_udp(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
+    if listen.ip() != std::net::Ipv6Addr::UNSPECIFIED {
+        return addrs::bind_udp(listen)
+            .and_then(UdpSocket::from_std)
+            .with_context(|| format!("cannot bind UDP socket {listen}"));
+    }
+    match addrs::bind_dual(listen.port()).and_then(UdpSocket::from_std) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), listen.port());
+            tracing::info!(error = %e, "UDP(NO_IPV6_USING_IPV4)");
+            addrs::bind_udp(v4)
+                .and_then(UdpSocket::from_std)
+                .with_context(|| format!("cannot bind UDP socket {v4}"))
+        }
+    }
+}
+
+/// Holds an exclusive `flock` on `<data dir>/p2pd.lock` for the daemon's
+/// life: two daemons on one database would each deliver the other's
+/// outbox. The kernel releases the lock when the process ends, however it
+/// ends.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("p2pd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "another p2pd is already using the data directory {}",
+            dir.display()
+        );
+    }
+    Ok(file)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A result for an answer given at once.
+fn json<T: serde::Serialize>(v: &T) -> Result<Option<serde_json::Value>, ControlError> {
+    Ok(Some(
+        serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+/// A transfer id as the control API shows it: 16 hex digits.
+fn hex_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn internal(e: impl std::fmt::Display) -> ControlError {
+    err(ErrorCode::Internal, e.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ControlError {
+    ControlError::new(code, message)
+}
+
+impl Daemon {
+    fn next_deadline(&self) -> Option<Instant> {
+        let waiters = self.waiters.iter().map(|w| w.deadline).min();
+        [self.node.poll_timeout(), waiters]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_tcp(&mut self, now: Instant, ev: TcpEvent) {
+        if ev.generation != self.tcp_generation || self.tcp.is_none() {
+            return; // from a link already replaced or dropped
+        }
+        match ev.kind {
+            TcpEventKind::Up => self.node.handle_tcp_up(now),
+            TcpEventKind::Frame(frame) => {
+                let server = self.config.server;
+                self.node
+                    .handle_datagram_via(now, Via::ServerTcp, server, &frame);
+            }
+            TcpEventKind::Down(why) => {
+                self.tcp = None;
+                self.node.handle_tcp_down(now, &why);
+            }
+        }
+    }
+
+    /// Opens and closes what the node asks for.
+    fn on_transport(&mut self, command: TransportCommand) {
+        match command {
+            TransportCommand::ConnectTcp { server } => {
+                self.tcp_generation += 1;
+                self.tcp = Some(TcpLink::start(
+                    server,
+                    self.tcp_generation,
+                    self.tcp_events.clone(),
+                ));
+            }
+            TransportCommand::CloseTcp => self.tcp = None,
+            TransportCommand::OpenSockets { first, count } => self.sockets.open(first, count),
+            TransportCommand::CloseSockets { ids } => self.sockets.close(&ids),
+        }
+    }
+
+    /// Drains the node: events (stored, then answered and broadcast),
+    /// then datagrams, until it has nothing more to say.
+    ///
+    /// If the events cannot be stored, nothing is sent and the daemon
+    /// stops with the error: an acknowledgement must never leave for a
+    /// message that is not on disk. The sender keeps it, and delivers it
+    /// once the daemon runs again.
+    async fn drain(&mut self, now: Instant) -> anyhow::Result<()> {
+        loop {
+            let mut events = Vec::new();
+            while let Some(e) = self.node.poll_event() {
+                events.push(e);
+            }
+            if !events.is_empty() {
+                self.persist(&events)?;
+                for e in events {
+                    self.on_event(now, e);
+                }
+                continue;
+            }
+            // File data is read as the flows let it go; an event that
+            // comes of it stops the transmits until it is handled.
+            let mut sent_any = false;
+            while let Some(t) = self.node.poll_transmit(now) {
+                sent_any = true;
+                match t.via {
+                    Via::Udp => {
+                        let dst = addrs::for_socket(t.dst, self.udp_v6);
+                        if let Err(e) = self.udp.send_to(&t.payload, dst).await {
+                            tracing::debug!(dst = %t.dst, error = %e, "UDP(SEND_ERROR)");
+                        }
+                    }
+                    Via::ServerTcp => match &self.tcp {
+                        Some(tcp) => tcp.send(t.payload),
+                        None => tracing::debug!("TCP(NOT_OPEN_DROP)"),
+                    },
+                    Via::Socket(id) => self.sockets.send(id, &t.payload, t.dst).await,
+                }
+            }
+            if !sent_any {
+                return Ok(());
+            }
+        }
+    }
+}

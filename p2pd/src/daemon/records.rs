@@ -1,0 +1,517 @@
+//! What happens to transfers: restored at start, the node's transfer
+//! events and the disk side's finished jobs written to the database and
+//! shown to watchers.
+
+use super::*;
+
+/// Progress events per transfer at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+impl Daemon {
+    /// Takes up stored transfers after a start: incoming ones under way
+    /// resume from their verified pieces, outgoing ones are offered again
+    /// (if their file did not change).
+    pub(super) fn restore_transfers(&mut self, now: Instant) -> anyhow::Result<()> {
+        for t in self.store.transfers()? {
+            if t.group != 0 {
+                self.groups.insert(t.id, t.group);
+            }
+            match (t.outgoing, t.state) {
+                (true, TransferState::Offered | TransferState::Active) => {
+                    let path = t.path.clone().unwrap_or_default();
+                    let unchanged = std::fs::metadata(&path).is_ok_and(|m| {
+                        m.len() == t.size && Some(files::mtime_ns(&m)) == t.mtime_ns
+                    });
+                    let hashes: Vec<[u8; 32]> = t
+                        .piece_hashes
+                        .chunks_exact(32)
+                        .map(|c| c.try_into().unwrap_or([0; 32]))
+                        .collect();
+                    let opened = unchanged
+                        && self
+                            .node
+                            .io_mut()
+                            .open_source(t.id, path.as_ref(), t.size, t.mtime_ns.unwrap_or(0))
+                            .is_ok();
+                    if !opened {
+                        let why = "the file changed or vanished since it was offered";
+                        let told = "the sender's file changed or vanished";
+                        self.end_at_restart(now, &t, why, told)?;
+                        continue;
+                    }
+                    tracing::info!(id = %hex_id(t.id), peer = %t.peer, "TRANSFER(RESUME_SENDING)");
+                    self.node.offer_file(
+                        now,
+                        &t.peer,
+                        t.id,
+                        t.name.clone(),
+                        t.size,
+                        t.piece_size,
+                        t.hash,
+                        hashes,
+                        (t.group, t.group_files),
+                    );
+                }
+                (false, TransferState::Offered) => {
+                    self.node.restore_offer(
+                        now,
+                        &t.peer,
+                        t.id,
+                        t.name.clone(),
+                        t.size,
+                        t.piece_size,
+                        t.hash,
+                    );
+                }
+                (false, TransferState::Active) => {
+                    let Some(part) = t.part.clone() else { continue };
+                    // A part file that vanished would make its verified
+                    // pieces a lie: the transfer ends instead.
+                    let exists = std::path::Path::new(&part).exists();
+                    if !exists
+                        || self
+                            .node
+                            .io_mut()
+                            .open_part(
+                                t.id,
+                                part.as_ref(),
+                                t.path.as_deref().unwrap_or_default().as_ref(),
+                            )
+                            .is_err()
+                    {
+                        let told = "the receiver's partial file is gone";
+                        self.end_at_restart(now, &t, "the partial file is gone", told)?;
+                        continue;
+                    }
+                    let have: Vec<bool> = t.verified.iter().map(|v| *v == 1).collect();
+                    tracing::info!(id = %hex_id(t.id), peer = %t.peer, held = have.iter().filter(|h| **h).count(), "TRANSFER(RESUME_RECEIVING)");
+                    self.node.restore_incoming(
+                        now,
+                        &t.peer,
+                        t.id,
+                        t.name.clone(),
+                        t.size,
+                        t.piece_size,
+                        t.hash,
+                        &have,
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A transfer that cannot go on after a restart: ended here (`why`,
+    /// for `transfers`) and on the peer's side (`told`, without our paths).
+    pub(super) fn end_at_restart(
+        &mut self,
+        now: Instant,
+        t: &TransferRow,
+        why: &str,
+        told: &str,
+    ) -> anyhow::Result<()> {
+        self.store
+            .transfer_state(t.id, TransferState::Ended, None, Some(why))?;
+        self.node.tell_ended(now, &t.peer, t.id, told);
+        Ok(())
+    }
+
+    pub(super) fn end_transfer(&mut self, row: &TransferRow, reason: &str) {
+        if let Err(e) = self
+            .store
+            .transfer_state(row.id, TransferState::Ended, None, Some(reason))
+        {
+            tracing::error!(error = %e, "STORE(TRANSFER_STATE)");
+        }
+        if !row.outgoing && self.node.io_mut().discard_part(row.id) {
+            // Removed: nothing left to resume into.
+            let _ = self.store.forget_part(row.id);
+        }
+        self.node.io_mut().close(row.id);
+        self.progress.remove(&row.id);
+        self.broadcast(Event::TransferFailed {
+            id: hex_id(row.id),
+            peer: row.peer.clone(),
+            reason: reason.to_owned(),
+            group: self.group_of(row.id),
+        });
+    }
+
+    /// A write into an incoming file failed: end the transfer on both
+    /// sides, saying why (a full disk keeps what arrived).
+    pub(super) fn write_failed(&mut self, now: Instant, peer: &str, id: u64, e: std::io::Error) {
+        let Ok(row) = self.transfer_row(id) else {
+            return;
+        };
+        if row.state != TransferState::Active {
+            return; // ended already: packets still in flight
+        }
+        let full = e.raw_os_error() == Some(libc::ENOSPC);
+        // The peer is told why, not where our files are.
+        let (told, reason) = if full {
+            // What arrived stays, for the user to look at or to free space
+            // and have it sent again.
+            self.node.io_mut().keep_part(id);
+            (
+                "the receiver's disk is full".to_owned(),
+                format!(
+                    "the receiver's disk is full (what arrived is kept in {}; the same file sent again goes on from there)",
+                    row.part.as_deref().unwrap_or("the .part file")
+                ),
+            )
+        } else {
+            let r = format!("cannot write the file: {e}");
+            ("the receiver cannot write the file".to_owned(), r)
+        };
+        tracing::warn!(id = %hex_id(id), %reason, "TRANSFER(WRITE_FAILED)");
+        self.node.cancel_file(now, peer, id, &told);
+        self.end_transfer(&row, &reason);
+    }
+
+    pub(super) fn on_job(&mut self, now: Instant, done: JobDone) {
+        match done {
+            JobDone::Hashed {
+                id,
+                peer,
+                path,
+                name,
+                group,
+                size,
+                mtime_ns,
+                hash,
+                piece_hashes,
+            } => {
+                if let Err(e) = self.node.io_mut().open_source(id, &path, size, mtime_ns) {
+                    self.broadcast(Event::TransferFailed {
+                        id: hex_id(id),
+                        peer,
+                        reason: format!("{}: {e}", path.display()),
+                        group: self.group_of(id),
+                    });
+                    return;
+                }
+                let row = TransferRow {
+                    id,
+                    peer: peer.clone(),
+                    outgoing: true,
+                    name: name.clone(),
+                    path: Some(path.display().to_string()),
+                    part: None,
+                    size,
+                    piece_size: PIECE_SIZE,
+                    hash,
+                    piece_hashes: piece_hashes.concat(),
+                    verified: Vec::new(),
+                    mtime_ns: Some(mtime_ns),
+                    state: TransferState::Offered,
+                    reason: None,
+                    created_ms: now_ms(),
+                    group: group.0,
+                    group_files: group.1,
+                };
+                if let Err(e) = self.store.insert_transfer(&row) {
+                    tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
+                    return;
+                }
+                tracing::info!(id = %hex_id(id), %peer, size, "TRANSFER(OFFERED)");
+                self.node.offer_file(
+                    now,
+                    &peer,
+                    id,
+                    name,
+                    size,
+                    PIECE_SIZE,
+                    hash,
+                    piece_hashes,
+                    group,
+                );
+            }
+            JobDone::HashFailed {
+                id,
+                peer,
+                path,
+                name,
+                group,
+                error,
+            } => {
+                if group.0 != 0 {
+                    // The receiver counts the directory's files: tell it
+                    // this one will not come (what, not where or why).
+                    let reason = "the sender could not read it";
+                    self.node.skip_file(now, &peer, id, name, group, reason);
+                }
+                self.broadcast(Event::TransferFailed {
+                    id: hex_id(id),
+                    peer,
+                    reason: format!("cannot read {}: {error}", path.display()),
+                    group: self.group_of(id),
+                });
+            }
+            JobDone::Piece {
+                peer,
+                id,
+                piece,
+                ok,
+            } => {
+                if ok {
+                    if let Err(e) = self.store.piece_verified(id, piece) {
+                        tracing::error!(error = %e, "STORE(PIECE)");
+                    }
+                }
+                self.node.piece_checked(now, &peer, id, piece, ok);
+            }
+            JobDone::WriteFailed { peer, id, error } => self.write_failed(now, &peer, id, error),
+            JobDone::File { peer, id, result } => {
+                match &result {
+                    Ok(path) => {
+                        self.node.io_mut().finished(id);
+                        let p = path.display().to_string();
+                        if let Err(e) =
+                            self.store
+                                .transfer_state(id, TransferState::Done, Some(&p), None)
+                        {
+                            tracing::error!(error = %e, "STORE(TRANSFER_STATE)");
+                        }
+                        tracing::info!(id = %hex_id(id), %peer, "TRANSFER(RECEIVED)");
+                        self.broadcast(Event::TransferDone {
+                            id: hex_id(id),
+                            peer: peer.clone(),
+                            path: Some(p),
+                            group: self.group_of(id),
+                        });
+                    }
+                    Err(reason) => {
+                        tracing::warn!(id = %hex_id(id), %peer, %reason, "TRANSFER(VERIFY_FAILED)");
+                    }
+                }
+                self.node.file_checked(now, &peer, id, result.map(|_| ()));
+            }
+        }
+    }
+
+    pub(super) fn on_transfer(
+        &mut self,
+        now: Instant,
+        peer: String,
+        event: proto::transfer::TransferEvent,
+    ) {
+        use proto::transfer::TransferEvent as T;
+        match event {
+            T::Offered {
+                id,
+                path,
+                size,
+                piece_size,
+                hash,
+                group,
+                group_files,
+            } => {
+                if group != 0 {
+                    self.groups.insert(id, group);
+                }
+                // A repeat of an offer we know keeps its record; one we
+                // finished or ended is answered as such, not shown again.
+                let known = self.store.transfer(id).ok().flatten();
+                match known.as_ref().map(|t| t.state) {
+                    Some(TransferState::Done) => return self.node.already_have(now, &peer, id),
+                    Some(TransferState::Ended) => {
+                        self.node.cancel_file(now, &peer, id, "this transfer ended");
+                        return;
+                    }
+                    _ => {}
+                }
+                if known.is_none() {
+                    let row = TransferRow {
+                        id,
+                        peer: peer.clone(),
+                        outgoing: false,
+                        name: path.clone(),
+                        path: None,
+                        part: None,
+                        size,
+                        piece_size,
+                        hash,
+                        piece_hashes: Vec::new(),
+                        verified: Vec::new(),
+                        mtime_ns: None,
+                        state: TransferState::Offered,
+                        reason: None,
+                        created_ms: now_ms(),
+                        group,
+                        group_files,
+                    };
+                    if let Err(e) = self.store.insert_transfer(&row) {
+                        tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
+                        return;
+                    }
+                    // From a peer whose files we take without asking.
+                    let auto = self
+                        .store
+                        .setting(&format!("auto_accept:{peer}"))
+                        .ok()
+                        .flatten()
+                        .filter(|d| !d.is_empty());
+                    if let Some(dir) = auto {
+                        let dir = std::path::PathBuf::from(dir);
+                        let _ = std::fs::create_dir_all(&dir);
+                        let done = if group != 0 {
+                            self.accept_group(now, group, &dir).map(|_| ())
+                        } else {
+                            self.accept_into(now, &row, &dir, &files::sanitize(&path))
+                        };
+                        match done {
+                            Ok(()) => {
+                                tracing::info!(id = %hex_id(id), %peer, "TRANSFER(AUTO_ACCEPTED)");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e.message, "TRANSFER(AUTO_ACCEPT_FAILED)")
+                            }
+                        }
+                    }
+                    // A file of a directory already accepted follows it.
+                    let root = self
+                        .store
+                        .setting(&format!("group_root:{}", hex_id(group)))
+                        .ok()
+                        .flatten()
+                        .filter(|_| group != 0);
+                    if let Some(root) = root {
+                        if let Err(e) = self.accept_member(now, &row, root.as_ref()) {
+                            tracing::warn!(error = %e.message, "TRANSFER(GROUP_ACCEPT_FAILED)");
+                        }
+                        return;
+                    }
+                }
+                tracing::info!(id = %hex_id(id), %peer, size, "TRANSFER(OFFER_RECEIVED)");
+                let (name, group, files) = if group != 0 {
+                    (
+                        files::sanitize_path(&path).join("/"),
+                        Some(hex_id(group)),
+                        Some(group_files),
+                    )
+                } else {
+                    (files::sanitize(&path), None, None)
+                };
+                self.broadcast(Event::FileOffer {
+                    id: hex_id(id),
+                    peer,
+                    name,
+                    size,
+                    group,
+                    files,
+                });
+            }
+            T::Skipped {
+                id,
+                path,
+                group,
+                group_files,
+                reason,
+            } => {
+                if self.store.transfer(id).ok().flatten().is_some() {
+                    return; // told again: known
+                }
+                let reason = format!("{path}: {reason}");
+                let row = TransferRow {
+                    id,
+                    peer: peer.clone(),
+                    outgoing: false,
+                    name: path,
+                    path: None,
+                    part: None,
+                    size: 0,
+                    piece_size: 0,
+                    hash: [0; 32],
+                    piece_hashes: Vec::new(),
+                    verified: Vec::new(),
+                    mtime_ns: None,
+                    state: TransferState::Ended,
+                    reason: Some(reason.clone()),
+                    created_ms: now_ms(),
+                    group,
+                    group_files,
+                };
+                if let Err(e) = self.store.insert_transfer(&row) {
+                    tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
+                    return;
+                }
+                self.groups.insert(id, group);
+                tracing::info!(id = %hex_id(id), %peer, "TRANSFER(SKIPPED)");
+                self.broadcast(Event::TransferFailed {
+                    id: hex_id(id),
+                    peer,
+                    reason,
+                    group: Some(hex_id(group)),
+                });
+            }
+            T::Accepted { id } => {
+                let _ = self
+                    .store
+                    .transfer_state(id, TransferState::Active, None, None);
+                tracing::info!(id = %hex_id(id), %peer, "TRANSFER(PEER_ACCEPTED)");
+            }
+            // Disk work goes to the node's `FileIo`, never here.
+            T::Write { .. } | T::VerifyPiece { .. } | T::VerifyFile { .. } => {}
+            T::Progress { id, done } => {
+                self.note_progress(now, id, done);
+                let due = self
+                    .progress_shown
+                    .get(&id)
+                    .is_none_or(|t| now.saturating_duration_since(*t) >= PROGRESS_EVERY);
+                if due {
+                    self.progress_shown.insert(id, now);
+                    let size = self
+                        .node
+                        .transfer_status()
+                        .into_iter()
+                        .find(|(_, s)| s.id == id)
+                        .map_or(0, |(_, s)| s.size);
+                    let rate = self.rate(id);
+                    let group = self.group_of(id);
+                    self.broadcast(Event::TransferProgress {
+                        id: hex_id(id),
+                        peer,
+                        done,
+                        size,
+                        rate,
+                        group,
+                    });
+                }
+            }
+            T::Finished { id } => {
+                let Ok(row) = self.transfer_row(id) else {
+                    return;
+                };
+                self.progress.remove(&id);
+                self.progress_shown.remove(&id);
+                if row.outgoing {
+                    self.node.io_mut().close(id);
+                    let _ = self
+                        .store
+                        .transfer_state(id, TransferState::Done, None, None);
+                    tracing::info!(id = %hex_id(id), %peer, "TRANSFER(SENT)");
+                    let group = self.group_of(id);
+                    self.broadcast(Event::TransferDone {
+                        id: hex_id(id),
+                        peer,
+                        path: row.path,
+                        group,
+                    });
+                }
+            }
+            T::Ended { id, reason } => {
+                if let Ok(row) = self.transfer_row(id) {
+                    if !row.state.is_final() {
+                        tracing::info!(id = %hex_id(id), %peer, %reason, "TRANSFER(ENDED)");
+                        self.end_transfer(&row, &reason);
+                    }
+                }
+            }
+            T::ReadFailed { id, error } => {
+                tracing::warn!(id = %hex_id(id), %peer, %error, "TRANSFER(READ_FAILED)");
+            }
+        }
+    }
+}
