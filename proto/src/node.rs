@@ -20,7 +20,7 @@
 //! lets each packet go; what arrives is written through it.
 
 use crate::client::{ClientConfig, LinkEvent, LinkState, RequestError, ServerLink};
-use crate::codec::Reader;
+use crate::codec::{DecodeError, Reader};
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
@@ -119,6 +119,14 @@ pub enum NodeEvent {
     PathChanged {
         name: String,
         endpoint: SocketAddr,
+    },
+    /// The server (`server`) or a peer at `from` speaks protocol version
+    /// `theirs`, not ours ([`wire::VERSION`]): nothing it sends can be
+    /// read. Said once per address and version.
+    VersionMismatch {
+        from: SocketAddr,
+        server: bool,
+        theirs: u8,
     },
     /// Something for the daemon's transports to do: open or close the
     /// TCP connection to the server, or extra sockets.
@@ -257,6 +265,9 @@ const MAX_LISTED: usize = 100_000;
 const NAT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const NAT_PROBE_TRIES: u8 = 5;
 
+/// Peers of another version noted (and so reported) at most.
+const MAX_VERSION_NOTES: usize = 64;
+
 /// Most `SessionUnknown` answers sent per second.
 const SESSION_UNKNOWN_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -290,6 +301,10 @@ pub struct Node<F> {
     events: VecDeque<NodeEvent>,
     transmits: VecDeque<Transmit>,
     last_unknown_reply: Option<Instant>,
+    /// The server's protocol version, when it is not ours.
+    server_version: Option<u8>,
+    /// Peers met with another version (address, version), bounded.
+    peer_versions: BTreeMap<(SocketAddr, u8), ()>,
     /// Datagrams dropped because they did not parse.
     pub malformed: u64,
     rng: rand::rngs::StdRng,
@@ -321,6 +336,8 @@ impl<F: FileIo> Node<F> {
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             last_unknown_reply: None,
+            server_version: None,
+            peer_versions: BTreeMap::new(),
             malformed: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1)),
         }
@@ -921,15 +938,18 @@ impl<F: FileIo> Node<F> {
             Via::ServerTcp => self.link.server_addr(),
             _ => canonical(from),
         };
+        let from_server = from == self.link.server_addr();
         let packet = match Packet::decode(buf) {
             Ok(p) => p,
+            Err(DecodeError::Version(theirs)) if wire::other_version(buf).is_some() => {
+                return self.other_version(now, from, from_server, theirs, buf)
+            }
             Err(e) => {
                 self.malformed += 1;
                 tracing::debug!(%from, error = %e, "DROP(MALFORMED)");
                 return;
             }
         };
-        let from_server = from == self.link.server_addr();
         match via {
             Via::Udp if from_server => self.transport.on_udp_datagram(now, &packet),
             Via::Socket(id) if !self.predictor.on_datagram(now, id, from, &packet) => {
@@ -1031,6 +1051,47 @@ impl<F: FileIo> Node<F> {
                 self.malformed += 1;
             }
         }
+    }
+
+    /// A datagram of protocol version `theirs`: the server, or a peer, is
+    /// older or newer than we are. Said once per address and version (an
+    /// event the daemon shows), and answered with our version (rate
+    /// limited like `SessionUnknown`) so the other side can say it too.
+    fn other_version(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        server: bool,
+        theirs: u8,
+        buf: &[u8],
+    ) {
+        let new = if server {
+            self.server_version.replace(theirs) != Some(theirs)
+        } else {
+            self.peer_versions.len() < MAX_VERSION_NOTES
+                && self.peer_versions.insert((from, theirs), ()).is_none()
+        };
+        if new {
+            tracing::warn!(%from, server, ours = wire::VERSION, theirs, "VERSION(MISMATCH)");
+            self.events.push_back(NodeEvent::VersionMismatch {
+                from,
+                server,
+                theirs,
+            });
+        }
+        let limited = self
+            .last_unknown_reply
+            .is_some_and(|t| now.saturating_duration_since(t) < SESSION_UNKNOWN_INTERVAL);
+        if wire::refusable(buf) && !limited {
+            self.last_unknown_reply = Some(now);
+            self.transmits
+                .push_back(Transmit::new(from, wire::version_refusal().to_vec()));
+        }
+    }
+
+    /// The protocol version the server speaks, when it is not ours.
+    pub fn server_version_mismatch(&self) -> Option<u8> {
+        self.server_version
     }
 
     /// Sends the NAT probes when due; gives up after a few tries.
@@ -1345,6 +1406,7 @@ impl<F: FileIo> Node<F> {
                 observed,
                 probe_port,
             } => {
+                self.server_version = None;
                 if probe_port != 0 {
                     let alt = SocketAddr::new(self.link.server_addr().ip(), probe_port);
                     self.nat_probe = Some(NatProbe {

@@ -14,12 +14,12 @@
 //! no reply is larger than the packet that caused it, so the server cannot
 //! be used to amplify traffic toward a spoofed address.
 
-use crate::codec::Writer;
+use crate::codec::{DecodeError, Writer};
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern, Transport};
 use crate::wire::{
-    validate_name, ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient, UserEntry,
-    USERS_PER_PAGE,
+    self, validate_name, ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient,
+    UserEntry, USERS_PER_PAGE,
 };
 use crate::Transmit;
 use rand::{Rng, SeedableRng};
@@ -191,7 +191,14 @@ pub struct ServerStats {
     /// Relay packets dropped for want of a channel, a party at the other
     /// end, or because the sender is not a party at its proven address.
     pub relay_refused: u64,
+    /// Datagrams of another protocol version (each logged at most once a
+    /// second, answered at most 100 times a second).
+    pub other_version: u64,
 }
+
+/// Datagrams of another version are answered at most this often (two
+/// bytes each: a trickle, whatever arrives).
+const REFUSAL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Pushes are resent this often until acknowledged…
 const PUSH_RESEND: Duration = Duration::from_millis(500);
@@ -259,6 +266,9 @@ pub struct Server {
     transmits: VecDeque<Transmit>,
     next_sweep: Option<Instant>,
     stats: ServerStats,
+    /// When a datagram of another version was last answered, and logged.
+    last_refusal: Option<Instant>,
+    last_refusal_log: Option<Instant>,
     rng: rand::rngs::StdRng,
 }
 
@@ -277,6 +287,8 @@ impl Server {
             transmits: VecDeque::new(),
             next_sweep: None,
             stats: ServerStats::default(),
+            last_refusal: None,
+            last_refusal_log: None,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
     }
@@ -294,6 +306,25 @@ impl Server {
         let mut v: Vec<_> = self.by_name.keys().cloned().collect();
         v.sort();
         v
+    }
+
+    /// A datagram of protocol version `theirs`: said in the log (at most
+    /// once a second) and answered with our version (at most every
+    /// [`REFUSAL_INTERVAL`]), so a client that is older or newer can say
+    /// why it cannot log in.
+    fn other_version(&mut self, now: Instant, from: SocketAddr, theirs: u8, buf: &[u8]) {
+        self.stats.other_version += 1;
+        let since = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t));
+        if since(self.last_refusal_log).is_none_or(|d| d >= Duration::from_secs(1)) {
+            self.last_refusal_log = Some(now);
+            tracing::warn!(%from, ours = wire::VERSION, theirs, "VERSION(MISMATCH)");
+        }
+        if !wire::refusable(buf) || since(self.last_refusal).is_some_and(|d| d < REFUSAL_INTERVAL) {
+            return;
+        }
+        self.last_refusal = Some(now);
+        self.transmits
+            .push_back(Transmit::new(from, wire::version_refusal().to_vec()));
     }
 
     #[must_use]
@@ -329,6 +360,9 @@ impl Server {
     ) {
         let packet = match Packet::decode(buf) {
             Ok(p) => p,
+            Err(DecodeError::Version(theirs)) if wire::other_version(buf).is_some() => {
+                return self.other_version(now, from, theirs, buf)
+            }
             Err(e) => {
                 self.stats.malformed += 1;
                 tracing::debug!(%from, error = %e, "DROP(MALFORMED)");

@@ -16,11 +16,48 @@ use crate::identity::PublicIdentity;
 use crate::noise::Pattern;
 use std::net::SocketAddr;
 
-/// The protocol version this crate speaks; packets with another are dropped.
+/// The protocol version this crate speaks; packets with another are
+/// dropped, and answered with a [`version_refusal`] so the sender can say
+/// which versions met. `tests::layout_is_frozen_per_version` fails when a
+/// frame's bytes change and this does not.
 /// Version 2: relay, NAT probes, the `hard` and `probe_port` fields.
 /// Version 3: data packets larger than [`MAX_PACKET`] (path MTU
 /// discovery), and a file's hash taken over its piece hashes.
-pub const VERSION: u8 = 3;
+/// Version 4: chat rides the flow ([`FileFrame::Chat`], `ChatAck`,
+/// `Skipped`; `PeerToPeer::Message` and `Ack` gone), and the version
+/// refusal.
+pub const VERSION: u8 = 4;
+/// Packet type 0 is reserved in every version for [`version_refusal`].
+pub const VERSION_REFUSAL_TYPE: u8 = 0;
+
+/// What answers a datagram of another protocol version: our version and
+/// the reserved type 0, two bytes that any version reads as "another
+/// version" (its own decoder stops at the first byte). Never answered in
+/// turn, and never larger than what it answers.
+pub fn version_refusal() -> [u8; 2] {
+    [VERSION, VERSION_REFUSAL_TYPE]
+}
+
+/// Whether `buf` looks like a datagram of another version of this
+/// protocol (a version near ours, a packet type some version has) rather
+/// than noise: returns the version it speaks.
+pub fn other_version(buf: &[u8]) -> Option<u8> {
+    match buf {
+        [v, ty, ..]
+            if *v != VERSION && (1..=VERSION.saturating_add(16)).contains(v) && *ty < 32 =>
+        {
+            Some(*v)
+        }
+        _ => None,
+    }
+}
+
+/// Whether `buf`, of another version, deserves a [`version_refusal`]: at
+/// least two bytes (no amplification), and not a refusal itself (two
+/// sides of different versions must not bounce refusals forever).
+pub fn refusable(buf: &[u8]) -> bool {
+    other_version(buf).is_some() && buf[1] != VERSION_REFUSAL_TYPE
+}
 /// The largest datagram we send or accept. 1232 bytes is what fits in the
 /// IPv6 minimum MTU (1280) after the IPv6 and UDP headers, so it crosses
 /// any path without fragmentation.
@@ -1203,14 +1240,14 @@ mod tests {
                 reply: true
             }
             .encode()),
-            "0305010203040506070801"
+            "0405010203040506070801"
         );
         assert_eq!(
             hex(&Packet::SessionUnknown {
                 receiver: 0xdeadbeef
             }
             .encode()),
-            "0306deadbeef"
+            "0406deadbeef"
         );
         assert_eq!(
             hex(&Packet::Relay {
@@ -1218,7 +1255,7 @@ mod tests {
                 payload: &[0x02, 0x06, 0xde, 0xad, 0xbe, 0xef]
             }
             .encode()),
-            "030701020304050607080206deadbeef"
+            "040701020304050607080206deadbeef"
         );
         assert_eq!(
             hex(&Packet::Data {
@@ -1227,7 +1264,7 @@ mod tests {
                 ciphertext: &[0xaa; 16]
             }
             .encode()),
-            format!("030400000001{:016x}{}", 2, "aa".repeat(16))
+            format!("040400000001{:016x}{}", 2, "aa".repeat(16))
         );
         assert_eq!(
             hex(&PeerToPeer::Flow {
@@ -1294,7 +1331,7 @@ mod tests {
         }
         .encode();
         assert_eq!(init.len(), MIN_INIT_LEN);
-        assert_eq!(hex(&init[..12]), "0301000000090100030102".to_owned() + "03");
+        assert_eq!(hex(&init[..12]), "0401000000090100030102".to_owned() + "03");
         assert_eq!(
             hex(&ClientToServer::Register {
                 rid: 7,
@@ -1340,6 +1377,306 @@ mod tests {
 
     fn sample_identity() -> PublicIdentity {
         Identity::generate().public()
+    }
+
+    /// One of every packet and message, with fixed values: their bytes
+    /// are the layout of this version. Each `match` below has no wildcard,
+    /// so a new variant does not compile until it has a sample here.
+    fn every_frame() -> Vec<Vec<u8>> {
+        let id = Identity::from_secret_bytes(&[7u8; 64]).unwrap().public();
+        let a: SocketAddr = "192.0.2.1:7000".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::1]:7001".parse().unwrap();
+        let packets = [
+            Packet::HandshakeInit {
+                sender: 1,
+                pattern: Pattern::IK,
+                noise: &[0x11; 40],
+            },
+            Packet::HandshakeResponse {
+                sender: 2,
+                receiver: 3,
+                noise: &[0x22; 20],
+            },
+            Packet::HandshakeFinish {
+                receiver: 4,
+                noise: &[0x33; 10],
+            },
+            Packet::Data {
+                receiver: 5,
+                counter: 6,
+                ciphertext: &[0x44; 17],
+            },
+            Packet::Punch {
+                intro_id: 7,
+                reply: true,
+            },
+            Packet::SessionUnknown { receiver: 8 },
+            Packet::Relay {
+                channel: 9,
+                payload: &[0x55; 5],
+            },
+            Packet::Probe { nonce: 10 },
+            Packet::ProbeReply {
+                nonce: 11,
+                observed: b,
+            },
+        ];
+        let to_server = [
+            ClientToServer::Register {
+                rid: 1,
+                name: "alice".into(),
+            },
+            ClientToServer::Login {
+                rid: 2,
+                signature: [0x66; 64],
+            },
+            ClientToServer::ListUsers { rid: 3, offset: 12 },
+            ClientToServer::RequestConnect {
+                rid: 4,
+                name: "bob".into(),
+                locals: vec![a, b],
+                hard: true,
+            },
+            ClientToServer::AgreeConnect {
+                rid: 5,
+                intro_id: 6,
+                accept: true,
+                locals: vec![a],
+                hard: false,
+            },
+            ClientToServer::Ping { rid: 7 },
+            ClientToServer::Logout,
+            ClientToServer::PushAck { push_id: 8 },
+        ];
+        let punch = PunchInstruction {
+            intro_id: 1,
+            name: "bob".into(),
+            identity: id.clone(),
+            public: a,
+            locals: vec![b],
+            initiator: true,
+            relay: true,
+            peer_hard: false,
+        };
+        let to_client = [
+            ServerToClient::RegisterOk {
+                rid: 1,
+                name: "alice".into(),
+            },
+            ServerToClient::LoginOk {
+                rid: 2,
+                name: "alice".into(),
+                observed: a,
+                probe_port: 7001,
+            },
+            ServerToClient::Failed {
+                rid: 3,
+                reason: FailReason::Offline,
+                detail: "away".into(),
+            },
+            ServerToClient::UserList {
+                rid: 4,
+                total: 2,
+                offset: 0,
+                users: vec![UserEntry {
+                    name: "bob".into(),
+                    sign_key: [0x77; 32],
+                }],
+            },
+            ServerToClient::ConnectRequested {
+                intro_id: 5,
+                name: "bob".into(),
+                identity: id.clone(),
+            },
+            ServerToClient::ConnectPending {
+                rid: 6,
+                intro_id: 7,
+                name: "bob".into(),
+            },
+            ServerToClient::ConnectFailed {
+                intro_id: 8,
+                name: "bob".into(),
+                reason: FailReason::Declined,
+            },
+            ServerToClient::Punch(punch.clone()),
+            ServerToClient::Pong {
+                rid: 9,
+                observed: b,
+            },
+            ServerToClient::Ok { rid: 10 },
+            ServerToClient::Push {
+                push_id: 11,
+                msg: Box::new(ServerToClient::Punch(punch)),
+            },
+        ];
+        let frames = [
+            FileFrame::Offer {
+                id: 1,
+                path: "photos/a.jpg".into(),
+                size: 3_000_000,
+                piece_size: 1 << 20,
+                hash: [0x88; 32],
+                group: 2,
+                group_files: 3,
+            },
+            FileFrame::Accept {
+                id: 1,
+                have: vec![(0, 2)],
+            },
+            FileFrame::Cancel {
+                id: 1,
+                reason: "no".into(),
+            },
+            FileFrame::Hashes {
+                id: 1,
+                first: 0,
+                hashes: vec![[0x99; 32]],
+            },
+            FileFrame::Data {
+                id: 1,
+                offset: 1 << 20,
+                data: vec![0xaa; 9],
+            },
+            FileFrame::BadPiece { id: 1, piece: 2 },
+            FileFrame::Done { id: 1 },
+            FileFrame::Padding { len: 4 },
+            FileFrame::Chat {
+                seq: 5,
+                base: 4,
+                sent_ms: 1_700_000_000_000,
+                body: b"hi".to_vec(),
+            },
+            FileFrame::ChatAck { upto: 5 },
+            FileFrame::Skipped {
+                id: 3,
+                path: "photos/b.jpg".into(),
+                group: 2,
+                group_files: 3,
+                reason: "unreadable".into(),
+            },
+        ];
+        let mut to_peer = vec![
+            PeerToPeer::Keepalive,
+            PeerToPeer::Ping { nonce: 1 },
+            PeerToPeer::Pong { nonce: 1 },
+            PeerToPeer::Close,
+            PeerToPeer::FlowAck {
+                epoch: 2,
+                delay_us: 3,
+                ranges: vec![(4, 5), (7, 9)],
+            },
+        ];
+        for frame in frames.iter().cloned() {
+            to_peer.push(PeerToPeer::Flow {
+                epoch: 2,
+                pn: 3,
+                frame,
+            });
+        }
+        // Every variant has a sample.
+        let packet_kind = |p: &Packet| match p {
+            Packet::HandshakeInit { .. } => 0,
+            Packet::HandshakeResponse { .. } => 1,
+            Packet::HandshakeFinish { .. } => 2,
+            Packet::Data { .. } => 3,
+            Packet::Punch { .. } => 4,
+            Packet::SessionUnknown { .. } => 5,
+            Packet::Relay { .. } => 6,
+            Packet::Probe { .. } => 7,
+            Packet::ProbeReply { .. } => 8,
+        };
+        let client_kind = |m: &ClientToServer| match m {
+            ClientToServer::Register { .. } => 0,
+            ClientToServer::Login { .. } => 1,
+            ClientToServer::ListUsers { .. } => 2,
+            ClientToServer::RequestConnect { .. } => 3,
+            ClientToServer::AgreeConnect { .. } => 4,
+            ClientToServer::Ping { .. } => 5,
+            ClientToServer::Logout => 6,
+            ClientToServer::PushAck { .. } => 7,
+        };
+        let server_kind = |m: &ServerToClient| match m {
+            ServerToClient::RegisterOk { .. } => 0,
+            ServerToClient::LoginOk { .. } => 1,
+            ServerToClient::Failed { .. } => 2,
+            ServerToClient::UserList { .. } => 3,
+            ServerToClient::ConnectRequested { .. } => 4,
+            ServerToClient::ConnectPending { .. } => 5,
+            ServerToClient::ConnectFailed { .. } => 6,
+            ServerToClient::Punch(_) => 7,
+            ServerToClient::Pong { .. } => 8,
+            ServerToClient::Ok { .. } => 9,
+            ServerToClient::Push { .. } => 10,
+        };
+        let peer_kind = |m: &PeerToPeer| match m {
+            PeerToPeer::Keepalive => 0,
+            PeerToPeer::Ping { .. } => 1,
+            PeerToPeer::Pong { .. } => 2,
+            PeerToPeer::Close => 3,
+            PeerToPeer::Flow { .. } => 4,
+            PeerToPeer::FlowAck { .. } => 5,
+        };
+        let frame_kind = |f: &FileFrame| match f {
+            FileFrame::Offer { .. } => 0,
+            FileFrame::Accept { .. } => 1,
+            FileFrame::Cancel { .. } => 2,
+            FileFrame::Hashes { .. } => 3,
+            FileFrame::Data { .. } => 4,
+            FileFrame::BadPiece { .. } => 5,
+            FileFrame::Done { .. } => 6,
+            FileFrame::Padding { .. } => 7,
+            FileFrame::Chat { .. } => 8,
+            FileFrame::ChatAck { .. } => 9,
+            FileFrame::Skipped { .. } => 10,
+        };
+        fn all<T>(items: &[T], kind: impl Fn(&T) -> usize, n: usize) {
+            let mut seen: Vec<usize> = items.iter().map(kind).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "a variant has no sample");
+        }
+        all(&packets, packet_kind, 9);
+        all(&to_server, client_kind, 8);
+        all(&to_client, server_kind, 11);
+        all(&to_peer, peer_kind, 6);
+        all(&frames, frame_kind, 11);
+        let mut out: Vec<Vec<u8>> = packets.iter().map(Packet::encode).collect();
+        out.extend(to_server.iter().map(ClientToServer::encode));
+        out.extend(to_client.iter().map(ServerToClient::encode));
+        out.extend(to_peer.iter().map(PeerToPeer::encode));
+        out.push(version_refusal().to_vec());
+        out
+    }
+
+    #[test]
+    fn layout_is_frozen_per_version() {
+        // The SHA-256 of every sample frame's bytes, per protocol version.
+        // When this test fails, a frame's bytes changed: peers of the
+        // same version would misread each other. Bump `VERSION` and add
+        // a line for it with the digest printed below.
+        const FROZEN: &[(u8, &str)] = &[(
+            4,
+            "aa97c273452b4898ddd330d32ed4719c80c299d8a018af9a997743122b943eea",
+        )];
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for f in every_frame() {
+            h.update((f.len() as u32).to_be_bytes());
+            h.update(&f);
+        }
+        let digest = hex(&h.finalize());
+        let frozen = FROZEN.iter().find(|(v, _)| *v == VERSION).map(|(_, d)| *d);
+        assert_eq!(
+            frozen,
+            Some(digest.as_str()),
+            "the wire layout of version {VERSION} changed (or has no digest yet): \
+             bump wire::VERSION and freeze ({}, \"{digest}\")",
+            VERSION + u8::from(frozen.is_some())
+        );
+        // And every sample reads back as itself.
+        for f in every_frame().iter().take(9) {
+            assert!(Packet::decode(f).is_ok(), "{}", hex(f));
+        }
     }
 
     fn random_addr(rng: &mut impl Rng) -> SocketAddr {
@@ -1628,8 +1965,10 @@ mod tests {
             Packet::decode(&[VERSION, 99]),
             Err(DecodeError::UnknownType(99))
         );
+        let mut punch = vec![0u8; MAX_PACKET + 1];
+        punch[..2].copy_from_slice(&[VERSION, PacketType::Punch as u8]);
         assert!(matches!(
-            Packet::decode(&vec![VERSION; MAX_PACKET + 1]),
+            Packet::decode(&punch),
             Err(DecodeError::Oversized { .. })
         ));
         assert_eq!(

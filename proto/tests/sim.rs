@@ -751,9 +751,13 @@ fn server_sends_no_reply_larger_than_an_unproven_request() {
     let reply = server.poll_transmit().expect("session unknown");
     assert!(reply.payload.len() <= data.len());
     // Garbage is counted and dropped.
-    server.handle_datagram(now, from, &[1, 2, 3], &mut store);
+    server.handle_datagram(now, from, &[0xee, 2, 3], &mut store);
     assert!(server.poll_transmit().is_none());
     assert_eq!(server.stats().malformed, 1);
+    // An old version's packet gets its two-byte answer, no larger.
+    server.handle_datagram(now, from, &[1, 2, 3], &mut store);
+    let reply = server.poll_transmit().expect("a version refusal");
+    assert_eq!(reply.payload.len(), 2);
 }
 
 #[test]
@@ -1356,5 +1360,47 @@ fn a_node_whose_network_drops_udp_chats_over_tcp_and_returns_to_udp() {
     assert_eq!(
         sim.delivered(1, "alice"),
         (0..11).map(|s| msg(s).body).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn another_protocol_version_is_named_and_answered_never_bounced() {
+    let mut sim = Sim::new(71, Link::clean());
+    let older = proto::wire::VERSION - 1;
+    let now = sim.now;
+    // A client of an older version at the server: counted, said, and
+    // answered with two bytes naming ours.
+    let stranger: SocketAddr = "198.51.100.77:5000".parse().unwrap();
+    let mut init = vec![0u8; 300];
+    init[0] = older;
+    init[1] = 1;
+    let server = sim.server.as_mut().unwrap();
+    server.handle_datagram(now, stranger, &init, &mut sim.store);
+    let reply = server.poll_transmit().expect("an answer");
+    assert_eq!(reply.dst, stranger);
+    assert_eq!(reply.payload, proto::wire::version_refusal().to_vec());
+    assert_eq!(server.stats().other_version, 1);
+    // A refusal is never answered (two versions would bounce forever).
+    let later = now + Duration::from_secs(1);
+    server.handle_datagram(later, stranger, &[older, 0], &mut sim.store);
+    assert!(server.poll_transmit().is_none());
+    // A node that meets a server of another version says so, once.
+    let server_addr = sim.server_addr;
+    let n = sim.node(0);
+    n.handle_datagram(now, server_addr, &[older, 0]);
+    n.handle_datagram(now, server_addr, &[older, 0]);
+    let said: Vec<NodeEvent> = std::iter::from_fn(|| n.poll_event()).collect();
+    assert_eq!(
+        said,
+        vec![NodeEvent::VersionMismatch {
+            from: server_addr,
+            server: true,
+            theirs: older
+        }]
+    );
+    assert_eq!(n.server_version_mismatch(), Some(older));
+    assert!(
+        std::iter::from_fn(|| n.poll_transmit(now)).all(|t| t.payload.len() != 2),
+        "a refusal is not answered"
     );
 }

@@ -365,6 +365,7 @@ fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
         relayed_bytes = s.relayed_bytes,
         relay_over_rate = s.relay_over_rate,
         relay_refused = s.relay_refused,
+        other_version = s.other_version,
         "STATS"
     );
 }

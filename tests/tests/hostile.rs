@@ -152,6 +152,50 @@ fn a_rendezvous_with_another_key_is_refused_and_the_user_told() {
     assert!(lab.logs().contains("REFUSING the rendezvous server"));
 }
 
+#[test]
+fn a_rendezvous_of_another_protocol_version_is_named_with_both_versions() {
+    // A "server" of the previous version: it answers whatever comes with
+    // its two-byte version refusal, as a real one does.
+    let older = proto::wire::VERSION - 1;
+    let ours = proto::wire::VERSION;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&[older, 0], from);
+            }
+        }
+    });
+    let mut lab = Lab::new("version");
+    lab.server = Some(addr.to_string());
+    lab.start_daemon("a");
+    lab.wait_for(
+        "the daemon to see the version",
+        Duration::from_secs(30),
+        |lab| {
+            let s = lab.ctl("a", &["--json", "whoami"]).json();
+            (s["server_state"] == "version_mismatch").then_some(())
+        },
+    );
+    let users = lab.ctl("a", &["users"]);
+    let said = users.fails_with(5);
+    assert!(
+        said.contains(&format!("protocol version {older}"))
+            && said.contains(&format!("version {ours}"))
+            && said.contains("the server is older"),
+        "{users:?}"
+    );
+    assert!(lab.logs().contains("VERSION(MISMATCH)"));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+}
+
 /// Runs one more `p2pd` to completion (it is expected to refuse).
 fn second_p2pd(
     lab: &Lab,

@@ -11,9 +11,9 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
-/// `proto::wire::VERSION`, the first byte of every datagram (these tests
-/// look at the wire from outside, as a capture would).
-const WIRE_VERSION: u8 = 3;
+/// The first byte of every datagram (these tests look at the wire from
+/// outside, as a capture would).
+const WIRE_VERSION: u8 = proto::wire::VERSION;
 
 /// A lab with the rendezvous server on the public segment.
 fn lab(tag: &str) -> Option<(Net, Lab)> {

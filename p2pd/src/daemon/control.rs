@@ -116,6 +116,10 @@ impl Daemon {
                 ErrorCode::ServerKeyMismatch,
                 "the rendezvous server's key changed; see the daemon's log",
             )),
+            _ if self.node.server_version_mismatch().is_some() => Err(err(
+                ErrorCode::NotLoggedIn,
+                version_words(self.node.server_version_mismatch().unwrap_or(0)),
+            )),
             _ if self.node.link().name().is_none() => Err(err(
                 ErrorCode::NotLoggedIn,
                 "not registered: run `p2pctl register NAME` first",
@@ -203,7 +207,10 @@ impl Daemon {
                     name: link.name().map(str::to_owned),
                     fingerprint: self.node.identity().fingerprint(),
                     server: self.config.server.to_string(),
-                    server_state: link.state().as_str().into(),
+                    server_state: match (link.state(), self.node.server_version_mismatch()) {
+                        (LinkState::LoggedIn, _) | (_, None) => link.state().as_str().into(),
+                        (_, Some(_)) => "version_mismatch".into(),
+                    },
                     server_fingerprint: link.server_key().map(|k| fingerprint(&k)),
                     observed: link.observed().map(|a| a.to_string()),
                     data_dir: self.config.data_dir.display().to_string(),
@@ -484,6 +491,20 @@ pub(super) fn node_error(e: NodeError) -> ControlError {
     }
 }
 
+/// What to say when the server speaks protocol version `theirs`.
+pub(super) fn version_words(theirs: u8) -> String {
+    let ours = proto::wire::VERSION;
+    let older = if theirs < ours {
+        "the server"
+    } else {
+        "this p2pd"
+    };
+    format!(
+        "the rendezvous server speaks protocol version {theirs}, this p2pd version {ours}: \
+         {older} is older and must be upgraded"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,6 +534,17 @@ mod tests {
         let e = request_error(&RequestError::TimedOut, "cannot list users");
         assert_eq!(e.code, ErrorCode::TimedOut);
         assert!(e.message.contains("did not answer"));
+    }
+
+    #[test]
+    fn a_version_mismatch_names_both_versions_and_the_older_side() {
+        let ours = proto::wire::VERSION;
+        let w = version_words(ours - 1);
+        assert!(
+            w.contains(&format!("version {}", ours - 1)) && w.contains(&format!("version {ours}"))
+        );
+        assert!(w.contains("the server is older"));
+        assert!(version_words(ours + 1).contains("this p2pd is older"));
     }
 
     #[test]

@@ -212,6 +212,27 @@ impl Daemon {
                 });
             }
             NodeEvent::Transport(command) => self.on_transport(command),
+            NodeEvent::VersionMismatch {
+                from,
+                server: true,
+                theirs,
+            } => {
+                let detail = control::version_words(theirs);
+                eprintln!("p2pd: {detail}");
+                self.broadcast(Event::Server {
+                    state: "version_mismatch".into(),
+                    detail: format!("{detail} ({from})"),
+                });
+            }
+            NodeEvent::VersionMismatch { from, theirs, .. } => {
+                self.broadcast(Event::Error {
+                    message: format!(
+                        "a peer at {from} speaks protocol version {theirs}, this p2pd version {}: \
+                         the older one must be upgraded",
+                        proto::wire::VERSION
+                    ),
+                });
+            }
             NodeEvent::PathChanged { name, endpoint } => {
                 let path = self.node.path_name(endpoint).to_owned();
                 tracing::info!(peer = %name, %endpoint, %path, "PEER(PATH_CHANGED)");
