@@ -17,7 +17,7 @@
 //! after the whole file matched the offer's hash and was synced, by a hard
 //! link that fails rather than replace an existing file.
 
-use proto::transfer::{FileIo, FileSource};
+use proto::transfer::{FileIo, FileSource, TransferId};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -466,7 +466,8 @@ fn hash_job(
 /// order, the final sync and rename to a blocking thread; each outcome
 /// comes back as a [`JobDone`].
 impl FileIo for Files {
-    fn write(&mut self, peer: &str, id: u64, offset: u64, data: Vec<u8>) {
+    fn write(&mut self, peer: &str, id: TransferId, offset: u64, data: Vec<u8>) {
+        let id = id.0;
         let file = match self.part_file(id) {
             Ok(f) => f,
             Err(error) => return self.write_failed(peer.to_owned(), id, error),
@@ -488,22 +489,23 @@ impl FileIo for Files {
     fn verify_piece(
         &mut self,
         peer: &str,
-        id: u64,
+        id: TransferId,
         piece: u32,
         offset: u64,
         len: u64,
         hash: [u8; 32],
     ) {
-        self.check_piece(peer.to_owned(), id, piece, offset, len, hash);
+        self.check_piece(peer.to_owned(), id.0, piece, offset, len, hash);
     }
 
-    fn finish(&mut self, peer: &str, id: u64) {
-        self.finish_part(peer.to_owned(), id);
+    fn finish(&mut self, peer: &str, id: TransferId) {
+        self.finish_part(peer.to_owned(), id.0);
     }
 }
 
 impl FileSource for Files {
-    fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    fn read(&mut self, id: TransferId, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let id = id.0;
         self.reads += 1;
         if self.sources.get(&id).is_some_and(|s| s.file.is_none()) {
             close_lru(

@@ -9,6 +9,7 @@
 use proto::codec::{Reader, Writer};
 use proto::control::{Direction, HistoryEntry, MessageState, TransferState};
 use proto::identity::PublicIdentity;
+use proto::transfer::{FileDesc, Group, GroupId, TransferId};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
@@ -317,6 +318,27 @@ pub struct TransferRow {
     /// The directory sent with it (0: none), and its file count.
     pub group: u64,
     pub group_files: u32,
+}
+
+impl TransferRow {
+    pub fn tid(&self) -> TransferId {
+        TransferId(self.id)
+    }
+
+    /// The file as its offer describes it.
+    pub fn desc(&self) -> FileDesc {
+        FileDesc {
+            id: self.tid(),
+            path: self.name.clone(),
+            size: self.size,
+            piece_size: self.piece_size,
+            hash: self.hash,
+            group: (self.group != 0).then_some(Group {
+                id: GroupId(self.group),
+                files: self.group_files,
+            }),
+        }
+    }
 }
 
 impl Store {

@@ -1,5 +1,5 @@
 //! What a daemon runs: one [`ServerLink`] and, per peer, a [`PeerSession`]
-//! and the [`Transfers`] that carry chat and files over one flow, behind
+//! and the [`PeerFlow`] that carry chat and files over one flow, behind
 //! one UDP socket.
 //!
 //! The node demultiplexes datagrams by receiver index (handshake responses
@@ -25,7 +25,9 @@ use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
 use crate::reliable::{Outgoing, ReliableEvent};
-use crate::transfer::{FileIo, TransferEvent, TransferStatus, Transfers};
+use crate::transfer::{
+    FileDesc, FileIo, Group, PeerFlow, TransferEvent, TransferId, TransferStatus,
+};
 use crate::transport::{Predictor, ServerTransport, TransportCommand, Via};
 use crate::wire::{
     self, ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient, UserEntry,
@@ -179,7 +181,7 @@ pub struct PeerStatus {
 struct PeerEntry {
     pinned: Option<PublicIdentity>,
     /// Chat and file transfers with the peer, over one flow.
-    transfers: Transfers,
+    transfers: PeerFlow,
     session: Option<PeerSession>,
     auto_connect: bool,
     connecting: bool,
@@ -195,7 +197,7 @@ impl PeerEntry {
     fn new(now: Instant, recv_next: u64, backoff: Duration, seed: u64) -> Self {
         Self {
             pinned: None,
-            transfers: Transfers::new(seed, recv_next),
+            transfers: PeerFlow::new(seed, recv_next),
             session: None,
             auto_connect: false,
             connecting: false,
@@ -540,7 +542,7 @@ impl<F: FileIo> Node<F> {
 
     /// Gives `name`'s flow something to send, connecting to the peer by
     /// itself if needed.
-    fn queue_for(&mut self, now: Instant, name: &str, f: impl FnOnce(&mut Transfers)) {
+    fn queue_for(&mut self, now: Instant, name: &str, f: impl FnOnce(&mut PeerFlow)) {
         let e = self.entry(now, name);
         f(&mut e.transfers);
         e.want_session(now);
@@ -598,27 +600,19 @@ impl<F: FileIo> Node<F> {
 
     /// Offers a file to `name` (the caller hashed it: whole and by piece).
     /// It goes out when a session is up, connecting by itself if needed.
-    #[allow(clippy::too_many_arguments)]
     pub fn offer_file(
         &mut self,
         now: Instant,
         name: &str,
-        id: u64,
-        path: String,
-        size: u64,
-        piece_size: u32,
-        hash: [u8; 32],
+        file: FileDesc,
         piece_hashes: Vec<[u8; 32]>,
-        group: (u64, u32),
     ) {
-        self.queue_for(now, name, |t| {
-            t.offer(id, path, size, piece_size, hash, piece_hashes, group)
-        });
+        self.queue_for(now, name, |t| t.offer(file, piece_hashes));
     }
 
     /// Tells the peer a transfer we no longer hold is over (it ended while
     /// we were down); connects to it if needed.
-    pub fn tell_ended(&mut self, now: Instant, name: &str, id: u64, reason: &str) {
+    pub fn tell_ended(&mut self, now: Instant, name: &str, id: TransferId, reason: &str) {
         self.queue_for(now, name, |t| t.tell_ended(id, reason));
     }
 
@@ -627,15 +621,15 @@ impl<F: FileIo> Node<F> {
         &mut self,
         now: Instant,
         name: &str,
-        id: u64,
+        id: TransferId,
         path: String,
-        group: (u64, u32),
+        group: Group,
         reason: &str,
     ) {
         self.queue_for(now, name, |t| t.skip(id, path, group, reason));
     }
 
-    fn transfers_of(&mut self, name: &str) -> Result<&mut Transfers, NodeError> {
+    fn transfers_of(&mut self, name: &str) -> Result<&mut PeerFlow, NodeError> {
         self.peers
             .get_mut(name)
             .map(|e| &mut e.transfers)
@@ -643,69 +637,59 @@ impl<F: FileIo> Node<F> {
     }
 
     /// Takes an offered file; `have` marks pieces already held (resuming).
-    pub fn accept_file(&mut self, now: Instant, name: &str, id: u64, have: &[bool]) -> bool {
+    pub fn accept_file(&mut self, now: Instant, name: &str, id: TransferId, have: &[bool]) -> bool {
         let ok = self.transfers_of(name).is_ok_and(|t| t.accept(id, have));
         self.pump(now);
         ok
     }
 
     /// Takes up an incoming transfer after a restart (see
-    /// [`Transfers::restore_incoming`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn restore_incoming(
-        &mut self,
-        now: Instant,
-        name: &str,
-        id: u64,
-        path: String,
-        size: u64,
-        piece_size: u32,
-        hash: [u8; 32],
-        have: &[bool],
-    ) {
-        self.queue_for(now, name, |t| {
-            t.restore_incoming(id, path, size, piece_size, hash, have)
-        });
+    /// [`PeerFlow::restore_incoming`]).
+    pub fn restore_incoming(&mut self, now: Instant, name: &str, file: FileDesc, have: &[bool]) {
+        self.queue_for(now, name, |t| t.restore_incoming(file, have));
     }
 
     /// An offer from `name` known from before a restart.
-    #[allow(clippy::too_many_arguments)]
-    pub fn restore_offer(
-        &mut self,
-        now: Instant,
-        name: &str,
-        id: u64,
-        path: String,
-        size: u64,
-        piece_size: u32,
-        hash: [u8; 32],
-    ) {
+    pub fn restore_offer(&mut self, now: Instant, name: &str, file: FileDesc) {
         let e = self.entry(now, name);
-        e.transfers.restore_offer(id, path, size, piece_size, hash);
+        e.transfers.restore_offer(file);
     }
 
     /// `name` offers again a file we already have: tell it so.
-    pub fn already_have(&mut self, now: Instant, name: &str, id: u64) {
+    pub fn already_have(&mut self, now: Instant, name: &str, id: TransferId) {
         if let Ok(t) = self.transfers_of(name) {
             t.already_have(id);
         }
         self.pump(now);
     }
 
-    pub fn cancel_file(&mut self, now: Instant, name: &str, id: u64, reason: &str) -> bool {
+    pub fn cancel_file(&mut self, now: Instant, name: &str, id: TransferId, reason: &str) -> bool {
         let ok = self.transfers_of(name).is_ok_and(|t| t.cancel(id, reason));
         self.pump(now);
         ok
     }
 
-    pub fn piece_checked(&mut self, now: Instant, name: &str, id: u64, piece: u32, ok: bool) {
+    pub fn piece_checked(
+        &mut self,
+        now: Instant,
+        name: &str,
+        id: TransferId,
+        piece: u32,
+        ok: bool,
+    ) {
         if let Ok(t) = self.transfers_of(name) {
             t.piece_checked(id, piece, ok);
         }
         self.pump(now);
     }
 
-    pub fn file_checked(&mut self, now: Instant, name: &str, id: u64, result: Result<(), String>) {
+    pub fn file_checked(
+        &mut self,
+        now: Instant,
+        name: &str,
+        id: TransferId,
+        result: Result<(), String>,
+    ) {
         if let Ok(t) = self.transfers_of(name) {
             t.file_checked(id, result);
         }
@@ -723,7 +707,7 @@ impl<F: FileIo> Node<F> {
     /// File packets that may leave now, read through the node's
     /// [`FileIo`]: [`Node::poll_transmit`] calls it when it has nothing
     /// else queued.
-    fn pump_files(&mut self, now: Instant) {
+    fn pump_flows(&mut self, now: Instant) {
         for e in self.peers.values_mut() {
             let Some(s) = e.session.as_mut().filter(|s| s.is_up()) else {
                 continue;
@@ -815,7 +799,7 @@ impl<F: FileIo> Node<F> {
             return Some(t);
         }
         if self.transmits.is_empty() {
-            self.pump_files(now);
+            self.pump_flows(now);
             if !self.events.is_empty() {
                 return None;
             }

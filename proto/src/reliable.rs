@@ -1,6 +1,6 @@
 //! Chat messages to one peer: ordered, deduplicated, and acknowledged end
 //! to end once stored, carried by the peer's flow ([`crate::flow`] via
-//! [`crate::transfer::Transfers`]), the same packets, loss recovery,
+//! [`crate::transfer::PeerFlow`]), the same packets, loss recovery,
 //! congestion control and pacing as file transfer. One reliability layer:
 //! the flow numbers packets and sends again what a lost packet carried;
 //! this module adds what a chat needs on top, as QUIC streams do on
@@ -8,9 +8,9 @@
 //!
 //! The sender numbers messages with `seq` (the daemon assigns and stores
 //! it, so numbering survives restarts) and sends each once as a
-//! [`FileFrame::Chat`]; at most [`SEND_WINDOW`] are unacknowledged. The
+//! [`FlowFrame::Chat`]; at most [`SEND_WINDOW`] are unacknowledged. The
 //! receiver delivers in `seq` order, buffers what arrives early, drops
-//! duplicates, and answers with a cumulative [`FileFrame::ChatAck`]
+//! duplicates, and answers with a cumulative [`FlowFrame::ChatAck`]
 //! (`upto`): every message below it was delivered, and the daemon stores
 //! a delivered message before anything it sends afterwards leaves.
 //!
@@ -24,7 +24,7 @@
 //! This state belongs to the peer, not to one session: it lives across
 //! session restarts.
 
-use crate::wire::FileFrame;
+use crate::wire::FlowFrame;
 use std::collections::{BTreeMap, VecDeque};
 
 /// Most messages sent and not yet acknowledged.
@@ -115,10 +115,10 @@ impl Reliable {
 
     /// The next frame to send: the acknowledgement first, then a message
     /// within the window.
-    pub fn poll_frame(&mut self) -> Option<FileFrame> {
+    pub fn poll_frame(&mut self) -> Option<FlowFrame> {
         if self.ack_needed {
             self.ack_needed = false;
-            return Some(FileFrame::ChatAck {
+            return Some(FlowFrame::ChatAck {
                 upto: self.recv_next,
             });
         }
@@ -127,7 +127,7 @@ impl Reliable {
         }
         let base = self.base();
         let msg = self.queue.pop_front()?;
-        let frame = FileFrame::Chat {
+        let frame = FlowFrame::Chat {
             seq: msg.seq,
             base: base.min(msg.seq),
             sent_ms: msg.sent_ms,
@@ -199,15 +199,15 @@ mod tests {
         }
     }
 
-    fn apply(r: &mut Reliable, f: FileFrame) {
+    fn apply(r: &mut Reliable, f: FlowFrame) {
         match f {
-            FileFrame::Chat {
+            FlowFrame::Chat {
                 seq,
                 base,
                 sent_ms,
                 body,
             } => r.handle_message(seq, base, sent_ms, body),
-            FileFrame::ChatAck { upto } => r.handle_ack(upto),
+            FlowFrame::ChatAck { upto } => r.handle_ack(upto),
             _ => unreachable!(),
         }
     }
@@ -228,7 +228,7 @@ mod tests {
         for s in 0..5 {
             tx.push(out(s));
         }
-        let mut frames: Vec<FileFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
+        let mut frames: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
         assert_eq!(frames.len(), 5);
         frames.reverse();
         frames.push(frames[0].clone());
@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(delivered(&mut rx), vec![0, 1, 2, 3, 4]);
         assert_eq!(rx.duplicates, 1);
         let ack = rx.poll_frame().expect("an acknowledgement");
-        assert_eq!(ack, FileFrame::ChatAck { upto: 5 });
+        assert_eq!(ack, FlowFrame::ChatAck { upto: 5 });
         apply(&mut tx, ack);
         assert_eq!(tx.pending(), 0);
         let acked: Vec<_> = std::iter::from_fn(|| tx.poll_event()).collect();
@@ -263,7 +263,7 @@ mod tests {
         for s in 0..4 {
             tx.push(out(s));
         }
-        let frames: Vec<FileFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
+        let frames: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
         // 0 arrives and is acknowledged; 2 and 3 arrive early and are held
         // in memory; then the receiver restarts and loses them.
         apply(&mut rx, frames[0].clone());
@@ -274,11 +274,11 @@ mod tests {
         let mut rx = Reliable::new(rx.recv_next());
         tx.restart();
         tx.push(out(4));
-        let again: Vec<FileFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
+        let again: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
         let seqs: Vec<u64> = again
             .iter()
             .map(|f| match f {
-                FileFrame::Chat { seq, .. } => *seq,
+                FlowFrame::Chat { seq, .. } => *seq,
                 _ => panic!("{f:?}"),
             })
             .collect();

@@ -9,7 +9,7 @@
 //! peer never crashes an older one.
 //!
 //! Type codes 0x10 to 0x1f of [`PeerToPeer`] belong to file transfer:
-//! 0x10 [`PeerToPeer::Flow`] carries a [`FileFrame`], 0x11 acknowledges.
+//! 0x10 [`PeerToPeer::Flow`] carries a [`FlowFrame`], 0x11 acknowledges.
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::identity::PublicIdentity;
@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 /// Version 2: relay, NAT probes, the `hard` and `probe_port` fields.
 /// Version 3: data packets larger than [`MAX_PACKET`] (path MTU
 /// discovery), and a file's hash taken over its piece hashes.
-/// Version 4: chat rides the flow ([`FileFrame::Chat`], `ChatAck`,
+/// Version 4: chat rides the flow ([`FlowFrame::Chat`], `ChatAck`,
 /// `Skipped`; `PeerToPeer::Message` and `Ack` gone), and the version
 /// refusal.
 pub const VERSION: u8 = 4;
@@ -87,7 +87,7 @@ pub const DATA_HEADER_LEN: usize = 1 + 1 + 4 + 8;
 /// header and the AEAD tag.
 pub const MAX_INNER: usize = MAX_PACKET - DATA_HEADER_LEN - 16;
 /// The longest chat message body, in bytes: what fits in one base-size
-/// packet with the [`FileFrame::Chat`] and flow headers.
+/// packet with the [`FlowFrame::Chat`] and flow headers.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Longest user name, in bytes.
 pub const MAX_NAME: usize = 32;
@@ -848,7 +848,7 @@ pub enum PeerToPeer {
     Flow {
         epoch: u32,
         pn: u64,
-        frame: FileFrame,
+        frame: FlowFrame,
     },
     /// Which packets of flow `epoch` arrived: inclusive ranges of packet
     /// numbers, highest first, and how long the largest was held.
@@ -863,7 +863,7 @@ pub enum PeerToPeer {
 /// messages and their acknowledgement, and file transfer. A transfer is
 /// named by `id`, chosen at random by the sender.
 #[derive(Clone, PartialEq, Eq)]
-pub enum FileFrame {
+pub enum FlowFrame {
     /// "Here is a file": its relative path (components joined by `/`,
     /// sanitised by the receiver), size, the size of the pieces its
     /// integrity is checked by, and the SHA-256 of the whole file.
@@ -928,75 +928,75 @@ pub enum FileFrame {
 
 /// Longest relative path in an offer, in bytes.
 pub const MAX_FILE_PATH: usize = 1024;
-/// Most piece hashes in one [`FileFrame::Hashes`].
+/// Most piece hashes in one [`FlowFrame::Hashes`].
 pub const MAX_HASHES: usize = 32;
-/// Most ranges in [`FileFrame::Accept`] and [`PeerToPeer::FlowAck`].
+/// Most ranges in [`FlowFrame::Accept`] and [`PeerToPeer::FlowAck`].
 pub const MAX_RANGES: usize = 32;
 /// type, epoch, pn, frame type, id, offset, length.
 const DATA_FRAME_OVERHEAD: usize = 1 + 4 + 8 + 1 + 8 + 8 + 2;
 /// What a data packet adds around the file bytes of a
-/// [`FileFrame::Data`]: packet header, AEAD tag, flow and frame headers.
+/// [`FlowFrame::Data`]: packet header, AEAD tag, flow and frame headers.
 pub const DATA_PACKET_OVERHEAD: usize = DATA_HEADER_LEN + 16 + DATA_FRAME_OVERHEAD;
-/// Most file bytes in one [`FileFrame::Data`] in a datagram of `datagram`
+/// Most file bytes in one [`FlowFrame::Data`] in a datagram of `datagram`
 /// bytes.
 pub const fn max_file_data(datagram: usize) -> usize {
     datagram.saturating_sub(DATA_PACKET_OVERHEAD)
 }
-/// Most file bytes in one [`FileFrame::Data`] that any path carries
+/// Most file bytes in one [`FlowFrame::Data`] that any path carries
 /// (a [`MAX_PACKET`] datagram).
 pub const MAX_FILE_DATA: usize = max_file_data(MAX_PACKET);
-/// Most file bytes in one [`FileFrame::Data`] at all (a [`MAX_DATAGRAM`]).
+/// Most file bytes in one [`FlowFrame::Data`] at all (a [`MAX_DATAGRAM`]).
 pub const MAX_FILE_DATA_LARGE: usize = max_file_data(MAX_DATAGRAM);
 
-impl std::fmt::Debug for FileFrame {
+impl std::fmt::Debug for FlowFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             // Paths and contents are the user's: sizes only.
-            FileFrame::Offer { id, size, .. } => write!(f, "Offer({id:x}, {size} bytes)"),
-            FileFrame::Accept { id, have } => write!(f, "Accept({id:x}, have {have:?})"),
-            FileFrame::Cancel { id, .. } => write!(f, "Cancel({id:x})"),
-            FileFrame::Hashes { id, first, hashes } => {
+            FlowFrame::Offer { id, size, .. } => write!(f, "Offer({id:x}, {size} bytes)"),
+            FlowFrame::Accept { id, have } => write!(f, "Accept({id:x}, have {have:?})"),
+            FlowFrame::Cancel { id, .. } => write!(f, "Cancel({id:x})"),
+            FlowFrame::Hashes { id, first, hashes } => {
                 write!(f, "Hashes({id:x}, {first}+{})", hashes.len())
             }
-            FileFrame::Data { id, offset, data } => {
+            FlowFrame::Data { id, offset, data } => {
                 write!(f, "Data({id:x}, {offset}+{})", data.len())
             }
-            FileFrame::BadPiece { id, piece } => write!(f, "BadPiece({id:x}, {piece})"),
-            FileFrame::Done { id } => write!(f, "Done({id:x})"),
-            FileFrame::Padding { len } => write!(f, "Padding({len})"),
+            FlowFrame::BadPiece { id, piece } => write!(f, "BadPiece({id:x}, {piece})"),
+            FlowFrame::Done { id } => write!(f, "Done({id:x})"),
+            FlowFrame::Padding { len } => write!(f, "Padding({len})"),
             // Message bodies never reach a log.
-            FileFrame::Chat {
+            FlowFrame::Chat {
                 seq, base, body, ..
             } => write!(f, "Chat({seq}, base {base}, {} bytes)", body.len()),
-            FileFrame::ChatAck { upto } => write!(f, "ChatAck({upto})"),
-            FileFrame::Skipped { id, group, .. } => write!(f, "Skipped({id:x}, group {group:x})"),
+            FlowFrame::ChatAck { upto } => write!(f, "ChatAck({upto})"),
+            FlowFrame::Skipped { id, group, .. } => write!(f, "Skipped({id:x}, group {group:x})"),
         }
     }
 }
 
-impl FileFrame {
+impl FlowFrame {
     /// A chat frame (not about a transfer).
     pub fn is_chat(&self) -> bool {
-        matches!(self, FileFrame::Chat { .. } | FileFrame::ChatAck { .. })
+        matches!(self, FlowFrame::Chat { .. } | FlowFrame::ChatAck { .. })
     }
 
     pub fn id(&self) -> u64 {
         match self {
-            FileFrame::Offer { id, .. }
-            | FileFrame::Accept { id, .. }
-            | FileFrame::Cancel { id, .. }
-            | FileFrame::Hashes { id, .. }
-            | FileFrame::Data { id, .. }
-            | FileFrame::BadPiece { id, .. }
-            | FileFrame::Done { id }
-            | FileFrame::Skipped { id, .. } => *id,
-            FileFrame::Padding { .. } | FileFrame::Chat { .. } | FileFrame::ChatAck { .. } => 0,
+            FlowFrame::Offer { id, .. }
+            | FlowFrame::Accept { id, .. }
+            | FlowFrame::Cancel { id, .. }
+            | FlowFrame::Hashes { id, .. }
+            | FlowFrame::Data { id, .. }
+            | FlowFrame::BadPiece { id, .. }
+            | FlowFrame::Done { id }
+            | FlowFrame::Skipped { id, .. } => *id,
+            FlowFrame::Padding { .. } | FlowFrame::Chat { .. } | FlowFrame::ChatAck { .. } => 0,
         }
     }
 
     fn encode(&self, w: &mut Writer) {
         match self {
-            FileFrame::Offer {
+            FlowFrame::Offer {
                 id,
                 path,
                 size,
@@ -1014,35 +1014,35 @@ impl FileFrame {
                     .u64(*group)
                     .u32(*group_files);
             }
-            FileFrame::Accept { id, have } => {
+            FlowFrame::Accept { id, have } => {
                 w.u8(2).u64(*id);
                 w.list(have, |w, (a, b)| {
                     w.u32(*a).u32(*b);
                 });
             }
-            FileFrame::Cancel { id, reason } => {
+            FlowFrame::Cancel { id, reason } => {
                 w.u8(3).u64(*id).string(truncate_utf8(reason, MAX_DETAIL));
             }
-            FileFrame::Hashes { id, first, hashes } => {
+            FlowFrame::Hashes { id, first, hashes } => {
                 w.u8(4).u64(*id).u32(*first);
                 w.list(hashes, |w, h| {
                     w.bytes(h);
                 });
             }
-            FileFrame::Data { id, offset, data } => {
+            FlowFrame::Data { id, offset, data } => {
                 w.u8(5).u64(*id).u64(*offset).bytes16(data);
             }
-            FileFrame::BadPiece { id, piece } => {
+            FlowFrame::BadPiece { id, piece } => {
                 w.u8(6).u64(*id).u32(*piece);
             }
-            FileFrame::Done { id } => {
+            FlowFrame::Done { id } => {
                 w.u8(7).u64(*id);
             }
-            FileFrame::Padding { len } => {
+            FlowFrame::Padding { len } => {
                 w.u8(8).u16(*len);
                 w.buf.resize(w.buf.len() + *len as usize, 0);
             }
-            FileFrame::Chat {
+            FlowFrame::Chat {
                 seq,
                 base,
                 sent_ms,
@@ -1050,10 +1050,10 @@ impl FileFrame {
             } => {
                 w.u8(9).u64(*seq).u64(*base).u64(*sent_ms).bytes16(body);
             }
-            FileFrame::ChatAck { upto } => {
+            FlowFrame::ChatAck { upto } => {
                 w.u8(10).u64(*upto);
             }
-            FileFrame::Skipped {
+            FlowFrame::Skipped {
                 id,
                 path,
                 group,
@@ -1072,7 +1072,7 @@ impl FileFrame {
 
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         Ok(match r.u8()? {
-            1 => FileFrame::Offer {
+            1 => FlowFrame::Offer {
                 id: r.u64()?,
                 path: r.string(MAX_FILE_PATH)?,
                 size: r.u64()?,
@@ -1081,40 +1081,40 @@ impl FileFrame {
                 group: r.u64()?,
                 group_files: r.u32()?,
             },
-            2 => FileFrame::Accept {
+            2 => FlowFrame::Accept {
                 id: r.u64()?,
                 have: r.list(MAX_RANGES, |r| Ok((r.u32()?, r.u32()?)))?,
             },
-            3 => FileFrame::Cancel {
+            3 => FlowFrame::Cancel {
                 id: r.u64()?,
                 reason: r.string(MAX_DETAIL)?,
             },
-            4 => FileFrame::Hashes {
+            4 => FlowFrame::Hashes {
                 id: r.u64()?,
                 first: r.u32()?,
                 hashes: r.list(MAX_HASHES, Reader::array)?,
             },
-            5 => FileFrame::Data {
+            5 => FlowFrame::Data {
                 id: r.u64()?,
                 offset: r.u64()?,
                 data: r.bytes16(MAX_FILE_DATA_LARGE)?.to_vec(),
             },
-            6 => FileFrame::BadPiece {
+            6 => FlowFrame::BadPiece {
                 id: r.u64()?,
                 piece: r.u32()?,
             },
-            7 => FileFrame::Done { id: r.u64()? },
-            8 => FileFrame::Padding {
+            7 => FlowFrame::Done { id: r.u64()? },
+            8 => FlowFrame::Padding {
                 len: r.bytes16(MAX_DATAGRAM)?.len() as u16,
             },
-            9 => FileFrame::Chat {
+            9 => FlowFrame::Chat {
                 seq: r.u64()?,
                 base: r.u64()?,
                 sent_ms: r.u64()?,
                 body: r.bytes16(MAX_MESSAGE_BYTES)?.to_vec(),
             },
-            10 => FileFrame::ChatAck { upto: r.u64()? },
-            11 => FileFrame::Skipped {
+            10 => FlowFrame::ChatAck { upto: r.u64()? },
+            11 => FlowFrame::Skipped {
                 id: r.u64()?,
                 path: r.string(MAX_FILE_PATH)?,
                 group: r.u64()?,
@@ -1188,7 +1188,7 @@ impl PeerToPeer {
         let mut r = Reader::new(buf);
         let m = match r.u8()? {
             // 1 and 2 were chat messages and their acknowledgements before
-            // chat moved into the flow (FileFrame::Chat, ChatAck).
+            // chat moved into the flow (FlowFrame::Chat, ChatAck).
             3 => PeerToPeer::Keepalive,
             4 => PeerToPeer::Ping { nonce: r.u64()? },
             5 => PeerToPeer::Pong { nonce: r.u64()? },
@@ -1196,7 +1196,7 @@ impl PeerToPeer {
             0x10 => PeerToPeer::Flow {
                 epoch: r.u32()?,
                 pn: r.u64()?,
-                frame: FileFrame::decode(&mut r)?,
+                frame: FlowFrame::decode(&mut r)?,
             },
             0x11 => PeerToPeer::FlowAck {
                 epoch: r.u32()?,
@@ -1270,7 +1270,7 @@ mod tests {
             hex(&PeerToPeer::Flow {
                 epoch: 2,
                 pn: 1,
-                frame: FileFrame::Done { id: 0xabc }
+                frame: FlowFrame::Done { id: 0xabc }
             }
             .encode()),
             "10000000020000000000000001070000000000000abc"
@@ -1288,7 +1288,7 @@ mod tests {
             hex(&PeerToPeer::Flow {
                 epoch: 2,
                 pn: 1,
-                frame: FileFrame::Padding { len: 3 }
+                frame: FlowFrame::Padding { len: 3 }
             }
             .encode()),
             "10000000020000000000000001080003000000"
@@ -1344,7 +1344,7 @@ mod tests {
             hex(&PeerToPeer::Flow {
                 epoch: 2,
                 pn: 1,
-                frame: FileFrame::ChatAck { upto: 3 }
+                frame: FlowFrame::ChatAck { upto: 3 }
             }
             .encode()),
             "100000000200000000000000010a".to_owned() + "0000000000000003"
@@ -1353,7 +1353,7 @@ mod tests {
             hex(&PeerToPeer::Flow {
                 epoch: 2,
                 pn: 1,
-                frame: FileFrame::Chat {
+                frame: FlowFrame::Chat {
                     seq: 4,
                     base: 3,
                     sent_ms: 2,
@@ -1510,7 +1510,7 @@ mod tests {
             },
         ];
         let frames = [
-            FileFrame::Offer {
+            FlowFrame::Offer {
                 id: 1,
                 path: "photos/a.jpg".into(),
                 size: 3_000_000,
@@ -1519,35 +1519,35 @@ mod tests {
                 group: 2,
                 group_files: 3,
             },
-            FileFrame::Accept {
+            FlowFrame::Accept {
                 id: 1,
                 have: vec![(0, 2)],
             },
-            FileFrame::Cancel {
+            FlowFrame::Cancel {
                 id: 1,
                 reason: "no".into(),
             },
-            FileFrame::Hashes {
+            FlowFrame::Hashes {
                 id: 1,
                 first: 0,
                 hashes: vec![[0x99; 32]],
             },
-            FileFrame::Data {
+            FlowFrame::Data {
                 id: 1,
                 offset: 1 << 20,
                 data: vec![0xaa; 9],
             },
-            FileFrame::BadPiece { id: 1, piece: 2 },
-            FileFrame::Done { id: 1 },
-            FileFrame::Padding { len: 4 },
-            FileFrame::Chat {
+            FlowFrame::BadPiece { id: 1, piece: 2 },
+            FlowFrame::Done { id: 1 },
+            FlowFrame::Padding { len: 4 },
+            FlowFrame::Chat {
                 seq: 5,
                 base: 4,
                 sent_ms: 1_700_000_000_000,
                 body: b"hi".to_vec(),
             },
-            FileFrame::ChatAck { upto: 5 },
-            FileFrame::Skipped {
+            FlowFrame::ChatAck { upto: 5 },
+            FlowFrame::Skipped {
                 id: 3,
                 path: "photos/b.jpg".into(),
                 group: 2,
@@ -1616,18 +1616,18 @@ mod tests {
             PeerToPeer::Flow { .. } => 4,
             PeerToPeer::FlowAck { .. } => 5,
         };
-        let frame_kind = |f: &FileFrame| match f {
-            FileFrame::Offer { .. } => 0,
-            FileFrame::Accept { .. } => 1,
-            FileFrame::Cancel { .. } => 2,
-            FileFrame::Hashes { .. } => 3,
-            FileFrame::Data { .. } => 4,
-            FileFrame::BadPiece { .. } => 5,
-            FileFrame::Done { .. } => 6,
-            FileFrame::Padding { .. } => 7,
-            FileFrame::Chat { .. } => 8,
-            FileFrame::ChatAck { .. } => 9,
-            FileFrame::Skipped { .. } => 10,
+        let frame_kind = |f: &FlowFrame| match f {
+            FlowFrame::Offer { .. } => 0,
+            FlowFrame::Accept { .. } => 1,
+            FlowFrame::Cancel { .. } => 2,
+            FlowFrame::Hashes { .. } => 3,
+            FlowFrame::Data { .. } => 4,
+            FlowFrame::BadPiece { .. } => 5,
+            FlowFrame::Done { .. } => 6,
+            FlowFrame::Padding { .. } => 7,
+            FlowFrame::Chat { .. } => 8,
+            FlowFrame::ChatAck { .. } => 9,
+            FlowFrame::Skipped { .. } => 10,
         };
         fn all<T>(items: &[T], kind: impl Fn(&T) -> usize, n: usize) {
             let mut seen: Vec<usize> = items.iter().map(kind).collect();
@@ -1823,10 +1823,10 @@ mod tests {
         }
     }
 
-    fn random_frame(rng: &mut impl Rng) -> FileFrame {
+    fn random_frame(rng: &mut impl Rng) -> FlowFrame {
         let id = rng.gen();
         match rng.gen_range(0..11) {
-            0 => FileFrame::Offer {
+            0 => FlowFrame::Offer {
                 id,
                 path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
                 size: rng.gen(),
@@ -1835,17 +1835,17 @@ mod tests {
                 group: rng.gen(),
                 group_files: rng.gen(),
             },
-            1 => FileFrame::Accept {
+            1 => FlowFrame::Accept {
                 id,
                 have: (0..rng.gen_range(0..=MAX_RANGES))
                     .map(|_| (rng.gen(), rng.gen()))
                     .collect(),
             },
-            2 => FileFrame::Cancel {
+            2 => FlowFrame::Cancel {
                 id,
                 reason: "no".into(),
             },
-            3 => FileFrame::Hashes {
+            3 => FlowFrame::Hashes {
                 id,
                 first: rng.gen(),
                 hashes: (0..rng.gen_range(0..=MAX_HASHES))
@@ -1855,38 +1855,38 @@ mod tests {
             4 => {
                 let mut data = vec![0u8; rng.gen_range(0..=MAX_FILE_DATA)];
                 rng.fill_bytes(&mut data);
-                FileFrame::Data {
+                FlowFrame::Data {
                     id,
                     offset: rng.gen(),
                     data,
                 }
             }
-            5 => FileFrame::BadPiece {
+            5 => FlowFrame::BadPiece {
                 id,
                 piece: rng.gen(),
             },
-            6 => FileFrame::Padding {
+            6 => FlowFrame::Padding {
                 len: rng.gen_range(0..1000),
             },
             7 => {
                 let mut body = vec![0u8; rng.gen_range(0..=MAX_MESSAGE_BYTES)];
                 rng.fill_bytes(&mut body);
-                FileFrame::Chat {
+                FlowFrame::Chat {
                     seq: rng.gen(),
                     base: rng.gen(),
                     sent_ms: rng.gen(),
                     body,
                 }
             }
-            8 => FileFrame::ChatAck { upto: rng.gen() },
-            9 => FileFrame::Skipped {
+            8 => FlowFrame::ChatAck { upto: rng.gen() },
+            9 => FlowFrame::Skipped {
                 id,
                 path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
                 group: rng.gen(),
                 group_files: rng.gen(),
                 reason: "x".repeat(rng.gen_range(0..=MAX_DETAIL)),
             },
-            _ => FileFrame::Done { id },
+            _ => FlowFrame::Done { id },
         }
     }
 

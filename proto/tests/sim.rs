@@ -15,7 +15,7 @@ use proto::identity::Identity;
 use proto::node::{Node, NodeConfig, NodeEvent};
 use proto::reliable::Outgoing;
 use proto::server::{MemoryStore, Server, ServerConfig};
-use proto::transfer::{FileIo, FileSource, TransferEvent};
+use proto::transfer::{FileDesc, FileIo, FileSource, TransferEvent, TransferId};
 use proto::transport::{TransportCommand, Via};
 use proto::wire::{FailReason, ServerToClient};
 use rand::{Rng, SeedableRng};
@@ -31,8 +31,8 @@ struct MemFiles {
     sources: BTreeMap<u64, Vec<u8>>,
     received: BTreeMap<u64, Vec<u8>>,
     /// (peer, id, piece, ok) and (peer, id) of finished files.
-    checked: Vec<(String, u64, u32, bool)>,
-    finished: Vec<(String, u64)>,
+    checked: Vec<(String, TransferId, u32, bool)>,
+    finished: Vec<(String, TransferId)>,
     /// Corrupt the next write of this transfer (a bad disk, a bad peer).
     corrupt_next: Option<u64>,
     /// Piece checks that failed.
@@ -40,10 +40,10 @@ struct MemFiles {
 }
 
 impl FileSource for MemFiles {
-    fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    fn read(&mut self, id: TransferId, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
         let src = self
             .sources
-            .get(&id)
+            .get(&id.0)
             .ok_or_else(|| std::io::Error::other("no such source"))?;
         let start = (offset as usize).min(src.len());
         let n = buf.len().min(src.len() - start);
@@ -53,11 +53,11 @@ impl FileSource for MemFiles {
 }
 
 impl FileIo for MemFiles {
-    fn write(&mut self, _peer: &str, id: u64, offset: u64, mut data: Vec<u8>) {
-        if self.corrupt_next.take_if(|c| *c == id).is_some() {
+    fn write(&mut self, _peer: &str, id: TransferId, offset: u64, mut data: Vec<u8>) {
+        if self.corrupt_next.take_if(|c| *c == id.0).is_some() {
             data[0] ^= 0xff;
         }
-        let f = self.received.entry(id).or_default();
+        let f = self.received.entry(id.0).or_default();
         let end = offset as usize + data.len();
         if f.len() < end {
             f.resize(end, 0);
@@ -68,13 +68,13 @@ impl FileIo for MemFiles {
     fn verify_piece(
         &mut self,
         peer: &str,
-        id: u64,
+        id: TransferId,
         piece: u32,
         offset: u64,
         len: u64,
         hash: [u8; 32],
     ) {
-        let f = self.received.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+        let f = self.received.get(&id.0).map(Vec::as_slice).unwrap_or(&[]);
         let bytes = f
             .get(offset as usize..(offset + len) as usize)
             .unwrap_or(&[]);
@@ -83,7 +83,7 @@ impl FileIo for MemFiles {
         self.checked.push((peer.to_owned(), id, piece, ok));
     }
 
-    fn finish(&mut self, peer: &str, id: u64) {
+    fn finish(&mut self, peer: &str, id: TransferId) {
         self.finished.push((peer.to_owned(), id));
     }
 }
@@ -1142,24 +1142,24 @@ fn transfer(sim: &mut Sim, from: usize, file: &SimFile) -> Vec<u8> {
     let hash = proto::transfer::file_hash(&file.piece_hashes);
     let n = sim.node(from);
     n.io_mut().sources.insert(file.id, file.data.clone());
-    n.offer_file(
-        now,
-        names[to],
-        file.id,
-        format!("file-{:x}.bin", file.id),
-        file.data.len() as u64,
-        file.piece_size,
+    let desc = FileDesc {
+        id: TransferId(file.id),
+        path: format!("file-{:x}.bin", file.id),
+        size: file.data.len() as u64,
+        piece_size: file.piece_size,
         hash,
-        file.piece_hashes.clone(),
-        (0, 0),
-    );
-    let offered = |id: u64| move |e: &NodeEvent| matches!(e, NodeEvent::Transfer { event: TransferEvent::Offered { id: i, .. }, .. } if *i == id);
+        group: None,
+    };
+    n.offer_file(now, names[to], desc, file.piece_hashes.clone());
+    let offered = |id: u64| move |e: &NodeEvent| matches!(e, NodeEvent::Transfer { event: TransferEvent::Offered(f), .. } if f.id.0 == id);
     sim.run_until(Duration::from_secs(60), |s| {
         s.has_event(to, offered(file.id))
     });
     let now = sim.now;
-    assert!(sim.node(to).accept_file(now, names[from], file.id, &[]));
-    let finished = |id: u64| move |e: &NodeEvent| matches!(e, NodeEvent::Transfer { event: TransferEvent::Finished { id: i }, .. } if *i == id);
+    assert!(sim
+        .node(to)
+        .accept_file(now, names[from], TransferId(file.id), &[]));
+    let finished = |id: u64| move |e: &NodeEvent| matches!(e, NodeEvent::Transfer { event: TransferEvent::Finished { id: i }, .. } if i.0 == id);
     sim.run_until(Duration::from_secs(600), |s| {
         s.has_event(to, finished(file.id)) && s.has_event(from, finished(file.id))
     });

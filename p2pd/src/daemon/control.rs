@@ -176,7 +176,7 @@ impl Daemon {
                 if !members.is_empty() {
                     for row in members.iter().filter(|t| !t.state.is_final()) {
                         self.node
-                            .cancel_file(now, &row.peer, row.id, "cancelled by the user");
+                            .cancel_file(now, &row.peer, row.tid(), "cancelled by the user");
                         self.end_transfer(row, "cancelled by the user");
                     }
                     let group = hex_id(members[0].group);
@@ -195,7 +195,7 @@ impl Daemon {
                     ));
                 }
                 let reason = "cancelled by the user";
-                self.node.cancel_file(now, &row.peer, row.id, reason);
+                self.node.cancel_file(now, &row.peer, row.tid(), reason);
                 self.end_transfer(&row, reason);
                 json(&Cancelled::One(
                     self.transfer_info(&self.transfer_row(row.id)?),

@@ -3,6 +3,7 @@
 //! shown to watchers.
 
 use super::*;
+use proto::transfer::{FileDesc, Group, GroupId, TransferId};
 
 /// Progress events per transfer at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -40,28 +41,10 @@ impl Daemon {
                         continue;
                     }
                     tracing::info!(id = %hex_id(t.id), peer = %t.peer, "TRANSFER(RESUME_SENDING)");
-                    self.node.offer_file(
-                        now,
-                        &t.peer,
-                        t.id,
-                        t.name.clone(),
-                        t.size,
-                        t.piece_size,
-                        t.hash,
-                        hashes,
-                        (t.group, t.group_files),
-                    );
+                    self.node.offer_file(now, &t.peer, t.desc(), hashes);
                 }
                 (false, TransferState::Offered) => {
-                    self.node.restore_offer(
-                        now,
-                        &t.peer,
-                        t.id,
-                        t.name.clone(),
-                        t.size,
-                        t.piece_size,
-                        t.hash,
-                    );
+                    self.node.restore_offer(now, &t.peer, t.desc());
                 }
                 (false, TransferState::Active) => {
                     let Some(part) = t.part.clone() else { continue };
@@ -85,16 +68,7 @@ impl Daemon {
                     }
                     let have: Vec<bool> = t.verified.iter().map(|v| *v == 1).collect();
                     tracing::info!(id = %hex_id(t.id), peer = %t.peer, held = have.iter().filter(|h| **h).count(), "TRANSFER(RESUME_RECEIVING)");
-                    self.node.restore_incoming(
-                        now,
-                        &t.peer,
-                        t.id,
-                        t.name.clone(),
-                        t.size,
-                        t.piece_size,
-                        t.hash,
-                        &have,
-                    );
+                    self.node.restore_incoming(now, &t.peer, t.desc(), &have);
                 }
                 _ => {}
             }
@@ -113,7 +87,7 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         self.store
             .transfer_state(t.id, TransferState::Ended, None, Some(why))?;
-        self.node.tell_ended(now, &t.peer, t.id, told);
+        self.node.tell_ended(now, &t.peer, t.tid(), told);
         Ok(())
     }
 
@@ -165,7 +139,7 @@ impl Daemon {
             ("the receiver cannot write the file".to_owned(), r)
         };
         tracing::warn!(id = %hex_id(id), %reason, "TRANSFER(WRITE_FAILED)");
-        self.node.cancel_file(now, peer, id, &told);
+        self.node.cancel_file(now, peer, TransferId(id), &told);
         self.end_transfer(&row, &reason);
     }
 
@@ -215,17 +189,7 @@ impl Daemon {
                     return;
                 }
                 tracing::info!(id = %hex_id(id), %peer, size, "TRANSFER(OFFERED)");
-                self.node.offer_file(
-                    now,
-                    &peer,
-                    id,
-                    name,
-                    size,
-                    PIECE_SIZE,
-                    hash,
-                    piece_hashes,
-                    group,
-                );
+                self.node.offer_file(now, &peer, row.desc(), piece_hashes);
             }
             JobDone::HashFailed {
                 id,
@@ -239,7 +203,12 @@ impl Daemon {
                     // The receiver counts the directory's files: tell it
                     // this one will not come (what, not where or why).
                     let reason = "the sender could not read it";
-                    self.node.skip_file(now, &peer, id, name, group, reason);
+                    let group = Group {
+                        id: GroupId(group.0),
+                        files: group.1,
+                    };
+                    self.node
+                        .skip_file(now, &peer, TransferId(id), name, group, reason);
                 }
                 self.broadcast(Event::TransferFailed {
                     id: hex_id(id),
@@ -259,7 +228,8 @@ impl Daemon {
                         tracing::error!(error = %e, "STORE(PIECE)");
                     }
                 }
-                self.node.piece_checked(now, &peer, id, piece, ok);
+                self.node
+                    .piece_checked(now, &peer, TransferId(id), piece, ok);
             }
             JobDone::WriteFailed { peer, id, error } => self.write_failed(now, &peer, id, error),
             JobDone::File { peer, id, result } => {
@@ -285,7 +255,8 @@ impl Daemon {
                         tracing::warn!(id = %hex_id(id), %peer, %reason, "TRANSFER(VERIFY_FAILED)");
                     }
                 }
-                self.node.file_checked(now, &peer, id, result.map(|_| ()));
+                self.node
+                    .file_checked(now, &peer, TransferId(id), result.map(|_| ()));
             }
         }
     }
@@ -298,15 +269,15 @@ impl Daemon {
     ) {
         use proto::transfer::TransferEvent as T;
         match event {
-            T::Offered {
-                id,
+            T::Offered(FileDesc {
+                id: TransferId(id),
                 path,
                 size,
                 piece_size,
                 hash,
-                group,
-                group_files,
-            } => {
+                group: g,
+            }) => {
+                let (group, group_files) = g.map_or((0, 0), |g| (g.id.0, g.files));
                 if group != 0 {
                     self.groups.insert(id, group);
                 }
@@ -314,9 +285,12 @@ impl Daemon {
                 // finished or ended is answered as such, not shown again.
                 let known = self.store.transfer(id).ok().flatten();
                 match known.as_ref().map(|t| t.state) {
-                    Some(TransferState::Done) => return self.node.already_have(now, &peer, id),
+                    Some(TransferState::Done) => {
+                        return self.node.already_have(now, &peer, TransferId(id))
+                    }
                     Some(TransferState::Ended) => {
-                        self.node.cancel_file(now, &peer, id, "this transfer ended");
+                        self.node
+                            .cancel_file(now, &peer, TransferId(id), "this transfer ended");
                         return;
                     }
                     _ => {}
@@ -404,10 +378,13 @@ impl Daemon {
                 });
             }
             T::Skipped {
-                id,
+                id: TransferId(id),
                 path,
-                group,
-                group_files,
+                group:
+                    Group {
+                        id: GroupId(group),
+                        files: group_files,
+                    },
                 reason,
             } => {
                 if self.store.transfer(id).ok().flatten().is_some() {
@@ -446,7 +423,7 @@ impl Daemon {
                     group: Some(hex_id(group)),
                 });
             }
-            T::Accepted { id } => {
+            T::Accepted { id: TransferId(id) } => {
                 let _ = self
                     .store
                     .transfer_state(id, TransferState::Active, None, None);
@@ -454,7 +431,10 @@ impl Daemon {
             }
             // Disk work goes to the node's `FileIo`, never here.
             T::Write { .. } | T::VerifyPiece { .. } | T::VerifyFile { .. } => {}
-            T::Progress { id, done } => {
+            T::Progress {
+                id: TransferId(id),
+                done,
+            } => {
                 self.note_progress(now, id, done);
                 let due = self
                     .progress_shown
@@ -466,7 +446,7 @@ impl Daemon {
                         .node
                         .transfer_status()
                         .into_iter()
-                        .find(|(_, s)| s.id == id)
+                        .find(|(_, s)| s.id == TransferId(id))
                         .map_or(0, |(_, s)| s.size);
                     let rate = self.rate(id);
                     let group = self.group_of(id);
@@ -480,7 +460,7 @@ impl Daemon {
                     });
                 }
             }
-            T::Finished { id } => {
+            T::Finished { id: TransferId(id) } => {
                 let Ok(row) = self.transfer_row(id) else {
                     return;
                 };
@@ -501,7 +481,10 @@ impl Daemon {
                     });
                 }
             }
-            T::Ended { id, reason } => {
+            T::Ended {
+                id: TransferId(id),
+                reason,
+            } => {
                 if let Ok(row) = self.transfer_row(id) {
                     if !row.state.is_final() {
                         tracing::info!(id = %hex_id(id), %peer, %reason, "TRANSFER(ENDED)");
@@ -509,7 +492,10 @@ impl Daemon {
                     }
                 }
             }
-            T::ReadFailed { id, error } => {
+            T::ReadFailed {
+                id: TransferId(id),
+                error,
+            } => {
                 tracing::warn!(id = %hex_id(id), %peer, %error, "TRANSFER(READ_FAILED)");
             }
         }

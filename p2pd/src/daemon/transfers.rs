@@ -333,7 +333,7 @@ impl Daemon {
             let _ = self.store.forget_part(*old_id);
         }
         let have: Vec<bool> = verified.iter().map(|v| *v == 1).collect();
-        if !self.node.accept_file(now, &row.peer, row.id, &have) {
+        if !self.node.accept_file(now, &row.peer, row.tid(), &have) {
             // Gone meanwhile (the peer cancelled): undo, leave nothing,
             // and a kept part file goes back to where it was.
             let reason = "no longer offered";
@@ -424,7 +424,7 @@ impl Daemon {
             .node
             .transfer_status()
             .into_iter()
-            .find(|(_, s)| s.id == t.id)
+            .find(|(_, s)| s.id == t.tid())
             .map(|(_, s)| s);
         let done = match (&live, t.state) {
             (_, TransferState::Done) => t.size,

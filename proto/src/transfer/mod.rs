@@ -1,7 +1,7 @@
-//! File transfers with one peer, sans-IO: offers, acceptance with
-//! resumption, piece hashes, data, verification, completion, over one
-//! [`Flow`] (loss recovery, congestion control, pacing) shared by every
-//! transfer with that peer.
+//! Everything that rides one peer's [`Flow`] (loss recovery, congestion
+//! control, pacing), sans-IO: [`PeerFlow`] carries chat ([`crate::reliable`])
+//! and file transfers (offers, acceptance with resumption, piece hashes,
+//! data, verification, completion) as [`FlowFrame`]s.
 //!
 //! ```text
 //!  sender                                   receiver
@@ -31,7 +31,7 @@ use crate::flow::pmtud::{self, Pmtud};
 use crate::flow::{AckFrame, Flow, FlowEvent};
 use crate::reliable::{Outgoing as ChatMessage, Reliable, ReliableEvent};
 use crate::wire::{
-    max_file_data, FileFrame, PeerToPeer, DATA_PACKET_OVERHEAD, MAX_FILE_DATA_LARGE, MAX_HASHES,
+    max_file_data, FlowFrame, PeerToPeer, DATA_PACKET_OVERHEAD, MAX_FILE_DATA_LARGE, MAX_HASHES,
     MAX_RANGES,
 };
 use std::collections::{BTreeMap, VecDeque};
@@ -64,11 +64,68 @@ pub fn file_hash(piece_hashes: &[[u8; 32]]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// A transfer's id: chosen at random by the sender, 16 hex digits in the
+/// control API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TransferId(pub u64);
+
+/// A directory's id: the files sent with it carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub u64);
+
+impl std::fmt::Display for TransferId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::fmt::Display for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The directory a file is sent with, and how many files it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Group {
+    pub id: GroupId,
+    pub files: u32,
+}
+
+impl Group {
+    /// As the wire carries it: id 0 for none.
+    fn to_wire(group: Option<Group>) -> (u64, u32) {
+        group.map_or((0, 0), |g| (g.id.0, g.files))
+    }
+
+    fn from_wire(id: u64, files: u32) -> Option<Group> {
+        (id != 0).then_some(Group {
+            id: GroupId(id),
+            files,
+        })
+    }
+}
+
+/// A file as its offer describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDesc {
+    pub id: TransferId,
+    /// The name offered: as the sender chose it (the receiver makes it
+    /// safe), `dir/sub/name` for a file of a directory.
+    pub path: String,
+    pub size: u64,
+    /// Integrity is checked by pieces of this size.
+    pub piece_size: u32,
+    /// [`file_hash`] over the piece hashes.
+    pub hash: [u8; 32],
+    pub group: Option<Group>,
+}
+
 /// Where the sender's bytes come from (the owner's open files).
 pub trait FileSource {
     /// Fills `buf` with the bytes of transfer `id` at `offset`; returns how
     /// many were read (fewer only at the end of the file).
-    fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn read(&mut self, id: TransferId, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
 }
 
 /// The disk side of file transfers: the node's owner implements it and
@@ -80,14 +137,14 @@ pub trait FileSource {
 /// or a cancel when a write failed).
 pub trait FileIo: FileSource {
     /// Bytes of incoming transfer `id` from `peer`, at `offset`.
-    fn write(&mut self, peer: &str, id: u64, offset: u64, data: Vec<u8>);
+    fn write(&mut self, peer: &str, id: TransferId, offset: u64, data: Vec<u8>);
     /// Piece `piece` (`len` bytes at `offset`) of incoming transfer `id`
     /// is complete once the writes before this call are done: read it
     /// back, hash it and compare with `hash`.
     fn verify_piece(
         &mut self,
         peer: &str,
-        id: u64,
+        id: TransferId,
         piece: u32,
         offset: u64,
         len: u64,
@@ -96,7 +153,7 @@ pub trait FileIo: FileSource {
     /// Every piece of incoming transfer `id` is verified, and with them
     /// the whole file (see [`file_hash`]): make it durable under its
     /// final name.
-    fn finish(&mut self, peer: &str, id: u64);
+    fn finish(&mut self, peer: &str, id: TransferId);
 }
 
 /// The disk side of a node that moves no files (a tool, a test of chat):
@@ -105,15 +162,15 @@ pub trait FileIo: FileSource {
 pub struct NoFiles;
 
 impl FileSource for NoFiles {
-    fn read(&mut self, _id: u64, _offset: u64, _buf: &mut [u8]) -> std::io::Result<usize> {
+    fn read(&mut self, _id: TransferId, _offset: u64, _buf: &mut [u8]) -> std::io::Result<usize> {
         Err(std::io::Error::other("this node sends no files"))
     }
 }
 
 impl FileIo for NoFiles {
-    fn write(&mut self, _peer: &str, _id: u64, _offset: u64, _data: Vec<u8>) {}
-    fn verify_piece(&mut self, _: &str, _: u64, _: u32, _: u64, _: u64, _: [u8; 32]) {}
-    fn finish(&mut self, _peer: &str, _id: u64) {}
+    fn write(&mut self, _peer: &str, _id: TransferId, _offset: u64, _data: Vec<u8>) {}
+    fn verify_piece(&mut self, _: &str, _: TransferId, _: u32, _: u64, _: u64, _: [u8; 32]) {}
+    fn finish(&mut self, _peer: &str, _id: TransferId) {}
 }
 
 /// What the node reports of a transfer. The disk work (writes, piece and
@@ -121,26 +178,21 @@ impl FileIo for NoFiles {
 /// records and its user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransferEvent {
-    /// A peer offers a file; answer with [`Transfers::accept`] or
-    /// [`Transfers::cancel`].
-    Offered {
-        id: u64,
-        path: String,
-        size: u64,
-        piece_size: u32,
-        hash: [u8; 32],
-        /// The directory it belongs to (0: none), and its file count.
-        group: u64,
-        group_files: u32,
-    },
+    /// A peer offers a file; answer with [`PeerFlow::accept`] or
+    /// [`PeerFlow::cancel`].
+    Offered(FileDesc),
     /// The peer accepted our offer.
-    Accepted { id: u64 },
+    Accepted { id: TransferId },
     /// Write these bytes of an incoming file.
-    Write { id: u64, offset: u64, data: Vec<u8> },
+    Write {
+        id: TransferId,
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// A piece of an incoming file is complete: read it back, hash it and
-    /// call [`Transfers::piece_checked`].
+    /// call [`PeerFlow::piece_checked`].
     VerifyPiece {
-        id: u64,
+        id: TransferId,
         piece: u32,
         offset: u64,
         len: u64,
@@ -148,24 +200,23 @@ pub enum TransferEvent {
     },
     /// Every piece is verified, and with them the whole file (see
     /// [`file_hash`]): make it durable under its final name, and call
-    /// [`Transfers::file_checked`].
-    VerifyFile { id: u64 },
+    /// [`PeerFlow::file_checked`].
+    VerifyFile { id: TransferId },
     /// Progress: bytes the peer has acknowledged (sending) or verified
     /// pieces cover (receiving).
-    Progress { id: u64, done: u64 },
+    Progress { id: TransferId, done: u64 },
     /// The transfer completed (the receiver has the file, verified).
-    Finished { id: u64 },
+    Finished { id: TransferId },
     /// The transfer ended without the file: declined, cancelled, failed.
-    Ended { id: u64, reason: String },
+    Ended { id: TransferId, reason: String },
     /// A source read failed: the owner should cancel with the reason.
-    ReadFailed { id: u64, error: String },
+    ReadFailed { id: TransferId, error: String },
     /// A file of a directory the peer sends will not come: it could not
     /// read it.
     Skipped {
-        id: u64,
+        id: TransferId,
         path: String,
-        group: u64,
-        group_files: u32,
+        group: Group,
         reason: String,
     },
 }
@@ -190,7 +241,7 @@ pub enum Phase {
 /// What `transfers` shows of one transfer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferStatus {
-    pub id: u64,
+    pub id: TransferId,
     pub direction: Direction,
     pub phase: Phase,
     pub path: String,
@@ -314,7 +365,7 @@ impl Incoming {
 
 /// What a flow packet carried, to act on its fate.
 enum Carried {
-    Control(FileFrame),
+    Control(FlowFrame),
     Data {
         id: u64,
         offset: u64,
@@ -324,7 +375,8 @@ enum Carried {
     Probe,
 }
 
-pub struct Transfers {
+/// Chat and file transfers with one peer, over one flow.
+pub struct PeerFlow {
     flow: Flow,
     /// Chat messages with this peer, carried by the same flow.
     chat: Reliable,
@@ -340,7 +392,7 @@ pub struct Transfers {
     rng: rand::rngs::StdRng,
     outgoing: BTreeMap<u64, Outgoing>,
     incoming: BTreeMap<u64, Incoming>,
-    control: VecDeque<FileFrame>,
+    control: VecDeque<FlowFrame>,
     carried: BTreeMap<u64, Carried>,
     /// The sending transfer whose turn is next.
     turn: u64,
@@ -348,7 +400,7 @@ pub struct Transfers {
     buf: Vec<u8>,
 }
 
-impl Transfers {
+impl PeerFlow {
     /// `seed` draws the flow epochs (fresh randomness in production);
     /// `chat_recv_next`: every chat message below it was delivered before.
     pub fn new(seed: u64, chat_recv_next: u64) -> Self {
@@ -423,20 +475,19 @@ impl Transfers {
         self.flow.set_mss(pmtud::BASE);
     }
 
-    /// Offers a file (the owner has hashed it per piece of `piece_size`;
-    /// `hash` is [`file_hash`] of `piece_hashes`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn offer(
-        &mut self,
-        id: u64,
-        path: String,
-        size: u64,
-        piece_size: u32,
-        hash: [u8; 32],
-        piece_hashes: Vec<[u8; 32]>,
-        group: (u64, u32),
-    ) {
-        self.control.push_back(FileFrame::Offer {
+    /// Offers a file (the owner has hashed it per piece of
+    /// `file.piece_size`; `file.hash` is [`file_hash`] of `piece_hashes`).
+    pub fn offer(&mut self, file: FileDesc, piece_hashes: Vec<[u8; 32]>) {
+        let FileDesc {
+            id: TransferId(id),
+            path,
+            size,
+            piece_size,
+            hash,
+            group,
+        } = file;
+        let group = Group::to_wire(group);
+        self.control.push_back(FlowFrame::Offer {
             id,
             path: path.clone(),
             size,
@@ -466,7 +517,8 @@ impl Transfers {
 
     /// Takes an offered file; `have` marks pieces already held and
     /// verified (from an earlier, interrupted run).
-    pub fn accept(&mut self, id: u64, have: &[bool]) -> bool {
+    pub fn accept(&mut self, id: TransferId, have: &[bool]) -> bool {
+        let id = id.0;
         let Some(t) = self.incoming.get_mut(&id) else {
             return false;
         };
@@ -484,7 +536,7 @@ impl Transfers {
         t.phase = Phase::Active;
         let mut have = to_ranges(&t.verified_pieces());
         have.truncate(MAX_RANGES);
-        self.control.push_back(FileFrame::Accept { id, have });
+        self.control.push_back(FlowFrame::Accept { id, have });
         self.check_all_verified(id);
         true
     }
@@ -492,58 +544,47 @@ impl Transfers {
     /// Takes up an incoming transfer again after a restart, from what the
     /// owner stored: the offer, and the pieces it holds verified. The
     /// sender is told at once (and again whenever a session comes up).
-    pub fn restore_incoming(
-        &mut self,
-        id: u64,
-        path: String,
-        size: u64,
-        piece_size: u32,
-        hash: [u8; 32],
-        have: &[bool],
-    ) {
-        self.incoming
-            .insert(id, Incoming::new(path, size, piece_size, hash));
+    pub fn restore_incoming(&mut self, file: FileDesc, have: &[bool]) {
+        let id = file.id;
+        self.restore_offer(file);
         self.accept(id, have);
     }
 
     /// An offer waiting for the user, known from before a restart: it can
     /// be accepted at once (the sender's repeat of it is then a no-op).
-    pub fn restore_offer(
-        &mut self,
-        id: u64,
-        path: String,
-        size: u64,
-        piece_size: u32,
-        hash: [u8; 32],
-    ) {
-        self.incoming
-            .insert(id, Incoming::new(path, size, piece_size, hash));
+    pub fn restore_offer(&mut self, file: FileDesc) {
+        self.incoming.insert(
+            file.id.0,
+            Incoming::new(file.path, file.size, file.piece_size, file.hash),
+        );
     }
 
     /// Tells the peer that file `id` of directory `group` will not be
     /// offered (we could not read it), so it does not wait for it.
-    pub fn skip(&mut self, id: u64, path: String, group: (u64, u32), reason: &str) {
-        self.control.push_back(FileFrame::Skipped {
-            id,
+    pub fn skip(&mut self, id: TransferId, path: String, group: Group, reason: &str) {
+        self.control.push_back(FlowFrame::Skipped {
+            id: id.0,
             path,
-            group: group.0,
-            group_files: group.1,
+            group: group.id.0,
+            group_files: group.files,
             reason: reason.to_owned(),
         });
     }
 
     /// The peer offers again a file we already received (our `Done` was
     /// lost): tell it again, and forget the offer.
-    pub fn already_have(&mut self, id: u64) {
+    pub fn already_have(&mut self, id: TransferId) {
+        let id = id.0;
         self.incoming.remove(&id);
-        self.control.push_back(FileFrame::Done { id });
+        self.control.push_back(FlowFrame::Done { id });
     }
 
     /// Tells the peer that transfer `id`, which this side no longer holds
     /// (it ended while the daemon was down), is over.
-    pub fn tell_ended(&mut self, id: u64, reason: &str) {
-        if !self.cancel(id, reason) {
-            self.control.push_back(FileFrame::Cancel {
+    pub fn tell_ended(&mut self, id: TransferId, reason: &str) {
+        let id = id.0;
+        if !self.cancel_raw(id, reason) {
+            self.control.push_back(FlowFrame::Cancel {
                 id,
                 reason: reason.to_owned(),
             });
@@ -551,7 +592,11 @@ impl Transfers {
     }
 
     /// Cancels (or declines) a transfer in either direction.
-    pub fn cancel(&mut self, id: u64, reason: &str) -> bool {
+    pub fn cancel(&mut self, id: TransferId, reason: &str) -> bool {
+        self.cancel_raw(id.0, reason)
+    }
+
+    fn cancel_raw(&mut self, id: u64, reason: &str) -> bool {
         let known = self.outgoing.contains_key(&id) || self.incoming.contains_key(&id);
         if !known
             || self
@@ -561,7 +606,7 @@ impl Transfers {
             return false;
         }
         self.end(id, reason.to_owned());
-        self.control.push_back(FileFrame::Cancel {
+        self.control.push_back(FlowFrame::Cancel {
             id,
             reason: reason.to_owned(),
         });
@@ -585,11 +630,15 @@ impl Transfers {
             t.phase = Phase::Ended;
         }
         self.control.retain(|f| f.id() != id);
-        self.events.push_back(TransferEvent::Ended { id, reason });
+        self.events.push_back(TransferEvent::Ended {
+            id: TransferId(id),
+            reason,
+        });
     }
 
     /// The owner's check of a piece it was asked to verify.
-    pub fn piece_checked(&mut self, id: u64, piece: u32, ok: bool) {
+    pub fn piece_checked(&mut self, id: TransferId, piece: u32, ok: bool) {
+        let id = id.0;
         let Some(t) = self.incoming.get_mut(&id) else {
             return;
         };
@@ -604,7 +653,10 @@ impl Transfers {
             let (s, e) = piece_range(t.size, t.piece_size, piece);
             t.verified += e - s;
             let done = t.verified;
-            self.events.push_back(TransferEvent::Progress { id, done });
+            self.events.push_back(TransferEvent::Progress {
+                id: TransferId(id),
+                done,
+            });
             self.check_all_verified(id);
         } else {
             tracing::info!(id = format_args!("{id:x}"), piece, "TRANSFER(BAD_PIECE)");
@@ -612,10 +664,10 @@ impl Transfers {
             t.bad += 1;
             if t.bad > MAX_BAD_PIECES {
                 let reason = "pieces keep failing their check: the sender's file is changing";
-                self.cancel(id, reason);
+                self.cancel_raw(id, reason);
                 return;
             }
-            self.control.push_back(FileFrame::BadPiece { id, piece });
+            self.control.push_back(FlowFrame::BadPiece { id, piece });
         }
     }
 
@@ -628,17 +680,19 @@ impl Transfers {
             // offer (before a restart too); an empty file has no pieces,
             // and its hash is that of no piece hashes.
             if t.pieces.is_empty() && t.hash != file_hash(&[]) {
-                self.cancel(id, "the empty file does not match the offered hash");
+                self.cancel_raw(id, "the empty file does not match the offered hash");
                 return;
             }
             t.phase = Phase::Finishing;
-            self.events.push_back(TransferEvent::VerifyFile { id });
+            self.events
+                .push_back(TransferEvent::VerifyFile { id: TransferId(id) });
         }
     }
 
     /// The owner's check of the whole file: `Ok` once it is durable under
     /// its final name.
-    pub fn file_checked(&mut self, id: u64, result: Result<(), String>) {
+    pub fn file_checked(&mut self, id: TransferId, result: Result<(), String>) {
+        let id = id.0;
         let Some(t) = self.incoming.get_mut(&id) else {
             return;
         };
@@ -648,12 +702,13 @@ impl Transfers {
         match result {
             Ok(()) => {
                 t.phase = Phase::Done;
-                self.control.push_back(FileFrame::Done { id });
-                self.events.push_back(TransferEvent::Finished { id });
+                self.control.push_back(FlowFrame::Done { id });
+                self.events
+                    .push_back(TransferEvent::Finished { id: TransferId(id) });
             }
             Err(reason) => {
                 self.end(id, reason.clone());
-                self.control.push_back(FileFrame::Cancel { id, reason });
+                self.control.push_back(FlowFrame::Cancel { id, reason });
             }
         }
     }
@@ -704,11 +759,11 @@ impl Transfers {
     /// announced again (after a session or peer restart); the other side
     /// treats repeats as no-ops.
     fn announce(&mut self) {
-        let offers: Vec<FileFrame> = self
+        let offers: Vec<FlowFrame> = self
             .outgoing
             .iter()
             .filter(|(_, t)| t.phase == Phase::Offered)
-            .map(|(id, t)| FileFrame::Offer {
+            .map(|(id, t)| FlowFrame::Offer {
                 id: *id,
                 path: t.path.clone(),
                 size: t.size,
@@ -723,14 +778,14 @@ impl Transfers {
                 self.control.push_back(f);
             }
         }
-        let accepts: Vec<FileFrame> = self
+        let accepts: Vec<FlowFrame> = self
             .incoming
             .iter()
             .filter(|(_, t)| t.phase == Phase::Active)
             .map(|(id, t)| {
                 let mut have = to_ranges(&t.verified_pieces());
                 have.truncate(MAX_RANGES);
-                FileFrame::Accept { id: *id, have }
+                FlowFrame::Accept { id: *id, have }
             })
             .collect();
         self.control.extend(accepts);
@@ -738,7 +793,7 @@ impl Transfers {
 
     pub fn status(&self) -> Vec<TransferStatus> {
         let out = self.outgoing.iter().map(|(id, t)| TransferStatus {
-            id: *id,
+            id: TransferId(*id),
             direction: Direction::Send,
             phase: t.phase,
             path: t.path.clone(),
@@ -746,7 +801,7 @@ impl Transfers {
             done: t.acked.min(t.size),
         });
         let inc = self.incoming.iter().map(|(id, t)| TransferStatus {
-            id: *id,
+            id: TransferId(*id),
             direction: Direction::Receive,
             phase: t.phase,
             path: t.path.clone(),
@@ -757,9 +812,9 @@ impl Transfers {
     }
 
     /// Forgets finished and ended transfers (the owner keeps their record).
-    pub fn forget(&mut self, id: u64) {
-        self.outgoing.remove(&id);
-        self.incoming.remove(&id);
+    pub fn forget(&mut self, id: TransferId) {
+        self.outgoing.remove(&id.0);
+        self.incoming.remove(&id.0);
     }
 
     #[must_use]
@@ -826,7 +881,10 @@ impl Transfers {
                             t.acked += len as u64;
                             t.unacked = t.unacked.saturating_sub(len);
                             let done = t.acked.min(t.size);
-                            self.events.push_back(TransferEvent::Progress { id, done });
+                            self.events.push_back(TransferEvent::Progress {
+                                id: TransferId(id),
+                                done,
+                            });
                             if t.phase == Phase::Active
                                 && t.todo.is_empty()
                                 && t.resend.is_empty()
@@ -848,7 +906,7 @@ impl Transfers {
                     // What an ended transfer still owes the peer (its
                     // cancel, its done) goes again; the rest is moot.
                     Some(Carried::Control(f))
-                        if matches!(f, FileFrame::Cancel { .. } | FileFrame::Done { .. })
+                        if matches!(f, FlowFrame::Cancel { .. } | FlowFrame::Done { .. })
                             || !matches!(self.phase(f.id()), Some(Phase::Ended)) =>
                     {
                         self.control.push_back(f)
@@ -870,9 +928,9 @@ impl Transfers {
         }
     }
 
-    fn on_frame(&mut self, frame: FileFrame) {
+    fn on_frame(&mut self, frame: FlowFrame) {
         match frame {
-            FileFrame::Offer {
+            FlowFrame::Offer {
                 id,
                 path,
                 size,
@@ -888,9 +946,9 @@ impl Transfers {
                         Phase::Active => {
                             let mut have = to_ranges(&t.verified_pieces());
                             have.truncate(MAX_RANGES);
-                            self.control.push_back(FileFrame::Accept { id, have });
+                            self.control.push_back(FlowFrame::Accept { id, have });
                         }
-                        Phase::Done => self.control.push_back(FileFrame::Done { id }),
+                        Phase::Done => self.control.push_back(FlowFrame::Done { id }),
                         Phase::Offered | Phase::Finishing | Phase::Ended => {}
                     }
                     return;
@@ -899,7 +957,7 @@ impl Transfers {
                     return; // 0 names no transfer (chat frames carry it)
                 }
                 if piece_size == 0 || piece_size > 64 << 20 {
-                    self.control.push_back(FileFrame::Cancel {
+                    self.control.push_back(FlowFrame::Cancel {
                         id,
                         reason: "unsupported piece size".into(),
                     });
@@ -907,7 +965,7 @@ impl Transfers {
                 }
                 let pieces = size.div_ceil(piece_size as u64);
                 if pieces > 1 << 24 {
-                    self.control.push_back(FileFrame::Cancel {
+                    self.control.push_back(FlowFrame::Cancel {
                         id,
                         reason: "file too large".into(),
                     });
@@ -915,17 +973,16 @@ impl Transfers {
                 }
                 self.incoming
                     .insert(id, Incoming::new(path.clone(), size, piece_size, hash));
-                self.events.push_back(TransferEvent::Offered {
-                    id,
+                self.events.push_back(TransferEvent::Offered(FileDesc {
+                    id: TransferId(id),
                     path,
                     size,
                     piece_size,
                     hash,
-                    group,
-                    group_files,
-                });
+                    group: Group::from_wire(group, group_files),
+                }));
             }
-            FileFrame::Accept { id, have } => {
+            FlowFrame::Accept { id, have } => {
                 let Some(t) = self.outgoing.get_mut(&id) else {
                     return;
                 };
@@ -959,10 +1016,11 @@ impl Transfers {
                     Phase::Active
                 };
                 if first {
-                    self.events.push_back(TransferEvent::Accepted { id });
+                    self.events
+                        .push_back(TransferEvent::Accepted { id: TransferId(id) });
                 }
             }
-            FileFrame::Cancel { id, reason } => {
+            FlowFrame::Cancel { id, reason } => {
                 if self
                     .phase(id)
                     .is_some_and(|p| !matches!(p, Phase::Done | Phase::Ended))
@@ -970,7 +1028,7 @@ impl Transfers {
                     self.end(id, format!("the peer: {reason}"));
                 }
             }
-            FileFrame::Hashes { id, first, hashes } => {
+            FlowFrame::Hashes { id, first, hashes } => {
                 let Some(t) = self.incoming.get_mut(&id) else {
                     return;
                 };
@@ -992,14 +1050,14 @@ impl Transfers {
                 }
                 let all: Vec<[u8; 32]> = t.piece_hashes.iter().flatten().copied().collect();
                 if file_hash(&all) != t.hash {
-                    self.cancel(id, "the piece hashes do not match the offered file hash");
+                    self.cancel_raw(id, "the piece hashes do not match the offered file hash");
                     return;
                 }
                 t.hashes_ok = true;
                 self.verify_ready(id);
             }
-            FileFrame::Data { id, offset, data } => self.on_data(id, offset, data),
-            FileFrame::BadPiece { id, piece } => {
+            FlowFrame::Data { id, offset, data } => self.on_data(id, offset, data),
+            FlowFrame::BadPiece { id, piece } => {
                 let Some(t) = self.outgoing.get_mut(&id) else {
                     return;
                 };
@@ -1011,8 +1069,8 @@ impl Transfers {
                 t.acked = t.acked.saturating_sub(e - s);
                 t.phase = Phase::Active;
             }
-            FileFrame::Padding { .. } => {}
-            FileFrame::Skipped {
+            FlowFrame::Padding { .. } => {}
+            FlowFrame::Skipped {
                 id,
                 path,
                 group,
@@ -1020,23 +1078,24 @@ impl Transfers {
                 reason,
             } => {
                 if !self.incoming.contains_key(&id) && !self.outgoing.contains_key(&id) {
-                    self.events.push_back(TransferEvent::Skipped {
-                        id,
-                        path,
-                        group,
-                        group_files,
-                        reason,
-                    });
+                    if let Some(group) = Group::from_wire(group, group_files) {
+                        self.events.push_back(TransferEvent::Skipped {
+                            id: TransferId(id),
+                            path,
+                            group,
+                            reason,
+                        });
+                    }
                 }
             }
-            FileFrame::Chat {
+            FlowFrame::Chat {
                 seq,
                 base,
                 sent_ms,
                 body,
             } => self.chat.handle_message(seq, base, sent_ms, body),
-            FileFrame::ChatAck { upto } => self.chat.handle_ack(upto),
-            FileFrame::Done { id } => {
+            FlowFrame::ChatAck { upto } => self.chat.handle_ack(upto),
+            FlowFrame::Done { id } => {
                 if let Some(t) = self.outgoing.get_mut(&id) {
                     if t.phase != Phase::Done && t.phase != Phase::Ended {
                         t.phase = Phase::Done;
@@ -1052,7 +1111,8 @@ impl Transfers {
                             min_rtt = ?cc.min_rtt(),
                             "FLOW(STATS)"
                         );
-                        self.events.push_back(TransferEvent::Finished { id });
+                        self.events
+                            .push_back(TransferEvent::Finished { id: TransferId(id) });
                     }
                 }
             }
@@ -1092,8 +1152,11 @@ impl Transfers {
         }
         got.insert(start, stop);
         let complete = got.get(&0) == Some(&(pe - ps));
-        self.events
-            .push_back(TransferEvent::Write { id, offset, data });
+        self.events.push_back(TransferEvent::Write {
+            id: TransferId(id),
+            offset,
+            data,
+        });
         if complete {
             t.pieces[piece as usize] = PieceState::Complete;
             self.verify_ready(id);
@@ -1115,7 +1178,7 @@ impl Transfers {
             *p = PieceState::Checking;
             let (s, e) = piece_range(t.size, t.piece_size, i as u32);
             self.events.push_back(TransferEvent::VerifyPiece {
-                id,
+                id: TransferId(id),
                 piece: i as u32,
                 offset: s,
                 len: e - s,
@@ -1150,7 +1213,7 @@ impl Transfers {
         self.poll(now, Some(src))
     }
 
-    /// Like [`Transfers::poll_packet`] but without file data (no source
+    /// Like [`PeerFlow::poll_packet`] but without file data (no source
     /// at hand): acknowledgements, control frames and chat.
     pub fn poll_control(&mut self, now: Instant) -> Option<PeerToPeer> {
         self.poll(now, None)
@@ -1181,7 +1244,7 @@ impl Transfers {
             return Some(PeerToPeer::Flow {
                 epoch: self.epoch,
                 pn,
-                frame: FileFrame::Padding { len: len as u16 },
+                frame: FlowFrame::Padding { len: len as u16 },
             });
         }
         if self.flow.send_time(now, self.pmtud.current()) != Some(now) {
@@ -1212,7 +1275,7 @@ impl Transfers {
         None
     }
 
-    fn send_frame(&mut self, now: Instant, frame: FileFrame) -> PeerToPeer {
+    fn send_frame(&mut self, now: Instant, frame: FlowFrame) -> PeerToPeer {
         let pn = self.flow.on_sent(now, CONTROL_SIZE, true);
         self.carried.insert(pn, Carried::Control(frame.clone()));
         PeerToPeer::Flow {
@@ -1229,7 +1292,7 @@ impl Transfers {
             let end = (first as usize + MAX_HASHES).min(t.piece_hashes.len());
             let hashes = t.piece_hashes[first as usize..end].to_vec();
             t.hashes_next = end as u32;
-            return Some(self.send_frame(now, FileFrame::Hashes { id, first, hashes }));
+            return Some(self.send_frame(now, FlowFrame::Hashes { id, first, hashes }));
         }
         let most = max_file_data(self.pmtud.current());
         let (offset, len) = if let Some((offset, len)) = t.resend.pop_front() {
@@ -1249,22 +1312,24 @@ impl Transfers {
             (s, len)
         };
         let buf = &mut self.buf[..len];
-        match src.read(id, offset, buf) {
+        match src.read(TransferId(id), offset, buf) {
             Ok(n) if n == len => {}
             Ok(n) => {
                 let error =
                     format!("the file is shorter than offered ({n} of {len} bytes at {offset})");
-                self.events
-                    .push_back(TransferEvent::ReadFailed { id, error });
-                self.cancel(id, "the file changed while sending");
+                self.events.push_back(TransferEvent::ReadFailed {
+                    id: TransferId(id),
+                    error,
+                });
+                self.cancel_raw(id, "the file changed while sending");
                 return None;
             }
             Err(e) => {
                 self.events.push_back(TransferEvent::ReadFailed {
-                    id,
+                    id: TransferId(id),
                     error: e.to_string(),
                 });
-                self.cancel(id, &format!("cannot read the file: {e}"));
+                self.cancel_raw(id, &format!("cannot read the file: {e}"));
                 return None;
             }
         }
@@ -1276,12 +1341,12 @@ impl Transfers {
         Some(PeerToPeer::Flow {
             epoch: self.epoch,
             pn,
-            frame: FileFrame::Data { id, offset, data },
+            frame: FlowFrame::Data { id, offset, data },
         })
     }
 
-    /// When to call [`Transfers::poll_packet`] or
-    /// [`Transfers::handle_timeout`] next.
+    /// When to call [`PeerFlow::poll_packet`] or
+    /// [`PeerFlow::handle_timeout`] next.
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         let send = if self.wants_to_send() {
             self.flow.send_time(now, self.pmtud.current())
@@ -1318,7 +1383,7 @@ impl Transfers {
                             // Not worth sending again: take it for lost, and
                             // ask for an acknowledgement with a small packet.
                             self.pmtud.on_lost(now, pn);
-                            self.control.push_back(FileFrame::Padding { len: 0 });
+                            self.control.push_back(FlowFrame::Padding { len: 0 });
                         }
                         None => {}
                     }

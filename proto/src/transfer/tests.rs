@@ -1,4 +1,4 @@
-//! Transfers between two [`Transfers`] over a simulated link in virtual
+//! PeerFlow between two [`PeerFlow`] over a simulated link in virtual
 //! time, with in-memory files: loss, reordering and duplication both ways,
 //! a corrupted read, restarts of either side, cancellation.
 
@@ -34,7 +34,7 @@ const BAD: Link = Link {
 
 /// One side: its machine, the files it sends, the files it receives.
 struct Side {
-    t: Transfers,
+    t: PeerFlow,
     sources: BTreeMap<u64, Vec<u8>>,
     /// A read at this (id, offset) returns one flipped byte, once.
     corrupt: Option<(u64, u64)>,
@@ -52,7 +52,8 @@ struct Src<'a> {
 }
 
 impl FileSource for Src<'_> {
-    fn read(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    fn read(&mut self, id: TransferId, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let id = id.0;
         let f = self.sources.get(&id).ok_or(std::io::ErrorKind::NotFound)?;
         let start = (offset as usize).min(f.len());
         let n = buf.len().min(f.len() - start);
@@ -65,10 +66,23 @@ impl FileSource for Src<'_> {
     }
 }
 
+/// How the tests offer file `id`: `file-ID`, whole pieces of
+/// [`PIECE_SIZE`], no directory.
+fn desc(id: u64, size: u64, hash: [u8; 32]) -> FileDesc {
+    FileDesc {
+        id: TransferId(id),
+        path: format!("file-{id}"),
+        size,
+        piece_size: PIECE_SIZE,
+        hash,
+        group: None,
+    }
+}
+
 impl Side {
     fn new() -> Self {
         Side {
-            t: Transfers::new(rand::random(), 0),
+            t: PeerFlow::new(rand::random(), 0),
             sources: BTreeMap::new(),
             corrupt: None,
             disk: BTreeMap::new(),
@@ -84,15 +98,7 @@ impl Side {
             .map(|c| Sha256::digest(c).into())
             .collect();
         let hash = file_hash(&pieces);
-        self.t.offer(
-            id,
-            format!("file-{id}"),
-            data.len() as u64,
-            PIECE_SIZE,
-            hash,
-            pieces,
-            (0, 0),
-        );
+        self.t.offer(desc(id, data.len() as u64, hash), pieces);
         self.sources.insert(id, data);
     }
 
@@ -100,15 +106,15 @@ impl Side {
     fn handle_events(&mut self) {
         while let Some(ev) = self.t.poll_event() {
             match &ev {
-                TransferEvent::Offered { id, .. } if self.decline => {
-                    self.t.cancel(*id, "declined");
+                TransferEvent::Offered(f) if self.decline => {
+                    self.t.cancel(f.id, "declined");
                 }
-                TransferEvent::Offered { id, size, .. } => {
-                    self.disk.insert(*id, vec![0; *size as usize]);
-                    self.t.accept(*id, &[]);
+                TransferEvent::Offered(f) => {
+                    self.disk.insert(f.id.0, vec![0; f.size as usize]);
+                    self.t.accept(f.id, &[]);
                 }
                 TransferEvent::Write { id, offset, data } => {
-                    let f = self.disk.get_mut(id).expect("accepted file");
+                    let f = self.disk.get_mut(&id.0).expect("accepted file");
                     let o = *offset as usize;
                     f[o..o + data.len()].copy_from_slice(data);
                 }
@@ -119,13 +125,13 @@ impl Side {
                     len,
                     hash,
                 } => {
-                    let f = &self.disk[id];
+                    let f = &self.disk[&id.0];
                     let o = *offset as usize;
                     let got: [u8; 32] = Sha256::digest(&f[o..o + *len as usize]).into();
                     let ok = &got == hash;
                     if ok {
                         let n = f.len().div_ceil(PIECE_SIZE as usize);
-                        self.verified.entry(*id).or_insert_with(|| vec![false; n])
+                        self.verified.entry(id.0).or_insert_with(|| vec![false; n])
                             [*piece as usize] = true;
                     }
                     self.t.piece_checked(*id, *piece, ok);
@@ -143,13 +149,13 @@ impl Side {
     fn finished(&self, id: u64) -> bool {
         self.events
             .iter()
-            .any(|e| matches!(e, TransferEvent::Finished { id: i } if *i == id))
+            .any(|e| matches!(e, TransferEvent::Finished { id: i } if i.0 == id))
     }
 
     fn ended(&self, id: u64) -> bool {
         self.events
             .iter()
-            .any(|e| matches!(e, TransferEvent::Ended { id: i, .. } if *i == id))
+            .any(|e| matches!(e, TransferEvent::Ended { id: i, .. } if i.0 == id))
     }
 }
 
@@ -366,9 +372,7 @@ fn receiver_restart(new_session: bool) {
     sim.b.disk.insert(5, disk);
     sim.b.verified.insert(5, have.clone());
     sim.wire.clear();
-    sim.b
-        .t
-        .restore_incoming(5, "file-5".into(), size, PIECE_SIZE, hash, &have);
+    sim.b.t.restore_incoming(desc(5, size, hash), &have);
     if new_session {
         sim.a.t.session_restarted();
     }
@@ -419,7 +423,7 @@ fn cancel_and_decline_end_both_sides() {
     sim.run_until(Duration::from_secs(60), |s| {
         s.b.verified.get(&3).is_some_and(|v| v.iter().any(|x| *x))
     });
-    assert!(sim.b.t.cancel(3, "changed my mind"));
+    assert!(sim.b.t.cancel(TransferId(3), "changed my mind"));
     sim.run_until(Duration::from_secs(60), |s| s.a.ended(3) && s.b.ended(3));
     assert!(!sim.a.finished(3));
     // Nothing more is sent for it.
@@ -470,13 +474,13 @@ fn one_side_starting_a_new_flow_alone_does_not_stall_the_other() {
 #[test]
 fn an_offer_too_large_to_track_is_refused_not_allocated() {
     let now = Instant::now();
-    let mut t = Transfers::new(1, 0);
+    let mut t = PeerFlow::new(1, 0);
     t.handle(
         now,
         PeerToPeer::Flow {
             epoch: 1,
             pn: 0,
-            frame: FileFrame::Offer {
+            frame: FlowFrame::Offer {
                 id: 9,
                 path: "huge".into(),
                 size: u64::MAX,
@@ -502,15 +506,9 @@ fn piece_hashes_that_do_not_match_the_offer_end_the_transfer() {
     // Offered under the hash of other pieces.
     let mut other = pieces.clone();
     other[1][0] ^= 1;
-    sim.a.t.offer(
-        4,
-        "file-4".into(),
-        data.len() as u64,
-        PIECE_SIZE,
-        file_hash(&other),
-        pieces,
-        (0, 0),
-    );
+    sim.a
+        .t
+        .offer(desc(4, data.len() as u64, file_hash(&other)), pieces);
     sim.a.sources.insert(4, data);
     sim.run_until(Duration::from_secs(60), |s| s.a.ended(4) && s.b.ended(4));
     assert!(!sim.b.events.iter().any(|e| matches!(
@@ -600,22 +598,21 @@ fn a_new_path_starts_from_the_base_size() {
 #[test]
 fn a_file_of_a_directory_the_sender_cannot_read_is_reported_not_awaited() {
     let mut sim = Sim::new(14, BAD);
+    let group = Group {
+        id: GroupId(77),
+        files: 2,
+    };
     sim.a.t.skip(
-        9,
+        TransferId(9),
         "photos/b.jpg".into(),
-        (77, 2),
+        group,
         "the sender could not read it",
     );
     sim.run_until(Duration::from_secs(60), |s| {
         s.b.events.iter().any(|e| {
             matches!(
                 e,
-                TransferEvent::Skipped {
-                    id: 9,
-                    group: 77,
-                    group_files: 2,
-                    ..
-                }
+                TransferEvent::Skipped { id: TransferId(9), group: g, .. } if *g == group
             )
         })
     });
