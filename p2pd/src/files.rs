@@ -17,7 +17,7 @@
 //! after the whole file matched the offer's hash and was synced, by a hard
 //! link that fails rather than replace an existing file.
 
-use proto::transfer::{FileIo, FileSource, TransferId};
+use proto::{FileIo, FileSource, TransferId};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -527,7 +527,7 @@ impl FileSource for Files {
         // offered (one fstat a MiB).
         // (`is_multiple_of` is newer than the crate's rust-version.)
         #[allow(clippy::manual_is_multiple_of)]
-        let piece_start = offset % proto::transfer::PIECE_SIZE as u64 == 0;
+        let piece_start = offset % proto::PIECE_SIZE as u64 == 0;
         if piece_start {
             let meta = file.metadata()?;
             if meta.len() != s.size || mtime_ns(&meta) != s.mtime_ns {
@@ -549,7 +549,7 @@ impl FileSource for Files {
 }
 
 /// What hashing a file found: size, modification time (ns), the file's
-/// hash (`proto::transfer::file_hash`) and the SHA-256 of each piece.
+/// hash (`proto::file_hash`) and the SHA-256 of each piece.
 pub type Hashed = (u64, i64, [u8; 32], Vec<[u8; 32]>);
 
 /// Size, modification time, the file's hash and each piece's, in one
@@ -586,7 +586,7 @@ pub fn hash_file(path: &Path, piece_size: u32) -> std::io::Result<Hashed> {
             "the file changed while it was hashed",
         ));
     }
-    Ok((size, mtime_ns, proto::transfer::file_hash(&pieces), pieces))
+    Ok((size, mtime_ns, proto::file_hash(&pieces), pieces))
 }
 
 pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
@@ -601,7 +601,7 @@ fn read_hash(file: &File, offset: u64, len: u64) -> std::io::Result<[u8; 32]> {
 }
 
 /// The last step of a verified file (its pieces were checked against
-/// hashes that match the offer; see `proto::transfer::file_hash`): make it
+/// hashes that match the offer; see `proto::file_hash`): make it
 /// durable and give it its final name.
 fn finish_file(file: &File, part: &Path, dir: &Path, name: &str) -> Result<PathBuf, String> {
     file.sync_all()

@@ -2,14 +2,14 @@
 //!
 //! # Map
 //!
-//! * [`daemon`]: the one task that owns the protocol [`proto::node::Node`],
+//! * [`daemon`]: the one task that owns the protocol [`proto::Node`],
 //!   the UDP socket and the database; it runs the node from its deadlines
 //!   and turns control requests into node calls and node events into
 //!   stored messages, answers and watch events. Split by job: `control`
 //!   (requests and the answers that wait), `events` (node events: stored,
 //!   answered, broadcast), `transfers` (file commands), `records`
 //!   (transfer events and disk results into the database).
-//! * [`files`]: the node's disk side (`proto::transfer::FileIo`): reading,
+//! * [`files`]: the node's disk side (`proto::FileIo`): reading,
 //!   writing, hashing, verifying, naming.
 //! * [`ctl`]: the control socket: accepts same-user connections and moves
 //!   JSON lines between them and the daemon task.

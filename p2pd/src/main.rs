@@ -86,7 +86,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("rendezvous server {} has no IPv4 address", args.server))?;
     let server_key = match &args.server_key {
         Some(hex) => Some(
-            proto::identity::key_from_hex(hex)
+            proto::key_from_hex(hex)
                 .with_context(|| format!("--server-key {hex:?} is not 64 hex digits"))?,
         ),
         None => None,

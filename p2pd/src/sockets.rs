@@ -1,5 +1,5 @@
 //! The extra UDP sockets the node asks for (port prediction: see
-//! [`proto::transport::Predictor`]), by the ids it gives them. The node
+//! [`proto::Predictor`]), by the ids it gives them. The node
 //! decides when to open and close them, what to send through which, and
 //! which datagrams count; this only binds, reads and sends.
 //!

@@ -6,10 +6,10 @@
 //! its acknowledgement leaves (the daemon writes events before it sends
 //! packets). Each batch of events is one transaction.
 
-use proto::codec::{Reader, Writer};
 use proto::control::{Direction, HistoryEntry, MessageState, TransferState};
-use proto::identity::PublicIdentity;
-use proto::transfer::{FileDesc, Group, GroupId, TransferId};
+use proto::PublicIdentity;
+use proto::{FileDesc, Group, GroupId, TransferId};
+use proto::{Reader, Writer};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
@@ -543,7 +543,7 @@ fn decode_identity(bytes: &[u8]) -> Option<PublicIdentity> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::identity::Identity;
+    use proto::Identity;
 
     fn temp(tag: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("p2pd-store-{tag}-{}", std::process::id()));

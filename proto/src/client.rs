@@ -10,9 +10,8 @@
 //! Requests carry a client-chosen `rid`; the answer comes back as
 //! [`LinkEvent::Response`] with the same `rid`, or a timeout error.
 
-use crate::identity::{Identity, PublicIdentity};
+use crate::identity::{identity_payload, Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern, Transport, REKEY_AFTER_TIME};
-use crate::server::identity_payload;
 use crate::wire::{ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient};
 use crate::Transmit;
 use rand::{Rng, SeedableRng};

@@ -37,6 +37,18 @@ pub struct Identity {
     noise_public: [u8; 32],
 }
 
+/// A fresh X25519 private key from the operating system's random source.
+pub fn generate_static_keypair() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
+    k
+}
+
+/// The X25519 public key of a private key.
+pub fn public_from_private(private: &[u8; 32]) -> [u8; 32] {
+    curve25519_dalek::montgomery::MontgomeryPoint::mul_base_clamped(*private).to_bytes()
+}
+
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
@@ -49,12 +61,12 @@ impl Identity {
     /// Makes fresh keys from the operating system's random source.
     pub fn generate() -> Self {
         let signing = SigningKey::generate(&mut rand::rngs::OsRng);
-        let kp = crate::noise::generate_static_keypair();
+        let kp = generate_static_keypair();
         Self::from_parts(signing, kp)
     }
 
     fn from_parts(signing: SigningKey, noise_private: [u8; 32]) -> Self {
-        let noise_public = crate::noise::public_from_private(&noise_private);
+        let noise_public = public_from_private(&noise_private);
         Self {
             signing,
             noise_private: Secret(noise_private),
@@ -227,6 +239,13 @@ pub fn key_from_hex(s: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
     }
     Some(out)
+}
+
+/// Encodes an identity as the payload of a handshake message.
+pub fn identity_payload(id: &PublicIdentity) -> Vec<u8> {
+    let mut w = Writer::new();
+    id.encode(&mut w);
+    w.into_inner()
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub enum KeyFileError {
 
 /// Loads the identity at `path`, or makes one and saves it there if the
 /// file does not exist. Returns the identity and whether it was created.
-pub fn load_or_create(path: &Path) -> Result<(Identity, bool), KeyFileError> {
+pub fn load_or_create_identity(path: &Path) -> Result<(Identity, bool), KeyFileError> {
     let shown = path.display().to_string();
     match fs::read(path) {
         Ok(bytes) => {
@@ -117,9 +117,9 @@ mod tests {
     fn created_once_then_loaded_with_mode_0600() {
         let d = temp_dir("create");
         let p = d.join("sub").join("identity.key");
-        let (a, created) = load_or_create(&p).unwrap();
+        let (a, created) = load_or_create_identity(&p).unwrap();
         assert!(created);
-        let (b, created) = load_or_create(&p).unwrap();
+        let (b, created) = load_or_create_identity(&p).unwrap();
         assert!(!created);
         assert_eq!(a.public(), b.public());
         #[cfg(unix)]
@@ -143,7 +143,7 @@ mod tests {
             fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         }
         assert!(matches!(
-            load_or_create(&p),
+            load_or_create_identity(&p),
             Err(KeyFileError::Damaged { .. })
         ));
         // Never overwritten: the user's bytes are still there.
@@ -153,7 +153,7 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
             assert!(matches!(
-                load_or_create(&p),
+                load_or_create_identity(&p),
                 Err(KeyFileError::TooOpen { .. })
             ));
         }

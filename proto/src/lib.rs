@@ -2,32 +2,26 @@
 //!
 //! # Map
 //!
-//! * [`identity`]: a user's long-term keys (ed25519 identity, X25519 Noise
-//!   static key) and the signature that binds the two.
-//! * [`codec`]: length-checked byte reading and writing; every decoder in
-//!   this crate reads through it and never panics on hostile input.
-//! * [`wire`]: the outer packet (version, type, indices, counters) and the
-//!   inner, encrypted messages of each direction: [`wire::ClientToServer`],
-//!   [`wire::ServerToClient`], [`wire::PeerToPeer`].
-//! * [`noise`]: the Noise handshakes (from `snow`) and the data-packet
-//!   transport with explicit counters and a replay window.
-//! * [`client`]: the rendezvous client ([`client::ServerLink`]): handshake,
-//!   login, heartbeats, requests.
-//! * [`server`]: the rendezvous server machine ([`server::Server`]).
-//! * [`reliable`]: acknowledged, ordered, deduplicated delivery of chat
-//!   messages over one peer session.
-//! * [`flow`]: packet-level loss recovery (RFC 9002) and model-based
-//!   congestion control (BBR) with pacing, for bulk data such as files.
-//! * [`transfer`]: file transfers with one peer over a [`flow::Flow`]:
-//!   offers, resumption, piece hashes, verification.
-//! * [`peer`]: one peer session ([`peer::PeerSession`]): punching,
-//!   handshake, keepalive, rekey, built by polling the smaller machines.
-//! * [`node`]: what a daemon runs ([`node::Node`]): a server link plus its
-//!   peer sessions, with the demultiplexing of one UDP socket.
-//! * [`keyfile`]: an identity kept on disk (mode 0600); the one module
-//!   that touches the filesystem.
-//! * [`control`]: the JSON request/response/event types of the daemon's
-//!   control socket, shared by `p2pd` and `p2pctl`.
+//! Modules in layers, each using only those above it (no cycles):
+//!
+//! ```text
+//!  codec                     length-checked reading and writing
+//!  identity                  long-term keys (ed25519 + X25519) and their binding
+//!  wire                      the bytes: Packet; client, server, peer message families
+//!  noise, flow, reliable     handshakes and data transport; loss recovery, BBR,
+//!                            pacing, path MTU; chat ordering and dedup
+//!  client, server, peer,     the rendezvous link, the server machine, one peer
+//!  transfer                  session; a peer's flow (chat and files)
+//!  transport                 which way datagrams leave: UDP or TCP to the server,
+//!                            prediction sockets
+//!  node                      what a daemon runs: link + peers + transports
+//!  control, keyfile          the daemon's JSON API; the identity on disk
+//! ```
+//!
+//! The public API is what the binaries use, re-exported here (machines,
+//! their configs, events and ids); [`wire`] (the protocol's bytes) and
+//! [`control`] (the JSON API shared by `p2pd` and `p2pctl`) are public
+//! whole. The rest stays inside the crate.
 //!
 //! # Contract
 //!
@@ -60,20 +54,40 @@
 //! its state in ordered containers, so one seed gives one trace: the
 //! simulator (`tests/sim.rs`) runs a seed twice and compares.
 
-pub mod client;
-pub mod codec;
+mod client;
+mod codec;
 pub mod control;
-pub mod flow;
-pub mod identity;
-pub mod keyfile;
-pub mod node;
-pub mod noise;
-pub mod peer;
-pub mod reliable;
-pub mod server;
-pub mod transfer;
-pub mod transport;
+mod flow;
+mod identity;
+mod keyfile;
+mod node;
+mod noise;
+mod peer;
+mod reliable;
+mod server;
+mod transfer;
+mod transport;
 pub mod wire;
+
+pub use client::{ClientConfig, LinkState, RequestError};
+pub use codec::{DecodeError, Reader, Writer};
+pub use identity::{
+    fingerprint, key_from_hex, to_hex, Identity, IdentityError, PublicIdentity, PUBLIC_IDENTITY_LEN,
+};
+pub use keyfile::{load_or_create_identity, KeyFileError};
+pub use node::{Node, NodeConfig, NodeError, NodeEvent, PeerStatus};
+pub use noise::Handshake;
+pub use peer::{Path, PeerConfig, SessionPhase};
+pub use reliable::ChatMessage;
+pub use server::{
+    answer_probe, Account, AccountStore, MemoryStore, RegisterOutcome, RelayConfig, Server,
+    ServerConfig, ServerStats, StoreError,
+};
+pub use transfer::{
+    file_hash, FileDesc, FileIo, FileSource, Group, GroupId, NoFiles, Phase, TransferEvent,
+    TransferId, TransferStatus, PIECE_SIZE,
+};
+pub use transport::{TransportCommand, Via};
 
 use std::net::SocketAddr;
 

@@ -24,7 +24,7 @@ use crate::codec::{DecodeError, Reader};
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
-use crate::reliable::{Outgoing, ReliableEvent};
+use crate::reliable::{ChatMessage, ReliableEvent};
 use crate::transfer::{
     FileDesc, FileIo, Group, PeerFlow, TransferEvent, TransferId, TransferStatus,
 };
@@ -536,7 +536,7 @@ impl<F: FileIo> Node<F> {
 
     /// Queues a chat message; it is sent when a session is up, connecting
     /// to a known peer by itself if needed.
-    pub fn send_message(&mut self, now: Instant, name: &str, msg: Outgoing) {
+    pub fn send_message(&mut self, now: Instant, name: &str, msg: ChatMessage) {
         self.queue_for(now, name, |t| t.send_chat(msg));
     }
 

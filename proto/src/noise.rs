@@ -12,6 +12,7 @@
 //! returned.
 
 use crate::codec::Writer;
+pub use crate::wire::Pattern;
 use crate::wire::{self, PacketType};
 use std::time::{Duration, Instant};
 
@@ -27,37 +28,6 @@ pub const REJECT_AFTER_MESSAGES: u64 = 1 << 23;
 pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
 /// WireGuard's REJECT_AFTER_TIME: keys this old are never used again.
 pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
-
-/// Which Noise pattern a handshake runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pattern {
-    IK,
-    XX,
-}
-
-impl Pattern {
-    fn params(self) -> &'static str {
-        match self {
-            Pattern::IK => "Noise_IK_25519_AESGCM_SHA256",
-            Pattern::XX => "Noise_XX_25519_AESGCM_SHA256",
-        }
-    }
-
-    pub fn code(self) -> u8 {
-        match self {
-            Pattern::IK => 0,
-            Pattern::XX => 1,
-        }
-    }
-
-    pub fn from_code(c: u8) -> Option<Self> {
-        match c {
-            0 => Some(Pattern::IK),
-            1 => Some(Pattern::XX),
-            _ => None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CryptoError {
@@ -81,20 +51,12 @@ impl From<snow::Error> for CryptoError {
 }
 
 fn params(p: Pattern) -> snow::params::NoiseParams {
+    let name = match p {
+        Pattern::IK => "Noise_IK_25519_AESGCM_SHA256",
+        Pattern::XX => "Noise_XX_25519_AESGCM_SHA256",
+    };
     // The strings are constants known to parse.
-    p.params().parse().expect("valid noise params")
-}
-
-/// A fresh X25519 private key from the operating system's random source.
-pub fn generate_static_keypair() -> [u8; 32] {
-    let mut k = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
-    k
-}
-
-/// The X25519 public key of a private key.
-pub fn public_from_private(private: &[u8; 32]) -> [u8; 32] {
-    curve25519_dalek::montgomery::MontgomeryPoint::mul_base_clamped(*private).to_bytes()
+    name.parse().expect("valid noise params")
 }
 
 /// One side of a Noise handshake in progress.
@@ -321,6 +283,7 @@ impl ReplayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::{generate_static_keypair, public_from_private};
     use crate::wire::Packet;
 
     fn pair(pattern: Pattern) -> (Transport, Transport) {

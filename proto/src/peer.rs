@@ -22,9 +22,8 @@
 //! silence.
 
 use crate::codec::Reader;
-use crate::identity::{Identity, PublicIdentity};
+use crate::identity::{identity_payload, Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern, Transport, REJECT_AFTER_TIME, REKEY_AFTER_TIME};
-use crate::server::identity_payload;
 use crate::wire::{self, Packet, PeerToPeer};
 use crate::Transmit;
 use rand::{Rng, SeedableRng};

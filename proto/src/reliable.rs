@@ -33,7 +33,7 @@ pub const SEND_WINDOW: usize = 64;
 pub const RECV_WINDOW: u64 = 1024;
 
 #[derive(Clone, PartialEq, Eq)]
-pub struct Outgoing {
+pub struct ChatMessage {
     pub seq: u64,
     pub sent_ms: u64,
     pub body: Vec<u8>,
@@ -53,9 +53,9 @@ pub enum ReliableEvent {
 
 pub struct Reliable {
     /// Not sent yet (or to be sent again), in `seq` order.
-    queue: VecDeque<Outgoing>,
+    queue: VecDeque<ChatMessage>,
     /// Sent, waiting for `upto` to pass them.
-    sent: BTreeMap<u64, Outgoing>,
+    sent: BTreeMap<u64, ChatMessage>,
     recv_next: u64,
     recv_buf: BTreeMap<u64, (u64, Vec<u8>)>,
     ack_needed: bool,
@@ -80,7 +80,7 @@ impl Reliable {
     }
 
     /// Queues a message. Messages must be pushed in increasing `seq`.
-    pub fn push(&mut self, msg: Outgoing) {
+    pub fn push(&mut self, msg: ChatMessage) {
         self.queue.push_back(msg);
     }
 
@@ -89,6 +89,7 @@ impl Reliable {
         self.queue.len() + self.sent.len()
     }
 
+    #[cfg(test)]
     pub fn recv_next(&self) -> u64 {
         self.recv_next
     }
@@ -140,7 +141,8 @@ impl Reliable {
     /// The session or the peer's flow started again: what the peer may
     /// have held only in memory goes again, and it hears where we are.
     pub fn restart(&mut self) {
-        let mut again: VecDeque<Outgoing> = std::mem::take(&mut self.sent).into_values().collect();
+        let mut again: VecDeque<ChatMessage> =
+            std::mem::take(&mut self.sent).into_values().collect();
         again.extend(self.queue.drain(..));
         self.queue = again;
         self.ack_needed = self.recv_next > 0;
@@ -191,8 +193,8 @@ impl Reliable {
 mod tests {
     use super::*;
 
-    fn out(seq: u64) -> Outgoing {
-        Outgoing {
+    fn out(seq: u64) -> ChatMessage {
+        ChatMessage {
             seq,
             sent_ms: 0,
             body: seq.to_string().into_bytes(),

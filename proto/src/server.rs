@@ -14,7 +14,7 @@
 //! no reply is larger than the packet that caused it, so the server cannot
 //! be used to amplify traffic toward a spoofed address.
 
-use crate::codec::{DecodeError, Writer};
+use crate::codec::DecodeError;
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern, Transport};
 use crate::wire::{
@@ -1200,11 +1200,4 @@ pub fn answer_probe(from: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
     }
     .encode();
     (reply.len() <= datagram.len()).then_some(reply)
-}
-
-/// Encodes a client's identity payload for the handshake.
-pub fn identity_payload(id: &PublicIdentity) -> Vec<u8> {
-    let mut w = Writer::new();
-    id.encode(&mut w);
-    w.into_inner()
 }

@@ -10,14 +10,14 @@
 //! vectors, received files are written into vectors and checked by piece
 //! as the daemon's disk side would, answering through the same inputs.
 
-use proto::client::LinkState;
-use proto::identity::Identity;
-use proto::node::{Node, NodeConfig, NodeEvent};
-use proto::reliable::Outgoing;
-use proto::server::{MemoryStore, Server, ServerConfig};
-use proto::transfer::{FileDesc, FileIo, FileSource, TransferEvent, TransferId};
-use proto::transport::{TransportCommand, Via};
 use proto::wire::{FailReason, ServerToClient};
+use proto::ChatMessage;
+use proto::Identity;
+use proto::LinkState;
+use proto::{FileDesc, FileIo, FileSource, TransferEvent, TransferId};
+use proto::{MemoryStore, Server, ServerConfig};
+use proto::{Node, NodeConfig, NodeEvent};
+use proto::{TransportCommand, Via};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -518,8 +518,8 @@ impl Sim {
     }
 }
 
-fn msg(seq: u64) -> Outgoing {
-    Outgoing {
+fn msg(seq: u64) -> ChatMessage {
+    ChatMessage {
         seq,
         sent_ms: 0,
         body: format!("message {seq}").into_bytes(),
@@ -633,7 +633,7 @@ fn duplicate_name_is_refused() {
     let rid = sim.node(1).register(now, "alice");
     sim.run_until(Duration::from_secs(30), |s| {
         s.has_event(1, |e| {
-            matches!(e, NodeEvent::Response { rid: r, result: Err(proto::client::RequestError::Failed { reason: FailReason::NameTaken, .. }) } if *r == rid)
+            matches!(e, NodeEvent::Response { rid: r, result: Err(proto::RequestError::Failed { reason: FailReason::NameTaken, .. }) } if *r == rid)
         })
     });
 }
@@ -724,8 +724,8 @@ fn server_sends_no_reply_larger_than_an_unproven_request() {
     let now = Instant::now();
     let from: SocketAddr = "198.51.100.1:1".parse().unwrap();
     // A real XX initiation, padded to the minimum.
-    let mut hs = proto::noise::Handshake::initiator(
-        proto::noise::Pattern::XX,
+    let mut hs = proto::Handshake::initiator(
+        proto::wire::Pattern::XX,
         Identity::generate().noise_private(),
         None,
     )
@@ -733,7 +733,7 @@ fn server_sends_no_reply_larger_than_an_unproven_request() {
     let noise = hs.write(&[]).unwrap();
     let init = Packet::HandshakeInit {
         sender: 1,
-        pattern: proto::noise::Pattern::XX,
+        pattern: proto::wire::Pattern::XX,
         noise: &noise,
     }
     .encode();
@@ -1139,7 +1139,7 @@ fn transfer(sim: &mut Sim, from: usize, file: &SimFile) -> Vec<u8> {
     let to = 1 - from;
     let names = ["alice", "bob"];
     let now = sim.now;
-    let hash = proto::transfer::file_hash(&file.piece_hashes);
+    let hash = proto::file_hash(&file.piece_hashes);
     let n = sim.node(from);
     n.io_mut().sources.insert(file.id, file.data.clone());
     let desc = FileDesc {

@@ -2,7 +2,7 @@
 //!
 //! # Map
 //!
-//! * [`proto::server::Server`] (not here) is the protocol: handshakes,
+//! * [`proto::Server`] (not here) is the protocol: handshakes,
 //!   logins, presence, introductions. It is sans-IO.
 //! * [`run`] is the I/O shell: it owns the UDP socket, reads the clock,
 //!   loads the server's key file and feeds datagrams and deadlines to the
@@ -11,7 +11,7 @@
 //! * [`tcp`] carries the same datagrams over TCP for clients whose
 //!   networks drop UDP, on the same port.
 //! * [`store`] owns the accounts: [`SqliteStore`], the durable
-//!   [`proto::server::AccountStore`] in `<data-dir>/accounts.db`.
+//!   [`proto::AccountStore`] in `<data-dir>/accounts.db`.
 //!
 //! The `rendezvous` binary only parses flags, sets up logging and signals,
 //! and calls [`bind`]; tests start the same server in-process.

@@ -119,14 +119,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         let (identity, _) = rendezvous::load_server_key(&data_dir)?;
-        println!("{}", proto::identity::to_hex(&identity.noise_public()));
+        println!("{}", proto::to_hex(&identity.noise_public()));
         return Ok(());
     }
     let config = rendezvous::Config {
         listen: args.listen,
         data_dir,
         presence_timeout: Duration::from_secs(args.presence_timeout),
-        relay: proto::server::RelayConfig {
+        relay: proto::RelayConfig {
             enabled: !args.no_relay,
             max_channels: args.relay_max_sessions,
             rate_per_user: args.relay_rate,

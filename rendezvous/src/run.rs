@@ -1,4 +1,4 @@
-//! The I/O shell around [`proto::server::Server`]: one UDP socket, the
+//! The I/O shell around [`proto::Server`]: one UDP socket, the
 //! clock, the key file and the account database.
 //!
 //! [`bind`] does everything that can fail at start (data directory, key
@@ -14,8 +14,8 @@
 use crate::store::SqliteStore;
 use crate::tcp::TcpClients;
 use anyhow::Context;
-use proto::identity::{fingerprint, to_hex, Identity};
-use proto::server::{answer_probe, RelayConfig, Server, ServerConfig};
+use proto::{answer_probe, RelayConfig, Server, ServerConfig};
+use proto::{fingerprint, to_hex, Identity};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -97,7 +97,7 @@ pub fn load_server_key(data_dir: &Path) -> anyhow::Result<(Identity, bool)> {
     ensure_data_dir(data_dir)?;
     let path = data_dir.join(SERVER_KEY);
     // KeyFileError already names the file.
-    let (identity, created) = proto::keyfile::load_or_create(&path)?;
+    let (identity, created) = proto::load_or_create_identity(&path)?;
     if created {
         tracing::info!(path = %path.display(), "KEY(CREATED)");
     }

@@ -2,7 +2,7 @@
 //! the rendezvous server.
 //!
 //! One SQLite file, `<data-dir>/accounts.db`, owns the binding of names to
-//! identities. The sans-IO [`proto::server::Server`] asks this store and
+//! identities. The sans-IO [`proto::Server`] asks this store and
 //! never touches the file itself. Each open connection is independent, so
 //! two processes sharing the file (an operator's mistake, or a restart
 //! overlapping the old process) still agree: the database, not this
@@ -12,9 +12,9 @@
 //! [`RegisterOutcome::Created`] has been fsynced and survives a crash or a
 //! power cut. The schema version lives in `PRAGMA user_version`.
 
-use proto::codec::{Reader, Writer};
-use proto::identity::{PublicIdentity, PUBLIC_IDENTITY_LEN};
-use proto::server::{Account, AccountStore, RegisterOutcome, StoreError};
+use proto::{Account, AccountStore, RegisterOutcome, StoreError};
+use proto::{PublicIdentity, PUBLIC_IDENTITY_LEN};
+use proto::{Reader, Writer};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -337,7 +337,7 @@ impl AccountStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::testdir::TestDir;
-    use proto::identity::Identity;
+    use proto::Identity;
     use std::sync::{Arc, Barrier};
 
     fn id() -> PublicIdentity {

@@ -1,12 +1,12 @@
 //! The real server, started in-process on loopback, driven by a real
-//! `proto::node::Node` over a real UDP socket: the shell's loop, the key
+//! `proto::Node` over a real UDP socket: the shell's loop, the key
 //! file and the SQLite store together, not the machine alone (which
 //! `proto/tests/sim.rs` covers).
 
-use proto::identity::Identity;
-use proto::node::{Node, NodeConfig, NodeEvent};
-use proto::transfer::NoFiles;
 use proto::wire::{FailReason, ServerToClient};
+use proto::Identity;
+use proto::NoFiles;
+use proto::{Node, NodeConfig, NodeEvent};
 use rendezvous::{bind, Bound, Config, SqliteStore};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -226,7 +226,7 @@ async fn registers_logs_in_and_survives_garbage() {
     assert!(
         matches!(
             &refused,
-            NodeEvent::Response { result: Err(proto::client::RequestError::Failed { reason, .. }), .. }
+            NodeEvent::Response { result: Err(proto::RequestError::Failed { reason, .. }), .. }
                 if *reason == FailReason::NameTaken
         ),
         "{refused:?}"
@@ -251,7 +251,7 @@ async fn a_restart_keeps_the_key_and_the_accounts() {
 
     // The account is on disk, readable by another connection.
     let mut store = SqliteStore::open_in(dir.path()).unwrap();
-    let account = proto::server::AccountStore::by_name(&mut store, "alice")
+    let account = proto::AccountStore::by_name(&mut store, "alice")
         .unwrap()
         .expect("account persisted");
     assert_eq!(account.identity, identity.public());

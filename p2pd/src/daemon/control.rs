@@ -300,7 +300,7 @@ impl Daemon {
                 self.node.send_message(
                     now,
                     &peer,
-                    Outgoing {
+                    ChatMessage {
                         seq,
                         sent_ms,
                         body: text.into_bytes(),

@@ -1,4 +1,4 @@
-//! The daemon task: the thin shell around [`proto::node::Node`].
+//! The daemon task: the thin shell around [`proto::Node`].
 //!
 //! One task owns the node, the UDP socket and the database, so none of
 //! them needs a lock. It waits for the first of: a datagram, a control
@@ -23,18 +23,18 @@ use crate::tcp::{TcpEvent, TcpEventKind, TcpLink};
 use crate::Config;
 use anyhow::Context;
 use control::{fail_error, request_error, Wait, Waiter};
-use proto::client::{LinkState, RequestError};
 use proto::control::{
     check_text, AutoAcceptSet, Cancelled, Closed, Command, Connected, ControlError, Declined,
     Direction, ErrorCode, Event, LoggedIn, PeerInfo, PeersResult, PingResult, Registered, Request,
     Response, Sent, TransferInfo, TransferState, UserInfo, Watching, Whoami,
 };
-use proto::identity::{fingerprint, to_hex, PublicIdentity};
-use proto::node::{Node, NodeConfig, NodeError, NodeEvent};
-use proto::peer::SessionPhase;
-use proto::reliable::Outgoing;
-use proto::transport::{TransportCommand, Via};
 use proto::wire::{validate_name, FailReason, ServerToClient};
+use proto::ChatMessage;
+use proto::SessionPhase;
+use proto::{fingerprint, to_hex, PublicIdentity};
+use proto::{LinkState, RequestError};
+use proto::{Node, NodeConfig, NodeError, NodeEvent};
+use proto::{TransportCommand, Via};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -70,7 +70,7 @@ struct Daemon {
 }
 
 /// Integrity is checked by pieces of this size.
-const PIECE_SIZE: u32 = proto::transfer::PIECE_SIZE;
+const PIECE_SIZE: u32 = proto::PIECE_SIZE;
 /// Rates are measured over this window.
 const RATE_WINDOW: Duration = Duration::from_secs(3);
 
@@ -88,7 +88,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (listener, _socket_guard) = ctl::bind(&config.socket).await?;
 
     let key_path = config.data_dir.join("identity.key");
-    let (identity, created) = proto::keyfile::load_or_create(&key_path)?;
+    let (identity, created) = proto::load_or_create_identity(&key_path)?;
     if created {
         tracing::info!(path = %key_path.display(), fingerprint = %identity.fingerprint(), "IDENTITY(CREATED)");
     }
@@ -101,7 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     node_config.peer = node_config.peer.with_keepalive(config.keepalive);
     node_config.client.name = store.setting("name")?;
     let pinned_server = match store.setting("server_key")? {
-        Some(hex) => proto::identity::key_from_hex(&hex),
+        Some(hex) => proto::key_from_hex(&hex),
         None => None,
     };
     if let (Some(given), Some(pinned)) = (config.server_key, pinned_server) {
@@ -131,7 +131,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tracing::info!(messages = outbox.len(), "OUTBOX(RESTORED)");
     }
     for q in outbox {
-        let msg = Outgoing {
+        let msg = ChatMessage {
             seq: q.seq,
             sent_ms: q.sent_ms,
             body: q.body.into_bytes(),

@@ -3,7 +3,7 @@
 //! shown to watchers.
 
 use super::*;
-use proto::transfer::{FileDesc, Group, GroupId, TransferId};
+use proto::{FileDesc, Group, GroupId, TransferId};
 
 /// Progress events per transfer at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -261,13 +261,8 @@ impl Daemon {
         }
     }
 
-    pub(super) fn on_transfer(
-        &mut self,
-        now: Instant,
-        peer: String,
-        event: proto::transfer::TransferEvent,
-    ) {
-        use proto::transfer::TransferEvent as T;
+    pub(super) fn on_transfer(&mut self, now: Instant, peer: String, event: proto::TransferEvent) {
+        use proto::TransferEvent as T;
         match event {
             T::Offered(FileDesc {
                 id: TransferId(id),

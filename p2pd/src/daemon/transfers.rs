@@ -436,7 +436,7 @@ impl Daemon {
             _ => 0,
         };
         let state = match (&live, t.state) {
-            (Some(s), TransferState::Active) if s.phase == proto::transfer::Phase::Finishing => {
+            (Some(s), TransferState::Active) if s.phase == proto::Phase::Finishing => {
                 TransferState::Finishing
             }
             (_, st) => st,

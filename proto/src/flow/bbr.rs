@@ -168,6 +168,7 @@ impl Bbr {
         self.cwnd = self.cwnd.max(MIN_WINDOW_PACKETS * mss);
     }
 
+    #[cfg(test)]
     pub fn mode(&self) -> Mode {
         self.mode
     }

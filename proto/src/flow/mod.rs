@@ -66,10 +66,6 @@ impl AckFrame {
     pub fn largest(&self) -> Option<u64> {
         self.ranges.first().map(|r| r.1)
     }
-
-    fn contains(&self, pn: u64) -> bool {
-        self.ranges.iter().any(|(s, e)| (*s..=*e).contains(&pn))
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,10 +223,6 @@ impl Flow {
 
     pub fn smoothed_rtt(&self) -> Option<Duration> {
         self.rtt.sampled.then_some(self.rtt.smoothed)
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
     }
 
     /// Packets sent and neither acknowledged nor lost.
@@ -504,11 +496,6 @@ impl Flow {
     #[must_use]
     pub fn poll_event(&mut self) -> Option<FlowEvent> {
         self.events.pop_front()
-    }
-
-    /// Whether an acknowledgement of `pn` is in `ack` (for tests).
-    pub fn acks(ack: &AckFrame, pn: u64) -> bool {
-        ack.contains(pn)
     }
 }
 

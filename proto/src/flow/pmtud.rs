@@ -79,10 +79,6 @@ impl Pmtud {
         self.probe = Some(pn);
     }
 
-    pub fn is_probe(&self, pn: u64) -> bool {
-        self.probe == Some(pn)
-    }
-
     /// The probe `pn` arrived: its size is proven. Returns the new size.
     pub fn on_acked(&mut self, pn: u64) -> Option<usize> {
         if self.probe != Some(pn) {

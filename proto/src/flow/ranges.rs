@@ -62,6 +62,7 @@ impl Ranges {
         self.map.iter().rev().map(|(s, e)| (*s, *e)).collect()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
     }

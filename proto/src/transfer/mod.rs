@@ -29,7 +29,7 @@
 
 use crate::flow::pmtud::{self, Pmtud};
 use crate::flow::{AckFrame, Flow, FlowEvent};
-use crate::reliable::{Outgoing as ChatMessage, Reliable, ReliableEvent};
+use crate::reliable::{ChatMessage, Reliable, ReliableEvent};
 use crate::wire::{
     max_file_data, FlowFrame, PeerToPeer, DATA_PACKET_OVERHEAD, MAX_FILE_DATA_LARGE, MAX_HASHES,
     MAX_RANGES,
@@ -459,6 +459,7 @@ impl PeerFlow {
     }
 
     /// The largest datagram proven on the path so far.
+    #[cfg(test)]
     pub fn datagram_size(&self) -> usize {
         self.pmtud.current()
     }
