@@ -26,7 +26,7 @@ use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
 use crate::reliable::{ChatMessage, ReliableEvent};
 use crate::transfer::{
-    FileDesc, FileIo, Group, PeerFlow, TransferEvent, TransferId, TransferStatus,
+    DiskWork, FileDesc, FileIo, Group, PeerFlow, TransferEvent, TransferId, TransferStatus,
 };
 use crate::transport::{Predictor, ServerTransport, TransportCommand, Via};
 use crate::wire::{
@@ -1093,7 +1093,9 @@ impl<F: FileIo> Node<F> {
         p.next = now + NAT_PROBE_INTERVAL;
         let probe = Packet::Probe { nonce: p.nonce }.encode();
         for dst in [server, p.alt] {
-            self.transmits.push_back(Transmit::new(dst, probe.clone()));
+            // By UDP whatever the way to the server: the probes measure
+            // UDP mappings, which a TCP connection says nothing about.
+            self.routed.push_back(Transmit::new(dst, probe.clone()));
         }
     }
 
@@ -1301,26 +1303,21 @@ impl<F: FileIo> Node<F> {
                 }
             }
         }
-        while let Some(event) = e.transfers.poll_event() {
-            match event {
-                TransferEvent::Write { id, offset, data } => {
-                    self.io.write(name, id, offset, data);
-                    continue;
-                }
-                TransferEvent::VerifyPiece {
+        while let Some(work) = e.transfers.poll_disk() {
+            match work {
+                DiskWork::Write { id, offset, data } => self.io.write(name, id, offset, data),
+                DiskWork::VerifyPiece {
                     id,
                     piece,
                     offset,
                     len,
                     hash,
-                } => {
-                    self.io.verify_piece(name, id, piece, offset, len, hash);
-                    continue;
-                }
-                TransferEvent::VerifyFile { id } => {
-                    self.io.finish(name, id);
-                    continue;
-                }
+                } => self.io.verify_piece(name, id, piece, offset, len, hash),
+                DiskWork::VerifyFile { id } => self.io.finish(name, id),
+            }
+        }
+        while let Some(event) = e.transfers.poll_event() {
+            match event {
                 // The last word on a transfer: the owner keeps its record,
                 // the machine forgets it.
                 TransferEvent::Finished { id } | TransferEvent::Ended { id, .. } => {

@@ -351,6 +351,14 @@ impl Sim {
                         (Via::Udp, _) => self.send(from, t.dst, t.payload),
                         // TCP: no loss, no reordering.
                         (Via::ServerTcp, Some(tcp)) => {
+                            // NAT probes measure UDP mappings: never by TCP.
+                            assert!(
+                                !matches!(
+                                    proto::wire::Packet::decode(&t.payload),
+                                    Ok(proto::wire::Packet::Probe { .. })
+                                ),
+                                "a NAT probe went over TCP"
+                            );
                             let at = self.now - self.start;
                             self.trace
                                 .push(Trace::Datagram(at, tcp, t.dst, t.payload.len()));
@@ -1328,7 +1336,12 @@ fn the_user_list_is_gathered_page_by_page() {
 
 #[test]
 fn a_node_whose_network_drops_udp_chats_over_tcp_and_returns_to_udp() {
-    let mut sim = Sim::new(61, Link::clean());
+    // With a probe port: logins start NAT probes, which stay on UDP.
+    let config = ServerConfig {
+        probe_port: 7001,
+        ..ServerConfig::default()
+    };
+    let mut sim = Sim::with_server(61, Link::clean(), config);
     sim.udp_blocked[1] = true;
     sim.register_both();
     assert!(sim.tcp[1].is_some(), "bob reached the server over TCP");

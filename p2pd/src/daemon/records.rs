@@ -424,8 +424,6 @@ impl Daemon {
                     .transfer_state(id, TransferState::Active, None, None);
                 tracing::info!(id = %hex_id(id), %peer, "TRANSFER(PEER_ACCEPTED)");
             }
-            // Disk work goes to the node's `FileIo`, never here.
-            T::Write { .. } | T::VerifyPiece { .. } | T::VerifyFile { .. } => {}
             T::Progress {
                 id: TransferId(id),
                 done,

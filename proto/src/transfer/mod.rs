@@ -14,8 +14,8 @@
 //!
 //! The machine does no I/O. The owner reads file bytes for it through
 //! [`FileSource`] when a data packet is due, writes what arrives
-//! ([`TransferEvent::Write`]), checks pieces and whole files when told
-//! ([`TransferEvent::VerifyPiece`], [`TransferEvent::VerifyFile`]) and
+//! ([`DiskWork::Write`]), checks pieces and whole files when told
+//! ([`DiskWork::VerifyPiece`], [`DiskWork::VerifyFile`]) and
 //! reports the result back. Durability is the owner's: a piece counts as
 //! held only once the owner verified it (after writing and syncing it),
 //! and resumption starts from the pieces the owner says it holds.
@@ -183,6 +183,29 @@ pub enum TransferEvent {
     Offered(FileDesc),
     /// The peer accepted our offer.
     Accepted { id: TransferId },
+    /// Progress: bytes the peer has acknowledged (sending) or verified
+    /// pieces cover (receiving).
+    Progress { id: TransferId, done: u64 },
+    /// The transfer completed (the receiver has the file, verified).
+    Finished { id: TransferId },
+    /// The transfer ended without the file: declined, cancelled, failed.
+    Ended { id: TransferId, reason: String },
+    /// A source read failed: the owner should cancel with the reason.
+    ReadFailed { id: TransferId, error: String },
+    /// A file of a directory the peer sends will not come: it could not
+    /// read it.
+    Skipped {
+        id: TransferId,
+        path: String,
+        group: Group,
+        reason: String,
+    },
+}
+
+/// Disk work for the owner's [`FileIo`], in the order it must be done
+/// ([`PeerFlow::poll_disk`]); the node hands each to its `FileIo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskWork {
     /// Write these bytes of an incoming file.
     Write {
         id: TransferId,
@@ -202,23 +225,6 @@ pub enum TransferEvent {
     /// [`file_hash`]): make it durable under its final name, and call
     /// [`PeerFlow::file_checked`].
     VerifyFile { id: TransferId },
-    /// Progress: bytes the peer has acknowledged (sending) or verified
-    /// pieces cover (receiving).
-    Progress { id: TransferId, done: u64 },
-    /// The transfer completed (the receiver has the file, verified).
-    Finished { id: TransferId },
-    /// The transfer ended without the file: declined, cancelled, failed.
-    Ended { id: TransferId, reason: String },
-    /// A source read failed: the owner should cancel with the reason.
-    ReadFailed { id: TransferId, error: String },
-    /// A file of a directory the peer sends will not come: it could not
-    /// read it.
-    Skipped {
-        id: TransferId,
-        path: String,
-        group: Group,
-        reason: String,
-    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,6 +403,7 @@ pub struct PeerFlow {
     /// The sending transfer whose turn is next.
     turn: u64,
     events: VecDeque<TransferEvent>,
+    disk: VecDeque<DiskWork>,
     buf: Vec<u8>,
 }
 
@@ -421,6 +428,7 @@ impl PeerFlow {
             carried: BTreeMap::new(),
             turn: 0,
             events: VecDeque::new(),
+            disk: VecDeque::new(),
             buf: vec![0; MAX_FILE_DATA_LARGE],
         }
     }
@@ -685,8 +693,8 @@ impl PeerFlow {
                 return;
             }
             t.phase = Phase::Finishing;
-            self.events
-                .push_back(TransferEvent::VerifyFile { id: TransferId(id) });
+            self.disk
+                .push_back(DiskWork::VerifyFile { id: TransferId(id) });
         }
     }
 
@@ -821,6 +829,12 @@ impl PeerFlow {
     #[must_use]
     pub fn poll_event(&mut self) -> Option<TransferEvent> {
         self.events.pop_front()
+    }
+
+    /// The next disk work, in order (before the events that follow it).
+    #[must_use]
+    pub fn poll_disk(&mut self) -> Option<DiskWork> {
+        self.disk.pop_front()
     }
 
     /// A flow packet or acknowledgement from the peer.
@@ -1153,7 +1167,7 @@ impl PeerFlow {
         }
         got.insert(start, stop);
         let complete = got.get(&0) == Some(&(pe - ps));
-        self.events.push_back(TransferEvent::Write {
+        self.disk.push_back(DiskWork::Write {
             id: TransferId(id),
             offset,
             data,
@@ -1178,7 +1192,7 @@ impl PeerFlow {
             };
             *p = PieceState::Checking;
             let (s, e) = piece_range(t.size, t.piece_size, i as u32);
-            self.events.push_back(TransferEvent::VerifyPiece {
+            self.disk.push_back(DiskWork::VerifyPiece {
                 id: TransferId(id),
                 piece: i as u32,
                 offset: s,

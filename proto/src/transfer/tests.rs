@@ -40,6 +40,8 @@ struct Side {
     corrupt: Option<(u64, u64)>,
     disk: BTreeMap<u64, Vec<u8>>,
     events: Vec<TransferEvent>,
+    /// Disk work done, in order.
+    disk_log: Vec<DiskWork>,
     /// Pieces verified, as the owner would store them.
     verified: BTreeMap<u64, Vec<bool>>,
     /// Decline offers instead of accepting them.
@@ -87,6 +89,7 @@ impl Side {
             corrupt: None,
             disk: BTreeMap::new(),
             events: Vec::new(),
+            disk_log: Vec::new(),
             verified: BTreeMap::new(),
             decline: false,
         }
@@ -102,47 +105,65 @@ impl Side {
         self.sources.insert(id, data);
     }
 
-    /// Acts on events as a daemon would: writes, checks, accepts offers.
+    /// Acts on disk work and events as a daemon would: writes, checks,
+    /// accepts offers.
     fn handle_events(&mut self) {
-        while let Some(ev) = self.t.poll_event() {
-            match &ev {
-                TransferEvent::Offered(f) if self.decline => {
-                    self.t.cancel(f.id, "declined");
-                }
-                TransferEvent::Offered(f) => {
-                    self.disk.insert(f.id.0, vec![0; f.size as usize]);
-                    self.t.accept(f.id, &[]);
-                }
-                TransferEvent::Write { id, offset, data } => {
-                    let f = self.disk.get_mut(&id.0).expect("accepted file");
-                    let o = *offset as usize;
-                    f[o..o + data.len()].copy_from_slice(data);
-                }
-                TransferEvent::VerifyPiece {
-                    id,
-                    piece,
-                    offset,
-                    len,
-                    hash,
-                } => {
-                    let f = &self.disk[&id.0];
-                    let o = *offset as usize;
-                    let got: [u8; 32] = Sha256::digest(&f[o..o + *len as usize]).into();
-                    let ok = &got == hash;
-                    if ok {
-                        let n = f.len().div_ceil(PIECE_SIZE as usize);
-                        self.verified.entry(id.0).or_insert_with(|| vec![false; n])
-                            [*piece as usize] = true;
-                    }
-                    self.t.piece_checked(*id, *piece, ok);
-                }
-                TransferEvent::VerifyFile { id } => {
-                    // The tests compare the file with the sender's.
-                    self.t.file_checked(*id, Ok(()));
-                }
-                _ => {}
+        loop {
+            let mut busy = false;
+            while let Some(work) = self.t.poll_disk() {
+                busy = true;
+                self.do_disk(&work);
+                self.disk_log.push(work);
             }
-            self.events.push(ev);
+            while let Some(ev) = self.t.poll_event() {
+                busy = true;
+                match &ev {
+                    TransferEvent::Offered(f) if self.decline => {
+                        self.t.cancel(f.id, "declined");
+                    }
+                    TransferEvent::Offered(f) => {
+                        self.disk.insert(f.id.0, vec![0; f.size as usize]);
+                        self.t.accept(f.id, &[]);
+                    }
+                    _ => {}
+                }
+                self.events.push(ev);
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    fn do_disk(&mut self, work: &DiskWork) {
+        match work {
+            DiskWork::Write { id, offset, data } => {
+                let f = self.disk.get_mut(&id.0).expect("accepted file");
+                let o = *offset as usize;
+                f[o..o + data.len()].copy_from_slice(data);
+            }
+            DiskWork::VerifyPiece {
+                id,
+                piece,
+                offset,
+                len,
+                hash,
+            } => {
+                let f = &self.disk[&id.0];
+                let o = *offset as usize;
+                let got: [u8; 32] = Sha256::digest(&f[o..o + *len as usize]).into();
+                let ok = &got == hash;
+                if ok {
+                    let n = f.len().div_ceil(PIECE_SIZE as usize);
+                    self.verified.entry(id.0).or_insert_with(|| vec![false; n])[*piece as usize] =
+                        true;
+                }
+                self.t.piece_checked(*id, *piece, ok);
+            }
+            DiskWork::VerifyFile { id } => {
+                // The tests compare the file with the sender's.
+                self.t.file_checked(*id, Ok(()));
+            }
         }
     }
 
@@ -383,10 +404,10 @@ fn receiver_restart(new_session: bool) {
     // Resumed, not restarted: the pieces it held were not sent again.
     let written: u64 = sim
         .b
-        .events
+        .disk_log
         .iter()
         .filter_map(|e| match e {
-            TransferEvent::Write { data, .. } => Some(data.len() as u64),
+            DiskWork::Write { data, .. } => Some(data.len() as u64),
             _ => None,
         })
         .sum();
@@ -443,9 +464,9 @@ fn a_declined_offer_ends_both_sides_and_sends_nothing() {
     assert!(sim.b.disk.is_empty());
     assert!(!sim
         .b
-        .events
+        .disk_log
         .iter()
-        .any(|e| matches!(e, TransferEvent::Write { .. })));
+        .any(|e| matches!(e, DiskWork::Write { .. })));
 }
 
 #[test]
@@ -511,9 +532,9 @@ fn piece_hashes_that_do_not_match_the_offer_end_the_transfer() {
         .offer(desc(4, data.len() as u64, file_hash(&other)), pieces);
     sim.a.sources.insert(4, data);
     sim.run_until(Duration::from_secs(60), |s| s.a.ended(4) && s.b.ended(4));
-    assert!(!sim.b.events.iter().any(|e| matches!(
+    assert!(!sim.b.disk_log.iter().any(|e| matches!(
         e,
-        TransferEvent::VerifyPiece { .. } | TransferEvent::VerifyFile { .. }
+        DiskWork::VerifyPiece { .. } | DiskWork::VerifyFile { .. }
     )));
 }
 
