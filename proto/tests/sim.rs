@@ -6,6 +6,12 @@
 //! [`Sim::trace`] records every event and datagram so a test can run a
 //! seed twice and compare.
 //!
+//! Nodes may sit behind NATs ([`Nat`]: a home router, or a symmetric NAT
+//! that maps each destination anew, both filtering by address and port),
+//! may lose UDP and reach the server over TCP, and get the extra sockets
+//! they ask for, so hole punching, port prediction, the relay and the TCP
+//! fallback run here as in the lab.
+//!
 //! The nodes' files live in memory ([`MemFiles`]): sources are byte
 //! vectors, received files are written into vectors and checked by piece
 //! as the daemon's disk side would, answering through the same inputs.
@@ -122,6 +128,69 @@ enum Trace {
     Datagram(Duration, SocketAddr, SocketAddr, usize),
 }
 
+/// A NAT in front of a node: endpoint-independent mapping (a home
+/// router) or a new port per destination (`symmetric`); either way only
+/// what a mapping has sent to may come back through it (address and port
+/// filtering), as the lab's nftables routers do.
+struct Nat {
+    ip: std::net::IpAddr,
+    symmetric: bool,
+    /// (local, destination for a symmetric NAT) → public port.
+    out: BTreeMap<(SocketAddr, Option<SocketAddr>), u16>,
+    /// public port → (local, the remote addresses it has sent to).
+    back: BTreeMap<u16, (SocketAddr, std::collections::BTreeSet<SocketAddr>)>,
+}
+
+impl Nat {
+    fn new(ip: [u8; 4], symmetric: bool) -> Self {
+        Nat {
+            ip: ip.into(),
+            symmetric,
+            out: BTreeMap::new(),
+            back: BTreeMap::new(),
+        }
+    }
+
+    /// The public address a datagram from `local` to `remote` leaves with.
+    fn outbound(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        rng: &mut impl Rng,
+    ) -> SocketAddr {
+        let key = (local, self.symmetric.then_some(remote));
+        let port = match self.out.get(&key) {
+            Some(p) => *p,
+            None => {
+                let p = loop {
+                    let p = rng.gen_range(1024..=u16::MAX);
+                    if !self.back.contains_key(&p) {
+                        break p;
+                    }
+                };
+                self.out.insert(key, p);
+                self.back.insert(p, (local, Default::default()));
+                p
+            }
+        };
+        if let Some((_, sent_to)) = self.back.get_mut(&port) {
+            sent_to.insert(remote);
+        }
+        SocketAddr::new(self.ip, port)
+    }
+
+    /// Where a datagram from `from` to public `port` goes, if it may pass.
+    fn inbound(&self, port: u16, from: SocketAddr) -> Option<SocketAddr> {
+        let (local, sent_to) = self.back.get(&port)?;
+        sent_to.contains(&from).then_some(*local)
+    }
+}
+
+/// The local address of node `i`'s extra socket `id`.
+fn extra_addr(main: SocketAddr, id: u32) -> SocketAddr {
+    SocketAddr::new(main.ip(), 10_000 + (id % 50_000) as u16)
+}
+
 /// Node `i`'s address as the server sees its TCP connection.
 fn tcp_addr(i: usize) -> SocketAddr {
     SocketAddr::from(([198, 51, 100, 10 + i as u8], 50_000))
@@ -184,6 +253,10 @@ struct Sim {
     udp_blocked: Vec<bool>,
     /// Each node's TCP connection to the server, by its address there.
     tcp: Vec<Option<SocketAddr>>,
+    /// A NAT in front of each node, if any.
+    nats: Vec<Option<Nat>>,
+    /// Each node's extra sockets (port prediction), by id.
+    sockets: Vec<std::collections::BTreeSet<u32>>,
     /// Every datagram the server sent, for tests that read what a relay
     /// could see.
     server_sent: Vec<Vec<u8>>,
@@ -226,6 +299,8 @@ impl Sim {
             block_peers: false,
             udp_blocked: Vec::new(),
             tcp: Vec::new(),
+            nats: Vec::new(),
+            sockets: Vec::new(),
             server_sent: Vec::new(),
             trace: Vec::new(),
         };
@@ -240,8 +315,16 @@ impl Sim {
             sim.events.push(Vec::new());
             sim.udp_blocked.push(false);
             sim.tcp.push(None);
+            sim.nats.push(None);
+            sim.sockets.push(Default::default());
         }
         sim
+    }
+
+    /// The server's probe port (answered when the server was configured
+    /// with it).
+    fn probe_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.server_addr.ip(), 7001)
     }
 
     fn node(&mut self, i: usize) -> &mut Node<MemFiles> {
@@ -333,7 +416,14 @@ impl Sim {
                             n.handle_tcp_up(now);
                         }
                         TransportCommand::CloseTcp => self.tcp[i] = None,
-                        _ => {}
+                        TransportCommand::OpenSockets { first, count } => {
+                            self.sockets[i].extend((0..*count).map(|k| first.wrapping_add(k)))
+                        }
+                        TransportCommand::CloseSockets { ids } => {
+                            for id in ids {
+                                self.sockets[i].remove(id);
+                            }
+                        }
                     }
                 }
                 let at = self.now - self.start;
@@ -347,8 +437,26 @@ impl Sim {
                     && finished.is_empty()
                     && commands.is_empty();
                 for t in out {
+                    // Which local socket it leaves from, and through the
+                    // node's NAT if it has one.
+                    let local = match t.via {
+                        Via::Udp => Some(from),
+                        Via::Socket(id) => {
+                            self.sockets[i].contains(&id).then(|| extra_addr(from, id))
+                        }
+                        Via::ServerTcp => None,
+                    };
+                    let public = match (local, self.nats[i].as_mut()) {
+                        (Some(l), Some(nat)) => Some(nat.outbound(l, t.dst, &mut self.rng)),
+                        (l, None) => l,
+                        (None, Some(_)) => None,
+                    };
                     match (t.via, self.tcp[i]) {
-                        (Via::Udp, _) => self.send(from, t.dst, t.payload),
+                        (Via::Udp | Via::Socket(_), _) => {
+                            if let Some(src) = public {
+                                self.send(src, t.dst, t.payload)
+                            }
+                        }
                         // TCP: no loss, no reordering.
                         (Via::ServerTcp, Some(tcp)) => {
                             // NAT probes measure UDP mappings: never by TCP.
@@ -366,7 +474,6 @@ impl Sim {
                             self.wire.push((when, tcp, t.dst, t.payload));
                         }
                         (Via::ServerTcp, None) => panic!("sent over TCP with none open"),
-                        (Via::Socket(_), _) => {}
                     }
                 }
                 if quiet {
@@ -420,6 +527,33 @@ impl Sim {
             if to == self.server_addr {
                 if let Some(s) = self.server.as_mut() {
                     s.handle_datagram(now, from, &bytes, &mut self.store);
+                }
+            } else if to == self.probe_addr() {
+                // The server's probe port answers what it sees.
+                if let Some(reply) = proto::answer_probe(from, &bytes) {
+                    self.send(to, from, reply);
+                }
+            } else if let Some(i) = self
+                .nats
+                .iter()
+                .position(|n| n.as_ref().is_some_and(|n| n.ip == to.ip()))
+            {
+                let local = self.nats[i]
+                    .as_ref()
+                    .and_then(|n| n.inbound(to.port(), from));
+                let main = self.addrs[i];
+                if let (Some(local), Some(n)) = (local, self.nodes[i].as_mut()) {
+                    if local == main {
+                        n.handle_datagram(now, from, &bytes);
+                    } else {
+                        let id = self.sockets[i]
+                            .iter()
+                            .copied()
+                            .find(|id| extra_addr(main, *id) == local);
+                        if let Some(id) = id {
+                            n.handle_datagram_via(now, Via::Socket(id), from, &bytes);
+                        }
+                    }
                 }
             } else if let Some(i) = self.addrs.iter().position(|a| *a == to) {
                 if let Some(n) = self.nodes[i].as_mut() {
@@ -1297,6 +1431,8 @@ fn the_user_list_is_gathered_page_by_page() {
         sim.events.push(Vec::new());
         sim.udp_blocked.push(false);
         sim.tcp.push(None);
+        sim.nats.push(None);
+        sim.sockets.push(Default::default());
     }
     sim.run_until(Duration::from_secs(60), |s| {
         s.nodes
@@ -1416,4 +1552,49 @@ fn another_protocol_version_is_named_and_answered_never_bounced() {
         std::iter::from_fn(|| n.poll_transmit(now)).all(|t| t.payload.len() != 2),
         "a refusal is not answered"
     );
+}
+
+#[test]
+fn behind_a_symmetric_nat_the_path_is_found_by_port_prediction() {
+    for seed in [81, 82, 83] {
+        let config = ServerConfig {
+            probe_port: 7001,
+            ..ServerConfig::default()
+        };
+        let mut sim = Sim::with_server(seed, Link::clean(), config);
+        // Alice behind a home router, bob behind a symmetric NAT: hole
+        // punching alone cannot work (each side's filter waits for a port
+        // the other never uses).
+        sim.nats[0] = Some(Nat::new([203, 0, 113, 10], false));
+        sim.nats[1] = Some(Nat::new([203, 0, 113, 11], true));
+        sim.register_both();
+        // Let the NAT probes tell bob he is the hard side.
+        sim.run_for(Duration::from_secs(6));
+        sim.connect();
+        sim.run_until(Duration::from_secs(30), |s| {
+            let p = &s.nodes[1].as_ref().unwrap().peer_status()[0];
+            p.technique == Some("port-prediction") && p.endpoint != Some(s.server_addr)
+        });
+        let alice_sees = sim.node(0).peer_status()[0].endpoint;
+        assert_ne!(
+            alice_sees,
+            Some(sim.server_addr),
+            "seed {seed}: direct both ways"
+        );
+        let now = sim.now;
+        for seq in 0..10 {
+            sim.node(0).send_message(now, "bob", msg(seq));
+            sim.node(1).send_message(now, "alice", msg(seq));
+        }
+        sim.run_until(Duration::from_secs(60), |s| {
+            s.delivered(1, "alice").len() == 10 && s.delivered(0, "bob").len() == 10
+        });
+        // The rounds' other sockets were closed.
+        sim.run_for(Duration::from_secs(10));
+        assert!(
+            sim.sockets[1].len() <= 2,
+            "seed {seed}: {}",
+            sim.sockets[1].len()
+        );
+    }
 }
