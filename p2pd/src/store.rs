@@ -13,7 +13,7 @@ use proto::{Reader, Writer};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,6 +29,9 @@ pub struct Contact {
     pub name: String,
     pub identity: Option<PublicIdentity>,
     pub recv_next: u64,
+    /// A session with it was up when last heard of (it did not end by the
+    /// user's `close` or the peer's going away): resume it at start.
+    pub resume: bool,
 }
 
 /// An outgoing message not yet acknowledged.
@@ -113,6 +116,14 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if version < 3 {
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE contacts ADD COLUMN session INTEGER NOT NULL DEFAULT 0;
+                 PRAGMA user_version = 3;
+                 COMMIT;",
+            )?;
+        }
         Ok(Self { conn })
     }
 
@@ -137,13 +148,14 @@ impl Store {
     pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name, identity, recv_next FROM contacts ORDER BY name")?;
+            .prepare("SELECT name, identity, recv_next, session FROM contacts ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
             let blob: Option<Vec<u8>> = r.get(1)?;
             Ok(Contact {
                 name: r.get(0)?,
                 identity: blob.and_then(|b| decode_identity(&b)),
                 recv_next: r.get::<_, i64>(2)? as u64,
+                resume: r.get::<_, i64>(3)? != 0,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -170,6 +182,16 @@ impl Store {
             "INSERT INTO contacts (name, identity) VALUES (?1, ?2)
              ON CONFLICT (name) DO UPDATE SET identity = excluded.identity",
             params![name, w.into_inner()],
+        )?;
+        Ok(())
+    }
+
+    /// Whether a session with `name` is up (a crash or restart of ours
+    /// then resumes it at the next start).
+    pub fn set_session(&self, name: &str, up: bool) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE contacts SET session = ?2 WHERE name = ?1",
+            params![name, up as i64],
         )?;
         Ok(())
     }
@@ -582,6 +604,46 @@ mod tests {
         assert_eq!(h[0].state, MessageState::Delivered);
         assert_eq!(h[2].direction, Direction::In);
         assert_eq!(s.history("bob", 1).unwrap()[0].text, "three");
+    }
+
+    #[test]
+    fn a_session_up_at_a_stop_is_remembered_for_the_next_start() {
+        let path = temp("session");
+        {
+            let s = Store::open(&path).unwrap();
+            s.pin("bob", &Identity::generate().public()).unwrap();
+            s.pin("carol", &Identity::generate().public()).unwrap();
+            assert!(s.contacts().unwrap().iter().all(|c| !c.resume));
+            s.set_session("bob", true).unwrap();
+            s.set_session("carol", true).unwrap();
+            s.set_session("carol", false).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let c = s.contacts().unwrap();
+        assert_eq!(
+            c.iter()
+                .map(|c| (c.name.as_str(), c.resume))
+                .collect::<Vec<_>>(),
+            [("bob", true), ("carol", false)]
+        );
+    }
+
+    #[test]
+    fn a_version_2_database_gains_the_session_column() {
+        let path = temp("v2");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE contacts (name TEXT PRIMARY KEY, identity BLOB,
+                     send_next INTEGER NOT NULL DEFAULT 0, recv_next INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO contacts (name) VALUES ('bob');
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let c = s.contacts().unwrap();
+        assert_eq!((c[0].name.as_str(), c[0].resume), ("bob", false));
     }
 
     #[test]

@@ -389,6 +389,18 @@ impl<F: FileIo> Node<F> {
         e.pinned = Some(identity);
     }
 
+    /// A session with `name` was up when this node's daemon last stopped
+    /// (killed, or restarted): ask for it again as soon as we are logged
+    /// in, so the peer, still sending to our old address, hears from us
+    /// at once. Not retried if the peer is offline: it reconnects by
+    /// itself when it has something to say.
+    pub fn resume(&mut self, now: Instant, name: &str) {
+        let e = self.entry(now, name);
+        e.auto_connect = true;
+        e.resume = true;
+        e.next_reconnect = now;
+    }
+
     fn entry(&mut self, now: Instant, name: &str) -> &mut PeerEntry {
         let backoff = self.config.reconnect_min;
         let seed = self.rng.gen();
@@ -1438,13 +1450,18 @@ impl<F: FileIo> Node<F> {
             LinkEvent::Response { rid, result } => {
                 if let Some((name, auto)) = self.outgoing.remove(&rid) {
                     if let Err(err) = &result {
-                        if let Some(e) = self.peers.get_mut(&name) {
-                            e.connecting = false;
-                        }
                         let reason = match err {
                             RequestError::Failed { reason, .. } => *reason,
                             RequestError::TimedOut => FailReason::TimedOut,
                         };
+                        if let Some(e) = self.peers.get_mut(&name) {
+                            e.connecting = false;
+                            // Not there: nothing to resume (what waits for
+                            // it keeps asking, with backoff).
+                            if matches!(reason, FailReason::Offline | FailReason::UnknownUser) {
+                                e.resume = false;
+                            }
+                        }
                         if auto {
                             tracing::debug!(peer = %name, reason = reason.as_str(), "RECONNECT(FAILED)");
                         } else {

@@ -99,6 +99,16 @@ const DIRECT_STALE: Duration = Duration::from_secs(5);
 /// would call a stall.
 const PATH_SUSPECT: Duration = Duration::from_secs(2);
 
+/// A session that has sent something wanting an answer (flow data, a
+/// ping) and heard nothing at all for this long is given up: the peer
+/// died, restarted elsewhere, or its NAT forgot us, and waiting for
+/// `dead_after` (80 s) would hold messages back as "sent" that nobody
+/// receives. Three times [`PATH_SUSPECT`] (by which the relay was tried
+/// too), well above a healthy path's retransmission timeouts. An idle
+/// session wants no answers and keeps the keepalive rule alone: this
+/// costs no wakeups when nothing happens.
+const ACTIVE_DEAD_AFTER: Duration = Duration::from_secs(6);
+
 /// A responder that has not seen the initiator start a new handshake this
 /// long after `REKEY_AFTER_TIME` starts one itself.
 const RESPONDER_REKEY_GRACE: Duration = Duration::from_secs(30);
@@ -539,6 +549,10 @@ impl PeerSession {
             // handler would not act on must not be asked for.
             State::Established(e) => {
                 let dead = e.last_rx + self.config.dead_after;
+                // Adaptive liveness: data waiting for an answer.
+                let stalled = e
+                    .unanswered_since
+                    .map(|t| (t + ACTIVE_DEAD_AFTER).max(e.last_rx + ACTIVE_DEAD_AFTER));
                 let keepalive = e.usable().then(|| e.last_tx + self.config.keepalive);
                 let (rekey, expiry, age) = match &e.rekey {
                     Some(h) => (Some(h.retry_at.min(h.deadline)), None, None),
@@ -554,7 +568,7 @@ impl PeerSession {
                         (None, Some(e.current.created + REJECT_AFTER_TIME), age)
                     }
                 };
-                [Some(dead), keepalive, rekey, expiry, age]
+                [Some(dead), stalled, keepalive, rekey, expiry, age]
                     .into_iter()
                     .flatten()
                     .min()
@@ -709,6 +723,16 @@ impl PeerSession {
                 if now >= e.last_rx + self.config.dead_after {
                     let secs = self.config.dead_after.as_secs();
                     return self.go_down(format!("no packet from the peer for {secs} s"));
+                }
+                let stalled = e.unanswered_since.is_some_and(|t| {
+                    now >= t + ACTIVE_DEAD_AFTER && now >= e.last_rx + ACTIVE_DEAD_AFTER
+                });
+                if stalled {
+                    let secs = ACTIVE_DEAD_AFTER.as_secs();
+                    tracing::info!("LIVENESS(ACTIVE_DEAD)");
+                    return self.go_down(format!(
+                        "the peer stopped answering ({secs} s of silence while data waited); reconnecting"
+                    ));
                 }
                 if e.current.expired(now) && e.rekey.is_none() {
                     return self.go_down("session keys expired without a new handshake");

@@ -616,6 +616,20 @@ impl Sim {
         self.events[1].clear();
     }
 
+    /// bob's daemon is killed (no goodbye) and starts again on another
+    /// port, as a restarted process binds a new one, with what his
+    /// database kept: alice pinned, his receive position, and whether
+    /// their session was up (`resume`).
+    fn kill_and_restart_bob_on_new_port(&mut self, recv_next: u64, seed: u64, resume: bool) {
+        let port = self.addrs[1].port() + 1;
+        self.addrs[1].set_port(port);
+        self.restart_bob(recv_next, seed);
+        if resume {
+            let now = self.now;
+            self.node(1).resume(now, "alice");
+        }
+    }
+
     fn take_events(&mut self, i: usize) -> Vec<NodeEvent> {
         std::mem::take(&mut self.events[i])
     }
@@ -1597,4 +1611,112 @@ fn behind_a_symmetric_nat_the_path_is_found_by_port_prediction() {
             sim.sockets[1].len()
         );
     }
+}
+
+/// Chat from alice to bob while bob's daemon is killed and comes back on a
+/// new port: every message arrives once, in order; returns how long after
+/// bob's restart the first message sent after it arrived (virtual time).
+fn recovery_after_restart_on_new_port(seed: u64, down_for: Duration, link: Link) -> Duration {
+    let mut sim = Sim::new(seed, link);
+    sim.register_both();
+    sim.connect();
+    let delivered_before = |s: &Sim| s.delivered(1, "alice").len();
+    let mut seq = 0;
+    let mut send = |sim: &mut Sim, n: u64| {
+        let now = sim.now;
+        for _ in 0..n {
+            sim.node(0).send_message(now, "bob", msg(seq));
+            seq += 1;
+        }
+    };
+    send(&mut sim, 5);
+    sim.run_until(Duration::from_secs(10), |s| delivered_before(s) == 5);
+    let received = sim.delivered(1, "alice").len() as u64;
+    // Killed: its packets stop, alice keeps talking.
+    sim.nodes[1] = None;
+    let until = sim.now + down_for;
+    while sim.now < until {
+        send(&mut sim, 1);
+        sim.run_for(Duration::from_millis(500));
+    }
+    sim.kill_and_restart_bob_on_new_port(received, seed + 1000, true);
+    let back = sim.now;
+    send(&mut sim, 1);
+    let first_after = seq - 1;
+    sim.run_until(Duration::from_secs(120), |s| {
+        s.delivered(1, "alice")
+            .iter()
+            .any(|b| *b == msg(first_after).body)
+    });
+    let took = sim.now - back;
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.delivered(1, "alice").len() as u64 == seq - received
+    });
+    let expect: Vec<Vec<u8>> = (received..seq).map(|s| msg(s).body).collect();
+    assert_eq!(
+        sim.delivered(1, "alice"),
+        expect,
+        "seed {seed}: each once, in order"
+    );
+    took
+}
+
+#[test]
+fn a_peer_killed_and_back_on_a_new_port_is_rejoined_in_seconds() {
+    for (seed, down) in [(91, 3), (92, 10), (93, 40)] {
+        let took =
+            recovery_after_restart_on_new_port(seed, Duration::from_secs(down), Link::clean());
+        assert!(
+            took <= Duration::from_secs(2),
+            "seed {seed}, down {down} s: back after {took:?}"
+        );
+    }
+    // And on a lossy link (recovery takes what the loss costs).
+    let took = recovery_after_restart_on_new_port(94, Duration::from_secs(10), Link::bad());
+    assert!(took <= Duration::from_secs(5), "lossy: back after {took:?}");
+}
+
+#[test]
+fn a_silent_peer_is_given_up_in_seconds_while_data_waits_and_idle_costs_nothing() {
+    let mut sim = Sim::new(95, Link::clean());
+    sim.register_both();
+    sim.connect();
+    // bob's daemon is gone (killed, or its machine); alice has nothing to
+    // say: the session stays up (no probing beyond the keepalive) until
+    // dead_after (16 s here).
+    sim.nodes[1] = None;
+    sim.run_for(Duration::from_secs(8));
+    assert!(
+        sim.node(0).is_up("bob"),
+        "idle costs nothing and decides nothing"
+    );
+    // Now alice sends: within seconds she knows bob is gone, and says so.
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    let sent_at = sim.now;
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.has_event(0, |e| matches!(e, NodeEvent::PeerDown { reason, .. } if reason.contains("stopped answering")))
+    });
+    let took = sim.now - sent_at;
+    assert!(
+        took >= Duration::from_secs(6) && took <= Duration::from_secs(7),
+        "given up after {took:?}"
+    );
+    assert!(!sim.node(0).is_up("bob"));
+    assert_eq!(sim.node(0).peer_status()[0].queued, 1, "the message waits");
+    // bob comes back: the message arrives, once.
+    // (A restarted daemon draws new randomness: another seed than bob's
+    // first, 96.)
+    sim.kill_and_restart_bob_on_new_port(0, 1096, true);
+    let back = sim.now;
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    assert!(
+        sim.now - back <= Duration::from_secs(2),
+        "{:?}",
+        sim.now - back
+    );
+    sim.run_for(Duration::from_secs(10));
+    assert_eq!(sim.delivered(1, "alice"), vec![msg(0).body]);
 }

@@ -214,3 +214,61 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
     let login = lab.ctl("a", &["login"]);
     assert!(login.ok().starts_with("logged in as alice"), "{login:?}");
 }
+
+/// Registers alice at "a" and bob at "b" and connects them.
+fn connected_pair(tag: &str) -> Lab {
+    let mut lab = Lab::new(tag);
+    lab.start_rendezvous();
+    lab.start_daemon("a");
+    lab.start_daemon("b");
+    lab.ctl("a", &["register", "alice"]).ok();
+    lab.ctl("b", &["register", "bob"]).ok();
+    let a_dir = lab.socket("a");
+    let connect = std::thread::spawn(move || e2e::p2pctl(&a_dir, &["connect", "bob"], None));
+    lab.wait_for("alice's request at bob", WAIT, |lab| {
+        let peers = lab.ctl("b", &["--json", "peers"]).json();
+        (peers["requests"][0]["name"] == "alice").then_some(())
+    });
+    lab.ctl("b", &["accept", "alice"]).ok();
+    connect.join().unwrap().ok();
+    lab
+}
+
+#[test]
+fn a_peer_killed_mid_chat_comes_back_on_a_new_port_and_nothing_is_lost() {
+    let mut lab = connected_pair("killed");
+    let lines = |from: usize, to: usize| -> Vec<u8> {
+        (from..to)
+            .map(|i| format!("line {i}\n"))
+            .collect::<String>()
+            .into_bytes()
+    };
+    lab.ctl_stdin("a", &["send", "bob"], Some(&lines(0, 20)))
+        .ok();
+    lab.wait_for("the first lines at bob", WAIT, |lab| {
+        (incoming_texts(lab, "b", "alice").len() == 20).then_some(())
+    });
+    // Killed (no goodbye): alice goes on talking to its old address.
+    lab.kill("b");
+    lab.ctl_stdin("a", &["send", "bob"], Some(&lines(20, 40)))
+        .ok();
+    // Back, on another port (port 0 picks a new one), with its database.
+    lab.start_daemon("b");
+    let back = std::time::Instant::now();
+    lab.ctl_stdin("a", &["send", "bob"], Some(&lines(40, 60)))
+        .ok();
+    lab.wait_for("every line at bob", Duration::from_secs(120), |lab| {
+        (incoming_texts(lab, "b", "alice").len() >= 60).then_some(())
+    });
+    eprintln!("all 60 lines at bob {:?} after its restart", back.elapsed());
+    let expect: Vec<String> = (0..60).map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        incoming_texts(&lab, "b", "alice"),
+        expect,
+        "each once, in order"
+    );
+    assert!(
+        lab.logs().contains("PEER(RESUME)"),
+        "bob asked for the session again"
+    );
+}

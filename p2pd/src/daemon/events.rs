@@ -183,6 +183,7 @@ impl Daemon {
             } => {
                 tracing::info!(peer = %name, %endpoint, "PEER(UP)");
                 self.pin(&name, &identity);
+                self.note_session(&name, true);
                 let path = self.node.path_name(endpoint).to_owned();
                 let c = Connected {
                     peer: name.clone(),
@@ -201,6 +202,7 @@ impl Daemon {
             }
             NodeEvent::PeerDown { name, reason } => {
                 tracing::info!(peer = %name, %reason, "PEER(DOWN)");
+                self.note_session(&name, false);
                 self.broadcast(Event::PeerDown {
                     peer: name.clone(),
                     reason: reason.clone(),
@@ -266,6 +268,15 @@ impl Daemon {
                         .then(|| Ok(v.clone()))
                 });
             }
+        }
+    }
+
+    /// Remembers whether the session with `name` is up: one that is when
+    /// the daemon stops (a stop of ours ends sessions without a
+    /// `PeerDown`, a kill ends nothing) is resumed at the next start.
+    fn note_session(&mut self, name: &str, up: bool) {
+        if let Err(e) = self.store.set_session(name, up) {
+            tracing::error!(error = %e, "STORE(WRITE_FAILED)");
         }
     }
 

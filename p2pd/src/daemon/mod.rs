@@ -124,6 +124,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     for c in store.contacts()? {
         if let Some(id) = c.identity {
             node.add_contact(now, &c.name, id, c.recv_next);
+            if c.resume {
+                // Up when we stopped (even killed): the peer may still be
+                // sending to our old address; ask for the session again
+                // as soon as we are logged in.
+                tracing::info!(peer = %c.name, "PEER(RESUME)");
+                node.resume(now, &c.name);
+            }
         }
     }
     let outbox = store.outbox()?;
