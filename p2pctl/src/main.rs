@@ -676,14 +676,25 @@ async fn run(args: Args) -> Result<(), Failure> {
         Cmd::Send { name, text } if !text.is_empty() => {
             let text = text.join(" ");
             proto::control::check_text(&text).map_err(Failure::from)?;
-            let (v, Sent { seq, queued, .. }) = conn
+            let (
+                v,
+                Sent {
+                    seq,
+                    queued,
+                    reason,
+                    ..
+                },
+            ) = conn
                 .call_as(Command::Send {
                     peer: name.clone(),
                     text,
                 })
                 .await?;
             let text = if queued {
-                format!("queued for {name} (#{seq}): it goes out when {name} is reachable")
+                let why = reason
+                    .map(|r| format!(" ({})", clean(&r)))
+                    .unwrap_or_default();
+                format!("queued for {name} (#{seq}): it goes out when {name} is reachable{why}")
             } else {
                 format!("sent to {name} (#{seq})")
             };
@@ -839,8 +850,19 @@ async fn run(args: Args) -> Result<(), Failure> {
                 } else {
                     String::new()
                 };
+                // What is wrong, if something is: reconnecting (since when,
+                // after what), or a path that stopped answering.
+                let trouble = match (peer.unanswered_s, peer.down_s, &peer.reason) {
+                    (Some(s), _, _) => format!(" no answer for {s:.0} s"),
+                    (None, Some(s), Some(r)) if peer.reconnecting => {
+                        format!(" reconnecting for {s:.0} s ({})", clean(r))
+                    }
+                    (None, Some(s), Some(r)) => format!(" down for {s:.0} s ({})", clean(r)),
+                    _ if peer.reconnecting => " connecting".into(),
+                    _ => String::new(),
+                };
                 out(&format!(
-                    "{}  {}{}{}{rtt}{queued}  {}",
+                    "{}  {}{trouble}{}{}{rtt}{queued}  {}",
                     peer.name,
                     peer.state,
                     match (&peer.path, &peer.technique) {

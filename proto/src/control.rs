@@ -393,9 +393,13 @@ pub struct Connected {
 pub struct Sent {
     pub peer: String,
     pub seq: u64,
-    /// True when the peer is not connected now: the message waits in the
-    /// outbox and goes out when the peer is reachable.
+    /// True when the peer is not reachable now (no session, or its path
+    /// has not answered for seconds): the message waits in the outbox and
+    /// goes out when the peer is reachable.
     pub queued: bool,
+    /// Why it is queued, for people (absent when it is not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -450,6 +454,20 @@ pub struct PeerInfo {
     pub rtt_ms: Option<f64>,
     pub fingerprint: Option<String>,
     pub queued: usize,
+    /// Not connected: for how many seconds, and why the last session
+    /// ended (absent while connected, or if there never was one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Connected, but what was sent has had no answer for this many
+    /// seconds (2 or more: the path is in doubt, the relay is tried too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unanswered_s: Option<f64>,
+    /// The daemon is asking for a session by itself (messages or files
+    /// wait, or a session it had is being resumed).
+    #[serde(default)]
+    pub reconnecting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -694,6 +712,7 @@ mod tests {
                 peer: "bob".into(),
                 seq: 0,
                 queued: false,
+                reason: None,
             },
         );
         assert_eq!(
@@ -716,6 +735,7 @@ mod tests {
                 peer: "bob".into(),
                 seq: 7,
                 queued: true,
+                reason: Some("bob is not connected".into()),
             },
         )
         .into_result()

@@ -176,6 +176,14 @@ pub struct PeerStatus {
     pub rtt: Option<Duration>,
     pub fingerprint: Option<String>,
     pub queued: usize,
+    /// Not up: since when, and why (the last session's end).
+    pub down: Option<(Instant, String)>,
+    /// Up, but what was sent has had no answer for this long (the path
+    /// is in doubt; the relay is tried too).
+    pub unanswered: Option<Duration>,
+    /// The node is asking for a session by itself (something waits for
+    /// the peer, or a session is being resumed).
+    pub reconnecting: bool,
 }
 
 struct PeerEntry {
@@ -190,6 +198,8 @@ struct PeerEntry {
     /// Reconnect even with nothing queued: the session was up and ended
     /// for a reason of ours (the relay restarted).
     resume: bool,
+    /// Since when, and why, no session is up (after one was).
+    down: Option<(Instant, String)>,
 }
 
 impl PeerEntry {
@@ -204,6 +214,7 @@ impl PeerEntry {
             next_reconnect: now,
             backoff,
             resume: false,
+            down: None,
         }
     }
 
@@ -579,9 +590,11 @@ impl<F: FileIo> Node<F> {
             .ok_or_else(|| NodeError::NotConnected(name.to_owned()))?;
         e.end_session(now, &mut self.transmits);
         e.connecting = false;
+        let reason = "closed by you".to_owned();
+        e.down = Some((now, reason.clone()));
         self.events.push_back(NodeEvent::PeerDown {
             name: name.to_owned(),
-            reason: "closed by you".into(),
+            reason,
         });
         Ok(())
     }
@@ -775,8 +788,28 @@ impl<F: FileIo> Node<F> {
                     .or(e.transfers.flow().smoothed_rtt()),
                 fingerprint: e.identity().map(|i| i.fingerprint()),
                 queued: e.transfers.chat_pending(),
+                down: e.down.clone().filter(|_| !e.is_up()),
+                unanswered: e
+                    .session
+                    .as_ref()
+                    .filter(|s| s.is_up())
+                    .and_then(|s| s.unanswered_for(self.now)),
+                reconnecting: !e.is_up()
+                    && e.auto_connect
+                    && e.identity().is_some()
+                    && (e.connecting || e.resume || e.transfers.wants_session()),
             })
             .collect()
+    }
+
+    /// Whether what is sent to `name` now can be expected to arrive soon:
+    /// a session is up and its path is not in doubt.
+    pub fn is_reachable(&self, name: &str) -> bool {
+        self.peers.get(name).is_some_and(|e| {
+            e.session
+                .as_ref()
+                .is_some_and(|s| s.is_up() && s.unanswered_for(self.now).is_none())
+        })
     }
 
     /// The TCP connection asked for with
@@ -1277,6 +1310,7 @@ impl<F: FileIo> Node<F> {
                         e.backoff = self.config.reconnect_min;
                         e.connecting = false;
                         e.resume = false;
+                        e.down = None;
                         e.transfers.session_restarted();
                         let identity = s.remote().clone();
                         e.pinned = Some(identity.clone());
@@ -1372,6 +1406,7 @@ impl<F: FileIo> Node<F> {
             e.session = None;
             e.connecting = false;
             e.next_reconnect = now + e.backoff;
+            e.down.get_or_insert((now, reason.clone()));
             self.events.push_back(NodeEvent::PeerDown {
                 name: name.to_owned(),
                 reason,

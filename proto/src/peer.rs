@@ -502,6 +502,18 @@ impl PeerSession {
         self.rtt
     }
 
+    /// How long what this session sent has waited for any answer, if it
+    /// waits ([`PATH_SUSPECT`] and more: the path is in doubt).
+    pub fn unanswered_for(&self, now: Instant) -> Option<Duration> {
+        match &self.state {
+            State::Established(e) => e
+                .unanswered_since
+                .map(|t| now.saturating_duration_since(t.max(e.last_rx)))
+                .filter(|d| *d >= PATH_SUSPECT),
+            _ => None,
+        }
+    }
+
     /// Local indices this session answers to.
     pub fn owns_index(&self, index: u32) -> bool {
         match &self.state {

@@ -1692,8 +1692,17 @@ fn a_silent_peer_is_given_up_in_seconds_while_data_waits_and_idle_costs_nothing(
     );
     // Now alice sends: within seconds she knows bob is gone, and says so.
     let now = sim.now;
+    assert!(sim.node(0).is_reachable("bob"), "nothing known yet");
     sim.node(0).send_message(now, "bob", msg(0));
     let sent_at = sim.now;
+    // Unanswered for 2 s: not reachable any more, and the status says so.
+    sim.run_for(Duration::from_secs(3));
+    assert!(!sim.node(0).is_reachable("bob"));
+    let st = sim.node(0).peer_status().remove(0);
+    assert!(
+        st.unanswered.is_some_and(|d| d >= Duration::from_secs(2)),
+        "{st:?}"
+    );
     sim.run_until(Duration::from_secs(30), |s| {
         s.has_event(0, |e| matches!(e, NodeEvent::PeerDown { reason, .. } if reason.contains("stopped answering")))
     });
@@ -1703,7 +1712,15 @@ fn a_silent_peer_is_given_up_in_seconds_while_data_waits_and_idle_costs_nothing(
         "given up after {took:?}"
     );
     assert!(!sim.node(0).is_up("bob"));
-    assert_eq!(sim.node(0).peer_status()[0].queued, 1, "the message waits");
+    let st = sim.node(0).peer_status().remove(0);
+    assert_eq!(st.queued, 1, "the message waits");
+    assert!(st.reconnecting, "{st:?}");
+    assert!(
+        st.down
+            .as_ref()
+            .is_some_and(|(_, r)| r.contains("stopped answering")),
+        "{st:?}"
+    );
     // bob comes back: the message arrives, once.
     // (A restarted daemon draws new randomness: another seed than bob's
     // first, 96.)

@@ -250,8 +250,20 @@ fn a_peer_killed_mid_chat_comes_back_on_a_new_port_and_nothing_is_lost() {
     });
     // Killed (no goodbye): alice goes on talking to its old address.
     lab.kill("b");
-    lab.ctl_stdin("a", &["send", "bob"], Some(&lines(20, 40)))
+    lab.ctl_stdin("a", &["send", "bob"], Some(&lines(20, 39)))
         .ok();
+    // Within seconds alice's daemon knows, and says so truthfully.
+    let trouble = lab.wait_for("alice to see bob silent", WAIT, |lab| {
+        let peers = lab.ctl("a", &["--json", "peers"]).json();
+        let bob = peers["peers"][0].clone();
+        (bob["unanswered_s"].is_number() || bob["down_s"].is_number()).then_some(bob)
+    });
+    let sent = lab.ctl("a", &["--json", "send", "bob", "line 39"]).json();
+    assert_eq!(sent["queued"], true, "{sent} (peers: {trouble})");
+    assert!(
+        sent["reason"].as_str().is_some_and(|r| r.contains("bob")),
+        "{sent}"
+    );
     // Back, on another port (port 0 picks a new one), with its database.
     lab.start_daemon("b");
     let back = std::time::Instant::now();

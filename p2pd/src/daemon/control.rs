@@ -285,8 +285,7 @@ impl Daemon {
             Command::Send { peer, text } => {
                 Self::check_name(&peer)?;
                 check_text(&text)?;
-                let up = self.node.is_up(&peer);
-                if !up && !self.node.is_known(&peer) {
+                if !self.node.is_up(&peer) && !self.node.is_known(&peer) {
                     return Err(err(
                         ErrorCode::NotConnected,
                         format!("not connected to {peer}: run `p2pctl connect {peer}` first"),
@@ -297,6 +296,10 @@ impl Daemon {
                     .store
                     .enqueue(&peer, sent_ms, &text)
                     .map_err(|e| err(ErrorCode::Internal, format!("message not stored: {e}")))?;
+                // Asked before the message joins the flow: its own
+                // packet must not count as unanswered yet.
+                let reachable = self.node.is_reachable(&peer);
+                let reason = (!reachable).then(|| self.why_unreachable(now, &peer));
                 self.node.send_message(
                     now,
                     &peer,
@@ -309,7 +312,8 @@ impl Daemon {
                 json(&Sent {
                     peer,
                     seq,
-                    queued: !up,
+                    queued: !reachable,
+                    reason,
                 })
             }
             Command::History { peer, limit } => {
@@ -334,6 +338,13 @@ impl Daemon {
                         rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
                         fingerprint: p.fingerprint,
                         queued: p.queued,
+                        down_s: p
+                            .down
+                            .as_ref()
+                            .map(|(t, _)| now.saturating_duration_since(*t).as_secs_f64()),
+                        reason: p.down.map(|(_, r)| r),
+                        unanswered_s: p.unanswered.map(|d| d.as_secs_f64()),
+                        reconnecting: p.reconnecting,
                     })
                     .collect();
                 let requests = self
@@ -362,6 +373,26 @@ impl Daemon {
                 self.watchers.insert(conn, out.clone());
                 json(&Watching { watching: true })
             }
+        }
+    }
+
+    /// Why a message to `peer` waits, in words: its session is down (and
+    /// why), or its path has not answered for a while.
+    fn why_unreachable(&self, now: Instant, peer: &str) -> String {
+        let status = self.node.peer_status().into_iter().find(|p| p.name == peer);
+        match status {
+            Some(p) if p.unanswered.is_some() => format!(
+                "{peer} has not answered for {} s; trying the relay too, reconnecting if it stays silent",
+                p.unanswered.unwrap_or_default().as_secs()
+            ),
+            Some(p) => match p.down {
+                Some((since, reason)) => format!(
+                    "{peer} is not connected ({reason}, {} s ago); reconnecting",
+                    now.saturating_duration_since(since).as_secs()
+                ),
+                None => format!("{peer} is not connected yet; connecting"),
+            },
+            None => format!("{peer} is not connected; connecting"),
         }
     }
 
