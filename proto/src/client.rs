@@ -12,7 +12,9 @@
 
 use crate::identity::{identity_payload, Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern, Transport, REKEY_AFTER_TIME};
-use crate::wire::{ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient};
+use crate::wire::{
+    ClientToServer, FailReason, Packet, PunchInstruction, ResetToken, ServerToClient,
+};
 use crate::Transmit;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, VecDeque};
@@ -173,6 +175,9 @@ struct Established {
     server_key: [u8; 32],
     challenge: [u8; 16],
     logged_in: bool,
+    /// What the server's `SessionUnknown` for this session must carry to
+    /// be believed (from the login's answer).
+    reset_token: Option<ResetToken>,
     /// The login in flight: its rid, when to send it again, and the bytes.
     /// A lost login is resent like any request; the server answers a
     /// repeated rid from its cache.
@@ -574,8 +579,12 @@ impl ServerLink {
                 counter,
                 ciphertext,
             } => self.on_data(now, receiver, counter, ciphertext),
-            Packet::SessionUnknown { receiver } => {
+            Packet::SessionUnknown { receiver, token } => {
                 let ours = matches!(&self.state, State::Established(e) if e.transport.remote_index == receiver);
+                // Believed only with the session's reset token: anyone
+                // can send the server's address a few bytes.
+                let proven =
+                    matches!(&self.state, State::Established(e) if e.reset_token == Some(token));
                 if let State::Established(e) = &mut self.state {
                     if let Some((packet, tries)) =
                         e.finish.as_mut().filter(|f| f.1 < MAX_FINISH_RESENDS)
@@ -590,9 +599,11 @@ impl ServerLink {
                         }
                     }
                 }
-                if ours {
+                if ours && proven {
                     tracing::info!("LINK(SESSION_UNKNOWN)");
                     self.link_down(now, "the rendezvous server lost our session (restarted?)");
+                } else if ours {
+                    tracing::debug!("LINK(SESSION_UNKNOWN_UNPROVEN)");
                 }
             }
             _ => {}
@@ -664,6 +675,7 @@ impl ServerLink {
             server_key,
             challenge,
             logged_in: false,
+            reset_token: None,
             login: None,
             last_rx: now,
             next_heartbeat: now + self.config.heartbeat,
@@ -749,10 +761,12 @@ impl ServerLink {
                 name,
                 observed,
                 probe_port,
+                reset_token,
             } if self.settle_login(rid) => {
                 let mut quiet = false;
                 if let State::Established(e) = &mut self.state {
                     e.logged_in = true;
+                    e.reset_token = Some(reset_token);
                     quiet = e.quiet && self.observed == Some(observed);
                 }
                 self.observed = Some(observed);

@@ -30,7 +30,7 @@ use crate::transfer::{
 };
 use crate::transport::{Predictor, ServerTransport, TransportCommand, Via};
 use crate::wire::{
-    self, ClientToServer, FailReason, Packet, PeerToPeer, ServerToClient, UserEntry,
+    self, ClientToServer, FailReason, Packet, PeerToPeer, ResetToken, ServerToClient, UserEntry,
 };
 use crate::{canonical, Transmit};
 use rand::{Rng, SeedableRng};
@@ -200,6 +200,11 @@ struct PeerEntry {
     resume: bool,
     /// Since when, and why, no session is up (after one was).
     down: Option<(Instant, String)>,
+    /// The relay channel of the last introduction, and the token that
+    /// proves the server's "channel unknown" for it.
+    channel_token: Option<(u64, ResetToken)>,
+    /// The last session's path was the relay.
+    was_relayed: bool,
 }
 
 impl PeerEntry {
@@ -215,6 +220,8 @@ impl PeerEntry {
             backoff,
             resume: false,
             down: None,
+            channel_token: None,
+            was_relayed: false,
         }
     }
 
@@ -1014,6 +1021,9 @@ impl<F: FileIo> Node<F> {
                 self.link.handle_datagram(now, &packet)
             }
             Packet::SessionUnknown { .. } if from_server => self.link.handle_datagram(now, &packet),
+            Packet::ChannelUnknown { channel, token } if from_server => {
+                self.on_channel_unknown(now, channel, token)
+            }
             p if !from_server => self.handle_peer_packet(now, from, p, None),
             _ => self.malformed += 1,
         }
@@ -1061,7 +1071,7 @@ impl<F: FileIo> Node<F> {
                     s.handle_punch(now, from, reply);
                 }
             }
-            Packet::SessionUnknown { receiver } => {
+            Packet::SessionUnknown { receiver, .. } => {
                 let s = self
                     .peers
                     .values_mut()
@@ -1115,6 +1125,27 @@ impl<F: FileIo> Node<F> {
             self.last_unknown_reply = Some(now);
             self.transmits
                 .push_back(Transmit::new(from, wire::version_refusal().to_vec()));
+        }
+    }
+
+    /// The server says it has no relay channel `channel`, with the token
+    /// that proves it (it restarted, or the channel ended): log in again
+    /// at once, which introduces relayed sessions anew (section 6.4 of
+    /// the protocol), instead of waiting for them to fall silent. Acted on
+    /// once per channel, and only while logged in.
+    fn on_channel_unknown(&mut self, now: Instant, channel: u64, token: ResetToken) {
+        let known = self
+            .peers
+            .values_mut()
+            .find(|e| e.channel_token == Some((channel, token)));
+        let Some(e) = known else {
+            tracing::debug!("RELAY(CHANNEL_UNKNOWN_UNPROVEN)");
+            return;
+        };
+        e.channel_token = None;
+        if self.link.state() == LinkState::LoggedIn {
+            tracing::info!("RELAY(CHANNEL_UNKNOWN_RELOGIN)");
+            self.link.reconnect(now);
         }
     }
 
@@ -1193,7 +1224,13 @@ impl<F: FileIo> Node<F> {
             return;
         }
         self.last_unknown_reply = Some(now);
-        let reply = Packet::SessionUnknown { receiver }.encode();
+        // (A peer has no reset token to give: zero. The other side
+        // believes it only from the session's own endpoint and channel.)
+        let reply = Packet::SessionUnknown {
+            receiver,
+            token: [0; 16],
+        }
+        .encode();
         let payload = match channel {
             Some(channel) => Packet::Relay {
                 channel,
@@ -1307,6 +1344,7 @@ impl<F: FileIo> Node<F> {
             while let Some(ev) = s.poll_event() {
                 match ev {
                     PeerEvent::Up { endpoint } => {
+                        e.was_relayed = endpoint == self.link.server_addr();
                         e.backoff = self.config.reconnect_min;
                         e.connecting = false;
                         e.resume = false;
@@ -1328,6 +1366,7 @@ impl<F: FileIo> Node<F> {
                         })
                     }
                     PeerEvent::PathChanged { endpoint } => {
+                        e.was_relayed = endpoint == self.link.server_addr();
                         self.events.push_back(NodeEvent::PathChanged {
                             name: name.to_owned(),
                             endpoint,
@@ -1624,10 +1663,12 @@ impl<F: FileIo> Node<F> {
                         (false, true) => Prediction::Easy(public.ip()),
                         _ => Prediction::None,
                     },
+                    relay_first: self.peers.get(&p.name).is_some_and(|e| e.was_relayed),
                 };
                 let local = self.identity.clone();
                 let config = self.config.peer.clone();
                 let e = self.entry(now, &p.name);
+                e.channel_token = p.relay.then_some((p.intro_id, p.channel_token));
                 match e.session.as_mut() {
                     // The peer reconnected while our session is up (its own
                     // ended first, or it restarted): same session, the new

@@ -212,6 +212,11 @@ pub struct PunchPlan {
     /// packets for it go out wrapped in [`Packet::Relay`].
     pub relay: Option<SocketAddr>,
     pub prediction: Prediction,
+    /// The last session with this peer was relayed (no direct path was
+    /// found): the initiator handshakes through the relay at once instead
+    /// of after `relay_after`, punching beside it; a direct path found
+    /// later is still taken (upgrades).
+    pub relay_first: bool,
 }
 
 /// Port prediction (the birthday technique), for a NAT pair where one
@@ -342,14 +347,19 @@ impl PeerSession {
             initiator,
             relay,
             prediction,
+            relay_first,
         } = plan;
         candidates.dedup();
         // Never probe the relay itself as if it were the peer.
         candidates.retain(|c| Some(*c) != relay);
         let deadline = now + config.connect_timeout;
-        let relay_at = relay
-            .filter(|_| initiator)
-            .map(|_| now + config.relay_after);
+        let relay_at = relay.filter(|_| initiator).map(|_| {
+            if relay_first {
+                now
+            } else {
+                now + config.relay_after
+            }
+        });
         let mut s = Self::new(
             local,
             remote,

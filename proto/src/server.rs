@@ -18,8 +18,8 @@ use crate::codec::DecodeError;
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern, Transport};
 use crate::wire::{
-    self, validate_name, ClientToServer, FailReason, Packet, PunchInstruction, ServerToClient,
-    UserEntry, USERS_PER_PAGE,
+    self, validate_name, ClientToServer, FailReason, Packet, PunchInstruction, ResetToken,
+    ServerToClient, UserEntry, USERS_PER_PAGE,
 };
 use crate::Transmit;
 use rand::{Rng, SeedableRng};
@@ -196,6 +196,24 @@ pub struct ServerStats {
     pub other_version: u64,
 }
 
+/// `ChannelUnknown` answers: at most this many at once, refilled at this
+/// rate (26 bytes each, never more than the packet they answer).
+const UNKNOWN_BURST: f64 = 256.0;
+const UNKNOWN_PER_SEC: f64 = 2_000.0;
+
+/// What a reset token is for: a session index, a relay channel.
+const TOKEN_SESSION: u8 = 1;
+const TOKEN_CHANNEL: u8 = 2;
+
+/// The key reset tokens are made with: HMAC-SHA256 keyed by the server's
+/// long-term private key, over a label (a key of its own, not the Noise
+/// key reused).
+fn reset_key(private: &[u8; 32]) -> ring::hmac::Key {
+    let root = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, private);
+    let derived = ring::hmac::sign(&root, b"p2p-chat reset tokens v1");
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
+}
+
 /// Datagrams of another version are answered at most this often (two
 /// bytes each: a trickle, whatever arrives).
 const REFUSAL_INTERVAL: Duration = Duration::from_millis(10);
@@ -269,6 +287,14 @@ pub struct Server {
     /// When a datagram of another version was last answered, and logged.
     last_refusal: Option<Instant>,
     last_refusal_log: Option<Instant>,
+    /// Reset tokens are derived with this key, itself derived from the
+    /// server's long-term key: the same after a restart.
+    reset_key: ring::hmac::Key,
+    /// `ChannelUnknown` answers allowed now (a bucket of
+    /// [`UNKNOWN_BURST`], refilled at [`UNKNOWN_PER_SEC`]), and when it
+    /// was last refilled: every client of a restarted server may ask at
+    /// once.
+    unknown_budget: (f64, Option<Instant>),
     rng: rand::rngs::StdRng,
 }
 
@@ -276,7 +302,10 @@ impl Server {
     /// `seed` makes index, challenge and introduction ids reproducible in
     /// tests; pass fresh randomness in production.
     pub fn new(identity: Identity, config: ServerConfig, seed: u64) -> Self {
+        let reset_key = reset_key(identity.noise_private());
         Self {
+            reset_key,
+            unknown_budget: (UNKNOWN_BURST, None),
             identity,
             config,
             sessions: BTreeMap::new(),
@@ -325,6 +354,17 @@ impl Server {
         self.last_refusal = Some(now);
         self.transmits
             .push_back(Transmit::new(from, wire::version_refusal().to_vec()));
+    }
+
+    /// The reset token of a session index or channel (`kind`).
+    fn reset_token(&self, kind: u8, id: u64) -> ResetToken {
+        let mut msg = [0u8; 9];
+        msg[0] = kind;
+        msg[1..].copy_from_slice(&id.to_be_bytes());
+        let tag = ring::hmac::sign(&self.reset_key, &msg);
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&tag.as_ref()[..16]);
+        t
     }
 
     #[must_use]
@@ -392,7 +432,8 @@ impl Server {
             Packet::HandshakeResponse { .. }
             | Packet::Punch { .. }
             | Packet::ProbeReply { .. }
-            | Packet::SessionUnknown { .. } => {
+            | Packet::SessionUnknown { .. }
+            | Packet::ChannelUnknown { .. } => {
                 self.stats.malformed += 1;
                 tracing::debug!(%from, "DROP(UNEXPECTED)");
             }
@@ -574,7 +615,8 @@ impl Server {
     ) {
         let Some(s) = self.sessions.get_mut(&receiver) else {
             self.stats.unknown_session += 1;
-            let reply = Packet::SessionUnknown { receiver }.encode();
+            let token = self.reset_token(TOKEN_SESSION, receiver as u64);
+            let reply = Packet::SessionUnknown { receiver, token }.encode();
             self.reply_unproven(from, request_len, reply);
             return;
         };
@@ -679,6 +721,22 @@ impl Server {
         let Some(ch) = self.channels.get_mut(&channel) else {
             self.stats.relay_refused += 1;
             tracing::debug!(%from, "RELAY(NO_CHANNEL)");
+            // Say so, provably (we may have restarted): the parties
+            // introduce themselves again at once instead of waiting for
+            // silence. Never larger than what it answers, and rate limited.
+            let reply = Packet::ChannelUnknown {
+                channel,
+                token: self.reset_token(TOKEN_CHANNEL, channel),
+            }
+            .encode();
+            let (tokens, at) = self.unknown_budget;
+            let elapsed = at.map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+            let tokens = (tokens + elapsed * UNKNOWN_PER_SEC).min(UNKNOWN_BURST);
+            self.unknown_budget = (tokens, Some(now));
+            if reply.len() <= datagram.len() && tokens >= 1.0 {
+                self.unknown_budget.0 -= 1.0;
+                self.transmits.push_back(Transmit::new(from, reply));
+            }
             return;
         };
         let mut ends = ch.users.iter().map(|u| self.by_name.get(u).copied());
@@ -958,6 +1016,7 @@ impl Server {
                 name,
                 observed,
                 probe_port: self.config.probe_port,
+                reset_token: self.reset_token(TOKEN_SESSION, index as u64),
             },
         );
     }
@@ -1085,6 +1144,11 @@ impl Server {
         self.stats.introductions += 1;
         tracing::info!(from = %intro.from, to = %intro.to, "INTRO(PUNCH)");
         let relay = self.open_channel(now, intro_id, &intro.from, &intro.to);
+        let channel_token = if relay {
+            self.reset_token(TOKEN_CHANNEL, intro_id)
+        } else {
+            [0; 16]
+        };
         let (a, b) = (&self.sessions[&requester], &self.sessions[&index]);
         let to_requester = PunchInstruction {
             intro_id,
@@ -1095,6 +1159,7 @@ impl Server {
             initiator: true,
             relay,
             peer_hard: hard,
+            channel_token,
         };
         let to_target = PunchInstruction {
             intro_id,
@@ -1105,6 +1170,7 @@ impl Server {
             initiator: false,
             relay,
             peer_hard: intro.from_hard,
+            channel_token,
         };
         self.push(now, requester, ServerToClient::Punch(to_requester));
         self.push(now, index, ServerToClient::Punch(to_target));

@@ -502,13 +502,29 @@ mod tests {
         };
         assert!(!p.on_datagram(t0, 3, stranger, &punch(9)));
         assert!(!p.on_datagram(t0, 3, peer, &punch(8)));
-        assert!(!p.on_datagram(t0, 3, peer, &Packet::SessionUnknown { receiver: 1 }));
+        assert!(!p.on_datagram(
+            t0,
+            3,
+            peer,
+            &Packet::SessionUnknown {
+                receiver: 1,
+                token: [0; 16]
+            }
+        ));
         assert_eq!(p.route(peer), None);
         // The peer's probe adopts socket 3.
         assert!(p.on_datagram(t0, 3, peer, &punch(9)));
         assert_eq!(p.route(peer), Some(Via::Socket(3)));
         // After that, anything on it is taken.
-        assert!(p.on_datagram(t0, 3, peer, &Packet::SessionUnknown { receiver: 1 }));
+        assert!(p.on_datagram(
+            t0,
+            3,
+            peer,
+            &Packet::SessionUnknown {
+                receiver: 1,
+                token: [0; 16]
+            }
+        ));
         // The round ends: every socket but the adopted one is closed.
         p.handle_timeout(t0 + PREDICTION_ROUND);
         let _ = std::iter::from_fn(|| p.poll_transmit()).count();

@@ -1737,3 +1737,43 @@ fn a_silent_peer_is_given_up_in_seconds_while_data_waits_and_idle_costs_nothing(
     sim.run_for(Duration::from_secs(10));
     assert_eq!(sim.delivered(1, "alice"), vec![msg(0).body]);
 }
+
+#[test]
+fn a_relayed_session_is_back_within_seconds_of_a_server_restart() {
+    for seed in [101, 102, 103] {
+        let mut sim = Sim::new(seed, Link::clean());
+        // No direct path: the session is relayed.
+        sim.block_peers = true;
+        sim.register_both();
+        sim.connect();
+        let (a, b) = endpoints(&mut sim);
+        assert_eq!((a, b), (Some(sim.server_addr), Some(sim.server_addr)));
+        let now = sim.now;
+        sim.node(0).send_message(now, "bob", msg(0));
+        sim.run_until(Duration::from_secs(10), |s| {
+            s.delivered(1, "alice").len() == 1
+        });
+        // The server is killed and back at once: same key and accounts,
+        // no sessions, no channels. The next relayed packet meets a
+        // proven "channel unknown", and both sides log in and are
+        // introduced again at once, instead of waiting for heartbeats
+        // or silence.
+        let id = sim.server_id.clone();
+        sim.server = Some(Server::new(id, ServerConfig::default(), seed + 7));
+        let back = sim.now;
+        sim.node(0).send_message(back, "bob", msg(1));
+        sim.run_until(Duration::from_secs(30), |s| {
+            s.delivered(1, "alice").len() == 2
+        });
+        let took = sim.now - back;
+        assert!(
+            took <= Duration::from_secs(2),
+            "seed {seed}: back after {took:?}"
+        );
+        assert_eq!(sim.delivered(1, "alice"), vec![msg(0).body, msg(1).body]);
+        assert!(sim.server_sent.iter().any(|d| matches!(
+            proto::wire::Packet::decode(d),
+            Ok(proto::wire::Packet::ChannelUnknown { .. })
+        )));
+    }
+}

@@ -57,8 +57,10 @@ impl Pattern {
 /// Version 3: data packets larger than [`MAX_PACKET`] (path MTU
 /// discovery), and a file's hash taken over its piece hashes.
 /// Version 4: chat rides the flow ([`FlowFrame::Chat`], `ChatAck`,
-/// `Skipped`; `PeerToPeer::Message` and `Ack` gone), and the version
-/// refusal.
+/// `Skipped`; `PeerToPeer::Message` and `Ack` gone), the version
+/// refusal, and reset tokens (`SessionUnknown` and the new
+/// `ChannelUnknown` carry one; `LoginOk` and the punch instruction give
+/// them).
 pub const VERSION: u8 = 4;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;
@@ -142,7 +144,15 @@ pub enum PacketType {
     Relay = 7,
     Probe = 8,
     ProbeReply = 9,
+    ChannelUnknown = 10,
 }
+
+/// A reset token: proof that a "session unknown" or "channel unknown"
+/// comes from the server that made the session or channel, even after it
+/// restarted and forgot it (it derives tokens from its long-term key, as
+/// QUIC's stateless reset does). The client learns the token inside its
+/// encrypted session, so a stranger cannot forge the notice.
+pub type ResetToken = [u8; 16];
 
 /// One datagram, borrowed from the receive buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,9 +188,19 @@ pub enum Packet<'a> {
         reply: bool,
     },
     /// "I have no session with that index": lets the other side start a
-    /// new handshake at once instead of waiting for a timeout.
+    /// new handshake at once instead of waiting for a timeout. From the
+    /// server, `token` is the session's [`ResetToken`] (given at login);
+    /// from a peer, zero.
     SessionUnknown {
         receiver: u32,
+        token: ResetToken,
+    },
+    /// From the server: "I have no relay channel `channel`" (it restarted,
+    /// or the channel expired), answering a relayed packet. `token` is the
+    /// channel's [`ResetToken`], given in the punch instruction.
+    ChannelUnknown {
+        channel: u64,
+        token: ResetToken,
     },
     /// A peer packet through the rendezvous server's relay, on the
     /// channel of an introduction both peers agreed to: from a client, "pass
@@ -271,7 +291,18 @@ impl<'a> Packet<'a> {
                 p
             }
             6 => {
-                let p = Packet::SessionUnknown { receiver: r.u32()? };
+                let p = Packet::SessionUnknown {
+                    receiver: r.u32()?,
+                    token: r.array()?,
+                };
+                r.finish()?;
+                p
+            }
+            10 => {
+                let p = Packet::ChannelUnknown {
+                    channel: r.u64()?,
+                    token: r.array()?,
+                };
                 r.finish()?;
                 p
             }
@@ -348,8 +379,15 @@ impl<'a> Packet<'a> {
             Packet::Punch { intro_id, reply } => {
                 w.u8(PacketType::Punch as u8).u64(*intro_id).bool(*reply);
             }
-            Packet::SessionUnknown { receiver } => {
-                w.u8(PacketType::SessionUnknown as u8).u32(*receiver);
+            Packet::SessionUnknown { receiver, token } => {
+                w.u8(PacketType::SessionUnknown as u8)
+                    .u32(*receiver)
+                    .bytes(token);
+            }
+            Packet::ChannelUnknown { channel, token } => {
+                w.u8(PacketType::ChannelUnknown as u8)
+                    .u64(*channel)
+                    .bytes(token);
             }
             Packet::Relay { channel, payload } => {
                 w.u8(PacketType::Relay as u8).u64(*channel).bytes(payload);

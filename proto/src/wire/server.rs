@@ -29,6 +29,9 @@ pub struct PunchInstruction {
     /// The peer's NAT has endpoint-dependent mapping (see
     /// [`ClientToServer::RequestConnect`]).
     pub peer_hard: bool,
+    /// What the server's `ChannelUnknown` for this introduction's relay
+    /// channel carries (zero without a relay; see [`super::ResetToken`]).
+    pub channel_token: super::ResetToken,
 }
 
 /// Answers and notices from the rendezvous server.
@@ -45,6 +48,9 @@ pub enum ServerToClient {
         /// The server's second UDP port, which answers [`Packet::Probe`]
         /// so a client can tell how its NAT maps (0: none).
         probe_port: u16,
+        /// What the server's `SessionUnknown` for this session carries
+        /// (see [`super::ResetToken`]).
+        reset_token: super::ResetToken,
     },
     /// A request failed.
     Failed {
@@ -107,12 +113,14 @@ impl ServerToClient {
                 name,
                 observed,
                 probe_port,
+                reset_token,
             } => {
                 w.u8(2)
                     .u32(*rid)
                     .string(name)
                     .socket_addr(observed)
-                    .u16(*probe_port);
+                    .u16(*probe_port)
+                    .bytes(reset_token);
             }
             ServerToClient::Failed {
                 rid,
@@ -163,6 +171,7 @@ impl ServerToClient {
                     w.socket_addr(a);
                 });
                 w.bool(p.initiator).bool(p.relay).bool(p.peer_hard);
+                w.bytes(&p.channel_token);
             }
             ServerToClient::Pong { rid, observed } => {
                 w.u8(9).u32(*rid).socket_addr(observed);
@@ -189,6 +198,7 @@ impl ServerToClient {
                 name: r.string(MAX_NAME)?,
                 observed: r.socket_addr()?,
                 probe_port: r.u16()?,
+                reset_token: r.array()?,
             },
             3 => ServerToClient::Failed {
                 rid: r.u32()?,
@@ -230,6 +240,7 @@ impl ServerToClient {
                 initiator: r.bool()?,
                 relay: r.bool()?,
                 peer_hard: r.bool()?,
+                channel_token: r.array()?,
             }),
             9 => ServerToClient::Pong {
                 rid: r.u32()?,

