@@ -262,6 +262,8 @@ struct Sim {
     server_sent: Vec<Vec<u8>>,
     /// Every event and datagram, in order.
     trace: Vec<Trace>,
+    /// Every datagram a node sent the server: (node, bytes).
+    to_server: Vec<(usize, Vec<u8>)>,
 }
 
 fn node_config(server: SocketAddr) -> NodeConfig {
@@ -303,6 +305,7 @@ impl Sim {
             sockets: Vec::new(),
             server_sent: Vec::new(),
             trace: Vec::new(),
+            to_server: Vec::new(),
         };
         for i in 0..2 {
             let id = seeded_identity(seed.wrapping_mul(3).wrapping_add(1 + i));
@@ -437,6 +440,9 @@ impl Sim {
                     && finished.is_empty()
                     && commands.is_empty();
                 for t in out {
+                    if t.dst == self.server_addr {
+                        self.to_server.push((i, t.payload.clone()));
+                    }
                     // Which local socket it leaves from, and through the
                     // node's NAT if it has one.
                     let local = match t.via {
@@ -1776,4 +1782,52 @@ fn a_relayed_session_is_back_within_seconds_of_a_server_restart() {
             Ok(proto::wire::Packet::ChannelUnknown { .. })
         )));
     }
+}
+
+#[test]
+fn unproven_unknown_notices_from_the_servers_address_change_nothing() {
+    let mut sim = Sim::new(111, Link::clean());
+    sim.block_peers = true;
+    sim.register_both();
+    sim.connect();
+    // What a stranger who sees the traffic knows: alice's session index
+    // at the server, and the relay channel.
+    let receiver = sim
+        .to_server
+        .iter()
+        .rev()
+        .find_map(|(i, d)| match proto::wire::Packet::decode(d) {
+            Ok(proto::wire::Packet::Data { receiver, .. }) if *i == 0 => Some(receiver),
+            _ => None,
+        })
+        .expect("alice talked to the server");
+    let channel = sim
+        .to_server
+        .iter()
+        .find_map(|(_, d)| match proto::wire::Packet::decode(d) {
+            Ok(proto::wire::Packet::Relay { channel, .. }) => Some(channel),
+            _ => None,
+        })
+        .expect("a relayed packet");
+    sim.take_events(0);
+    let (server, now) = (sim.server_addr, sim.now);
+    for token in [[0u8; 16], [0x42; 16]] {
+        let forged = proto::wire::Packet::SessionUnknown { receiver, token }.encode();
+        sim.node(0).handle_datagram(now, server, &forged);
+        let forged = proto::wire::Packet::ChannelUnknown { channel, token }.encode();
+        sim.node(0).handle_datagram(now, server, &forged);
+    }
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!(sim.node(0).link_state(), LinkState::LoggedIn);
+    assert!(
+        !sim.has_event(0, |e| matches!(
+            e,
+            NodeEvent::ServerDown { .. }
+                | NodeEvent::ServerConnected { .. }
+                | NodeEvent::PeerDown { .. }
+        )),
+        "{:?}",
+        sim.events[0]
+    );
+    assert!(sim.node(0).is_up("bob"));
 }
