@@ -1358,7 +1358,7 @@ impl<F: FileIo> Node<F> {
                             identity,
                         });
                     }
-                    PeerEvent::Down { reason } => down = Some(reason),
+                    PeerEvent::Down { reason, was_up } => down = Some((reason, was_up)),
                     PeerEvent::Interrupted { reason } => {
                         self.events.push_back(NodeEvent::PeerDown {
                             name: name.to_owned(),
@@ -1441,10 +1441,18 @@ impl<F: FileIo> Node<F> {
                 self.transmits.push_back(t);
             }
         }
-        if let Some(reason) = down {
+        if let Some((reason, was_up)) = down {
             e.session = None;
             e.connecting = false;
             e.next_reconnect = now + e.backoff;
+            if was_up {
+                // A session that worked and ended by no choice of ours (the
+                // peer fell silent, our process was stopped, the network
+                // went away): ask for it again by ourselves, with backoff,
+                // until the server says the peer is not there.
+                e.auto_connect = true;
+                e.resume = true;
+            }
             e.down.get_or_insert((now, reason.clone()));
             self.events.push_back(NodeEvent::PeerDown {
                 name: name.to_owned(),

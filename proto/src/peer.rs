@@ -117,8 +117,9 @@ const RESPONDER_REKEY_GRACE: Duration = Duration::from_secs(30);
 pub enum PeerEvent {
     /// The session is up (first time, or again after a new handshake).
     Up { endpoint: SocketAddr },
-    /// The session ended; `reason` says why, for the user.
-    Down { reason: String },
+    /// The session ended; `reason` says why, for the user. `was_up`: it
+    /// had carried data (not a punch or handshake that failed).
+    Down { reason: String, was_up: bool },
     /// The session stopped carrying data but this machine is already
     /// handshaking again (the peer restarted): down for the user, not
     /// over. `Up` or `Down` follows.
@@ -634,8 +635,8 @@ impl PeerSession {
         let reason = reason.into();
         tracing::info!(%reason, "SESSION(DOWN)");
         self.state = State::Closed;
-        self.up = false;
-        self.events.push_back(PeerEvent::Down { reason });
+        let was_up = std::mem::take(&mut self.up);
+        self.events.push_back(PeerEvent::Down { reason, was_up });
     }
 
     /// Sends a message on the session; false if it cannot carry data now.

@@ -264,6 +264,9 @@ struct Sim {
     trace: Vec<Trace>,
     /// Every datagram a node sent the server: (node, bytes).
     to_server: Vec<(usize, Vec<u8>)>,
+    /// Nodes whose process is stopped (SIGSTOP): no timers, and what
+    /// arrives for them is lost.
+    frozen: Vec<bool>,
 }
 
 fn node_config(server: SocketAddr) -> NodeConfig {
@@ -306,6 +309,7 @@ impl Sim {
             server_sent: Vec::new(),
             trace: Vec::new(),
             to_server: Vec::new(),
+            frozen: vec![false; 64],
         };
         for i in 0..2 {
             let id = seeded_identity(seed.wrapping_mul(3).wrapping_add(1 + i));
@@ -504,7 +508,10 @@ impl Sim {
     fn step(&mut self) {
         self.drain();
         let mut next = self.wire.iter().map(|w| w.0).min();
-        for n in self.nodes.iter().flatten() {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(n) = n.as_ref().filter(|_| !self.frozen[i]) else {
+                continue;
+            };
             next = [next, n.poll_timeout()].into_iter().flatten().min();
         }
         if let Some(s) = &self.server {
@@ -562,7 +569,7 @@ impl Sim {
                     }
                 }
             } else if let Some(i) = self.addrs.iter().position(|a| *a == to) {
-                if let Some(n) = self.nodes[i].as_mut() {
+                if let Some(n) = self.nodes[i].as_mut().filter(|_| !self.frozen[i]) {
                     n.handle_datagram(now, from, &bytes);
                 }
             } else if let Some(i) = self.tcp.iter().position(|a| *a == Some(to)) {
@@ -571,7 +578,10 @@ impl Sim {
                 }
             }
         }
-        for n in self.nodes.iter_mut().flatten() {
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            let Some(n) = n.as_mut().filter(|_| !self.frozen[i]) else {
+                continue;
+            };
             if n.poll_timeout().is_some_and(|t| t <= now) {
                 n.handle_timeout(now);
             }
@@ -1830,4 +1840,38 @@ fn unproven_unknown_notices_from_the_servers_address_change_nothing() {
         sim.events[0]
     );
     assert!(sim.node(0).is_up("bob"));
+}
+
+#[test]
+fn a_peer_stopped_for_two_minutes_is_back_within_seconds_of_continuing() {
+    for seed in [121, 122] {
+        let mut sim = Sim::new(seed, Link::clean());
+        sim.register_both();
+        sim.connect();
+        // bob's process is stopped (a laptop's lid closes) while alice
+        // talks to him.
+        sim.frozen[1] = true;
+        for seq in 0..3 {
+            let now = sim.now;
+            sim.node(0).send_message(now, "bob", msg(seq));
+            sim.run_for(Duration::from_secs(40));
+        }
+        // Continued: his timers are all late; what he missed is gone.
+        sim.frozen[1] = false;
+        let back = sim.now;
+        let now = sim.now;
+        sim.node(0).send_message(now, "bob", msg(3));
+        sim.run_until(Duration::from_secs(60), |s| {
+            s.delivered(1, "alice").len() == 4
+        });
+        let took = sim.now - back;
+        assert!(
+            took <= Duration::from_secs(2),
+            "seed {seed}: back after {took:?}"
+        );
+        assert_eq!(
+            sim.delivered(1, "alice"),
+            (0..4).map(|s| msg(s).body).collect::<Vec<_>>()
+        );
+    }
 }
