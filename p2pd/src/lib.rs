@@ -16,6 +16,8 @@
 //! * [`store`]: the SQLite database (contacts, history, outbox,
 //!   transfers).
 //! * [`addrs`]: our candidate addresses, and dual-stack address forms.
+//! * [`netwatch`]: the host's links and addresses coming and going
+//!   (rtnetlink), which the node hears as a network change.
 //! * [`sockets`]: the extra sockets of port prediction, opened and closed
 //!   as the node asks.
 //! * [`tcp`]: the TCP connection to the server, opened and closed as the
@@ -39,6 +41,7 @@ pub mod addrs;
 pub mod ctl;
 pub mod daemon;
 pub mod files;
+pub mod netwatch;
 pub mod sockets;
 pub mod store;
 pub mod tcp;

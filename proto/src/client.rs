@@ -364,6 +364,22 @@ impl ServerLink {
         self.handle_timeout(now);
     }
 
+    /// The host's network changed (an address or link came or went): a
+    /// link still trying starts over at once with a short backoff; an
+    /// established one checks itself now with a heartbeat instead of at
+    /// the next interval (our address may have changed).
+    pub fn network_changed(&mut self, now: Instant) {
+        match &mut self.state {
+            State::Established(e) => e.next_heartbeat = now,
+            State::KeyMismatch => return,
+            _ => {
+                self.attempts = 0;
+                self.state = State::Idle { retry_at: now };
+            }
+        }
+        self.handle_timeout(now);
+    }
+
     /// Replaces the pinned server key (after the operator checked it).
     pub fn set_server_key(&mut self, key: Option<[u8; 32]>) {
         self.config.server_key = key;

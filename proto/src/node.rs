@@ -819,6 +819,27 @@ impl<F: FileIo> Node<F> {
         })
     }
 
+    /// The host's network changed (the daemon watches for addresses and
+    /// links coming and going). What waited for the network is tried
+    /// again now instead of at the end of its backoff: the server link,
+    /// and reconnections to peers; live sessions send a keepalive at once
+    /// so that a peer follows us to a new address (roaming) without
+    /// waiting for our next packet.
+    pub fn handle_network_change(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        tracing::info!("NETWORK(CHANGED)");
+        self.link.network_changed(now);
+        let min = self.config.reconnect_min;
+        for e in self.peers.values_mut() {
+            e.backoff = min;
+            e.next_reconnect = now;
+            if let Some(s) = e.session.as_mut().filter(|s| s.is_up()) {
+                s.send(now, &PeerToPeer::Keepalive);
+            }
+        }
+        self.pump(now);
+    }
+
     /// The TCP connection asked for with
     /// [`TransportCommand::ConnectTcp`] is up.
     pub fn handle_tcp_up(&mut self, now: Instant) {

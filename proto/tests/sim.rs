@@ -267,6 +267,8 @@ struct Sim {
     /// Nodes whose process is stopped (SIGSTOP): no timers, and what
     /// arrives for them is lost.
     frozen: Vec<bool>,
+    /// Nodes whose network is down: nothing in or out, no TCP either.
+    offline: Vec<bool>,
 }
 
 fn node_config(server: SocketAddr) -> NodeConfig {
@@ -310,6 +312,7 @@ impl Sim {
             trace: Vec::new(),
             to_server: Vec::new(),
             frozen: vec![false; 64],
+            offline: vec![false; 64],
         };
         for i in 0..2 {
             let id = seeded_identity(seed.wrapping_mul(3).wrapping_add(1 + i));
@@ -352,6 +355,17 @@ impl Sim {
                 .is_some_and(|i| self.udp_blocked.get(i) == Some(&true))
         };
         if blocked(&from) || blocked(&to) {
+            return;
+        }
+        let cut = |a: &SocketAddr| {
+            let node = self
+                .addrs
+                .iter()
+                .position(|x| x == a)
+                .or_else(|| self.tcp.iter().position(|t| *t == Some(*a)));
+            node.is_some_and(|i| self.offline[i])
+        };
+        if cut(&from) || cut(&to) {
             return;
         }
         if self.rng.gen_bool(self.link.loss) {
@@ -418,6 +432,9 @@ impl Sim {
                 // up at once (one that fails is not simulated).
                 for c in &commands {
                     match c {
+                        TransportCommand::ConnectTcp { .. } if self.offline[i] => {
+                            n.handle_tcp_down(now, "network unreachable");
+                        }
                         TransportCommand::ConnectTcp { .. } => {
                             self.tcp[i] = Some(tcp_addr(i));
                             n.handle_tcp_up(now);
@@ -1872,6 +1889,43 @@ fn a_peer_stopped_for_two_minutes_is_back_within_seconds_of_continuing() {
         assert_eq!(
             sim.delivered(1, "alice"),
             (0..4).map(|s| msg(s).body).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// bob's network is down for `down` while alice talks to him; returns how
+/// long after it is back (and, if `told`, the daemon told the node) the
+/// message alice sent meanwhile arrives.
+fn recovery_after_network_down(seed: u64, down: Duration, told: bool) -> Duration {
+    let mut sim = Sim::new(seed, Link::clean());
+    sim.register_both();
+    sim.connect();
+    sim.offline[1] = true;
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    sim.run_for(down);
+    sim.offline[1] = false;
+    let back = sim.now;
+    if told {
+        sim.node(1).handle_network_change(back);
+    }
+    sim.run_until(Duration::from_secs(120), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    let took = sim.now - back;
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.delivered(1, "alice"), vec![msg(0).body], "seed {seed}");
+    took
+}
+
+#[test]
+fn after_a_minute_without_network_the_node_is_back_within_seconds_when_told() {
+    for seed in [131, 132, 133] {
+        let down = Duration::from_secs(60);
+        let told = recovery_after_network_down(seed, down, true);
+        assert!(
+            told <= Duration::from_secs(2),
+            "seed {seed}: back after {told:?}"
         );
     }
 }

@@ -521,24 +521,36 @@ table inet firewall {{
         let ns = format!("{}-h{}", self.prefix, self.namespaces.len());
         self.namespace(&ns);
         let (v4, v6) = self.attach(router, &ns, "eth0");
-        ip(&ns, &["link", "set", "eth0", "up"]);
-        let [a, b, c] = router.lan_v4;
-        ip(
-            &ns,
-            &["route", "add", "default", "via", &format!("{a}.{b}.{c}.1")],
-        );
-        ip(
-            &ns,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("2001:db8:{:x}::1", router.index),
-            ],
+        self.link_up(
+            &Host {
+                ns: ns.clone(),
+                v4,
+                v6,
+            },
+            router,
         );
         Host { ns, v4, v6 }
+    }
+
+    /// The host's network goes away: its link is set down (its routes go
+    /// with it).
+    pub fn link_down(&self, host: &Host) {
+        ip(&host.ns, &["link", "set", "eth0", "down"]);
+    }
+
+    /// The host's link comes up, with its default routes through `router`
+    /// (as a DHCP client would set them again).
+    pub fn link_up(&self, host: &Host, router: &Router) {
+        let ns = host.ns.as_str();
+        ip(ns, &["link", "set", "eth0", "up"]);
+        // IPv6 addresses do not survive a link going down (unlike IPv4's).
+        let v6 = format!("{}/64", host.v6);
+        ip(ns, &["-6", "addr", "replace", &v6, "dev", "eth0", "nodad"]);
+        let [a, b, c] = router.lan_v4;
+        let gw4 = format!("{a}.{b}.{c}.1");
+        ip(ns, &["route", "replace", "default", "via", &gw4]);
+        let gw6 = format!("2001:db8:{:x}::1", router.index);
+        ip(ns, &["-6", "route", "replace", "default", "via", &gw6]);
     }
 
     /// Sets how long the router keeps an idle UDP mapping, for flows seen

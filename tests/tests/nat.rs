@@ -376,6 +376,56 @@ fn a_router_that_forgets_its_mappings_mid_conversation_loses_nothing() {
 }
 
 #[test]
+fn a_host_whose_network_goes_away_and_comes_back_loses_nothing() {
+    let Some((mut net, mut lab)) = lab("netdown") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    let (_, bob_host) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
+    connect(&mut lab, "alice", "bob");
+    chat(&mut lab, "alice", "bob", "before");
+    // Bob's network goes away (his Wi-Fi drops) while alice talks.
+    net.link_down(&bob_host);
+    for i in 0..5 {
+        lab.ctl("alice", &["send", "bob", &format!("while away {i}")])
+            .ok();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // Back: the daemon sees the link come up and tries at once.
+    net.link_up(&bob_host, &rb);
+    let back = Instant::now();
+    let took = lab.wait_for("the lines at bob", Duration::from_secs(90), |lab| {
+        let h = lab
+            .ctl("bob", &["--json", "history", "alice", "-n", "100"])
+            .json();
+        let n = h
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["direction"] == "in")
+            .count();
+        (n == 6).then(|| back.elapsed())
+    });
+    println!("bob had every line {took:?} after his network came back");
+    let h = lab
+        .ctl("bob", &["--json", "history", "alice", "-n", "100"])
+        .json();
+    let got: Vec<String> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["direction"] == "in")
+        .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let mut want = vec!["before from alice".to_owned()];
+    want.extend((0..5).map(|i| format!("while away {i}")));
+    assert_eq!(got, want, "each once, in order");
+    assert!(lab.logs().contains("NETWORK(CHANGED)"), "the daemon saw it");
+}
+
+#[test]
 fn a_network_that_drops_udp_falls_back_to_tcp_and_is_relayed() {
     let Some((mut net, mut lab)) = lab("tcp") else {
         return;

@@ -13,7 +13,6 @@ mod events;
 mod records;
 mod transfers;
 
-use crate::addrs;
 use crate::ctl::{self, Input, Out, Reply};
 use crate::files::{self, Files, JobDone};
 use crate::sockets::{Extra, Sockets};
@@ -21,6 +20,7 @@ use crate::store::Store;
 use crate::store::TransferRow;
 use crate::tcp::{TcpEvent, TcpEventKind, TcpLink};
 use crate::Config;
+use crate::{addrs, netwatch};
 use anyhow::Context;
 use control::{fail_error, request_error, Wait, Waiter};
 use proto::control::{
@@ -180,6 +180,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     d.restore_transfers(Instant::now())?;
     d.drain(Instant::now()).await?;
 
+    // Network changes, where the system reports them.
+    let watch = match netwatch::NetWatch::new() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::info!(error = %e, "NETWORK(NOT_WATCHED)");
+            None
+        }
+    };
     tokio::pin!(shutdown);
     // One byte more than the largest datagram, so a larger one is seen
     // (and dropped as oversized) rather than cut to fit.
@@ -205,6 +213,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 d.node.handle_datagram_via(Instant::now(), Via::Socket(id), from, &bytes);
             }
             Some(done) = jobs_inbox.recv() => d.on_job(Instant::now(), done),
+            _ = netwatch::next_change(watch.as_ref()) => {
+                // Our candidates may have changed with the network.
+                let server = d.config.server;
+                d.node.set_locals(addrs::local_candidates(local, server));
+                d.node.handle_network_change(Instant::now());
+            }
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
                 if d.node.poll_timeout().is_some_and(|t| t <= now) {
