@@ -380,6 +380,16 @@ impl ServerLink {
         self.handle_timeout(now);
     }
 
+    /// Checks the server path now, with a heartbeat, if a session is up
+    /// (our address may have changed); a link still connecting is left to
+    /// its handshake.
+    pub fn check_now(&mut self, now: Instant) {
+        if let State::Established(e) = &mut self.state {
+            e.next_heartbeat = e.next_heartbeat.min(now);
+            self.handle_timeout(now);
+        }
+    }
+
     /// Replaces the pinned server key (after the operator checked it).
     pub fn set_server_key(&mut self, key: Option<[u8; 32]>) {
         self.config.server_key = key;

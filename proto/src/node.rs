@@ -285,6 +285,10 @@ const MAX_LISTED: usize = 100_000;
 const NAT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const NAT_PROBE_TRIES: u8 = 5;
 
+/// While a peer path is in doubt, the server path is checked (a
+/// heartbeat) at most this often.
+const LINK_POKE_EVERY: Duration = Duration::from_secs(2);
+
 /// Peers of another version noted (and so reported) at most.
 const MAX_VERSION_NOTES: usize = 64;
 
@@ -323,6 +327,8 @@ pub struct Node<F> {
     last_unknown_reply: Option<Instant>,
     /// The server's protocol version, when it is not ours.
     server_version: Option<u8>,
+    /// When a peer path in doubt last made us check the server path.
+    link_poked: Option<Instant>,
     /// Peers met with another version (address, version), bounded.
     peer_versions: BTreeMap<(SocketAddr, u8), ()>,
     /// Datagrams dropped because they did not parse.
@@ -357,6 +363,7 @@ impl<F: FileIo> Node<F> {
             transmits: VecDeque::new(),
             last_unknown_reply: None,
             server_version: None,
+            link_poked: None,
             peer_versions: BTreeMap::new(),
             malformed: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1)),
@@ -964,6 +971,22 @@ impl<F: FileIo> Node<F> {
                 s.handle_timeout(now);
             }
         }
+        // A peer's path in doubt may be our NAT that rebound: tell the
+        // server our new address now (a heartbeat through the new mapping),
+        // so its relay, which the suspect path falls back to, reaches us.
+        let doubt = self.peers.values().any(|e| {
+            e.session
+                .as_ref()
+                .is_some_and(|s| s.is_up() && s.unanswered_for(now).is_some())
+        });
+        let recent = self
+            .link_poked
+            .is_some_and(|t| now.saturating_duration_since(t) < LINK_POKE_EVERY);
+        if doubt && !recent {
+            tracing::debug!("LIVENESS(CHECK_SERVER_PATH)");
+            self.link_poked = Some(now);
+            self.link.check_now(now);
+        }
         let due: Vec<String> = self
             .peers
             .iter()
@@ -1388,6 +1411,7 @@ impl<F: FileIo> Node<F> {
                     }
                     PeerEvent::PathChanged { endpoint } => {
                         e.was_relayed = endpoint == self.link.server_addr();
+                        e.transfers.path_changed(now);
                         self.events.push_back(NodeEvent::PathChanged {
                             name: name.to_owned(),
                             endpoint,
@@ -1532,6 +1556,8 @@ impl<F: FileIo> Node<F> {
                         e.session = None;
                         e.auto_connect = true;
                         e.resume = true;
+                        let why = "the relay restarted; reconnecting";
+                        e.down.get_or_insert((now, why.to_owned()));
                         ended.push(peer.clone());
                     }
                 }

@@ -109,6 +109,17 @@ const PATH_SUSPECT: Duration = Duration::from_secs(2);
 /// costs no wakeups when nothing happens.
 const ACTIVE_DEAD_AFTER: Duration = Duration::from_secs(6);
 
+/// For this long after chat or file traffic went either way, a session
+/// that hears nothing from the peer for [`ACTIVE_PROBE`] pings it: a
+/// conversation notices a dead or moved path in seconds, from either end
+/// (the quiet end's ping also leaves through a rebound NAT's new mapping,
+/// so the talking end follows it). Idle sessions stop probing after it,
+/// and cost nothing beyond their keepalive.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(10);
+/// Silence that makes an active session ping; equal to [`PATH_SUSPECT`],
+/// so a dead path is suspected (relay too) at once after.
+const ACTIVE_PROBE: Duration = Duration::from_secs(2);
+
 /// A responder that has not seen the initiator start a new handshake this
 /// long after `REKEY_AFTER_TIME` starts one itself.
 const RESPONDER_REKEY_GRACE: Duration = Duration::from_secs(30);
@@ -179,10 +190,25 @@ struct Est {
     /// The first packet sent since the peer was last heard that wants an
     /// answer (a flow packet, a ping): the measure of [`PATH_SUSPECT`].
     unanswered_since: Option<Instant>,
+    /// When chat or file traffic last went either way: within
+    /// [`ACTIVE_WINDOW`] of it the path is probed ([`ACTIVE_PROBE`]).
+    last_data: Option<Instant>,
     rekey: Option<Hs>,
 }
 
 impl Est {
+    /// When an active session should ping: it has carried traffic within
+    /// [`ACTIVE_WINDOW`], waits for no answer already, and has heard
+    /// nothing for [`ACTIVE_PROBE`].
+    fn active_probe_at(&self) -> Option<Instant> {
+        let data = self.last_data?;
+        if self.unanswered_since.is_some() {
+            return None;
+        }
+        let at = self.last_rx + ACTIVE_PROBE;
+        (at <= data + ACTIVE_WINDOW).then_some(at)
+    }
+
     /// Whether the session can carry data: under confirmed keys, current
     /// or (during a rekey we answered) previous.
     fn usable(&self) -> bool {
@@ -294,7 +320,9 @@ pub struct PeerSession {
     upgrade_at: Option<Instant>,
     last_direct_rx: Option<Instant>,
     rtt: Option<Duration>,
-    pings: BTreeMap<u64, Instant>,
+    /// Pings in flight: when sent, and whether the user asked (a probe's
+    /// answer only updates the round trip).
+    pings: BTreeMap<u64, (Instant, bool)>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
     rng: rand::rngs::StdRng,
@@ -572,10 +600,12 @@ impl PeerSession {
             // handler would not act on must not be asked for.
             State::Established(e) => {
                 let dead = e.last_rx + self.config.dead_after;
-                // Adaptive liveness: data waiting for an answer.
+                // Adaptive liveness: data waiting for an answer, and an
+                // active conversation that has not heard the peer lately.
                 let stalled = e
                     .unanswered_since
                     .map(|t| (t + ACTIVE_DEAD_AFTER).max(e.last_rx + ACTIVE_DEAD_AFTER));
+                let probe = e.active_probe_at();
                 let keepalive = e.usable().then(|| e.last_tx + self.config.keepalive);
                 let (rekey, expiry, age) = match &e.rekey {
                     Some(h) => (Some(h.retry_at.min(h.deadline)), None, None),
@@ -591,7 +621,7 @@ impl PeerSession {
                         (None, Some(e.current.created + REJECT_AFTER_TIME), age)
                     }
                 };
-                [Some(dead), stalled, keepalive, rekey, expiry, age]
+                [Some(dead), stalled, probe, keepalive, rekey, expiry, age]
                     .into_iter()
                     .flatten()
                     .min()
@@ -670,6 +700,9 @@ impl PeerSession {
             return false;
         };
         e.last_tx = now;
+        if matches!(msg, PeerToPeer::Flow { .. } | PeerToPeer::FlowAck { .. }) {
+            e.last_data = Some(now);
+        }
         let wants_answer = matches!(msg, PeerToPeer::Flow { .. } | PeerToPeer::Ping { .. });
         if wants_answer && dst == e.dst {
             e.unanswered_since.get_or_insert(now);
@@ -690,9 +723,17 @@ impl PeerSession {
 
     /// Sends a ping; the answer comes as [`PeerEvent::Pong`].
     pub fn ping(&mut self, now: Instant) -> Option<u64> {
+        self.send_ping(now, true)
+    }
+
+    fn send_ping(&mut self, now: Instant, asked: bool) -> Option<u64> {
         let nonce = self.rng.gen();
         if self.send(now, &PeerToPeer::Ping { nonce }) {
-            self.pings.insert(nonce, now);
+            // Bounded: unanswered probes do not pile up.
+            if self.pings.len() >= 16 {
+                self.pings.pop_first();
+            }
+            self.pings.insert(nonce, (now, asked));
             Some(nonce)
         } else {
             None
@@ -757,6 +798,20 @@ impl PeerSession {
                         "the peer stopped answering ({secs} s of silence while data waited); reconnecting"
                     ));
                 }
+                if e.active_probe_at().is_some_and(|t| now >= t) {
+                    tracing::debug!("LIVENESS(ACTIVE_PROBE)");
+                    if self.send_ping(now, false).is_none() {
+                        // Cannot seal (keys expiring): the rules above
+                        // decide; don't ask again at once.
+                        if let State::Established(e) = &mut self.state {
+                            e.last_data = None;
+                        }
+                    }
+                    return;
+                }
+                let State::Established(e) = &mut self.state else {
+                    return;
+                };
                 if e.current.expired(now) && e.rekey.is_none() {
                     return self.go_down("session keys expired without a new handshake");
                 }
@@ -1080,6 +1135,7 @@ impl PeerSession {
                     last_rx: now,
                     last_tx: now,
                     unanswered_since: None,
+                    last_data: None,
                     rekey: None,
                 }));
             }
@@ -1162,6 +1218,11 @@ impl PeerSession {
             tracing::debug!("DROP(AUTH)");
             return;
         };
+        // (Before this packet answers it: was what we sent waiting in
+        // vain?)
+        let in_doubt = e
+            .unanswered_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= PATH_SUSPECT);
         e.last_rx = now;
         e.unanswered_since = None;
         if is_current && !e.confirmed {
@@ -1181,9 +1242,13 @@ impl PeerSession {
         // it roamed, or a direct path opened beside the relay. Follow it,
         // but don't leave a direct path that works for the relay.
         let from_relay = Some(from) == self.relay;
-        let direct_fresh = self
-            .last_direct_rx
-            .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_STALE);
+        // A direct path "works" if it carried something lately and what we
+        // sent on it is not waiting in vain (a rebound NAT on the other
+        // side swallows our packets while its old ones are still fresh).
+        let direct_fresh = !in_doubt
+            && self
+                .last_direct_rx
+                .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_STALE);
         let moved = e.dst != from && is_current && !(from_relay && direct_fresh);
         if moved {
             e.dst = from;
@@ -1210,14 +1275,24 @@ impl PeerSession {
                 self.send(now, &PeerToPeer::Pong { nonce });
             }
             PeerToPeer::Pong { nonce } => {
-                if let Some(sent) = self.pings.remove(&nonce) {
+                if let Some((sent, asked)) = self.pings.remove(&nonce) {
                     let rtt = now.saturating_duration_since(sent);
                     self.rtt = Some(rtt);
-                    self.events.push_back(PeerEvent::Pong { nonce, rtt });
+                    if asked {
+                        self.events.push_back(PeerEvent::Pong { nonce, rtt });
+                    }
                 }
             }
-            PeerToPeer::Close => self.go_down("the peer closed the session"),
+            PeerToPeer::Close => {
+                // Its user closed it, or its daemon is stopping (and will
+                // resume by itself): not ours to ask for again.
+                self.up = false;
+                self.go_down("the peer closed the session")
+            }
             m @ (PeerToPeer::Flow { .. } | PeerToPeer::FlowAck { .. }) => {
+                if let State::Established(e) = &mut self.state {
+                    e.last_data = Some(now);
+                }
                 self.events.push_back(PeerEvent::Received(m))
             }
         }

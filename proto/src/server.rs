@@ -1060,6 +1060,19 @@ impl Server {
                 format!("{name} is not online"),
             );
         };
+        // The other side asked for us already (crossing requests: both
+        // reconnecting after a restart or an outage): this request agrees
+        // to that introduction instead of starting a second one, so both
+        // punch for the same one.
+        let crossing = self
+            .intros
+            .iter()
+            .find(|(_, i)| i.from == name && i.to == me)
+            .map(|(id, _)| *id);
+        if let Some(intro_id) = crossing {
+            tracing::info!(from = %me, to = %name, "INTRO(CROSSED_MERGED)");
+            return self.on_agree(now, index, rid, intro_id, true, (locals, hard));
+        }
         let intro_id = loop {
             let id: u64 = self.rng.gen();
             if id != 0 && !self.intros.contains_key(&id) {

@@ -1929,3 +1929,121 @@ fn after_a_minute_without_network_the_node_is_back_within_seconds_when_told() {
         );
     }
 }
+
+/// bob's network starts dropping UDP mid-session (a firewall rule) while
+/// alice talks; returns how long until her message arrives.
+fn recovery_after_udp_blocked(seed: u64) -> Duration {
+    let mut sim = Sim::new(seed, Link::clean());
+    sim.register_both();
+    sim.connect();
+    sim.udp_blocked[1] = true;
+    let start = sim.now;
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    sim.run_until(Duration::from_secs(300), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    let took = sim.now - start;
+    assert!(sim.tcp[1].is_some(), "seed {seed}: bob moved to TCP");
+    took
+}
+
+#[test]
+fn udp_blocked_mid_session_moves_to_the_tcp_relay() {
+    for seed in [141, 142] {
+        let took = recovery_after_udp_blocked(seed);
+        eprintln!("seed {seed}: UDP blocked mid-session, delivered after {took:?}");
+    }
+}
+
+#[test]
+fn a_closed_session_stays_closed_on_both_sides() {
+    let mut sim = Sim::new(151, Link::clean());
+    sim.register_both();
+    sim.connect();
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    // (Acknowledged: nothing is owed either way when the session closes.)
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.has_event(0, |e| matches!(e, NodeEvent::Acked { .. }))
+    });
+    // (And the acknowledgement's own acknowledgement: a control frame
+    // still in flight would make bob ask for a session to resend it.)
+    sim.run_for(Duration::from_secs(1));
+    sim.take_events(0);
+    let now = sim.now;
+    sim.node(0).close(now, "bob").unwrap();
+    sim.run_for(Duration::from_secs(60));
+    // bob heard the close and does not ask again: alice's user closed it.
+    assert!(!sim.node(1).is_up("alice") && !sim.node(0).is_up("bob"));
+    assert!(
+        !sim.has_event(0, |e| matches!(e, NodeEvent::ConnectRequest { .. })),
+        "{:?}",
+        sim.events[0]
+    );
+    assert!(!sim.node(1).peer_status()[0].reconnecting);
+}
+
+#[test]
+fn a_rebinding_nat_on_the_quiet_side_is_followed_within_seconds() {
+    for seed in [161, 162, 163] {
+        let mut sim = Sim::new(seed, Link::clean());
+        sim.nats[0] = Some(Nat::new([203, 0, 113, 10], false));
+        sim.nats[1] = Some(Nat::new([203, 0, 113, 11], false));
+        sim.register_both();
+        sim.connect();
+        let now = sim.now;
+        sim.node(0).send_message(now, "bob", msg(0));
+        sim.run_until(Duration::from_secs(10), |s| {
+            s.delivered(1, "alice").len() == 1
+        });
+        // bob's router forgets every mapping while alice talks and bob
+        // only listens: alice's packets meet a closed door.
+        if let Some(nat) = sim.nats[1].as_mut() {
+            nat.out.clear();
+            nat.back.clear();
+        }
+        let start = sim.now;
+        let now = sim.now;
+        sim.node(0).send_message(now, "bob", msg(1));
+        sim.run_until(Duration::from_secs(30), |s| {
+            s.delivered(1, "alice").len() == 2
+        });
+        let took = sim.now - start;
+        // bob pings (nothing heard for 2 s in an active conversation),
+        // and, unanswered, tells the server his new address and copies
+        // to the relay; alice, whose direct packets go unanswered, takes
+        // the relay too, and the flow sends again at once on the new
+        // path: about 3.1 s (was 7.1 s by bob's liveness alone, and 17-26 s
+        // in the lab before adaptive liveness). A direct path comes back
+        // with the next search.
+        assert!(took <= Duration::from_secs(4), "seed {seed}: {took:?}");
+        assert_eq!(sim.delivered(1, "alice"), vec![msg(0).body, msg(1).body]);
+    }
+}
+
+#[test]
+fn an_idle_session_sends_nothing_but_keepalives() {
+    let mut sim = Sim::new(171, Link::clean());
+    sim.register_both();
+    sim.connect();
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    // After the active window the conversation is idle.
+    sim.run_for(Duration::from_secs(15));
+    let (a, b) = (sim.addrs[0], sim.addrs[1]);
+    let count = |s: &Sim| {
+        s.trace
+            .iter()
+            .filter(|t| matches!(t, Trace::Datagram(_, f, to, _) if *f == a && *to == b))
+            .count()
+    };
+    let before = count(&sim);
+    sim.run_for(Duration::from_secs(60));
+    // keepalive every 5 s here: 12 in a minute, and nothing else.
+    let sent = count(&sim) - before;
+    assert!(sent <= 13, "{sent} datagrams in an idle minute");
+}

@@ -493,6 +493,14 @@ impl Flow {
         }
     }
 
+    /// The path changed: probe now (two packets may go whatever the
+    /// window), and the next timeout counts from here without backoff.
+    pub fn probe_now(&mut self, now: Instant) {
+        self.pto_count = 0;
+        self.probes = 2;
+        self.last_eliciting_sent = Some(now);
+    }
+
     #[must_use]
     pub fn poll_event(&mut self) -> Option<FlowEvent> {
         self.events.pop_front()

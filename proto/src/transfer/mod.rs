@@ -1382,28 +1382,44 @@ impl PeerFlow {
                 tracing::info!(size = pmtud::BASE, "PMTU(BLACK_HOLE)");
                 self.flow.set_mss(pmtud::BASE);
             }
-            // A probe the PTO asked for, with nothing new to send: the
-            // oldest packet in flight goes again.
-            if self.flow.probes_wanted() > 0 && !self.wants_to_send() {
-                if let Some(pn) = self.carried.keys().min().copied() {
-                    match self.carried.remove(&pn) {
-                        Some(Carried::Control(f)) => self.control.push_back(f),
-                        Some(Carried::Data { id, offset, len }) => {
-                            if let Some(t) = self.outgoing.get_mut(&id) {
-                                t.resend.push_back((offset, len));
-                                t.unacked = t.unacked.saturating_sub(len);
-                            }
-                        }
-                        Some(Carried::Probe) => {
-                            // Not worth sending again: take it for lost, and
-                            // ask for an acknowledgement with a small packet.
-                            self.pmtud.on_lost(now, pn);
-                            self.control.push_back(FlowFrame::Padding { len: 0 });
-                        }
-                        None => {}
-                    }
+            self.probe_with_oldest(now);
+        }
+    }
+
+    /// The session moved to another path (the peer's NAT rebound, the
+    /// relay, a new address): what was in flight may be lost on the old
+    /// one, so probe at once instead of after the probe timeout's backoff.
+    pub fn path_changed(&mut self, now: Instant) {
+        if self.flow.outstanding() > 0 {
+            self.flow.probe_now(now);
+            self.probe_with_oldest(now);
+        }
+    }
+
+    /// A probe the flow asked for, with nothing new to send: the oldest
+    /// packet in flight goes again.
+    fn probe_with_oldest(&mut self, now: Instant) {
+        if self.flow.probes_wanted() == 0 || self.wants_to_send() {
+            return;
+        }
+        let Some(pn) = self.carried.keys().min().copied() else {
+            return;
+        };
+        match self.carried.remove(&pn) {
+            Some(Carried::Control(f)) => self.control.push_back(f),
+            Some(Carried::Data { id, offset, len }) => {
+                if let Some(t) = self.outgoing.get_mut(&id) {
+                    t.resend.push_back((offset, len));
+                    t.unacked = t.unacked.saturating_sub(len);
                 }
             }
+            Some(Carried::Probe) => {
+                // Not worth sending again: take it for lost, and ask for
+                // an acknowledgement with a small packet.
+                self.pmtud.on_lost(now, pn);
+                self.control.push_back(FlowFrame::Padding { len: 0 });
+            }
+            None => {}
         }
     }
 }
