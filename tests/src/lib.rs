@@ -230,6 +230,26 @@ impl Lab {
         self.server = Some(addr);
     }
 
+    /// A rendezvous and two daemons, "a" registered as alice and "b" as
+    /// bob, connected (alice asked, bob accepted).
+    pub fn connected_pair(tag: &str) -> Lab {
+        let mut lab = Lab::new(tag);
+        lab.start_rendezvous();
+        lab.start_daemon("a");
+        lab.start_daemon("b");
+        lab.ctl("a", &["register", "alice"]).ok();
+        lab.ctl("b", &["register", "bob"]).ok();
+        let socket = lab.socket("a");
+        let connect = std::thread::spawn(move || p2pctl(&socket, &["connect", "bob"], None));
+        lab.wait_for("alice's request at bob", Duration::from_secs(30), |lab| {
+            let peers = lab.ctl("b", &["--json", "peers"]).json();
+            (peers["requests"][0]["name"] == "alice").then_some(())
+        });
+        lab.ctl("b", &["accept", "alice"]).ok();
+        connect.join().unwrap().ok();
+        lab
+    }
+
     pub fn socket(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.sock"))
     }

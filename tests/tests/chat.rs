@@ -215,28 +215,9 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
     assert!(login.ok().starts_with("logged in as alice"), "{login:?}");
 }
 
-/// Registers alice at "a" and bob at "b" and connects them.
-fn connected_pair(tag: &str) -> Lab {
-    let mut lab = Lab::new(tag);
-    lab.start_rendezvous();
-    lab.start_daemon("a");
-    lab.start_daemon("b");
-    lab.ctl("a", &["register", "alice"]).ok();
-    lab.ctl("b", &["register", "bob"]).ok();
-    let a_dir = lab.socket("a");
-    let connect = std::thread::spawn(move || e2e::p2pctl(&a_dir, &["connect", "bob"], None));
-    lab.wait_for("alice's request at bob", WAIT, |lab| {
-        let peers = lab.ctl("b", &["--json", "peers"]).json();
-        (peers["requests"][0]["name"] == "alice").then_some(())
-    });
-    lab.ctl("b", &["accept", "alice"]).ok();
-    connect.join().unwrap().ok();
-    lab
-}
-
 #[test]
 fn a_peer_killed_mid_chat_comes_back_on_a_new_port_and_nothing_is_lost() {
-    let mut lab = connected_pair("killed");
+    let mut lab = Lab::connected_pair("killed");
     let lines = |from: usize, to: usize| -> Vec<u8> {
         (from..to)
             .map(|i| format!("line {i}\n"))

@@ -21,26 +21,6 @@ fn content(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn pair(tag: &str) -> Lab {
-    let mut lab = Lab::new(tag);
-    lab.start_rendezvous();
-    lab.start_daemon("a");
-    lab.start_daemon("b");
-    lab.ctl("a", &["register", "alice"]).ok();
-    lab.ctl("b", &["register", "bob"]).ok();
-    let socket = lab.socket("a");
-    let connect = std::thread::spawn(move || e2e::p2pctl(&socket, &["connect", "bob"], None));
-    lab.wait_for("the request", WAIT, |lab| {
-        lab.ctl("b", &["--json", "peers"]).json()["requests"]
-            .as_array()
-            .is_some_and(|r| !r.is_empty())
-            .then_some(())
-    });
-    lab.ctl("b", &["accept", "alice"]).ok();
-    connect.join().unwrap().ok();
-    lab
-}
-
 fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let p = dir.join(name);
@@ -80,7 +60,7 @@ fn send_in_background(
 
 #[test]
 fn a_file_arrives_byte_identical_and_is_never_overwritten() {
-    let mut lab = pair("files");
+    let mut lab = Lab::connected_pair("files");
     let data = content(1, 3 * 1024 * 1024 + 4321);
     let src = write_file(&lab.dir.join("out"), "report.bin", &data);
     let inbox = lab.dir.join("inbox");
@@ -129,7 +109,7 @@ fn state_of(lab: &Lab, who: &str, id: &str) -> Value {
 
 #[test]
 fn cancel_ends_it_on_both_sides_and_leaves_no_partial_file() {
-    let mut lab = pair("fcancel");
+    let mut lab = Lab::connected_pair("fcancel");
     let data = content(2, 64 * 1024 * 1024);
     let src = write_file(&lab.dir.join("out"), "big.bin", &data);
     let inbox = lab.dir.join("inbox");
@@ -164,7 +144,7 @@ fn cancel_ends_it_on_both_sides_and_leaves_no_partial_file() {
 
 #[test]
 fn a_transfer_resumes_after_the_receiver_and_then_the_sender_are_killed() {
-    let mut lab = pair("fresume");
+    let mut lab = Lab::connected_pair("fresume");
     let data = content(3, 96 * 1024 * 1024);
     let src = write_file(&lab.dir.join("out"), "movie.bin", &data);
     let inbox = lab.dir.join("inbox");
@@ -215,7 +195,7 @@ fn a_transfer_resumes_after_the_receiver_and_then_the_sender_are_killed() {
 
 #[test]
 fn a_source_changed_while_its_sender_was_down_ends_the_transfer_on_both_sides() {
-    let mut lab = pair("fgone");
+    let mut lab = Lab::connected_pair("fgone");
     let data = content(12, 96 * 1024 * 1024);
     let src = write_file(&lab.dir.join("out"), "draft.bin", &data);
     let inbox = lab.dir.join("inbox");
@@ -248,7 +228,7 @@ fn a_source_changed_while_its_sender_was_down_ends_the_transfer_on_both_sides() 
 
 #[test]
 fn chat_goes_on_during_transfers_both_ways() {
-    let mut lab = pair("fchat");
+    let mut lab = Lab::connected_pair("fchat");
     let inbox_a = lab.dir.join("inbox-a");
     let inbox_b = lab.dir.join("inbox-b");
     let big = content(4, 64 * 1024 * 1024);
@@ -312,7 +292,7 @@ fn chat_goes_on_during_transfers_both_ways() {
 
 #[test]
 fn hostile_file_names_are_made_safe() {
-    let mut lab = pair("fnames");
+    let mut lab = Lab::connected_pair("fnames");
     let inbox = lab.dir.join("inbox");
     // A reserved device name, and a terminal escape in a name.
     for (offered, safe) in [
@@ -352,7 +332,7 @@ fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn a_directory_arrives_whole_and_is_never_merged_into_another() {
-    let mut lab = pair("fdir");
+    let mut lab = Lab::connected_pair("fdir");
     let src = lab.dir.join("out").join("photos");
     write_file(&src, "a.jpg", &content(7, 3 * 1024 * 1024 + 5));
     write_file(&src.join("2024"), "b.bin", &content(8, 100_000));
@@ -380,7 +360,7 @@ fn a_directory_arrives_whole_and_is_never_merged_into_another() {
 
 #[test]
 fn a_file_of_a_directory_that_cannot_be_read_is_reported_not_awaited() {
-    let mut lab = pair("fskip");
+    let mut lab = Lab::connected_pair("fskip");
     let src = lab.dir.join("out").join("docs");
     // Two large files first: hashing takes two at a time, in name order,
     // so the last file is read well after send-file has answered.
@@ -423,7 +403,7 @@ fn a_file_of_a_directory_that_cannot_be_read_is_reported_not_awaited() {
 
 #[test]
 fn files_from_a_trusted_contact_can_be_taken_without_asking() {
-    let lab = pair("fauto");
+    let lab = Lab::connected_pair("fauto");
     let inbox = lab.dir.join("auto");
     lab.ctl("b", &["auto-accept", "alice", inbox.to_str().unwrap()])
         .ok();
@@ -451,7 +431,7 @@ fn a_full_disk_ends_the_transfer_clearly_and_keeps_what_arrived() {
         eprintln!("SKIPPED: mounting a small filesystem needs root");
         return;
     }
-    let mut lab = pair("ffull");
+    let mut lab = Lab::connected_pair("ffull");
     let inbox = lab.dir.join("small");
     std::fs::create_dir_all(&inbox).unwrap();
     let mounted = std::process::Command::new("mount")
@@ -520,7 +500,7 @@ fn a_full_disk_ends_the_transfer_clearly_and_keeps_what_arrived() {
 #[test]
 fn a_directory_of_many_files_arrives_whole() {
     // More files than the sender keeps open at once (64).
-    let mut lab = pair("fmany");
+    let mut lab = Lab::connected_pair("fmany");
     let src = lab.dir.join("out").join("many");
     for i in 0..150u64 {
         let sub = src.join(format!("d{}", i % 7));

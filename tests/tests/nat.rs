@@ -95,6 +95,19 @@ fn connect(lab: &mut Lab, a: &str, b: &str) -> (Duration, Value, Value) {
 }
 
 /// Messages both ways arrive, checked in the receiver's history.
+/// The texts `who` received from `from`, in order.
+fn incoming(lab: &Lab, who: &str, from: &str) -> Vec<String> {
+    let h = lab
+        .ctl(who, &["--json", "history", from, "-n", "100"])
+        .json();
+    h.as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["direction"] == "in")
+        .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 fn chat(lab: &mut Lab, a: &str, b: &str, text: &str) {
     lab.ctl(a, &["send", b, &format!("{text} from {a}")]).ok();
     lab.ctl(b, &["send", a, &format!("{text} from {b}")]).ok();
@@ -361,17 +374,7 @@ fn a_router_that_forgets_its_mappings_mid_conversation_loses_nothing() {
         ("alice", "bob", vec!["before from bob", "after the flush"]),
         ("bob", "alice", vec!["before from alice", "and back"]),
     ] {
-        let h = lab
-            .ctl(who, &["--json", "history", from, "-n", "100"])
-            .json();
-        let got: Vec<String> = h
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["direction"] == "in")
-            .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
-            .collect();
-        assert_eq!(got, want);
+        assert_eq!(incoming(&lab, who, from), want);
     }
 }
 
@@ -397,28 +400,10 @@ fn a_host_whose_network_goes_away_and_comes_back_loses_nothing() {
     net.link_up(&bob_host, &rb);
     let back = Instant::now();
     let took = lab.wait_for("the lines at bob", Duration::from_secs(90), |lab| {
-        let h = lab
-            .ctl("bob", &["--json", "history", "alice", "-n", "100"])
-            .json();
-        let n = h
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["direction"] == "in")
-            .count();
-        (n == 6).then(|| back.elapsed())
+        (incoming(lab, "bob", "alice").len() == 6).then(|| back.elapsed())
     });
     println!("bob had every line {took:?} after his network came back");
-    let h = lab
-        .ctl("bob", &["--json", "history", "alice", "-n", "100"])
-        .json();
-    let got: Vec<String> = h
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["direction"] == "in")
-        .map(|m| m["text"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let got = incoming(&lab, "bob", "alice");
     let mut want = vec!["before from alice".to_owned()];
     want.extend((0..5).map(|i| format!("while away {i}")));
     assert_eq!(got, want, "each once, in order");
