@@ -371,11 +371,11 @@ impl ServerLink {
     pub fn network_changed(&mut self, now: Instant) {
         match &mut self.state {
             State::Established(e) => e.next_heartbeat = now,
+            // Waiting out a backoff, or for an answer that a lost network
+            // swallowed: try now. The attempt count, which decides when to
+            // probe with XX, stays.
+            State::Idle { retry_at } | State::Handshaking { retry_at, .. } => *retry_at = now,
             State::KeyMismatch => return,
-            _ => {
-                self.attempts = 0;
-                self.state = State::Idle { retry_at: now };
-            }
         }
         self.handle_timeout(now);
     }

@@ -289,6 +289,10 @@ const NAT_PROBE_TRIES: u8 = 5;
 /// heartbeat) at most this often.
 const LINK_POKE_EVERY: Duration = Duration::from_secs(2);
 
+/// Network changes restart peers' reconnection backoffs at most this
+/// often.
+const NETWORK_RESET_EVERY: Duration = Duration::from_secs(10);
+
 /// Peers of another version noted (and so reported) at most.
 const MAX_VERSION_NOTES: usize = 64;
 
@@ -329,6 +333,8 @@ pub struct Node<F> {
     server_version: Option<u8>,
     /// When a peer path in doubt last made us check the server path.
     link_poked: Option<Instant>,
+    /// When a network change last restarted reconnection backoffs.
+    network_changed_at: Option<Instant>,
     /// Peers met with another version (address, version), bounded.
     peer_versions: BTreeMap<(SocketAddr, u8), ()>,
     /// Datagrams dropped because they did not parse.
@@ -364,6 +370,7 @@ impl<F: FileIo> Node<F> {
             last_unknown_reply: None,
             server_version: None,
             link_poked: None,
+            network_changed_at: None,
             peer_versions: BTreeMap::new(),
             malformed: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1)),
@@ -600,8 +607,10 @@ impl<F: FileIo> Node<F> {
         let e = self
             .peers
             .get_mut(name)
-            .filter(|e| e.session.is_some())
+            .filter(|e| e.session.is_some() || e.resume)
             .ok_or_else(|| NodeError::NotConnected(name.to_owned()))?;
+        // (Reconnecting by itself: the user says stop.)
+        e.resume = false;
         e.end_session(now, &mut self.transmits);
         e.connecting = false;
         let reason = "closed by you".to_owned();
@@ -836,10 +845,20 @@ impl<F: FileIo> Node<F> {
         self.now = self.now.max(now);
         tracing::info!("NETWORK(CHANGED)");
         self.link.network_changed(now);
+        // Spurious notices (address lifetimes refreshed) must not turn into
+        // a request per peer each time: backoffs restart at most this often.
+        let recent = self
+            .network_changed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < NETWORK_RESET_EVERY);
+        if !recent {
+            self.network_changed_at = Some(now);
+        }
         let min = self.config.reconnect_min;
         for e in self.peers.values_mut() {
-            e.backoff = min;
-            e.next_reconnect = now;
+            if !recent {
+                e.backoff = min;
+                e.next_reconnect = now;
+            }
             if let Some(s) = e.session.as_mut().filter(|s| s.is_up()) {
                 s.send(now, &PeerToPeer::Keepalive);
             }
@@ -1178,18 +1197,38 @@ impl<F: FileIo> Node<F> {
     /// the protocol), instead of waiting for them to fall silent. Acted on
     /// once per channel, and only while logged in.
     fn on_channel_unknown(&mut self, now: Instant, channel: u64, token: ResetToken) {
+        let server = self.link.server_addr();
         let known = self
             .peers
-            .values_mut()
-            .find(|e| e.channel_token == Some((channel, token)));
-        let Some(e) = known else {
+            .iter_mut()
+            .find(|(_, e)| e.channel_token == Some((channel, token)));
+        let Some((name, e)) = known else {
             tracing::debug!("RELAY(CHANNEL_UNKNOWN_UNPROVEN)");
             return;
         };
         e.channel_token = None;
-        if self.link.state() == LinkState::LoggedIn {
-            tracing::info!("RELAY(CHANNEL_UNKNOWN_RELOGIN)");
-            self.link.reconnect(now);
+        // Only this peer's session loses its relay: a relayed one is
+        // introduced again at once (if the server restarted, that request
+        // meets a proven "session unknown" first, and the link logs in
+        // again); a direct one just lost its way back.
+        let relayed = e
+            .session
+            .as_ref()
+            .is_some_and(|s| s.endpoint() == Some(server));
+        if relayed {
+            tracing::info!(peer = %name, "RELAY(CHANNEL_UNKNOWN_REINTRODUCE)");
+            let why = "the relay lost our channel; reconnecting";
+            e.session = None;
+            e.auto_connect = true;
+            e.resume = true;
+            e.next_reconnect = now;
+            e.connecting = false;
+            e.down.get_or_insert((now, why.to_owned()));
+            let name = name.clone();
+            self.events.push_back(NodeEvent::PeerDown {
+                name,
+                reason: why.into(),
+            });
         }
     }
 
@@ -1490,6 +1529,11 @@ impl<F: FileIo> Node<F> {
             e.session = None;
             e.connecting = false;
             e.next_reconnect = now + e.backoff;
+            if !was_up {
+                // An attempt that never came up (punching or the handshake
+                // failed): the resume was tried; what waits keeps asking.
+                e.resume = false;
+            }
             if was_up {
                 // A session that worked and ended by no choice of ours (the
                 // peer fell silent, our process was stopped, the network
