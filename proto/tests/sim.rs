@@ -1646,6 +1646,16 @@ fn behind_a_symmetric_nat_the_path_is_found_by_port_prediction() {
     }
 }
 
+/// alice sends bob message `seq`, the `seq + 1`-th he gets; returns how
+/// long (virtual time) until he has it.
+fn send_and_time(sim: &mut Sim, seq: u64, limit: Duration) -> Duration {
+    let start = sim.now;
+    sim.node(0).send_message(start, "bob", msg(seq));
+    let want = seq as usize + 1;
+    sim.run_until(limit, |s| s.delivered(1, "alice").len() == want);
+    sim.now - start
+}
+
 /// Chat from alice to bob while bob's daemon is killed and comes back on a
 /// new port: every message arrives once, in order; returns how long after
 /// bob's restart the first message sent after it arrived (virtual time).
@@ -1793,12 +1803,7 @@ fn a_relayed_session_is_back_within_seconds_of_a_server_restart() {
         // or silence.
         let id = sim.server_id.clone();
         sim.server = Some(Server::new(id, ServerConfig::default(), seed + 7));
-        let back = sim.now;
-        sim.node(0).send_message(back, "bob", msg(1));
-        sim.run_until(Duration::from_secs(30), |s| {
-            s.delivered(1, "alice").len() == 2
-        });
-        let took = sim.now - back;
+        let took = send_and_time(&mut sim, 1, Duration::from_secs(30));
         assert!(
             took <= Duration::from_secs(2),
             "seed {seed}: back after {took:?}"
@@ -1875,13 +1880,7 @@ fn a_peer_stopped_for_two_minutes_is_back_within_seconds_of_continuing() {
         }
         // Continued: his timers are all late; what he missed is gone.
         sim.frozen[1] = false;
-        let back = sim.now;
-        let now = sim.now;
-        sim.node(0).send_message(now, "bob", msg(3));
-        sim.run_until(Duration::from_secs(60), |s| {
-            s.delivered(1, "alice").len() == 4
-        });
-        let took = sim.now - back;
+        let took = send_and_time(&mut sim, 3, Duration::from_secs(60));
         assert!(
             took <= Duration::from_secs(2),
             "seed {seed}: back after {took:?}"
@@ -2003,13 +2002,7 @@ fn a_rebinding_nat_on_the_quiet_side_is_followed_within_seconds() {
             nat.out.clear();
             nat.back.clear();
         }
-        let start = sim.now;
-        let now = sim.now;
-        sim.node(0).send_message(now, "bob", msg(1));
-        sim.run_until(Duration::from_secs(30), |s| {
-            s.delivered(1, "alice").len() == 2
-        });
-        let took = sim.now - start;
+        let took = send_and_time(&mut sim, 1, Duration::from_secs(30));
         // bob pings (nothing heard for 2 s in an active conversation),
         // and, unanswered, tells the server his new address and copies
         // to the relay; alice, whose direct packets go unanswered, takes
