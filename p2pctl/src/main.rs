@@ -837,6 +837,14 @@ async fn run(args: Args) -> Result<(), Failure> {
                 return out(&v.to_string());
             }
             let p: PeersResult = typed(&v)?;
+            if let Some(s) = p.server_away_s.filter(|s| *s >= 1.0) {
+                out(&format!(
+                    "no server ({} for {s:.0} s): sessions up go on, contacts with a known \
+                     address are reached directly; new contacts, the user list and the \
+                     relay wait for it",
+                    p.server.replace('_', " ")
+                ))?;
+            }
             if p.peers.is_empty() && p.requests.is_empty() {
                 return out("no peers");
             }

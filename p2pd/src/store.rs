@@ -11,9 +11,10 @@ use proto::PublicIdentity;
 use proto::{FileDesc, Group, GroupId, TransferId};
 use proto::{Reader, Writer};
 use rusqlite::{params, Connection, OptionalExtension};
+use std::net::SocketAddr;
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,6 +33,9 @@ pub struct Contact {
     /// A session with it was up when last heard of (it did not end by the
     /// user's `close` or the peer's going away): resume it at start.
     pub resume: bool,
+    /// Its address on the last direct path that worked: where it is
+    /// tried when the server is away.
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// An outgoing message not yet acknowledged.
@@ -124,6 +128,14 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if version < 4 {
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE contacts ADD COLUMN endpoint TEXT;
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )?;
+        }
         Ok(Self { conn })
     }
 
@@ -146,9 +158,9 @@ impl Store {
     }
 
     pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name, identity, recv_next, session FROM contacts ORDER BY name")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT name, identity, recv_next, session, endpoint FROM contacts ORDER BY name",
+        )?;
         let rows = stmt.query_map([], |r| {
             let blob: Option<Vec<u8>> = r.get(1)?;
             Ok(Contact {
@@ -156,6 +168,9 @@ impl Store {
                 identity: blob.and_then(|b| decode_identity(&b)),
                 recv_next: r.get::<_, i64>(2)? as u64,
                 resume: r.get::<_, i64>(3)? != 0,
+                // A value that does not parse (edited by hand) is no
+                // address: the server introduces as before.
+                endpoint: r.get::<_, Option<String>>(4)?.and_then(|s| s.parse().ok()),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -192,6 +207,15 @@ impl Store {
         self.conn.execute(
             "UPDATE contacts SET session = ?2 WHERE name = ?1",
             params![name, up as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Where a direct path to `name` last worked.
+    pub fn set_endpoint(&self, name: &str, endpoint: SocketAddr) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE contacts SET endpoint = ?2 WHERE name = ?1",
+            params![name, endpoint.to_string()],
         )?;
         Ok(())
     }
@@ -644,6 +668,29 @@ mod tests {
         let s = Store::open(&path).unwrap();
         let c = s.contacts().unwrap();
         assert_eq!((c[0].name.as_str(), c[0].resume), ("bob", false));
+        assert_eq!(c[0].endpoint, None);
+    }
+
+    #[test]
+    fn a_peers_last_direct_address_is_kept_and_bad_ones_read_as_none() {
+        let path = temp("endpoint");
+        {
+            let s = Store::open(&path).unwrap();
+            s.pin("bob", &Identity::generate().public()).unwrap();
+            s.pin("carol", &Identity::generate().public()).unwrap();
+            s.set_endpoint("bob", "203.0.113.7:4000".parse().unwrap())
+                .unwrap();
+            s.conn
+                .execute(
+                    "UPDATE contacts SET endpoint = 'nonsense' WHERE name = 'carol'",
+                    [],
+                )
+                .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let c = s.contacts().unwrap();
+        assert_eq!(c[0].endpoint, Some("203.0.113.7:4000".parse().unwrap()));
+        assert_eq!(c[1].endpoint, None);
     }
 
     #[test]

@@ -475,6 +475,16 @@ pub struct PeersResult {
     pub peers: Vec<PeerInfo>,
     /// Connection requests waiting for `accept` or `decline`.
     pub requests: Vec<UserInfo>,
+    /// The rendezvous link, as `whoami` names it (`logged_in`,
+    /// `connecting`, …).
+    #[serde(default)]
+    pub server: String,
+    /// Not logged in to the server for this many seconds. Sessions that
+    /// are up go on; peers with a known direct address are reached there
+    /// (a session is asked for one second into the outage); new contacts,
+    /// the user list and the relay wait for the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_away_s: Option<f64>,
 }
 
 /// One file transfer, as `transfers`, `send_file` and `accept_file` show

@@ -122,6 +122,14 @@ pub enum NodeEvent {
         name: String,
         endpoint: SocketAddr,
     },
+    /// A direct path to `name` at `endpoint` carried an authenticated
+    /// packet: keep it (give it back with [`Node::set_last_endpoint`] at
+    /// the next start), so the peer can be reached there without the
+    /// server.
+    DirectEndpoint {
+        name: String,
+        endpoint: SocketAddr,
+    },
     /// The server (`server`) or a peer at `from` speaks protocol version
     /// `theirs`, not ours ([`wire::VERSION`]): nothing it sends can be
     /// read. Said once per address and version.
@@ -205,6 +213,13 @@ struct PeerEntry {
     channel_token: Option<(u64, ResetToken)>,
     /// The last session's path was the relay.
     was_relayed: bool,
+    /// The peer's address on the last direct path that worked: where it
+    /// is tried when the server cannot introduce us.
+    last_direct: Option<SocketAddr>,
+    /// The session being tried was started without the server
+    /// ([`Node::connect_direct`]): its failure says nothing of whether
+    /// the peer is there, and a login replaces it with an introduction.
+    serverless: bool,
 }
 
 impl PeerEntry {
@@ -222,6 +237,8 @@ impl PeerEntry {
             down: None,
             channel_token: None,
             was_relayed: false,
+            last_direct: None,
+            serverless: false,
         }
     }
 
@@ -254,6 +271,23 @@ impl PeerEntry {
             }
         }
         self.auto_connect = false;
+    }
+}
+
+/// A direct path to peer `name` at `endpoint` works: remember it in
+/// `last`, and have the owner keep it across restarts.
+fn note_direct(
+    last: &mut Option<SocketAddr>,
+    name: &str,
+    endpoint: SocketAddr,
+    events: &mut VecDeque<NodeEvent>,
+) {
+    if *last != Some(endpoint) {
+        *last = Some(endpoint);
+        events.push_back(NodeEvent::DirectEndpoint {
+            name: name.to_owned(),
+            endpoint,
+        });
     }
 }
 
@@ -296,6 +330,25 @@ const NETWORK_RESET_EVERY: Duration = Duration::from_secs(10);
 /// Peers of another version noted (and so reported) at most.
 const MAX_VERSION_NOTES: usize = 64;
 
+/// The server has not answered (we are not logged in) for this long:
+/// sessions wanted with known peers are tried directly at their last
+/// direct addresses instead of waiting for an introduction. Well above a
+/// login's round trips, well inside the 2 s a restarted peer has.
+const DIRECT_AFTER: Duration = Duration::from_secs(1);
+
+/// Marks the introduction id two peers use for a session they start
+/// without the server (see [`direct_id`]).
+const DIRECT_TAG: u64 = 0x6469_7265_6374_2031; // "direct 1"
+
+/// The introduction id of a serverless session between the holders of
+/// two signing keys: the same on both sides, whoever computes it. Like
+/// the server's ids it is in clear on the wire and only names the
+/// attempt; nothing is trusted before the Noise handshake.
+pub(crate) fn direct_id(a: &[u8; 32], b: &[u8; 32]) -> u64 {
+    let word = |k: &[u8; 32]| u64::from_le_bytes(k[..8].try_into().expect("8 bytes"));
+    word(a) ^ word(b) ^ DIRECT_TAG
+}
+
 /// Most `SessionUnknown` answers sent per second.
 const SESSION_UNKNOWN_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -335,6 +388,8 @@ pub struct Node<F> {
     link_poked: Option<Instant>,
     /// When a network change last restarted reconnection backoffs.
     network_changed_at: Option<Instant>,
+    /// Since when we are not logged in to the server (None: logged in).
+    server_away: Option<Instant>,
     /// Peers met with another version (address, version), bounded.
     peer_versions: BTreeMap<(SocketAddr, u8), ()>,
     /// Datagrams dropped because they did not parse.
@@ -371,6 +426,7 @@ impl<F: FileIo> Node<F> {
             server_version: None,
             link_poked: None,
             network_changed_at: None,
+            server_away: Some(now),
             peer_versions: BTreeMap::new(),
             malformed: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1)),
@@ -431,6 +487,18 @@ impl<F: FileIo> Node<F> {
         e.auto_connect = true;
         e.resume = true;
         e.next_reconnect = now;
+    }
+
+    /// Where a known peer was last reached directly (kept from a
+    /// [`NodeEvent::DirectEndpoint`] before a restart).
+    pub fn set_last_endpoint(&mut self, now: Instant, name: &str, endpoint: SocketAddr) {
+        self.entry(now, name).last_direct = Some(canonical(endpoint));
+    }
+
+    /// How long we have not been logged in to the server (None while we
+    /// are).
+    pub fn server_away_for(&self, now: Instant) -> Option<Duration> {
+        self.server_away.map(|t| now.saturating_duration_since(t))
     }
 
     fn entry(&mut self, now: Instant, name: &str) -> &mut PeerEntry {
@@ -954,23 +1022,60 @@ impl<F: FileIo> Node<F> {
             } else {
                 None
             };
-            let reconnect = if self.wants_reconnect(e) {
-                Some(e.next_reconnect)
-            } else {
-                None
-            };
+            let reconnect = self.reconnect_at(e);
             [session, flow, reconnect]
         });
         std::iter::once(link).chain(peers).flatten().min()
     }
 
-    fn wants_reconnect(&self, e: &PeerEntry) -> bool {
-        e.session.is_none()
+    /// When the node asks for a session with this peer by itself: through
+    /// the server while logged in; while the server is away, directly at
+    /// the peer's last direct address if it has one.
+    fn reconnect_at(&self, e: &PeerEntry) -> Option<Instant> {
+        let wanted = e.session.is_none()
             && e.auto_connect
             && !e.connecting
             && (e.resume || e.transfers.wants_session())
-            && e.identity().is_some()
-            && self.link.state() == LinkState::LoggedIn
+            && e.identity().is_some();
+        if !wanted {
+            return None;
+        }
+        match (self.link.state(), self.server_away) {
+            (LinkState::LoggedIn, _) => Some(e.next_reconnect),
+            (LinkState::KeyMismatch, _) => None,
+            (_, Some(away)) if e.last_direct.is_some() => {
+                Some(e.next_reconnect.max(away + DIRECT_AFTER))
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts a session with `name` without the server: punch probes to
+    /// its last direct address under the pair's [`direct_id`], both sides
+    /// initiating (a crossed handshake keeps one). The peer answers a
+    /// probe without keeping state, and takes our handshake only for the
+    /// key it pinned.
+    fn connect_direct(&mut self, now: Instant, name: &str) {
+        let local = self.identity.clone();
+        let config = self.config.peer.clone();
+        let seed = self.rng.gen();
+        let Some(e) = self.peers.get_mut(name) else {
+            return;
+        };
+        let (Some(remote), Some(at)) = (e.identity().cloned(), e.last_direct) else {
+            return;
+        };
+        tracing::info!(peer = %name, %at, "RECONNECT(DIRECT_WITHOUT_SERVER)");
+        let plan = PunchPlan {
+            intro_id: direct_id(&local.sign_key(), &remote.sign_key),
+            candidates: vec![at],
+            initiator: true,
+            relay: None,
+            prediction: Prediction::None,
+            relay_first: false,
+        };
+        e.session = Some(PeerSession::punch(now, local, remote, config, plan, seed));
+        e.serverless = true;
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -1009,17 +1114,22 @@ impl<F: FileIo> Node<F> {
         let due: Vec<String> = self
             .peers
             .iter()
-            .filter(|(_, e)| self.wants_reconnect(e) && e.next_reconnect <= now)
+            .filter(|(_, e)| self.reconnect_at(e).is_some_and(|t| t <= now))
             .map(|(n, _)| n.clone())
             .collect();
+        let logged_in = self.link.state() == LinkState::LoggedIn;
         for name in due {
             let max = self.config.reconnect_max;
             let e = self.peers.get_mut(&name).expect("listed");
             let jitter = e.backoff.mul_f64(self.rng.gen_range(0.0..0.2));
             e.next_reconnect = now + e.backoff + jitter;
             e.backoff = (e.backoff * 2).min(max);
-            tracing::debug!(peer = %name, "RECONNECT(REQUEST)");
-            self.request_connect(now, &name, true);
+            if logged_in {
+                tracing::debug!(peer = %name, "RECONNECT(REQUEST)");
+                self.request_connect(now, &name, true);
+            } else {
+                self.connect_direct(now, &name);
+            }
         }
         self.pump(now);
     }
@@ -1132,6 +1242,8 @@ impl<F: FileIo> Node<F> {
                     .find(|s| s.intro_id() == Some(intro_id));
                 if let Some(s) = s {
                     s.handle_punch(now, from, reply);
+                } else if !reply && channel.is_none() {
+                    self.answer_direct_punch(from, intro_id);
                 }
             }
             Packet::SessionUnknown { receiver, .. } => {
@@ -1152,6 +1264,30 @@ impl<F: FileIo> Node<F> {
             _ => {
                 self.malformed += 1;
             }
+        }
+    }
+
+    /// A punch probe under the serverless id of a peer we pinned, with no
+    /// session of ours searching under it (we restarted, or our session
+    /// is up and the peer's is not): answered once, the same size, and
+    /// nothing kept, so the probe buys a stranger no more than it sent.
+    /// The peer, initiating, then sends its handshake, which we take only
+    /// for the key pinned.
+    fn answer_direct_punch(&mut self, from: SocketAddr, intro_id: u64) {
+        let ours = self.identity.sign_key();
+        let known = self.peers.values().any(|e| {
+            e.pinned
+                .as_ref()
+                .is_some_and(|p| direct_id(&ours, &p.sign_key) == intro_id)
+        });
+        if known {
+            tracing::debug!(%from, "PUNCH(DIRECT_ANSWERED)");
+            let reply = Packet::Punch {
+                intro_id,
+                reply: true,
+            }
+            .encode();
+            self.transmits.push_back(Transmit::new(from, reply));
         }
     }
 
@@ -1387,6 +1523,12 @@ impl<F: FileIo> Node<F> {
         if self.transport.take_relogin() {
             self.link.reconnect(now);
         }
+        match (self.link.state(), self.server_away) {
+            (LinkState::LoggedIn, Some(_)) => self.server_away = None,
+            (LinkState::LoggedIn, None) => {}
+            (_, None) => self.server_away = Some(now),
+            (_, Some(_)) => {}
+        }
         match self.link.state() {
             LinkState::KeyMismatch => self.transport.halt(),
             state => self
@@ -1428,6 +1570,7 @@ impl<F: FileIo> Node<F> {
                 match ev {
                     PeerEvent::Up { endpoint } => {
                         e.was_relayed = endpoint == self.link.server_addr();
+                        e.serverless = false;
                         e.backoff = self.config.reconnect_min;
                         e.connecting = false;
                         e.resume = false;
@@ -1440,6 +1583,9 @@ impl<F: FileIo> Node<F> {
                             endpoint,
                             identity,
                         });
+                        if !e.was_relayed {
+                            note_direct(&mut e.last_direct, name, endpoint, &mut self.events);
+                        }
                     }
                     PeerEvent::Down { reason, was_up } => down = Some((reason, was_up)),
                     PeerEvent::Interrupted { reason } => {
@@ -1450,6 +1596,9 @@ impl<F: FileIo> Node<F> {
                     }
                     PeerEvent::PathChanged { endpoint } => {
                         e.was_relayed = endpoint == self.link.server_addr();
+                        if !e.was_relayed {
+                            note_direct(&mut e.last_direct, name, endpoint, &mut self.events);
+                        }
                         e.transfers.path_changed(now);
                         self.events.push_back(NodeEvent::PathChanged {
                             name: name.to_owned(),
@@ -1529,11 +1678,14 @@ impl<F: FileIo> Node<F> {
             e.session = None;
             e.connecting = false;
             e.next_reconnect = now + e.backoff;
-            if !was_up {
-                // An attempt that never came up (punching or the handshake
-                // failed): the resume was tried; what waits keeps asking.
+            if !was_up && !e.serverless {
+                // An introduction that never came up (punching or the
+                // handshake failed): the resume was tried; what waits keeps
+                // asking. (A serverless attempt proves nothing: the resume
+                // waits for the server or the next try.)
                 e.resume = false;
             }
+            e.serverless = false;
             if was_up {
                 // A session that worked and ended by no choice of ours (the
                 // peer fell silent, our process was stopped, the network
@@ -1592,6 +1744,12 @@ impl<F: FileIo> Node<F> {
                 for (peer, e) in self.peers.iter_mut() {
                     e.next_reconnect = now;
                     e.connecting = false;
+                    // A serverless attempt still under way gives way to an
+                    // introduction, which knows the peer's address now.
+                    if e.serverless && !e.is_up() {
+                        e.session = None;
+                        e.serverless = false;
+                    }
                     let relayed = e
                         .session
                         .as_ref()
@@ -1768,6 +1926,7 @@ impl<F: FileIo> Node<F> {
                 let config = self.config.peer.clone();
                 let e = self.entry(now, &p.name);
                 e.channel_token = p.relay.then_some((p.intro_id, p.channel_token));
+                e.serverless = false;
                 match e.session.as_mut() {
                     // The peer reconnected while our session is up (its own
                     // ended first, or it restarted): same session, the new

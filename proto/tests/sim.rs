@@ -2040,3 +2040,65 @@ fn an_idle_session_sends_nothing_but_keepalives() {
     let sent = count(&sim) - before;
     assert!(sent <= 13, "{sent} datagrams in an idle minute");
 }
+
+/// The server is killed for good while alice and bob chat directly
+/// (behind port-preserving NATs); then bob's daemon is killed and starts
+/// again on its port with what his database kept: alice's key, his
+/// receive position, her last direct address, and that the session was
+/// up. Returns how long after bob's restart the first new message arrived.
+fn recovery_without_server(seed: u64, nat: bool) -> Duration {
+    let mut sim = Sim::new(seed, Link::clean());
+    if nat {
+        sim.nats[0] = Some(Nat::new([203, 0, 113, 10], false));
+        sim.nats[1] = Some(Nat::new([203, 0, 113, 11], false));
+    }
+    sim.register_both();
+    sim.connect();
+    send_and_time(&mut sim, 0, Duration::from_secs(10));
+    let alice_at = sim.events[1]
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            NodeEvent::DirectEndpoint { name, endpoint } if name == "alice" => Some(*endpoint),
+            _ => None,
+        })
+        .expect("bob was told alice's direct address");
+    sim.server = None;
+    sim.run_for(Duration::from_secs(3));
+    sim.nodes[1] = None;
+    // alice talks to nobody for a while (her session gives up).
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(1));
+    sim.run_for(Duration::from_secs(10));
+    sim.restart_bob(1, seed + 1000);
+    let now = sim.now;
+    sim.node(1).set_last_endpoint(now, "alice", alice_at);
+    sim.node(1).resume(now, "alice");
+    let back = sim.now;
+    sim.node(0).send_message(back, "bob", msg(2));
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.delivered(1, "alice").len() == 2
+    });
+    let took = sim.now - back;
+    assert_eq!(
+        sim.delivered(1, "alice"),
+        vec![msg(1).body, msg(2).body],
+        "seed {seed}: each once, in order"
+    );
+    assert!(sim.nodes[1]
+        .as_ref()
+        .unwrap()
+        .server_away_for(sim.now)
+        .is_some());
+    took
+}
+
+#[test]
+fn with_the_server_gone_for_good_a_restarted_peer_is_reached_directly() {
+    for (seed, nat) in [(181, false), (182, true), (183, true)] {
+        let took = recovery_without_server(seed, nat);
+        // bob waits 1 s for the server, then punches alice's last address
+        // (she answers without keeping state) and handshakes.
+        assert!(took <= Duration::from_secs(2), "seed {seed}: {took:?}");
+    }
+}

@@ -573,3 +573,75 @@ fn lossy_jittery_links_still_punch_through_and_lose_nothing() {
         assert_eq!(got, want, "every message once, in order");
     }
 }
+
+#[test]
+fn with_the_rendezvous_gone_for_good_a_restarted_peer_reaches_its_contact() {
+    let Some((mut net, mut lab)) = lab("nosrv") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    let (_, hb) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
+    connect(&mut lab, "alice", "bob");
+    chat(&mut lab, "alice", "bob", "before");
+    // The server dies and does not come back; then bob's daemon is killed
+    // and started again (on the port it had: it keeps it).
+    lab.kill("rendezvous");
+    lab.kill("bob");
+    lab.start_daemon_in(Some(&hb.ns), "bob", &[]);
+    let back = Instant::now();
+    // bob speaks first: his daemon has to find alice by itself (she has
+    // nothing to say, so nothing of hers shows him the way).
+    let took = one_message(&mut lab, "bob", "alice", "none needed", WAIT);
+    println!("bob to alice {took:?} after bob's restart, without a server");
+    one_message(&mut lab, "alice", "bob", "no server", WAIT);
+    println!("and back {:?} after bob's restart", back.elapsed());
+    for (who, from, want) in [
+        ("alice", "bob", vec!["before from bob", "none needed"]),
+        ("bob", "alice", vec!["before from alice", "no server"]),
+    ] {
+        assert_eq!(incoming(&lab, who, from), want, "each once, in order");
+    }
+    // `peers` says so, and what still works.
+    let p = lab.ctl("bob", &["--json", "peers"]).json();
+    assert!(p["server_away_s"].as_f64().is_some(), "{p}");
+    assert_eq!(p["peers"][0]["path"], "direct", "{p}");
+    lab.wait_for("`peers` to say there is no server", WAIT, |lab| {
+        let text = lab.ctl("bob", &["peers"]);
+        text.ok().starts_with("no server (").then_some(())
+    });
+    assert!(lab.logs().contains("RECONNECT(DIRECT_WITHOUT_SERVER)"));
+}
+
+#[test]
+fn a_peer_killed_and_restarted_on_a_new_port_is_back_with_nothing_lost() {
+    let Some((mut net, mut lab)) = lab("kill") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    let (_, hb) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
+    connect(&mut lab, "alice", "bob");
+    chat(&mut lab, "alice", "bob", "before");
+    lab.kill("bob");
+    // alice goes on talking into the silence.
+    for i in 0..3 {
+        lab.ctl("alice", &["send", "bob", &format!("while dead {i}")])
+            .ok();
+    }
+    // Another port than the one it had (as if that one were taken).
+    lab.start_daemon_in(Some(&hb.ns), "bob", &["--listen", "0.0.0.0:47001"]);
+    let back = Instant::now();
+    let took = one_message(&mut lab, "alice", "bob", "after", WAIT);
+    println!("first new message {took:?} after bob's restart");
+    let mut want = vec!["before from alice".to_owned()];
+    want.extend((0..3).map(|i| format!("while dead {i}")));
+    want.push("after".into());
+    lab.wait_for("every line at bob", WAIT, |lab| {
+        (incoming(lab, "bob", "alice").len() == want.len()).then_some(())
+    });
+    println!("all lines {:?} after bob's restart", back.elapsed());
+    assert_eq!(incoming(&lab, "bob", "alice"), want, "each once, in order");
+}

@@ -356,7 +356,12 @@ impl Daemon {
                         fingerprint: id.fingerprint(),
                     })
                     .collect();
-                json(&PeersResult { peers, requests })
+                json(&PeersResult {
+                    peers,
+                    requests,
+                    server: self.node.link_state().as_str().into(),
+                    server_away_s: self.node.server_away_for(now).map(|d| d.as_secs_f64()),
+                })
             }
             Command::Close { peer } => {
                 Self::check_name(&peer)?;

@@ -235,6 +235,12 @@ impl Daemon {
                     ),
                 });
             }
+            NodeEvent::DirectEndpoint { name, endpoint } => {
+                // Lost, it costs only the serverless path to this peer.
+                if let Err(e) = self.store.set_endpoint(&name, endpoint) {
+                    tracing::warn!(peer = %name, error = %e, "STORE(ENDPOINT_NOT_SAVED)");
+                }
+            }
             NodeEvent::PathChanged { name, endpoint } => {
                 let path = self.node.path_name(endpoint).to_owned();
                 tracing::info!(peer = %name, %endpoint, %path, "PEER(PATH_CHANGED)");

@@ -115,7 +115,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     node_config.client.server_key = config.server_key.or(pinned_server);
 
-    let udp = bind_udp(config.listen).await?;
+    let udp = bind_udp_again(&store, config.listen).await?;
     let local = udp.local_addr()?;
     let now = Instant::now();
     let (files, mut jobs_inbox) = Files::new();
@@ -124,6 +124,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     for c in store.contacts()? {
         if let Some(id) = c.identity {
             node.add_contact(now, &c.name, id, c.recv_next);
+            if let Some(at) = c.endpoint {
+                node.set_last_endpoint(now, &c.name, at);
+            }
             if c.resume {
                 // Up when we stopped (even killed): the peer may still be
                 // sending to our old address; ask for the session again
@@ -235,6 +238,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     d.node.shutdown(Instant::now());
     d.drain(Instant::now()).await?;
     Ok(())
+}
+
+/// Binds the UDP socket; with no port given, the port of the last run
+/// when it is free. Peers, and NATs that keep a mapping's port, then
+/// still reach us at our last address after a restart, which is how they
+/// find us when the server is away.
+async fn bind_udp_again(store: &Store, listen: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let last: Option<u16> = store.setting("udp_port")?.and_then(|p| p.parse().ok());
+    let socket = match last.filter(|p| listen.port() == 0 && *p != 0) {
+        Some(port) => match bind_udp(SocketAddr::new(listen.ip(), port)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(port, error = %e, "UDP(LAST_PORT_TAKEN)");
+                bind_udp(listen).await?
+            }
+        },
+        None => bind_udp(listen).await?,
+    };
+    let port = socket.local_addr()?.port();
+    if last != Some(port) {
+        store.set_setting("udp_port", &port.to_string())?;
+    }
+    Ok(socket)
 }
 
 /// Binds the UDP socket. The default `[::]:port` takes both families on
