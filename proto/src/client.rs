@@ -31,6 +31,12 @@ const IK_ATTEMPTS_BEFORE_PROBE: u32 = 3;
 const MISSED_HEARTBEATS: u32 = 3;
 /// Heartbeats per interval once one went unanswered.
 const HEARTBEAT_PROBES: u32 = 5;
+/// A check of the path ([`ServerLink::check_now`]) unanswered this long
+/// means the way to the server is broken. [`CHECK_PINGS`] pings go in it
+/// (at 10% loss all three round trips fail by chance 0.7% of the time); a
+/// server a continent away answers in a fraction of it.
+pub const CHECK_ANSWER: Duration = Duration::from_secs(1);
+pub const CHECK_PINGS: u32 = 3;
 /// Most requests waiting for the link to come up.
 const MAX_QUEUED: usize = 256;
 /// A request without an answer is sent again after this long (the server
@@ -184,6 +190,9 @@ struct Established {
     login: Option<(u32, Instant, ClientToServer)>,
     last_rx: Instant,
     next_heartbeat: Instant,
+    /// A check of the path ([`ServerLink::check_now`]) under way: since
+    /// when, and how many pings went.
+    check: Option<(Instant, u32)>,
     /// This session replaced a logged-in one for a rekey: its login is
     /// not news to the layers above.
     quiet: bool,
@@ -213,6 +222,8 @@ pub struct ServerLink {
     /// Notices already handled, across sessions: the server moves unacked
     /// notices to the new session when we log in again after a rekey.
     seen_pushes: VecDeque<u32>,
+    /// A check of the path went unanswered; not yet taken.
+    check_failed: bool,
     rng: rand::rngs::StdRng,
 }
 
@@ -237,6 +248,7 @@ impl ServerLink {
             observed: None,
             rekeying: None,
             seen_pushes: VecDeque::new(),
+            check_failed: false,
             rng,
         }
     }
@@ -293,7 +305,10 @@ impl ServerLink {
             State::Handshaking { retry_at, .. } => Some(*retry_at),
             State::Established(e) => {
                 let rekey = e.transport.created + REKEY_AFTER_TIME;
-                let t = e.next_heartbeat.min(rekey);
+                let check = e
+                    .check
+                    .map(|(since, pings)| since + CHECK_ANSWER * pings / CHECK_PINGS);
+                let t = e.next_heartbeat.min(rekey).min(check.unwrap_or(rekey));
                 Some(match &e.login {
                     Some((_, at, _)) => t.min(*at),
                     None => t,
@@ -364,6 +379,19 @@ impl ServerLink {
         self.handle_timeout(now);
     }
 
+    /// The way to the server changed (UDP to TCP or back): handshake
+    /// again over it now. Unlike [`Self::reconnect`] the attempt count
+    /// stays, so a server that never completes a handshake (its key
+    /// changed) is still probed with XX in time, however often the way
+    /// changes meanwhile.
+    pub fn way_changed(&mut self, now: Instant) {
+        if matches!(self.state, State::KeyMismatch) {
+            return;
+        }
+        self.state = State::Idle { retry_at: now };
+        self.handle_timeout(now);
+    }
+
     /// The host's network changed (an address or link came or went): a
     /// link still trying starts over at once with a short backoff; an
     /// established one checks itself now with a heartbeat instead of at
@@ -383,11 +411,28 @@ impl ServerLink {
     /// Checks the server path now, with a heartbeat, if a session is up
     /// (our address may have changed); a link still connecting is left to
     /// its handshake.
+    ///
+    /// The check is a ping now and two more within [`CHECK_ANSWER`]; when
+    /// none is answered within it the link says
+    /// so once ([`Self::take_check_failed`]): the way to the server is in
+    /// doubt too, so it is our network, and the transport need not wait
+    /// for heartbeats to time out (75 s at the default interval) before it
+    /// tries TCP.
     pub fn check_now(&mut self, now: Instant) {
         if let State::Established(e) = &mut self.state {
-            e.next_heartbeat = e.next_heartbeat.min(now);
+            if e.check.is_none() {
+                e.check = Some((now, 1));
+                let rid = self.fresh_rid();
+                self.internal.insert(rid, now + CHECK_ANSWER);
+                self.send(ClientToServer::Ping { rid });
+            }
             self.handle_timeout(now);
         }
+    }
+
+    /// Whether a check of the path went unanswered (said once per check).
+    pub fn take_check_failed(&mut self) -> bool {
+        std::mem::take(&mut self.check_failed)
     }
 
     /// Replaces the pinned server key (after the operator checked it).
@@ -519,6 +564,23 @@ impl ServerLink {
             }
         }
 
+        if let State::Established(e) = &mut self.state {
+            match e.check {
+                Some((since, _)) if e.last_rx >= since => e.check = None,
+                Some((since, _)) if now >= since + CHECK_ANSWER => {
+                    tracing::info!("LINK(CHECK_UNANSWERED)");
+                    e.check = None;
+                    self.check_failed = true;
+                }
+                Some((since, pings)) if now >= since + CHECK_ANSWER * pings / CHECK_PINGS => {
+                    e.check = Some((since, pings + 1));
+                    let rid = self.fresh_rid();
+                    self.internal.insert(rid, now + CHECK_ANSWER);
+                    self.send(ClientToServer::Ping { rid });
+                }
+                _ => {}
+            }
+        }
         match &mut self.state {
             State::Idle { retry_at } if *retry_at <= now => self.start_handshake(now),
             State::Handshaking { retry_at, .. } if *retry_at <= now => {
@@ -704,6 +766,7 @@ impl ServerLink {
             reset_token: None,
             login: None,
             last_rx: now,
+            check: None,
             next_heartbeat: now + self.config.heartbeat,
             quiet: self.rekeying.take().is_some(),
             finish,

@@ -323,6 +323,12 @@ const NAT_PROBE_TRIES: u8 = 5;
 /// heartbeat) at most this often.
 const LINK_POKE_EVERY: Duration = Duration::from_secs(2);
 
+/// A peer session has waited this long for an answer (its path is
+/// suspect): check the server path too. If both are silent it is our
+/// network, and TCP is tried. Not sooner: on a lossy Wi-Fi a check that
+/// fails by chance would move us to TCP for nothing.
+const SERVER_CHECK_AFTER: Duration = Duration::from_secs(2);
+
 /// Network changes restart peers' reconnection backoffs at most this
 /// often.
 const NETWORK_RESET_EVERY: Duration = Duration::from_secs(10);
@@ -1025,7 +1031,11 @@ impl<F: FileIo> Node<F> {
             let reconnect = self.reconnect_at(e);
             [session, flow, reconnect]
         });
-        std::iter::once(link).chain(peers).flatten().min()
+        std::iter::once(link)
+            .chain(peers)
+            .chain(std::iter::once(self.server_check_at()))
+            .flatten()
+            .min()
     }
 
     /// When the node asks for a session with this peer by itself: through
@@ -1078,6 +1088,22 @@ impl<F: FileIo> Node<F> {
         e.serverless = true;
     }
 
+    /// When the server path is to be checked because a peer's is in
+    /// doubt: a session has waited [`SERVER_CHECK_AFTER`] for an answer
+    /// (at most every [`LINK_POKE_EVERY`]).
+    fn server_check_at(&self) -> Option<Instant> {
+        let waiting = self
+            .peers
+            .values()
+            .filter_map(|e| e.session.as_ref().filter(|s| s.is_up())?.waiting_since())
+            .min()?;
+        let at = waiting + SERVER_CHECK_AFTER;
+        Some(match self.link_poked {
+            Some(t) => at.max(t + LINK_POKE_EVERY),
+            None => at,
+        })
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = self.now.max(now);
         self.link.handle_timeout(now);
@@ -1098,11 +1124,7 @@ impl<F: FileIo> Node<F> {
         // A peer's path in doubt may be our NAT that rebound: tell the
         // server our new address now (a heartbeat through the new mapping),
         // so its relay, which the suspect path falls back to, reaches us.
-        let doubt = self.peers.values().any(|e| {
-            e.session
-                .as_ref()
-                .is_some_and(|s| s.is_up() && s.unanswered_for(now).is_some())
-        });
+        let doubt = self.server_check_at().is_some_and(|t| t <= now);
         let recent = self
             .link_poked
             .is_some_and(|t| now.saturating_duration_since(t) < LINK_POKE_EVERY);
@@ -1520,8 +1542,11 @@ impl<F: FileIo> Node<F> {
     /// Moves events and packets between the sub-machines.
     fn pump(&mut self, now: Instant) {
         self.now = self.now.max(now);
+        if self.link.take_check_failed() {
+            self.transport.udp_suspect(now);
+        }
         if self.transport.take_relogin() {
-            self.link.reconnect(now);
+            self.link.way_changed(now);
         }
         match (self.link.state(), self.server_away) {
             (LinkState::LoggedIn, Some(_)) => self.server_away = None,
@@ -1744,6 +1769,9 @@ impl<F: FileIo> Node<F> {
                 for (peer, e) in self.peers.iter_mut() {
                     e.next_reconnect = now;
                     e.connecting = false;
+                    if let Some(s) = e.session.as_mut() {
+                        s.recheck(now);
+                    }
                     // A serverless attempt still under way gives way to an
                     // introduction, which knows the peer's address now.
                     if e.serverless && !e.is_up() {

@@ -553,6 +553,16 @@ impl PeerSession {
         }
     }
 
+    /// Since when what was sent wanting an answer has had none (the
+    /// first such packet since the peer was last heard); None when
+    /// nothing waits or the session is not up.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        match &self.state {
+            State::Established(e) => e.unanswered_since.map(|t| t.max(e.last_rx)),
+            _ => None,
+        }
+    }
+
     /// Local indices this session answers to.
     pub fn owns_index(&self, index: u32) -> bool {
         match &self.state {
@@ -738,6 +748,27 @@ impl PeerSession {
         } else {
             None
         }
+    }
+
+    /// Our way out changed (the server link moved to TCP, or came back):
+    /// a session whose path is in doubt pings at once, which, the path
+    /// being suspect, goes through the relay too; the peer hears it there
+    /// and follows, instead of both sides waiting for their next packet.
+    pub fn recheck(&mut self, now: Instant) {
+        let State::Established(e) = &mut self.state else {
+            return;
+        };
+        let Some(since) = e.unanswered_since else {
+            return;
+        };
+        // Suspect from now on, if it was not yet: the ping (and what
+        // follows until the peer is heard) goes through the relay too.
+        e.unanswered_since = Some(
+            now.checked_sub(PATH_SUSPECT)
+                .map_or(since, |t| t.min(since)),
+        );
+        tracing::debug!("PATH(RECHECK)");
+        self.send_ping(now, false);
     }
 
     /// Closes politely.

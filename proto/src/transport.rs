@@ -7,8 +7,9 @@
 //!   network drops UDP. While the server link is still connecting and
 //!   the server has sent nothing over UDP for [`TCP_FALLBACK_AFTER`], a
 //!   TCP connection is asked for (with backoff after failures). While on
-//!   TCP, a NAT probe goes to the server over UDP every [`UDP_RETRY`]; an
-//!   answer moves the link back to UDP.
+//!   TCP, a NAT probe goes to the server over UDP after [`UDP_RETRY_MIN`],
+//!   then at doubling intervals up to [`UDP_RETRY`]; an answer moves the
+//!   link back to UDP.
 //! * [`Predictor`]: the hard side of port prediction (the birthday
 //!   technique; see [`crate::peer::Prediction`]). A round asks for
 //!   [`PREDICTION_PORTS`] extra sockets and sends a punch probe from each
@@ -65,6 +66,10 @@ pub const TCP_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// link back to UDP (a server restart or a network change may have been
 /// all it was).
 pub const UDP_RETRY: Duration = Duration::from_secs(30);
+/// The first UDP probe after moving to TCP: a firewall rule lifted, a
+/// captive portal passed, is noticed in seconds; the interval doubles up
+/// to [`UDP_RETRY`] (a 40-byte probe, six of them in the first minute).
+pub const UDP_RETRY_MIN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tcp {
@@ -85,8 +90,10 @@ pub struct ServerTransport {
     connecting_since: Option<Instant>,
     tcp_retry_at: Instant,
     tcp_backoff: Duration,
-    /// While on TCP: when to ask the server over UDP again.
+    /// While on TCP: when to ask the server over UDP again, and the
+    /// interval after that.
     udp_retry_at: Option<Instant>,
+    udp_retry: Duration,
     /// The nonce of our last UDP probe while on TCP.
     udp_probe: Option<u64>,
     commands: VecDeque<TransportCommand>,
@@ -105,6 +112,7 @@ impl ServerTransport {
             tcp_retry_at: now,
             tcp_backoff: TCP_BACKOFF_MIN,
             udp_retry_at: None,
+            udp_retry: UDP_RETRY_MIN,
             udp_probe: None,
             commands: VecDeque::new(),
             transmits: VecDeque::new(),
@@ -146,7 +154,8 @@ impl ServerTransport {
         }
         tracing::info!(server = %self.server, "SERVER(TCP_UP)");
         self.tcp = Tcp::Up;
-        self.udp_retry_at = Some(now + UDP_RETRY);
+        self.udp_retry = UDP_RETRY_MIN;
+        self.udp_retry_at = Some(now + self.udp_retry);
         self.tcp_backoff = TCP_BACKOFF_MIN;
         // Handshake again at once, now over TCP.
         self.relogin = true;
@@ -177,6 +186,22 @@ impl ServerTransport {
         self.connecting_since = None;
         self.udp_retry_at = None;
         self.udp_probe = None;
+    }
+
+    /// The server did not answer a check made because a peer's path was
+    /// in doubt too: both ways out are silent, so UDP itself is likely
+    /// blocked. Try TCP now (unless on it, or backing off from a failed
+    /// attempt) instead of after heartbeats time out; the link stays as
+    /// it is, and moves to TCP when the connection is up.
+    pub fn udp_suspect(&mut self, now: Instant) {
+        if self.tcp != Tcp::Closed || self.tcp_retry_at > now {
+            return;
+        }
+        tracing::info!(server = %self.server, "SERVER(UDP_CHECK_FAILED_TRY_TCP)");
+        self.tcp = Tcp::Connecting;
+        self.commands.push_back(TransportCommand::ConnectTcp {
+            server: self.server,
+        });
     }
 
     /// Whether the server link is trying to connect (it has no session).
@@ -214,7 +239,8 @@ impl ServerTransport {
             });
         }
         if self.udp_retry_at.is_some_and(|t| t <= now) {
-            self.udp_retry_at = Some(now + UDP_RETRY);
+            self.udp_retry = (self.udp_retry * 2).min(UDP_RETRY);
+            self.udp_retry_at = Some(now + self.udp_retry);
             self.udp_probe = Some(nonce);
             self.transmits.push_back(Transmit {
                 dst: self.server,
@@ -452,7 +478,18 @@ mod tests {
         assert_eq!(t.via(), Via::ServerTcp);
         assert!(t.take_relogin(), "handshake again over TCP");
         t.set_connecting(up, false);
-        assert_eq!(t.poll_timeout(), Some(up + UDP_RETRY));
+        // Probes at 2, 6, 14, 30, 60, 90 s: doubling up to UDP_RETRY.
+        let mut at = up;
+        let mut gaps = Vec::new();
+        for nonce in 0..6 {
+            let next = t.poll_timeout().expect("a probe is due");
+            gaps.push((next - at).as_secs());
+            at = next;
+            t.handle_timeout(at, nonce);
+            assert!(t.poll_transmit().is_some());
+        }
+        assert_eq!(gaps, [2, 4, 8, 16, 30, 30]);
+        let up = at;
         t.handle_timeout(up + UDP_RETRY, 77);
         let probe = t.poll_transmit().expect("a UDP probe");
         assert_eq!(probe.via, Via::Udp);

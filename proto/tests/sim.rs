@@ -1935,12 +1935,14 @@ fn recovery_after_udp_blocked(seed: u64) -> Duration {
     let mut sim = Sim::new(seed, Link::clean());
     sim.register_both();
     sim.connect();
+    // A conversation under way: one message, and the firewall rule lands.
+    send_and_time(&mut sim, 0, Duration::from_secs(10));
     sim.udp_blocked[1] = true;
     let start = sim.now;
     let now = sim.now;
-    sim.node(0).send_message(now, "bob", msg(0));
+    sim.node(0).send_message(now, "bob", msg(1));
     sim.run_until(Duration::from_secs(300), |s| {
-        s.delivered(1, "alice").len() == 1
+        s.delivered(1, "alice").len() == 2
     });
     let took = sim.now - start;
     assert!(sim.tcp[1].is_some(), "seed {seed}: bob moved to TCP");
@@ -1951,7 +1953,12 @@ fn recovery_after_udp_blocked(seed: u64) -> Duration {
 fn udp_blocked_mid_session_moves_to_the_tcp_relay() {
     for seed in [141, 142] {
         let took = recovery_after_udp_blocked(seed);
-        eprintln!("seed {seed}: UDP blocked mid-session, delivered after {took:?}");
+        // bob's path to alice is suspect 2 s after his unanswered probe;
+        // the server does not answer his check either (1 s): TCP at once,
+        // login over it, and his ping through the relay brings alice over:
+        // about 3 s, whatever the heartbeat interval (was 20 s here with
+        // 5 s heartbeats, 78 s with the default 25 s).
+        assert!(took <= Duration::from_secs(4), "seed {seed}: {took:?}");
     }
 }
 

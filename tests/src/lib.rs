@@ -270,10 +270,11 @@ impl Lab {
             self.dir.join(name).display().to_string(),
             "--socket".into(),
             self.socket(name).display().to_string(),
-            // Fast heartbeats: a restarted server is noticed in seconds.
-            "--heartbeat".into(),
-            "1".into(),
         ];
+        if !extra.contains(&"--heartbeat") {
+            // Fast heartbeats: a restarted server is noticed in seconds.
+            args.extend(["--heartbeat".into(), "1".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn_in(netns, name, &bin("p2pd"), &args);
         self.wait_for("daemon control socket", Duration::from_secs(20), |lab| {

@@ -609,6 +609,27 @@ table inet block {{
         );
     }
 
+    /// Makes `router` drop every UDP packet it would forward, flows under
+    /// way included (a firewall rule added mid-session), until
+    /// [`Net::unblock_udp`].
+    pub fn block_udp(&self, router: &Router) {
+        nft(
+            &router.ns,
+            r#"
+table inet noudp {
+  chain forward {
+    type filter hook forward priority -10;
+    meta l4proto udp drop
+  }
+}
+"#,
+        );
+    }
+
+    pub fn unblock_udp(&self, router: &Router) {
+        exec(&router.ns, &["nft", "delete", "table", "inet", "noudp"]);
+    }
+
     /// Makes `router` drop all IPv6 it would forward: its hosts have IPv4
     /// only.
     pub fn block_v6(&self, router: &Router) {

@@ -645,3 +645,51 @@ fn a_peer_killed_and_restarted_on_a_new_port_is_back_with_nothing_lost() {
     println!("all lines {:?} after bob's restart", back.elapsed());
     assert_eq!(incoming(&lab, "bob", "alice"), want, "each once, in order");
 }
+
+#[test]
+fn udp_blocked_mid_conversation_moves_to_the_tcp_relay_and_back() {
+    let Some((mut net, mut lab)) = lab("udpmid") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    let (ha, hb) = (net.host(&ra), net.host(&rb));
+    // The default heartbeat (25 s): what notices the block must not be
+    // heartbeats timing out (75 s).
+    for (name, host) in [("alice", &ha), ("bob", &hb)] {
+        lab.start_daemon_in(Some(&host.ns), name, &["--heartbeat", "25"]);
+        registered(&mut lab, name);
+    }
+    connect(&mut lab, "alice", "bob");
+    chat(&mut lab, "alice", "bob", "before");
+    // A firewall rule on alice's router drops UDP, the flows under way
+    // too; bob talks, alice only listens.
+    net.block_udp(&ra);
+    let took = one_message(&mut lab, "bob", "alice", "over tcp", WAIT);
+    println!("bob to alice {took:?} after UDP was blocked");
+    one_message(&mut lab, "alice", "bob", "tcp reply", WAIT);
+    let pa = peer(&lab, "alice", "bob");
+    assert_eq!(pa["path"], "relay-tcp", "{pa}");
+    assert!(lab.logs().contains("SERVER(UDP_CHECK_FAILED_TRY_TCP)"));
+    // UDP is let through again: the next UDP probe (every 30 s) moves the
+    // link back, and the session with it.
+    net.unblock_udp(&ra);
+    let back = Instant::now();
+    lab.wait_for("the session off TCP", Duration::from_secs(90), |lab| {
+        let pa = peer(lab, "alice", "bob");
+        (pa["state"] == "established" && pa["path"] != "relay-tcp").then_some(())
+    });
+    println!("off TCP {:?} after UDP came back", back.elapsed());
+    one_message(&mut lab, "bob", "alice", "udp again", WAIT);
+    for (who, from, want) in [
+        (
+            "alice",
+            "bob",
+            vec!["before from bob", "over tcp", "udp again"],
+        ),
+        ("bob", "alice", vec!["before from alice", "tcp reply"]),
+    ] {
+        assert_eq!(incoming(&lab, who, from), want, "each once, in order");
+    }
+}
