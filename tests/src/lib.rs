@@ -312,6 +312,18 @@ impl Lab {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to a process.
+    pub fn signal(&self, name: &str, signal: &str) {
+        let p = self
+            .procs
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &p.child.id().to_string()])
+            .status();
+    }
+
     /// Kills a process with SIGKILL (a crash: no cleanup runs).
     pub fn kill(&mut self, name: &str) {
         let p = self

@@ -571,6 +571,32 @@ table inet firewall {{
         exec(&router.ns, &["conntrack", "-F"]);
     }
 
+    /// The router rebinds: it forgets every mapping and maps flows to
+    /// ports it did not use before (a new window of 1,000 ports at each
+    /// call), so each host's public address changes.
+    pub fn rebind(&self, router: &Router) {
+        static WINDOW: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let w = WINDOW.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 40;
+        let (lo, hi) = (20_000 + w * 1_000, 20_999 + w * 1_000);
+        let random = if router.nat == Nat::Symmetric {
+            " random"
+        } else {
+            ""
+        };
+        exec(
+            &router.ns,
+            &["nft", "flush", "chain", "ip", "nat", "postrouting"],
+        );
+        let udp = format!("oifname \"wan\" meta l4proto udp masquerade to :{lo}-{hi}{random}");
+        let rest = format!("oifname \"wan\" masquerade{random}");
+        for rule in [udp, rest] {
+            let mut args = vec!["nft", "add", "rule", "ip", "nat", "postrouting"];
+            args.extend(rule.split(' '));
+            exec(&router.ns, &args);
+        }
+        exec(&router.ns, &["conntrack", "-F"]);
+    }
+
     /// Makes `router` drop everything to and from `other`'s networks (a
     /// firewall between two peers), until [`Net::unblock`].
     pub fn block(&self, router: &Router, other: &Router) {

@@ -693,3 +693,92 @@ fn udp_blocked_mid_conversation_moves_to_the_tcp_relay_and_back() {
         assert_eq!(incoming(&lab, who, from), want, "each once, in order");
     }
 }
+
+#[test]
+fn a_relayed_session_is_back_soon_after_the_rendezvous_restarts() {
+    let Some((mut net, mut lab)) = lab("srvrestart") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    // Only the relay gets through.
+    net.block(&ra, &rb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
+    let (_, pa, _) = connect(&mut lab, "alice", "bob");
+    assert_eq!(pa["path"], "relay-udp", "{pa}");
+    chat(&mut lab, "alice", "bob", "before");
+    lab.kill("rendezvous");
+    lab.ctl("alice", &["send", "bob", "while the server is down"])
+        .ok();
+    std::thread::sleep(Duration::from_secs(2));
+    let public = net.public.clone();
+    lab.start_rendezvous_in(Some(&public), &[]);
+    let took = one_message(&mut lab, "alice", "bob", "after", WAIT);
+    println!("first message {took:?} after the rendezvous restarted");
+    one_message(&mut lab, "bob", "alice", "reply", WAIT);
+    for (who, from, want) in [
+        ("alice", "bob", vec!["before from bob", "reply"]),
+        (
+            "bob",
+            "alice",
+            vec!["before from alice", "while the server is down", "after"],
+        ),
+    ] {
+        assert_eq!(incoming(&lab, who, from), want, "each once, in order");
+    }
+}
+
+#[test]
+fn a_daemon_stopped_and_continued_loses_nothing() {
+    let Some((mut net, mut lab)) = lab("sigstop") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
+    connect(&mut lab, "alice", "bob");
+    chat(&mut lab, "alice", "bob", "before");
+    // bob's laptop lid closes (the process is stopped, its sockets stay);
+    // alice talks meanwhile; her session gives up on him.
+    lab.signal("bob", "STOP");
+    for i in 0..3 {
+        lab.ctl("alice", &["send", "bob", &format!("while stopped {i}")])
+            .ok();
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    lab.signal("bob", "CONT");
+    let took = one_message(&mut lab, "alice", "bob", "after", WAIT);
+    println!("first message {took:?} after bob continued");
+    let mut want = vec!["before from alice".to_owned()];
+    want.extend((0..3).map(|i| format!("while stopped {i}")));
+    want.push("after".into());
+    lab.wait_for("every line at bob", WAIT, |lab| {
+        (incoming(lab, "bob", "alice").len() == want.len()).then_some(())
+    });
+    assert_eq!(incoming(&lab, "bob", "alice"), want, "each once, in order");
+}
+
+#[test]
+fn both_routers_rebinding_at_once_lose_nothing() {
+    let Some((mut net, mut lab)) = lab("rebind2") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
+    connect(&mut lab, "alice", "bob");
+    chat(&mut lab, "alice", "bob", "before");
+    // Both rebind: new public ports on both sides at once.
+    net.rebind(&ra);
+    net.rebind(&rb);
+    let took = one_message(&mut lab, "alice", "bob", "after both", WAIT);
+    println!("first message {took:?} after both routers rebound");
+    one_message(&mut lab, "bob", "alice", "and back", WAIT);
+    for (who, from, want) in [
+        ("alice", "bob", vec!["before from bob", "and back"]),
+        ("bob", "alice", vec!["before from alice", "after both"]),
+    ] {
+        assert_eq!(incoming(&lab, who, from), want, "each once, in order");
+    }
+}
