@@ -220,6 +220,9 @@ struct PeerEntry {
     /// ([`Node::connect_direct`]): its failure says nothing of whether
     /// the peer is there, and a login replaces it with an introduction.
     serverless: bool,
+    /// The session's last unanswered probe for which the server was told
+    /// our address ([`PeerSession::probed_at`]).
+    poked: Option<Instant>,
 }
 
 impl PeerEntry {
@@ -239,6 +242,7 @@ impl PeerEntry {
             was_relayed: false,
             last_direct: None,
             serverless: false,
+            poked: None,
         }
     }
 
@@ -322,12 +326,6 @@ const NAT_PROBE_TRIES: u8 = 5;
 /// While a peer path is in doubt, the server path is checked (a
 /// heartbeat) at most this often.
 const LINK_POKE_EVERY: Duration = Duration::from_secs(2);
-
-/// A peer session has waited this long for an answer (its path is
-/// suspect): check the server path too. If both are silent it is our
-/// network, and TCP is tried. Not sooner: on a lossy Wi-Fi a check that
-/// fails by chance would move us to TCP for nothing.
-const SERVER_CHECK_AFTER: Duration = Duration::from_secs(2);
 
 /// Network changes restart peers' reconnection backoffs at most this
 /// often.
@@ -1089,15 +1087,16 @@ impl<F: FileIo> Node<F> {
     }
 
     /// When the server path is to be checked because a peer's is in
-    /// doubt: a session has waited [`SERVER_CHECK_AFTER`] for an answer
-    /// (at most every [`LINK_POKE_EVERY`]).
+    /// doubt ([`PeerSession::server_check_at`]), at most every
+    /// [`LINK_POKE_EVERY`]. Unanswered, our UDP is likely blocked and TCP
+    /// is tried; on a lossy Wi-Fi three pings in a second all fail by
+    /// chance rarely enough (0.7% at 10% loss) for that to be the guess.
     fn server_check_at(&self) -> Option<Instant> {
-        let waiting = self
+        let at = self
             .peers
             .values()
-            .filter_map(|e| e.session.as_ref().filter(|s| s.is_up())?.waiting_since())
+            .filter_map(|e| e.session.as_ref().filter(|s| s.is_up())?.server_check_at())
             .min()?;
-        let at = waiting + SERVER_CHECK_AFTER;
         Some(match self.link_poked {
             Some(t) => at.max(t + LINK_POKE_EVERY),
             None => at,
@@ -1124,6 +1123,25 @@ impl<F: FileIo> Node<F> {
         // A peer's path in doubt may be our NAT that rebound: tell the
         // server our new address now (a heartbeat through the new mapping),
         // so its relay, which the suspect path falls back to, reaches us.
+        // A peer fell quiet mid-conversation: tell the server where we
+        // are now (once per quiet spell).
+        let quiet: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, e)| {
+                e.session
+                    .as_ref()
+                    .and_then(|s| s.probed_at())
+                    .is_some_and(|t| t <= now && e.poked != Some(t))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in quiet {
+            let e = self.peers.get_mut(&name).expect("listed");
+            e.poked = e.session.as_ref().and_then(|s| s.probed_at());
+            tracing::debug!("LIVENESS(TELL_SERVER)");
+            self.link.poke(now);
+        }
         let doubt = self.server_check_at().is_some_and(|t| t <= now);
         let recent = self
             .link_poked

@@ -193,6 +193,9 @@ struct Est {
     /// When chat or file traffic last went either way: within
     /// [`ACTIVE_WINDOW`] of it the path is probed ([`ACTIVE_PROBE`]).
     last_data: Option<Instant>,
+    /// When the active probe went, unanswered: the peer fell quiet in a
+    /// conversation, and our own mapping may be what changed.
+    probed_at: Option<Instant>,
     rekey: Option<Hs>,
 }
 
@@ -553,12 +556,22 @@ impl PeerSession {
         }
     }
 
-    /// Since when what was sent wanting an answer has had none (the
-    /// first such packet since the peer was last heard); None when
-    /// nothing waits or the session is not up.
-    pub fn waiting_since(&self) -> Option<Instant> {
+    /// When this session wants the way to the server checked: when what
+    /// we sent became suspect (if the server is silent too, it is our
+    /// network).
+    pub fn server_check_at(&self) -> Option<Instant> {
         match &self.state {
-            State::Established(e) => e.unanswered_since.map(|t| t.max(e.last_rx)),
+            State::Established(e) => e.unanswered_since.map(|t| t + PATH_SUSPECT),
+            _ => None,
+        }
+    }
+
+    /// When the peer fell quiet mid-conversation and our probe went
+    /// unanswered: our NAT may have rebound, so the server should hear
+    /// from us at once (its relay then reaches our new address).
+    pub fn probed_at(&self) -> Option<Instant> {
+        match &self.state {
+            State::Established(e) => e.probed_at,
             _ => None,
         }
     }
@@ -830,6 +843,7 @@ impl PeerSession {
                     ));
                 }
                 if e.active_probe_at().is_some_and(|t| now >= t) {
+                    e.probed_at = Some(now);
                     tracing::debug!("LIVENESS(ACTIVE_PROBE)");
                     if self.send_ping(now, false).is_none() {
                         // Cannot seal (keys expiring): the rules above
@@ -1167,6 +1181,7 @@ impl PeerSession {
                     last_tx: now,
                     unanswered_since: None,
                     last_data: None,
+                    probed_at: None,
                     rekey: None,
                 }));
             }
@@ -1188,6 +1203,7 @@ impl PeerSession {
         }
         if let State::Established(e) = &mut self.state {
             e.unanswered_since = None;
+            e.probed_at = None;
         }
     }
 
