@@ -2,7 +2,14 @@
 # Recovery after faults, on loopback with release builds: how long after
 # the faulted thing is back the first new message is delivered.
 #
-#   ./scripts/bench-recovery.sh [RUNS]     (default 10 per fault)
+#   ./scripts/bench-recovery.sh [RUNS]         (default 10 per fault)
+#   sudo ./scripts/bench-recovery.sh --lab [RUNS]
+#
+# With --lab it runs `bench-faults` instead: every fault of the recovery
+# issue in the NAT lab (rebinding, server restart and loss, network down,
+# SIGSTOP, UDP blocked), on a direct and a relayed path; see the top of
+# tests/src/bin/bench-faults.rs for its settings (BENCH_DOWN_S,
+# BENCH_STOP_S, BENCH_FAULTS, BENCH_PATHS).
 #
 # Faults (each run: alice has just sent to bob, then the fault, then
 # alice sends one line; the clock runs from the moment the faulted process
@@ -11,11 +18,13 @@
 #   peer-term   bob's daemon stopped with SIGTERM, started again
 #   peer-gone   as peer-kill, bob down 8 s while alice keeps sending
 # Prints p50 / p95 / max seconds per fault, and checks that every line
-# sent arrived exactly once, in order. The NAT lab's faults (rebinding,
-# network down, relayed sessions) are measured by `bench-lab` (see
-# docs/benchmarks.md).
+# sent arrived exactly once, in order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == --lab ]]; then
+    cargo build --release --workspace --bins
+    RUST_LOG=warn exec target/release/bench-faults "${2:-10}"
+fi
 RUNS="${1:-10}"
 source scripts/bench-pair.sh
 

@@ -29,7 +29,9 @@ struct Args {
     /// or p2pd.sock in the data directory without XDG_RUNTIME_DIR].
     #[arg(long, env = "P2PD_SOCKET")]
     socket: Option<PathBuf>,
-    /// Local UDP address to bind; port 0 picks a free one. The default
+    /// Local UDP address to bind; port 0 takes the port of the last run
+    /// when it is free (peers find us there without the server), else a
+    /// free one. The default
     /// takes IPv4 and IPv6 on one socket (IPv4 only where IPv6 is off).
     #[arg(long, env = "P2PD_LISTEN", default_value = "[::]:0")]
     listen: SocketAddr,
