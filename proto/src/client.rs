@@ -480,6 +480,16 @@ impl ServerLink {
     }
 
     fn start_handshake(&mut self, now: Instant) {
+        if self.config.server_key.is_some()
+            && !self.probe_xx
+            && self.attempts >= IK_ATTEMPTS_BEFORE_PROBE
+        {
+            // The pinned key may be stale: find out with XX, which shows
+            // the server's key before we reveal ours. (Counted over every
+            // attempt, however it started: a way to the server that keeps
+            // changing must not keep us on IK.)
+            self.probe_xx = true;
+        }
         let pattern = match self.config.server_key {
             Some(_) if !self.probe_xx => Pattern::IK,
             _ => Pattern::XX,
@@ -608,14 +618,6 @@ impl ServerLink {
                     self.events.push_back(LinkEvent::Disconnected {
                         reason: "the rendezvous server stopped answering",
                     });
-                }
-                if self.config.server_key.is_some()
-                    && !self.probe_xx
-                    && self.attempts >= IK_ATTEMPTS_BEFORE_PROBE
-                {
-                    // The pinned key may be stale: find out with XX, which
-                    // shows the server's key before we reveal ours.
-                    self.probe_xx = true;
                 }
                 self.start_handshake(now)
             }
@@ -969,5 +971,47 @@ impl ServerLink {
         if self.inflight.remove(&rid).is_some() {
             self.events.push_back(LinkEvent::Response { rid, result });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pattern of every handshake initiation the link sent.
+    fn patterns(link: &mut ServerLink) -> Vec<Pattern> {
+        std::iter::from_fn(|| link.poll_transmit())
+            .filter_map(|t| match Packet::decode(&t.payload) {
+                Ok(Packet::HandshakeInit { pattern, .. }) => Some(pattern),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_way_that_keeps_changing_still_probes_a_stale_key_with_xx() {
+        let t0 = Instant::now();
+        let mut config = ClientConfig::new("192.0.2.1:7000".parse().unwrap());
+        // A pinned key the server no longer has: IK never gets an answer.
+        config.server_key = Some(Identity::generate().noise_public());
+        let mut link = ServerLink::new(Identity::generate(), config, t0, 1);
+        link.handle_timeout(t0);
+        // The way to the server changes (TCP, back to UDP, …) before any
+        // handshake's retry comes due.
+        for i in 1..=4u32 {
+            link.way_changed(t0 + Duration::from_millis(500) * i);
+        }
+        let sent = patterns(&mut link);
+        assert_eq!(
+            sent,
+            [
+                Pattern::IK,
+                Pattern::IK,
+                Pattern::IK,
+                Pattern::XX,
+                Pattern::XX
+            ],
+            "XX after {IK_ATTEMPTS_BEFORE_PROBE} IK attempts"
+        );
     }
 }
