@@ -1637,6 +1637,7 @@ impl<F: FileIo> Node<F> {
                             reason,
                         })
                     }
+                    PeerEvent::PathSuspect => e.transfers.path_changed(now),
                     PeerEvent::PathChanged { endpoint } => {
                         e.was_relayed = endpoint == self.link.server_addr();
                         if !e.was_relayed {

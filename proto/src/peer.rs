@@ -99,6 +99,13 @@ const DIRECT_STALE: Duration = Duration::from_secs(5);
 /// would call a stall.
 const PATH_SUSPECT: Duration = Duration::from_secs(2);
 
+/// A relayed packet arrives while what we sent on the direct path has
+/// waited this long for an answer: the session follows the peer to the
+/// relay. Above the relay's own delay (relayed packets still in flight
+/// after a move to a direct path must not pull us back), below
+/// [`PATH_SUSPECT`].
+const RELAY_FOLLOW_AFTER: Duration = Duration::from_secs(1);
+
 /// A session that has sent something wanting an answer (flow data, a
 /// ping) and heard nothing at all for this long is given up: the peer
 /// died, restarted elsewhere, or its NAT forgot us, and waiting for
@@ -138,6 +145,11 @@ pub enum PeerEvent {
     /// The peer's packets now come from another address (or through the
     /// relay: `endpoint` is then the relay's address).
     PathChanged { endpoint: SocketAddr },
+    /// What was sent has had no answer for [`PATH_SUSPECT`]: from now on
+    /// copies go through the relay too, so what waits should be sent
+    /// again now rather than at its next retransmission (after a backoff
+    /// that may be seconds long by then).
+    PathSuspect,
     /// We are the hard side of port prediction: open
     /// [`PREDICTION_PORTS`] sockets and send punch probes for `intro_id`
     /// from each to `dst`, for a few seconds.
@@ -193,6 +205,9 @@ struct Est {
     /// When chat or file traffic last went either way: within
     /// [`ACTIVE_WINDOW`] of it the path is probed ([`ACTIVE_PROBE`]).
     last_data: Option<Instant>,
+    /// The path turned suspect and the layers above were told
+    /// ([`PeerEvent::PathSuspect`]); cleared when the peer is heard.
+    suspected: bool,
     /// When the active probe went, unanswered: the peer fell quiet in a
     /// conversation, and our own mapping may be what changed.
     probed_at: Option<Instant>,
@@ -629,6 +644,10 @@ impl PeerSession {
                     .unanswered_since
                     .map(|t| (t + ACTIVE_DEAD_AFTER).max(e.last_rx + ACTIVE_DEAD_AFTER));
                 let probe = e.active_probe_at();
+                let suspect = e
+                    .unanswered_since
+                    .filter(|_| !e.suspected)
+                    .map(|t| t + PATH_SUSPECT);
                 let keepalive = e.usable().then(|| e.last_tx + self.config.keepalive);
                 let (rekey, expiry, age) = match &e.rekey {
                     Some(h) => (Some(h.retry_at.min(h.deadline)), None, None),
@@ -644,10 +663,19 @@ impl PeerSession {
                         (None, Some(e.current.created + REJECT_AFTER_TIME), age)
                     }
                 };
-                [Some(dead), stalled, probe, keepalive, rekey, expiry, age]
-                    .into_iter()
-                    .flatten()
-                    .min()
+                [
+                    Some(dead),
+                    stalled,
+                    probe,
+                    suspect,
+                    keepalive,
+                    rekey,
+                    expiry,
+                    age,
+                ]
+                .into_iter()
+                .flatten()
+                .min()
             }
             State::Closed => None,
         }
@@ -842,6 +870,14 @@ impl PeerSession {
                         "the peer stopped answering ({secs} s of silence while data waited); reconnecting"
                     ));
                 }
+                if !e.suspected && e.unanswered_since.is_some_and(|t| now >= t + PATH_SUSPECT) {
+                    e.suspected = true;
+                    tracing::debug!("PATH(SUSPECT)");
+                    self.events.push_back(PeerEvent::PathSuspect);
+                }
+                let State::Established(e) = &mut self.state else {
+                    return;
+                };
                 if e.active_probe_at().is_some_and(|t| now >= t) {
                     e.probed_at = Some(now);
                     tracing::debug!("LIVENESS(ACTIVE_PROBE)");
@@ -1181,6 +1217,7 @@ impl PeerSession {
                     last_tx: now,
                     unanswered_since: None,
                     last_data: None,
+                    suspected: false,
                     probed_at: None,
                     rekey: None,
                 }));
@@ -1203,6 +1240,7 @@ impl PeerSession {
         }
         if let State::Established(e) = &mut self.state {
             e.unanswered_since = None;
+            e.suspected = false;
             e.probed_at = None;
         }
     }
@@ -1266,10 +1304,13 @@ impl PeerSession {
             return;
         };
         // (Before this packet answers it: was what we sent waiting in
-        // vain?)
+        // vain? The peer sends through the relay only when its own direct
+        // packets go unanswered, so a relayed packet while ours have
+        // waited a while says our direct path is broken too, even if it
+        // is not yet suspect by our own clock.)
         let in_doubt = e
             .unanswered_since
-            .is_some_and(|t| now.saturating_duration_since(t) >= PATH_SUSPECT);
+            .is_some_and(|t| now.saturating_duration_since(t) >= RELAY_FOLLOW_AFTER);
         e.last_rx = now;
         e.unanswered_since = None;
         if is_current && !e.confirmed {
