@@ -29,8 +29,12 @@ RUNS="${1:-10}"
 source scripts/bench-pair.sh
 
 now() { date +%s.%N; }
+# Each start on a port bob never had (a daemon takes its last port when
+# free, which would make the peer's job easier than a new port).
+PORT=46000
 start_bob() {
-    "$BIN/p2pd" --server "$SERVER" --listen 127.0.0.1:0 --data-dir "$DIR/b" --socket "$DIR/b.sock" \
+    PORT=$((PORT + 1))
+    "$BIN/p2pd" --server "$SERVER" --listen "127.0.0.1:$PORT" --data-dir "$DIR/b" --socket "$DIR/b.sock" \
         2>>"$DIR/b.log" &
     PIDS[2]=$!
 }

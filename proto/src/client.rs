@@ -408,9 +408,9 @@ impl ServerLink {
         self.handle_timeout(now);
     }
 
-    /// Checks the server path now, with a heartbeat, if a session is up
-    /// (our address may have changed); a link still connecting is left to
-    /// its handshake.
+    /// Checks the server path now, if a session is up (our address may
+    /// have changed, or our network may drop UDP); a link still
+    /// connecting is left to its handshake.
     ///
     /// The check is a ping now and two more within [`CHECK_ANSWER`]; when
     /// none is answered within it the link says

@@ -1120,11 +1120,9 @@ impl<F: FileIo> Node<F> {
                 s.handle_timeout(now);
             }
         }
-        // A peer's path in doubt may be our NAT that rebound: tell the
-        // server our new address now (a heartbeat through the new mapping),
-        // so its relay, which the suspect path falls back to, reaches us.
-        // A peer fell quiet mid-conversation: tell the server where we
-        // are now (once per quiet spell).
+        // A peer fell quiet mid-conversation: our NAT may have rebound, so
+        // tell the server where we are now (once per quiet spell); its
+        // relay, which a suspect path falls back to, then reaches us.
         let quiet: Vec<String> = self
             .peers
             .iter()
@@ -1142,6 +1140,8 @@ impl<F: FileIo> Node<F> {
             tracing::debug!("LIVENESS(TELL_SERVER)");
             self.link.poke(now);
         }
+        // A peer's path in doubt: check the server path too (the server
+        // follows a new mapping; if it is silent as well, TCP is tried).
         let doubt = self.server_check_at().is_some_and(|t| t <= now);
         let recent = self
             .link_poked

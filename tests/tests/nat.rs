@@ -672,7 +672,8 @@ fn udp_blocked_mid_conversation_moves_to_the_tcp_relay_and_back() {
     let pa = peer(&lab, "alice", "bob");
     assert_eq!(pa["path"], "relay-tcp", "{pa}");
     assert!(lab.logs().contains("SERVER(UDP_CHECK_FAILED_TRY_TCP)"));
-    // UDP is let through again: the next UDP probe (every 30 s) moves the
+    // UDP is let through again: the next UDP probe (2 s after the move to
+    // TCP, then at doubling intervals up to 30 s) moves the
     // link back, and the session with it.
     net.unblock_udp(&ra);
     let back = Instant::now();
