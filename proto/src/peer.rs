@@ -123,9 +123,12 @@ const ACTIVE_DEAD_AFTER: Duration = Duration::from_secs(6);
 /// so the talking end follows it). Idle sessions stop probing after it,
 /// and cost nothing beyond their keepalive.
 const ACTIVE_WINDOW: Duration = Duration::from_secs(10);
-/// Silence that makes an active session ping; equal to [`PATH_SUSPECT`],
-/// so a dead path is suspected (relay too) at once after.
-const ACTIVE_PROBE: Duration = Duration::from_secs(2);
+/// Silence that makes an active session ping: half [`PATH_SUSPECT`], so
+/// the quiet end of a conversation whose NAT rebound has told the server
+/// its new address (the node pings the server with the probe) before the
+/// talking end's path turns suspect and copies to the relay. At most ten
+/// small pings per pause in a conversation; none when idle.
+const ACTIVE_PROBE: Duration = Duration::from_secs(1);
 
 /// A responder that has not seen the initiator start a new handshake this
 /// long after `REKEY_AFTER_TIME` starts one itself.
