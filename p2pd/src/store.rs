@@ -36,6 +36,9 @@ pub struct Contact {
     /// Its address on the last direct path that worked: where it is
     /// tried when the server is away.
     pub endpoint: Option<SocketAddr>,
+    /// The last session with it went through the relay: the next one
+    /// starts there at once.
+    pub relayed: bool,
 }
 
 /// An outgoing message not yet acknowledged.
@@ -132,6 +135,7 @@ impl Store {
             conn.execute_batch(
                 "BEGIN;
                  ALTER TABLE contacts ADD COLUMN endpoint TEXT;
+                 ALTER TABLE contacts ADD COLUMN relayed INTEGER NOT NULL DEFAULT 0;
                  PRAGMA user_version = 4;
                  COMMIT;",
             )?;
@@ -159,7 +163,8 @@ impl Store {
 
     pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, identity, recv_next, session, endpoint FROM contacts ORDER BY name",
+            "SELECT name, identity, recv_next, session, endpoint, relayed FROM contacts
+             ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| {
             let blob: Option<Vec<u8>> = r.get(1)?;
@@ -171,6 +176,7 @@ impl Store {
                 // A value that does not parse (edited by hand) is no
                 // address: the server introduces as before.
                 endpoint: r.get::<_, Option<String>>(4)?.and_then(|s| s.parse().ok()),
+                relayed: r.get::<_, i64>(5)? != 0,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -211,11 +217,17 @@ impl Store {
         Ok(())
     }
 
-    /// Where a direct path to `name` last worked.
-    pub fn set_endpoint(&self, name: &str, endpoint: SocketAddr) -> Result<(), StoreError> {
+    /// Where a direct path to `name` last worked, and whether the last
+    /// session went through the relay.
+    pub fn set_last_path(
+        &self,
+        name: &str,
+        direct: Option<SocketAddr>,
+        relayed: bool,
+    ) -> Result<(), StoreError> {
         self.conn.execute(
-            "UPDATE contacts SET endpoint = ?2 WHERE name = ?1",
-            params![name, endpoint.to_string()],
+            "UPDATE contacts SET endpoint = ?2, relayed = ?3 WHERE name = ?1",
+            params![name, direct.map(|a| a.to_string()), relayed as i64],
         )?;
         Ok(())
     }
@@ -672,13 +684,13 @@ mod tests {
     }
 
     #[test]
-    fn a_peers_last_direct_address_is_kept_and_bad_ones_read_as_none() {
+    fn a_peers_last_path_is_kept_and_bad_addresses_read_as_none() {
         let path = temp("endpoint");
         {
             let s = Store::open(&path).unwrap();
             s.pin("bob", &Identity::generate().public()).unwrap();
             s.pin("carol", &Identity::generate().public()).unwrap();
-            s.set_endpoint("bob", "203.0.113.7:4000".parse().unwrap())
+            s.set_last_path("bob", Some("203.0.113.7:4000".parse().unwrap()), true)
                 .unwrap();
             s.conn
                 .execute(
@@ -690,7 +702,8 @@ mod tests {
         let s = Store::open(&path).unwrap();
         let c = s.contacts().unwrap();
         assert_eq!(c[0].endpoint, Some("203.0.113.7:4000".parse().unwrap()));
-        assert_eq!(c[1].endpoint, None);
+        assert!(c[0].relayed);
+        assert_eq!((c[1].endpoint, c[1].relayed), (None, false));
     }
 
     #[test]

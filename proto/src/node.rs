@@ -122,13 +122,16 @@ pub enum NodeEvent {
         name: String,
         endpoint: SocketAddr,
     },
-    /// A direct path to `name` at `endpoint` carried an authenticated
-    /// packet: keep it (give it back with [`Node::set_last_endpoint`] at
-    /// the next start), so the peer can be reached there without the
-    /// server.
-    DirectEndpoint {
+    /// What to keep about the last path to `name` across restarts (give
+    /// it back with [`Node::set_last_path`] at the next start): its
+    /// address on the last direct path that worked (reached there without
+    /// the server), and whether the last session went through the relay
+    /// (the next one then starts on the relay at once). Said when either
+    /// changes.
+    LastPath {
         name: String,
-        endpoint: SocketAddr,
+        direct: Option<SocketAddr>,
+        relayed: bool,
     },
     /// The server (`server`) or a peer at `from` speaks protocol version
     /// `theirs`, not ours ([`wire::VERSION`]): nothing it sends can be
@@ -278,19 +281,28 @@ impl PeerEntry {
     }
 }
 
-/// A direct path to peer `name` at `endpoint` works: remember it in
-/// `last`, and have the owner keep it across restarts.
-fn note_direct(
-    last: &mut Option<SocketAddr>,
+/// A session with peer `name` is up, or moved, at `endpoint` (the relay's
+/// address when `relayed`): remember the path, and have the owner keep
+/// what changed across restarts.
+fn note_path(
+    e: &mut PeerEntry,
     name: &str,
     endpoint: SocketAddr,
+    relayed: bool,
     events: &mut VecDeque<NodeEvent>,
 ) {
-    if *last != Some(endpoint) {
-        *last = Some(endpoint);
-        events.push_back(NodeEvent::DirectEndpoint {
+    let direct = if relayed {
+        e.last_direct
+    } else {
+        Some(endpoint)
+    };
+    if direct != e.last_direct || relayed != e.was_relayed {
+        e.last_direct = direct;
+        e.was_relayed = relayed;
+        events.push_back(NodeEvent::LastPath {
             name: name.to_owned(),
-            endpoint,
+            direct,
+            relayed,
         });
     }
 }
@@ -493,10 +505,18 @@ impl<F: FileIo> Node<F> {
         e.next_reconnect = now;
     }
 
-    /// Where a known peer was last reached directly (kept from a
-    /// [`NodeEvent::DirectEndpoint`] before a restart).
-    pub fn set_last_endpoint(&mut self, now: Instant, name: &str, endpoint: SocketAddr) {
-        self.entry(now, name).last_direct = Some(canonical(endpoint));
+    /// What was kept of the last path to a known peer
+    /// ([`NodeEvent::LastPath`]) before a restart.
+    pub fn set_last_path(
+        &mut self,
+        now: Instant,
+        name: &str,
+        direct: Option<SocketAddr>,
+        relayed: bool,
+    ) {
+        let e = self.entry(now, name);
+        e.last_direct = direct.map(canonical);
+        e.was_relayed = relayed;
     }
 
     /// How long we have not been logged in to the server (None while we
@@ -1608,11 +1628,12 @@ impl<F: FileIo> Node<F> {
             return;
         };
         let mut down = None;
+        let mut path_at = None;
         if let Some(s) = e.session.as_mut() {
             while let Some(ev) = s.poll_event() {
                 match ev {
                     PeerEvent::Up { endpoint } => {
-                        e.was_relayed = endpoint == self.link.server_addr();
+                        path_at = Some(endpoint);
                         e.serverless = false;
                         e.backoff = self.config.reconnect_min;
                         e.connecting = false;
@@ -1626,9 +1647,6 @@ impl<F: FileIo> Node<F> {
                             endpoint,
                             identity,
                         });
-                        if !e.was_relayed {
-                            note_direct(&mut e.last_direct, name, endpoint, &mut self.events);
-                        }
                     }
                     PeerEvent::Down { reason, was_up } => down = Some((reason, was_up)),
                     PeerEvent::Interrupted { reason } => {
@@ -1639,10 +1657,7 @@ impl<F: FileIo> Node<F> {
                     }
                     PeerEvent::PathSuspect => e.transfers.path_changed(now),
                     PeerEvent::PathChanged { endpoint } => {
-                        e.was_relayed = endpoint == self.link.server_addr();
-                        if !e.was_relayed {
-                            note_direct(&mut e.last_direct, name, endpoint, &mut self.events);
-                        }
+                        path_at = Some(endpoint);
                         e.transfers.path_changed(now);
                         self.events.push_back(NodeEvent::PathChanged {
                             name: name.to_owned(),
@@ -1664,6 +1679,10 @@ impl<F: FileIo> Node<F> {
                     PeerEvent::Received(_) => {}
                 }
             }
+        }
+        if let Some(at) = path_at {
+            let relayed = at == self.link.server_addr();
+            note_path(e, name, at, relayed, &mut self.events);
         }
         while let Some(work) = e.transfers.poll_disk() {
             match work {

@@ -2087,7 +2087,11 @@ fn recovery_without_server(seed: u64, nat: bool) -> Duration {
         .iter()
         .rev()
         .find_map(|e| match e {
-            NodeEvent::DirectEndpoint { name, endpoint } if name == "alice" => Some(*endpoint),
+            NodeEvent::LastPath {
+                name,
+                direct: Some(endpoint),
+                relayed: false,
+            } if name == "alice" => Some(*endpoint),
             _ => None,
         })
         .expect("bob was told alice's direct address");
@@ -2100,7 +2104,8 @@ fn recovery_without_server(seed: u64, nat: bool) -> Duration {
     sim.run_for(Duration::from_secs(10));
     sim.restart_bob(1, seed + 1000);
     let now = sim.now;
-    sim.node(1).set_last_endpoint(now, "alice", alice_at);
+    sim.node(1)
+        .set_last_path(now, "alice", Some(alice_at), false);
     sim.node(1).resume(now, "alice");
     let back = sim.now;
     sim.node(0).send_message(back, "bob", msg(2));
@@ -2128,5 +2133,40 @@ fn with_the_server_gone_for_good_a_restarted_peer_is_reached_directly() {
         // bob waits 1 s for the server, then punches alice's last address
         // (she answers without keeping state) and handshakes.
         assert!(took <= Duration::from_secs(2), "seed {seed}: {took:?}");
+    }
+}
+
+/// A relayed pair; bob's daemon is killed and starts again (new port)
+/// with what his database kept, the last session relayed among it; alice
+/// sends at once. Returns how long after the restart her message arrived.
+fn relayed_restart(seed: u64, kept_relayed: bool) -> Duration {
+    let mut sim = Sim::new(seed, Link::clean());
+    sim.block_peers = true;
+    sim.register_both();
+    sim.connect();
+    let server = sim.server_addr;
+    assert_eq!(endpoints(&mut sim), (Some(server), Some(server)));
+    send_and_time(&mut sim, 0, Duration::from_secs(10));
+    let relayed = sim.events[1]
+        .iter()
+        .any(|e| matches!(e, NodeEvent::LastPath { name, relayed: true, .. } if name == "alice"));
+    assert!(relayed, "bob was told to keep that the path was relayed");
+    sim.kill_and_restart_bob_on_new_port(1, seed + 500, true);
+    let now = sim.now;
+    sim.node(1).set_last_path(now, "alice", None, kept_relayed);
+    sim.node(0).send_message(now, "bob", msg(1));
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.delivered(1, "alice") == vec![msg(1).body]
+    });
+    sim.now - now
+}
+
+#[test]
+fn a_restarted_peer_whose_last_session_was_relayed_starts_on_the_relay() {
+    for seed in [191, 192, 193] {
+        // Knowing the last session was relayed, bob's introduction
+        // handshakes through the relay at once, punching beside it.
+        let took = relayed_restart(seed, true);
+        assert!(took < Duration::from_secs(1), "seed {seed}: {took:?}");
     }
 }

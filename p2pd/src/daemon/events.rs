@@ -235,10 +235,15 @@ impl Daemon {
                     ),
                 });
             }
-            NodeEvent::DirectEndpoint { name, endpoint } => {
-                // Lost, it costs only the serverless path to this peer.
-                if let Err(e) = self.store.set_endpoint(&name, endpoint) {
-                    tracing::warn!(peer = %name, error = %e, "STORE(ENDPOINT_NOT_SAVED)");
+            NodeEvent::LastPath {
+                name,
+                direct,
+                relayed,
+            } => {
+                // Lost, it costs only the serverless path to this peer, or
+                // a second before the relay.
+                if let Err(e) = self.store.set_last_path(&name, direct, relayed) {
+                    tracing::warn!(peer = %name, error = %e, "STORE(LAST_PATH_NOT_SAVED)");
                 }
             }
             NodeEvent::PathChanged { name, endpoint } => {

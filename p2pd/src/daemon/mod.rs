@@ -124,9 +124,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     for c in store.contacts()? {
         if let Some(id) = c.identity {
             node.add_contact(now, &c.name, id, c.recv_next);
-            if let Some(at) = c.endpoint {
-                node.set_last_endpoint(now, &c.name, at);
-            }
+            node.set_last_path(now, &c.name, c.endpoint, c.relayed);
             if c.resume {
                 // Up when we stopped (even killed): the peer may still be
                 // sending to our old address; ask for the session again
