@@ -1049,8 +1049,15 @@ impl<F: FileIo> Node<F> {
             let reconnect = self.reconnect_at(e);
             [session, flow, reconnect]
         });
+        let pokes = self.peers.values().filter_map(|e| {
+            e.session
+                .as_ref()
+                .and_then(|s| s.probed_at())
+                .filter(|t| e.poked != Some(*t))
+        });
         std::iter::once(link)
             .chain(peers)
+            .chain(pokes.map(Some))
             .chain(std::iter::once(self.server_check_at()))
             .flatten()
             .min()

@@ -95,15 +95,16 @@ const DIRECT_STALE: Duration = Duration::from_secs(5);
 /// A direct path that has not answered anything sent this long ago is
 /// suspect: what we send goes through the relay as well until the peer
 /// is heard again (a NAT that rebound, a firewall that forgot us). Above
-/// the retransmission timeout of a healthy path, below the 5 s a user
-/// would call a stall.
-const PATH_SUSPECT: Duration = Duration::from_secs(2);
+/// the retransmission timeout of a healthy path; with the quiet end's
+/// probe after [`ACTIVE_PROBE`] (1 s), short enough that a rebinding on
+/// either side is followed within the 2 s a user would not call a stall.
+const PATH_SUSPECT: Duration = Duration::from_millis(1800);
 
-/// A relayed packet arrives while what we sent on the direct path has
-/// waited this long for an answer: the session follows the peer to the
-/// relay. Above the relay's own delay (relayed packets still in flight
-/// after a move to a direct path must not pull us back), below
-/// [`PATH_SUSPECT`].
+/// A relayed packet arrives while what we sent on the direct path waits
+/// for an answer, and we have been on that path this long: the session
+/// follows the peer to the relay. Above the relay's own delay (relayed
+/// packets still in flight after a move to a direct path must not pull
+/// us back).
 const RELAY_FOLLOW_AFTER: Duration = Duration::from_secs(1);
 
 /// A session that has sent something wanting an answer (flow data, a
@@ -202,6 +203,8 @@ struct Est {
     previous_confirmed: bool,
     last_rx: Instant,
     last_tx: Instant,
+    /// Since when `dst` is what it is.
+    dst_since: Instant,
     /// The first packet sent since the peer was last heard that wants an
     /// answer (a flow packet, a ping): the measure of [`PATH_SUSPECT`].
     unanswered_since: Option<Instant>,
@@ -584,12 +587,15 @@ impl PeerSession {
         }
     }
 
-    /// When the peer fell quiet mid-conversation and our probe went
-    /// unanswered: our NAT may have rebound, so the server should hear
-    /// from us at once (its relay then reaches our new address).
+    /// When the server should hear from us because of this session: the
+    /// peer fell quiet mid-conversation and our probe went, or what we
+    /// sent has waited [`ACTIVE_PROBE`] for an answer. Our NAT may have
+    /// rebound: the server then learns our new address (its relay, which
+    /// a suspect path falls back to, reaches us there, and takes our
+    /// copies from there) before the path turns suspect.
     pub fn probed_at(&self) -> Option<Instant> {
         match &self.state {
-            State::Established(e) => e.probed_at,
+            State::Established(e) => e.probed_at.or(e.unanswered_since.map(|t| t + ACTIVE_PROBE)),
             _ => None,
         }
     }
@@ -1200,8 +1206,9 @@ impl PeerSession {
                 let old = std::mem::replace(&mut e.current, transport);
                 e.previous = Some(old);
                 e.previous_confirmed = e.confirmed;
-                if !keep_direct {
+                if !keep_direct && e.dst != from {
                     e.dst = from;
+                    e.dst_since = now;
                 }
                 e.confirmed = confirmed;
                 // New keys are in: a rekey of ours still under way (we
@@ -1218,6 +1225,7 @@ impl PeerSession {
                     previous_confirmed: false,
                     last_rx: now,
                     last_tx: now,
+                    dst_since: now,
                     unanswered_since: None,
                     last_data: None,
                     suspected: false,
@@ -1308,12 +1316,14 @@ impl PeerSession {
         };
         // (Before this packet answers it: was what we sent waiting in
         // vain? The peer sends through the relay only when its own direct
-        // packets go unanswered, so a relayed packet while ours have
-        // waited a while says our direct path is broken too, even if it
-        // is not yet suspect by our own clock.)
+        // packets go unanswered, so a relayed packet while ours wait too
+        // says our direct path is broken, even if it is not yet suspect
+        // by our own clock; but not in the first moments on a direct path,
+        // when relayed packets sent before the move are still arriving.)
+        let settled = now.saturating_duration_since(e.dst_since) >= RELAY_FOLLOW_AFTER;
         let in_doubt = e
             .unanswered_since
-            .is_some_and(|t| now.saturating_duration_since(t) >= RELAY_FOLLOW_AFTER);
+            .is_some_and(|t| settled || now.saturating_duration_since(t) >= PATH_SUSPECT);
         e.last_rx = now;
         e.unanswered_since = None;
         if is_current && !e.confirmed {
@@ -1343,6 +1353,7 @@ impl PeerSession {
         let moved = e.dst != from && is_current && !(from_relay && direct_fresh);
         if moved {
             e.dst = from;
+            e.dst_since = now;
         }
         self.heard(now, from);
         self.announce_up(from);
