@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 const LATENCY: Duration = Duration::from_millis(20);
 
-type Flight = (Instant, u64, SocketAddr, SocketAddr, Vec<u8>, bool);
+type Flight = (Instant, u64, SocketAddr, SocketAddr, Vec<u8>);
 
 #[derive(Default, Clone, Copy)]
 struct Second {
@@ -46,11 +46,12 @@ struct World {
     nodes: Vec<Node<NoFiles>>,
     addrs: Vec<SocketAddr>,
     by_addr: BTreeMap<SocketAddr, usize>,
-    /// Datagrams in flight: (arrival, sequence, from, to, bytes, waited
-    /// in the server's buffer).
+    /// Datagrams in flight: (arrival, sequence, from, to, bytes).
     wire: BinaryHeap<Reverse<Flight>>,
-    /// The server is handling datagrams until then; bytes waiting.
+    /// The server is handling datagrams until then; what waits in its
+    /// socket buffer, and the bytes of it.
     busy_until: Instant,
+    buffer: std::collections::VecDeque<(SocketAddr, Vec<u8>)>,
     queued: usize,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     seq: u64,
@@ -77,7 +78,6 @@ impl World {
                     self.addrs[i],
                     t.dst,
                     t.payload,
-                    false,
                 )));
             }
             if !any {
@@ -87,6 +87,22 @@ impl World {
         if let Some(t) = node.poll_timeout() {
             self.timers.push(Reverse((t.max(now), i)));
         }
+    }
+
+    /// The server handles one datagram now; it is busy for as long as
+    /// that took.
+    fn serve(&mut self, from: SocketAddr, bytes: &[u8]) {
+        let now = self.now;
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let t = Instant::now();
+        server.handle_datagram(now, from, bytes, &mut self.store);
+        let cost = t.elapsed();
+        self.busy_until = now + cost;
+        let second = now.saturating_duration_since(self.mark).as_secs();
+        self.seconds.entry(second).or_default().cpu += cost;
+        self.drain_server();
     }
 
     fn drain_server(&mut self) {
@@ -102,7 +118,6 @@ impl World {
                 self.server_addr,
                 t.dst,
                 t.payload,
-                false,
             )));
         }
     }
@@ -113,7 +128,8 @@ impl World {
             let next_wire = self.wire.peek().map(|Reverse(w)| w.0);
             let next_timer = self.timers.peek().map(|Reverse(t)| t.0);
             let server_timer = self.server.as_ref().and_then(|s| s.poll_timeout());
-            let Some(next) = [next_wire, next_timer, server_timer]
+            let next_buffered = (!self.buffer.is_empty()).then_some(self.busy_until);
+            let Some(next) = [next_wire, next_timer, server_timer, next_buffered]
                 .into_iter()
                 .flatten()
                 .min()
@@ -126,43 +142,36 @@ impl World {
             }
             self.now = self.now.max(next);
             let now = self.now;
-            if next_wire == Some(next) {
-                let Reverse((_, seq, from, to, bytes, waited)) = self.wire.pop().expect("peeked");
+            let second = now.saturating_duration_since(self.mark).as_secs();
+            if next_buffered == Some(next) {
+                // The server takes the next datagram from its buffer.
+                let (from, bytes) = self.buffer.pop_front().expect("not empty");
+                self.queued -= bytes.len();
+                self.serve(from, &bytes);
+            } else if next_wire == Some(next) {
+                let Reverse((_, _, from, to, bytes)) = self.wire.pop().expect("peeked");
                 if to == self.server_addr {
-                    let second = now.saturating_duration_since(self.mark).as_secs();
-                    if self.server.is_some() && !waited {
-                        let s = self.seconds.entry(second).or_default();
-                        s.datagrams += 1;
-                        s.bytes += bytes.len() as u64;
-                        if matches!(Packet::decode(&bytes), Ok(Packet::HandshakeInit { .. })) {
-                            s.inits += 1;
-                        }
-                    }
-                    if self.busy_until > now && self.server.is_some() {
-                        // Busy: the datagram waits in the socket buffer,
-                        // or is dropped when that is full.
-                        if !waited {
-                            if self.queued + bytes.len() > SOCKET_BUFFER {
-                                self.seconds.entry(second).or_default().dropped += 1;
-                                continue;
-                            }
-                            self.queued += bytes.len();
-                        }
-                        let at = self.busy_until;
-                        self.wire.push(Reverse((at, seq, from, to, bytes, true)));
+                    if self.server.is_none() {
                         continue;
                     }
-                    if waited {
-                        self.queued -= bytes.len();
+                    let s = self.seconds.entry(second).or_default();
+                    s.datagrams += 1;
+                    s.bytes += bytes.len() as u64;
+                    if matches!(Packet::decode(&bytes), Ok(Packet::HandshakeInit { .. })) {
+                        s.inits += 1;
                     }
-                    if let Some(server) = self.server.as_mut() {
-                        let t = Instant::now();
-                        server.handle_datagram(now, from, &bytes, &mut self.store);
-                        let cost = t.elapsed();
-                        self.busy_until = now + cost;
-                        self.seconds.entry(second).or_default().cpu += cost;
-                        self.drain_server();
+                    if self.busy_until > now || !self.buffer.is_empty() {
+                        // Busy: the datagram waits in the socket buffer,
+                        // or is dropped when that is full.
+                        if self.queued + bytes.len() > SOCKET_BUFFER {
+                            s.dropped += 1;
+                        } else {
+                            self.queued += bytes.len();
+                            self.buffer.push_back((from, bytes));
+                        }
+                        continue;
                     }
+                    self.serve(from, &bytes);
                 } else if let Some(&i) = self.by_addr.get(&to) {
                     self.nodes[i].handle_datagram(now, from, &bytes);
                     self.drain_node(i);
@@ -256,6 +265,7 @@ fn main() {
         by_addr: BTreeMap::new(),
         wire: BinaryHeap::new(),
         busy_until: start,
+        buffer: std::collections::VecDeque::new(),
         queued: 0,
         timers: BinaryHeap::new(),
         seq: 0,
