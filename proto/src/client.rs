@@ -430,19 +430,6 @@ impl ServerLink {
         }
     }
 
-    /// Sends the server a ping now, if a session is up: our address may
-    /// have changed, and any authenticated packet tells it the new one.
-    /// Nothing is concluded from the answer (heartbeats do that).
-    pub fn poke(&mut self, now: Instant) {
-        if let State::Established(e) = &mut self.state {
-            if e.logged_in {
-                let rid = self.fresh_rid();
-                self.internal.insert(rid, now + self.config.heartbeat);
-                self.send(ClientToServer::Ping { rid });
-            }
-        }
-    }
-
     /// Whether a check of the path went unanswered (said once per check).
     pub fn take_check_failed(&mut self) -> bool {
         std::mem::take(&mut self.check_failed)

@@ -1147,9 +1147,12 @@ impl<F: FileIo> Node<F> {
                 s.handle_timeout(now);
             }
         }
-        // A peer fell quiet mid-conversation: our NAT may have rebound, so
-        // tell the server where we are now (once per quiet spell); its
-        // relay, which a suspect path falls back to, then reaches us.
+        // A peer fell quiet mid-conversation, or our data has waited a
+        // second: check the server path now (once per spell). If our NAT
+        // rebound, the server learns where we are (its relay, which a
+        // suspect path falls back to, then reaches us); if it is silent
+        // too and the peer's path has turned suspect meanwhile, UDP is
+        // blocked and TCP is tried (see `pump`).
         let quiet: Vec<String> = self
             .peers
             .iter()
@@ -1165,7 +1168,7 @@ impl<F: FileIo> Node<F> {
             let e = self.peers.get_mut(&name).expect("listed");
             e.poked = e.session.as_ref().and_then(|s| s.probed_at());
             tracing::debug!("LIVENESS(TELL_SERVER)");
-            self.link.poke(now);
+            self.link.check_now(now);
         }
         // A peer's path in doubt: check the server path too (the server
         // follows a new mapping; if it is silent as well, TCP is tried).
@@ -1587,8 +1590,20 @@ impl<F: FileIo> Node<F> {
     /// Moves events and packets between the sub-machines.
     fn pump(&mut self, now: Instant) {
         self.now = self.now.max(now);
+        // The server did not answer a check: if a peer still does not
+        // answer either, both ways out are silent, and it is our network
+        // (one silent party alone is only loss, or that party).
         if self.link.take_check_failed() {
-            self.transport.udp_suspect(now);
+            let peer_silent = self.peers.values().any(|e| {
+                e.session
+                    .as_ref()
+                    .is_some_and(|s| s.is_up() && s.unanswered_for(now).is_some())
+            });
+            if peer_silent {
+                self.transport.udp_suspect(now);
+            } else {
+                tracing::debug!("LIVENESS(CHECK_FAILED_PEER_ANSWERS)");
+            }
         }
         if self.transport.take_relogin() {
             self.link.way_changed(now);

@@ -1973,12 +1973,13 @@ fn recovery_after_udp_blocked(seed: u64) -> Duration {
 fn udp_blocked_mid_session_moves_to_the_tcp_relay() {
     for seed in [141, 142] {
         let took = recovery_after_udp_blocked(seed);
-        // bob's path to alice is suspect 2 s after his unanswered probe;
-        // the server does not answer his check either (1 s): TCP at once,
-        // login over it, and his ping through the relay brings alice over:
-        // about 3 s, whatever the heartbeat interval (was 20 s here with
-        // 5 s heartbeats, 78 s with the default 25 s).
-        assert!(took <= Duration::from_secs(4), "seed {seed}: {took:?}");
+        // bob's probe after 1 s of silence goes unanswered, and so do the
+        // three pings of the check of his server path it starts (1 s);
+        // his path to alice is suspect by then: TCP at once, login over
+        // it, and his ping through the relay brings alice over: about
+        // 2.1 s, whatever the heartbeat interval (was 20 s here with 5 s
+        // heartbeats, 78 s with the default 25 s).
+        assert!(took <= Duration::from_millis(2500), "seed {seed}: {took:?}");
     }
 }
 
@@ -2169,4 +2170,49 @@ fn a_restarted_peer_whose_last_session_was_relayed_starts_on_the_relay() {
         let took = relayed_restart(seed, true);
         assert!(took < Duration::from_secs(1), "seed {seed}: {took:?}");
     }
+}
+
+#[test]
+fn a_lossy_link_is_not_taken_for_blocked_udp() {
+    // Ten minutes of conversation over a link that loses 10% each way
+    // (jitter, duplicates): the checks of the server path that silent
+    // spells start must never conclude that UDP is blocked (a check
+    // concludes only when none of its pings is answered and a peer's path
+    // is suspect too).
+    let mut moves = 0;
+    for seed in 200..220 {
+        let mut sim = Sim::new(seed, Link::bad());
+        sim.register_both();
+        sim.connect();
+        // (Connecting over such a link may take TCP: three handshakes
+        // unanswered in 3 s. Counted is what happens once logged in and
+        // settled on UDP.)
+        sim.run_until(Duration::from_secs(120), |s| {
+            (0..2).all(|i| {
+                let n = s.nodes[i].as_ref().unwrap();
+                n.link_state() == LinkState::LoggedIn && n.path_name(s.server_addr) == "relay-udp"
+            })
+        });
+        let before: Vec<usize> = sim.events.iter().map(|e| e.len()).collect();
+        let start = sim.now;
+        let mut seq = 0;
+        while sim.now < start + Duration::from_secs(600) {
+            let now = sim.now;
+            sim.node(0).send_message(now, "bob", msg(seq));
+            seq += 1;
+            sim.run_for(Duration::from_secs(3));
+        }
+        for i in 0..2 {
+            moves += sim.events[i][before[i]..]
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        NodeEvent::Transport(proto::TransportCommand::ConnectTcp { .. })
+                    )
+                })
+                .count();
+        }
+    }
+    assert_eq!(moves, 0, "moves to TCP over 20 lossy ten-minute runs");
 }
