@@ -2202,8 +2202,8 @@ fn a_lossy_link_is_not_taken_for_blocked_udp() {
             seq += 1;
             sim.run_for(Duration::from_secs(3));
         }
-        for i in 0..2 {
-            moves += sim.events[i][before[i]..]
+        for (events, before) in sim.events.iter().zip(before) {
+            moves += events[before..]
                 .iter()
                 .filter(|e| {
                     matches!(
