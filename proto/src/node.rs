@@ -335,8 +335,8 @@ const MAX_LISTED: usize = 100_000;
 const NAT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const NAT_PROBE_TRIES: u8 = 5;
 
-/// While a peer path is in doubt, the server path is checked (a
-/// heartbeat) at most this often.
+/// While a peer path is in doubt, the server path is checked (three
+/// pings, [`ServerLink::check_now`]) at most this often.
 const LINK_POKE_EVERY: Duration = Duration::from_secs(2);
 
 /// Network changes restart peers' reconnection backoffs at most this

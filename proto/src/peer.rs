@@ -111,8 +111,9 @@ const RELAY_FOLLOW_AFTER: Duration = Duration::from_secs(1);
 /// ping) and heard nothing at all for this long is given up: the peer
 /// died, restarted elsewhere, or its NAT forgot us, and waiting for
 /// `dead_after` (80 s) would hold messages back as "sent" that nobody
-/// receives. Three times [`PATH_SUSPECT`] (by which the relay was tried
-/// too), well above a healthy path's retransmission timeouts. An idle
+/// receives. Well past [`PATH_SUSPECT`] (by which the relay was tried
+/// too, and the server path checked), well above a healthy path's
+/// retransmission timeouts. An idle
 /// session wants no answers and keeps the keepalive rule alone: this
 /// costs no wakeups when nothing happens.
 const ACTIVE_DEAD_AFTER: Duration = Duration::from_secs(6);
@@ -124,7 +125,7 @@ const ACTIVE_DEAD_AFTER: Duration = Duration::from_secs(6);
 /// so the talking end follows it). Idle sessions stop probing after it,
 /// and cost nothing beyond their keepalive.
 const ACTIVE_WINDOW: Duration = Duration::from_secs(10);
-/// Silence that makes an active session ping: half [`PATH_SUSPECT`], so
+/// Silence that makes an active session ping: well under [`PATH_SUSPECT`], so
 /// the quiet end of a conversation whose NAT rebound has told the server
 /// its new address (the node pings the server with the probe) before the
 /// talking end's path turns suspect and copies to the relay. At most ten

@@ -2031,11 +2031,11 @@ fn a_rebinding_nat_on_the_quiet_side_is_followed_within_seconds() {
             nat.back.clear();
         }
         let took = send_and_time(&mut sim, 1, Duration::from_secs(30));
-        // bob pings (nothing heard for 2 s in an active conversation) and
-        // tells the server his new address at once; his own unanswered
-        // data turns suspect and goes through the relay too; alice, whose
-        // direct packets have waited over a second, follows him to the
-        // relay, and her flow sends again at once: about 2.0 s (was 3.1 s
+        // bob pings (nothing heard for 1 s in an active conversation) and
+        // checks his server path at once (the server learns his new
+        // address); his own unanswered data turns suspect and goes through
+        // the relay too; alice, whose direct packets wait, follows him to
+        // the relay, and her flow sends again at once: about 1.8 s (was 3.1 s
         // before the relay-follow rule, 7.1 s by bob's liveness alone, and
         // 17-26 s in the lab before adaptive liveness). A direct path comes
         // back with the next search.
