@@ -1020,10 +1020,15 @@ fn clock(ms: u64) -> String {
 /// Text from a peer or the server, made safe for a terminal: control
 /// characters (newlines, escape sequences, bells) are shown escaped, so a
 /// peer cannot forge lines or drive the terminal.
+/// Text from the network made safe for a terminal: control characters
+/// (escape sequences) and the invisible characters that reorder or hide
+/// text (bidirectional overrides and isolates, marks, zero-width
+/// characters: U+202E can make `exe.txt` show as `txt.exe`) are shown
+/// escaped, `\u{202e}`.
 fn clean(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c.is_control() {
+        if c.is_control() || proto::control::is_hidden_format(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -1126,5 +1131,20 @@ fn event_text(e: &Event) -> String {
             short_id(id),
             clean(reason)
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean;
+
+    #[test]
+    fn controls_and_bidi_overrides_are_shown_escaped() {
+        assert_eq!(clean("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+        // A name that would show as "photo_exe.txt" in a terminal.
+        assert_eq!(clean("photo_\u{202e}txt.exe"), "photo_\\u{202e}txt.exe");
+        assert_eq!(clean("x\u{2067}y\u{200b}z"), "x\\u{2067}y\\u{200b}z");
+        // Other scripts, right-to-left ones included, are left alone.
+        assert_eq!(clean("שלום, 世界"), "שלום, 世界");
     }
 }

@@ -729,7 +729,12 @@ pub fn sanitize(offered: &str) -> String {
         .rsplit(['/', '\\'])
         .find(|c| !c.trim().is_empty() && *c != "." && *c != "..")
         .unwrap_or("");
-    let mut name: String = last.chars().filter(|c| !c.is_control()).collect();
+    // No control characters, nor ones that reorder or hide the name (a
+    // right-to-left override makes "x\u{202e}txt.exe" show as "xexe.txt").
+    let mut name: String = last
+        .chars()
+        .filter(|c| !c.is_control() && !proto::control::is_hidden_format(*c))
+        .collect();
     // Trailing dots and spaces vanish on some filesystems: drop them.
     name = name.trim_end_matches(['.', ' ']).trim_start().to_owned();
     if name.is_empty() || name == "." || name == ".." {
@@ -770,6 +775,8 @@ mod tests {
             ("nul.txt", "_nul.txt"),
             ("trailing. . .", "trailing"),
             ("photo .jpg", "photo .jpg"),
+            ("photo_\u{202e}gpj.exe", "photo_gpj.exe"),
+            ("a\u{200b}b\u{2066}c", "abc"),
         ] {
             assert_eq!(sanitize(offered), want, "{offered:?}");
         }

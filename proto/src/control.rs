@@ -182,6 +182,18 @@ impl Command {
     }
 }
 
+/// Characters that reorder or hide text without showing themselves:
+/// bidirectional overrides, embeddings and isolates, direction marks,
+/// zero-width characters. With U+202E a file named `photo_\u{202e}gpj.exe`
+/// shows as `photo_exe.jpg`. Text from peers is shown with them escaped
+/// (`p2pctl`), and file names are stored without them (`p2pd`).
+pub fn is_hidden_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}'
+    )
+}
+
 /// Checks a chat message's text as `send` takes it: not empty, at most
 /// [`crate::wire::MAX_MESSAGE_BYTES`] bytes of UTF-8.
 pub fn check_text(text: &str) -> Result<(), ControlError> {
