@@ -21,10 +21,10 @@ use crate::wire::{
     self, validate_name, ClientToServer, FailReason, Packet, PunchInstruction, ResetToken,
     ServerToClient, UserEntry, USERS_PER_PAGE,
 };
-use crate::Transmit;
+use crate::{canonical, Transmit};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// What a registration did.
@@ -124,7 +124,17 @@ pub struct ServerConfig {
     /// The second UDP port the server answers probes on (0: none), told
     /// to clients at login.
     pub probe_port: u16,
+    /// Registrations one address (an IPv4 address, an IPv6 /64) may make
+    /// per hour, after a burst of [`REGISTER_BURST`]; 0: no limit.
+    pub registrations_per_hour: u32,
 }
+
+/// Registrations an address may make at once before the hourly rate
+/// applies.
+pub const REGISTER_BURST: f64 = 5.0;
+/// Addresses whose registration allowance is tracked at most; when full
+/// the oldest is forgotten (it had a full allowance by then, or nearly).
+const MAX_REGISTER_BUCKETS: usize = 100_000;
 
 /// The relay role: limits an operator sets.
 #[derive(Debug, Clone)]
@@ -167,6 +177,7 @@ impl Default for ServerConfig {
             max_sessions: 100_000,
             relay: RelayConfig::default(),
             probe_port: 0,
+            registrations_per_hour: 20,
         }
     }
 }
@@ -180,6 +191,8 @@ pub struct ServerStats {
     pub handshakes: u64,
     pub logins: u64,
     pub registrations: u64,
+    /// Registrations refused: the address had made too many lately.
+    pub registrations_limited: u64,
     pub introductions: u64,
     pub amplification_refused: u64,
     pub store_errors: u64,
@@ -281,6 +294,8 @@ pub struct Server {
     by_name: BTreeMap<String, u32>,
     intros: BTreeMap<u64, Intro>,
     channels: BTreeMap<u64, Channel>,
+    /// Registration allowance by address: (tokens, last update).
+    register_buckets: BTreeMap<IpAddr, (f64, Instant)>,
     transmits: VecDeque<Transmit>,
     next_sweep: Option<Instant>,
     stats: ServerStats,
@@ -313,6 +328,7 @@ impl Server {
             by_name: BTreeMap::new(),
             intros: BTreeMap::new(),
             channels: BTreeMap::new(),
+            register_buckets: BTreeMap::new(),
             transmits: VecDeque::new(),
             next_sweep: None,
             stats: ServerStats::default(),
@@ -861,7 +877,9 @@ impl Server {
                     s.pushes.remove(&push_id);
                 }
             }
-            ClientToServer::Register { rid, name } => self.on_register(index, rid, name, store),
+            ClientToServer::Register { rid, name } => {
+                self.on_register(now, index, rid, name, store)
+            }
             ClientToServer::Login { rid, signature } => self.on_login(index, rid, signature, store),
             ClientToServer::Ping { rid } => {
                 let observed = self.sessions[&index].addr;
@@ -915,9 +933,28 @@ impl Server {
         }
     }
 
-    fn on_register(&mut self, index: u32, rid: u32, name: String, store: &mut dyn AccountStore) {
+    fn on_register(
+        &mut self,
+        now: Instant,
+        index: u32,
+        rid: u32,
+        name: String,
+        store: &mut dyn AccountStore,
+    ) {
         if let Err(why) = validate_name(&name) {
             return self.fail(index, rid, FailReason::NameInvalid, why);
+        }
+        let addr = self.sessions[&index].addr;
+        if !self.register_allowed(now, addr) {
+            self.stats.registrations_limited += 1;
+            tracing::info!(%addr, "REGISTER(RATE_LIMITED)");
+            let per_hour = self.config.registrations_per_hour;
+            return self.fail(
+                index,
+                rid,
+                FailReason::RateLimited,
+                format!("too many registrations from your address (at most {per_hour} an hour); try again later"),
+            );
         }
         let identity = self.sessions[&index].identity.clone();
         match store.register(&name, &identity) {
@@ -943,6 +980,50 @@ impl Server {
                 tracing::error!(error = %e, "REGISTER(STORE_ERROR)");
                 self.fail(index, rid, FailReason::ServerError, "storage error");
             }
+        }
+    }
+
+    /// Takes one registration from the allowance of `addr`'s address (its
+    /// IPv4 address, its IPv6 /64), if it has one left: a token bucket of
+    /// [`REGISTER_BURST`] refilled at `registrations_per_hour`.
+    fn register_allowed(&mut self, now: Instant, addr: SocketAddr) -> bool {
+        let per_hour = self.config.registrations_per_hour;
+        if per_hour == 0 {
+            return true;
+        }
+        let key = match canonical(addr).ip() {
+            IpAddr::V6(v6) => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+            v4 => v4,
+        };
+        if !self.register_buckets.contains_key(&key)
+            && self.register_buckets.len() >= MAX_REGISTER_BUCKETS
+        {
+            let oldest = self
+                .register_buckets
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.register_buckets.remove(&k);
+            }
+        }
+        let (tokens, at) = self
+            .register_buckets
+            .entry(key)
+            .or_insert((REGISTER_BURST, now));
+        let rate = per_hour as f64 / 3600.0;
+        *tokens =
+            (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(REGISTER_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 

@@ -2216,3 +2216,45 @@ fn a_lossy_link_is_not_taken_for_blocked_udp() {
     }
     assert_eq!(moves, 0, "moves to TCP over 20 lossy ten-minute runs");
 }
+
+#[test]
+fn registrations_from_one_address_are_limited() {
+    // 20 an hour after a burst of 5, per address: alice's sixth attempt in
+    // a row is refused, bob (another address) is not, and alice's
+    // allowance comes back with time.
+    let mut sim = Sim::new(211, Link::clean());
+    let outcomes = |sim: &mut Sim, i: usize| -> Vec<Option<proto::wire::FailReason>> {
+        sim.take_events(i)
+            .into_iter()
+            .filter_map(|e| match e {
+                NodeEvent::Response { result: Ok(_), .. } => Some(None),
+                NodeEvent::Response {
+                    result: Err(proto::RequestError::Failed { reason, .. }),
+                    ..
+                } => Some(Some(reason)),
+                _ => None,
+            })
+            .collect()
+    };
+    let register = |sim: &mut Sim, i: usize, name: &str| {
+        let now = sim.now;
+        sim.node(i).register(now, name);
+        sim.run_for(Duration::from_secs(2));
+    };
+    for _ in 0..6 {
+        register(&mut sim, 0, "alice");
+    }
+    let limited = Some(proto::wire::FailReason::RateLimited);
+    let mut want = vec![None; 5];
+    want.push(limited);
+    assert_eq!(outcomes(&mut sim, 0), want);
+    register(&mut sim, 1, "bob");
+    assert_eq!(outcomes(&mut sim, 1), vec![None]);
+    // Three minutes give one back (20 an hour).
+    sim.run_for(Duration::from_secs(180));
+    register(&mut sim, 0, "alice");
+    register(&mut sim, 0, "alice");
+    assert_eq!(outcomes(&mut sim, 0), vec![None, limited]);
+    let stats = sim.server.as_ref().unwrap().stats().clone();
+    assert_eq!(stats.registrations_limited, 2);
+}

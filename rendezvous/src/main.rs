@@ -62,6 +62,11 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_tcp: usize,
 
+    /// Registrations one address (an IPv4 address, an IPv6 /64) may make
+    /// per hour, after a burst of 5; 0 for no limit.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    registrations_per_hour: u32,
+
     /// A second UDP port that only answers NAT probes (clients compare the
     /// address each port sees to learn how their NAT maps); 0 turns it off.
     /// [default: the listen port + 1]
@@ -133,6 +138,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         },
         max_tcp: args.max_tcp,
+        registrations_per_hour: args.registrations_per_hour,
         probe_port: match args.probe_port {
             Some(0) => None,
             Some(p) => Some(p),

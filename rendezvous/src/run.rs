@@ -60,6 +60,9 @@ pub struct Config {
     /// whether their NAT maps each destination anew. `Some(0)` picks a
     /// free port; `None` turns it off.
     pub probe_port: Option<u16>,
+    /// Registrations per address per hour
+    /// ([`ServerConfig::registrations_per_hour`]); 0: no limit.
+    pub registrations_per_hour: u32,
 }
 
 impl Config {
@@ -72,6 +75,7 @@ impl Config {
             relay: RelayConfig::default(),
             max_tcp: 1000,
             probe_port: Some(0),
+            registrations_per_hour: ServerConfig::default().registrations_per_hour,
         }
     }
 }
@@ -167,6 +171,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         presence_timeout: config.presence_timeout,
         probe_port,
         relay: config.relay.clone(),
+        registrations_per_hour: config.registrations_per_hour,
         ..ServerConfig::default()
     };
     // Fresh OS randomness: indices and challenges must not be guessable.
@@ -191,6 +196,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         relay = config.relay.enabled,
         relay_max_sessions = config.relay.max_channels,
         relay_rate_per_user = config.relay.rate_per_user,
+        registrations_per_hour = config.registrations_per_hour,
         "START"
     );
     Ok(bound)

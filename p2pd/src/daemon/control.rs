@@ -469,7 +469,7 @@ pub(super) fn fail_error(reason: FailReason, detail: &str, what: &str) -> Contro
         FailReason::NotRegistered | FailReason::NotLoggedIn => ErrorCode::NotLoggedIn,
         FailReason::UnknownUser => ErrorCode::UnknownUser,
         FailReason::Offline => ErrorCode::Offline,
-        FailReason::Declined => ErrorCode::Refused,
+        FailReason::Declined | FailReason::RateLimited => ErrorCode::Refused,
         FailReason::TimedOut => ErrorCode::TimedOut,
         FailReason::NoSuchIntro => ErrorCode::NoRequest,
         _ => ErrorCode::Internal,
@@ -493,6 +493,7 @@ pub(super) fn describe(reason: FailReason) -> String {
         FailReason::NotLoggedIn => "not logged in".into(),
         FailReason::SelfConnect => "that is you".into(),
         FailReason::NoSuchIntro => "no such request (it expired or was withdrawn)".into(),
+        FailReason::RateLimited => "too many from your address lately; try again later".into(),
         other => other.as_str().replace('_', " "),
     }
 }

@@ -421,6 +421,9 @@ pub enum FailReason {
     SelfConnect,
     NoSuchIntro,
     ServerError,
+    /// Too many of these from one address lately (registrations): try
+    /// again later.
+    RateLimited,
     /// A code this version does not know.
     Other(u8),
 }
@@ -440,6 +443,7 @@ impl FailReason {
             FailReason::SelfConnect => 10,
             FailReason::NoSuchIntro => 11,
             FailReason::ServerError => 12,
+            FailReason::RateLimited => 13,
             FailReason::Other(c) => c,
         }
     }
@@ -458,6 +462,7 @@ impl FailReason {
             10 => FailReason::SelfConnect,
             11 => FailReason::NoSuchIntro,
             12 => FailReason::ServerError,
+            13 => FailReason::RateLimited,
             c => FailReason::Other(c),
         }
     }
@@ -477,6 +482,7 @@ impl FailReason {
             FailReason::SelfConnect => "self_connect",
             FailReason::NoSuchIntro => "no_such_request",
             FailReason::ServerError => "server_error",
+            FailReason::RateLimited => "rate_limited",
             FailReason::Other(_) => "failed",
         }
     }
