@@ -83,7 +83,8 @@ struct Part {
     used: u64,
 }
 
-/// Partial files kept open at once.
+/// Partial files, and source files, kept open at once at most (each; the
+/// open-file limit may lower it, [`open_files_cap`]).
 const MAX_OPEN_PARTS: usize = 64;
 
 /// Work for the disk thread, done in order.
@@ -124,13 +125,53 @@ struct Source {
     mtime_ns: i64,
 }
 
-/// Source files kept open at once (a directory of thousands of files must
-/// not run into the open-file limit).
-const MAX_OPEN_SOURCES: usize = 64;
+/// Descriptors kept for everything but files: sockets (the 256 of a port
+/// prediction round among them), the database, control connections.
+const RESERVED_DESCRIPTORS: u64 = 320;
+
+/// Raises the soft open-file limit to the hard one (at most 65,536), as a
+/// daemon that may hold many files and sockets should; returns the soft
+/// limit in force.
+pub fn raise_open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    let want = lim.rlim_max.min(65_536);
+    if lim.rlim_cur < want {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = want;
+        }
+    }
+    // (rlim_t is u64 here, not on every target.)
+    #[allow(clippy::unnecessary_cast)]
+    let soft = lim.rlim_cur as u64;
+    soft
+}
+
+/// How many partial files (and as many source files) to keep open under
+/// an open-file limit of `limit`: half of what the sockets and the
+/// database leave each, at most 64, at least 2 (transfers then go on,
+/// reopening files as they take turns, instead of failing with "too many
+/// open files").
+pub fn open_files_cap(limit: u64) -> usize {
+    let spare = limit.saturating_sub(RESERVED_DESCRIPTORS) / 4;
+    (spare as usize).clamp(2, MAX_OPEN_PARTS)
+}
 /// Files hashed at once (each reads a piece-sized buffer).
 const HASHERS: usize = 2;
 
 pub struct Files {
+    /// Partial files, and source files, kept open at once at most.
+    max_open: usize,
     sources: HashMap<u64, Source>,
     /// Reads so far: the clock of "least recently used".
     reads: u64,
@@ -142,7 +183,7 @@ pub struct Files {
 
 impl Files {
     /// Starts the disk thread; call from within the tokio runtime.
-    pub fn new() -> (Self, mpsc::Receiver<JobDone>) {
+    pub fn new(max_open: usize) -> (Self, mpsc::Receiver<JobDone>) {
         let (jobs, rx) = mpsc::channel(1024);
         let (disk, disk_rx) = std::sync::mpsc::sync_channel(DISK_QUEUE);
         let (done, runtime) = (jobs.clone(), tokio::runtime::Handle::current());
@@ -151,6 +192,7 @@ impl Files {
             .spawn(move || disk_thread(disk_rx, done, runtime))
             .expect("cannot start the disk thread");
         let files = Self {
+            max_open,
             sources: HashMap::new(),
             reads: 0,
             hashing: std::sync::Arc::new(tokio::sync::Semaphore::new(HASHERS)),
@@ -236,7 +278,7 @@ impl Files {
     }
 
     /// The open partial file of `id`, opening it (and closing the least
-    /// recently used one when [`MAX_OPEN_PARTS`] are open). Jobs queued
+    /// recently used one when `max_open` are open). Jobs queued
     /// for the disk thread keep their own handle.
     fn part_file(&mut self, id: u64) -> std::io::Result<Arc<File>> {
         self.reads += 1;
@@ -244,7 +286,7 @@ impl Files {
         if self.parts.get(&id).is_some_and(|p| p.file.is_none()) {
             close_lru(
                 self.parts.values_mut().map(|p| (&mut p.file, p.used)),
-                MAX_OPEN_PARTS,
+                self.max_open,
             );
         }
         let p = self
@@ -510,7 +552,7 @@ impl FileSource for Files {
         if self.sources.get(&id).is_some_and(|s| s.file.is_none()) {
             close_lru(
                 self.sources.values_mut().map(|s| (&mut s.file, s.used)),
-                MAX_OPEN_SOURCES,
+                self.max_open,
             );
         }
         let reads = self.reads;
@@ -758,6 +800,18 @@ pub fn sanitize(offered: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_file_limit_sets_how_many_files_stay_open() {
+        assert_eq!(open_files_cap(1024), 64);
+        assert_eq!(open_files_cap(65_536), 64);
+        // The D10 trial's low limit: transfers take turns.
+        assert_eq!(open_files_cap(512), 48);
+        assert_eq!(open_files_cap(64), 2);
+        assert_eq!(open_files_cap(0), 2);
+        // Raising never lowers it, and it answers what is in force.
+        assert!(raise_open_file_limit() >= 64);
+    }
 
     #[test]
     fn hostile_names_become_one_safe_component() {

@@ -118,7 +118,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let udp = bind_udp_again(&store, config.listen).await?;
     let local = udp.local_addr()?;
     let now = Instant::now();
-    let (files, mut jobs_inbox) = Files::new();
+    let limit = files::raise_open_file_limit();
+    let max_open = files::open_files_cap(limit);
+    tracing::info!(limit, max_open, "FILES(OPEN_LIMIT)");
+    let (files, mut jobs_inbox) = Files::new(max_open);
     let mut node = Node::new(identity, node_config, now, rand::random(), files);
     node.set_locals(addrs::local_candidates(local, config.server));
     for c in store.contacts()? {
