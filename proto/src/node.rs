@@ -20,7 +20,7 @@
 //! lets each packet go; what arrives is written through it.
 
 use crate::client::{ClientConfig, LinkEvent, LinkState, RequestError, ServerLink};
-use crate::codec::{DecodeError, Reader};
+use crate::codec::DecodeError;
 use crate::identity::{Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern};
 use crate::peer::{Path, PeerConfig, PeerEvent, PeerSession, Prediction, PunchPlan, SessionPhase};
@@ -1316,19 +1316,18 @@ impl<F: FileIo> Node<F> {
                     self.answer_direct_punch(from, intro_id);
                 }
             }
-            Packet::SessionUnknown { receiver, .. } => {
+            Packet::SessionUnknown { receiver, token } => {
+                // Believed only with the token the peer gave for these
+                // keys (it can make it again after a restart; nobody else
+                // can make it), from wherever it comes.
                 let s = self
                     .peers
                     .values_mut()
                     .filter_map(|e| e.session.as_mut())
-                    .find(|s| {
-                        s.owns_remote_index(receiver)
-                            && s.endpoint() == Some(from)
-                            // Through the relay: on this session's channel.
-                            && (channel.is_none() || s.intro_id() == channel)
-                    });
-                if let Some(s) = s {
-                    s.handle_session_unknown(now);
+                    .find(|s| s.proves_unknown(receiver, &token));
+                match s {
+                    Some(s) => s.handle_session_unknown(now, from),
+                    None => tracing::debug!(%from, "PEER(SESSION_UNKNOWN_UNPROVEN)"),
                 }
             }
             _ => {
@@ -1513,11 +1512,12 @@ impl<F: FileIo> Node<F> {
             return;
         }
         self.last_unknown_reply = Some(now);
-        // (A peer has no reset token to give: zero. The other side
-        // believes it only from the session's own endpoint and channel.)
+        // With the token we gave for that index before we restarted
+        // (derived from our key, so we can make it again): the peer
+        // believes it, a stranger could not have made it.
         let reply = Packet::SessionUnknown {
             receiver,
-            token: [0; 16],
+            token: crate::peer::reset_token(&self.identity, receiver),
         }
         .encode();
         let payload = match channel {
@@ -1546,11 +1546,8 @@ impl<F: FileIo> Node<F> {
             tracing::debug!(%from, "HANDSHAKE(BAD_INIT)");
             return;
         };
-        let mut r = Reader::new(&payload);
-        let Some(identity) = PublicIdentity::decode(&mut r)
-            .ok()
-            .filter(|_| r.finish().is_ok())
-        else {
+        let Some((identity, token)) = crate::peer::read_peer_payload(&payload) else {
+            tracing::debug!(%from, "HANDSHAKE(BAD_PAYLOAD)");
             return;
         };
         let Some(rs) = hs.remote_static() else { return };
@@ -1584,7 +1581,7 @@ impl<F: FileIo> Node<F> {
             // (we restarted): answer the same way.
             s.use_relay(from, channel);
         }
-        s.handle_init(now, from, sender, hs, &identity);
+        s.handle_init(now, from, sender, hs, &identity, token);
     }
 
     /// Moves events and packets between the sub-machines.

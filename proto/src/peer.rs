@@ -31,6 +31,41 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// The token a node gives its peer, in the handshake, for the session it
+/// holds under `index`: HMAC-SHA256 keyed by a key derived from the
+/// node's long-term Noise private key, so the node can make it again
+/// after a restart, knowing nothing of the session, and nobody else can
+/// make it at all. The peer believes a [`Packet::SessionUnknown`] for that
+/// session only with this token (QUIC's stateless reset, RFC 9000
+/// §10.3): a restarted peer is heard at once, from any address; a
+/// stranger cannot end a session.
+pub(crate) fn reset_token(local: &Identity, index: u32) -> wire::ResetToken {
+    let root = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, local.noise_private());
+    let derived = ring::hmac::sign(&root, b"p2p-chat peer reset tokens v1");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref());
+    let tag = ring::hmac::sign(&key, &index.to_be_bytes());
+    let mut t = [0u8; 16];
+    t.copy_from_slice(&tag.as_ref()[..16]);
+    t
+}
+
+/// A peer handshake's payload: the sender's identity binding, then its
+/// reset token for the session it opens ([`reset_token`]).
+fn peer_payload(local: &Identity, index: u32) -> Vec<u8> {
+    let mut p = identity_payload(&local.public());
+    p.extend_from_slice(&reset_token(local, index));
+    p
+}
+
+/// Reads a peer handshake's payload ([`peer_payload`]).
+pub(crate) fn read_peer_payload(payload: &[u8]) -> Option<(PublicIdentity, wire::ResetToken)> {
+    let mut r = Reader::new(payload);
+    let id = PublicIdentity::decode(&mut r).ok()?;
+    let token: [u8; 16] = r.bytes(16).ok()?.try_into().ok()?;
+    r.finish().ok()?;
+    Some((id, token))
+}
+
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
     /// Send a keepalive when nothing was sent for this long: 25 s, the
@@ -196,7 +231,11 @@ struct Hs {
 
 struct Est {
     current: Transport,
+    /// The peer's reset tokens for its side of `current` and `previous`
+    /// (its handshake payload).
+    current_token: wire::ResetToken,
     previous: Option<Transport>,
+    previous_token: wire::ResetToken,
     dst: SocketAddr,
     /// The peer has shown it holds `current` (we initiated it, or data
     /// arrived under it). Until then we keep sending under `previous`.
@@ -614,11 +653,6 @@ impl PeerSession {
         }
     }
 
-    /// Does `SessionUnknown { receiver }` refer to our current keys?
-    pub fn owns_remote_index(&self, index: u32) -> bool {
-        matches!(&self.state, State::Established(e) if e.current.remote_index == index)
-    }
-
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
@@ -698,8 +732,8 @@ impl PeerSession {
             Some(&self.remote.noise_key),
         )
         .ok()?;
-        let noise = hs.write(&identity_payload(&self.local.public())).ok()?;
         let local_index = self.rng.gen::<u32>().max(1);
+        let noise = hs.write(&peer_payload(&self.local, local_index)).ok()?;
         let init = Packet::HandshakeInit {
             sender: local_index,
             pattern: Pattern::IK,
@@ -1100,6 +1134,7 @@ impl PeerSession {
         sender: u32,
         mut hs: Handshake,
         identity: &PublicIdentity,
+        token: wire::ResetToken,
     ) -> bool {
         if identity.sign_key != self.remote.sign_key {
             return false;
@@ -1124,10 +1159,10 @@ impl PeerSession {
             tracing::debug!("HANDSHAKE(CROSSED_KEEP_OURS)");
             return false;
         }
-        let Ok(noise) = hs.write(&identity_payload(&self.local.public())) else {
+        let local_index = self.rng.gen::<u32>().max(1);
+        let Ok(noise) = hs.write(&peer_payload(&self.local, local_index)) else {
             return false;
         };
-        let local_index = self.rng.gen::<u32>().max(1);
         let Ok(transport) = hs.into_transport(local_index, sender, now) else {
             return false;
         };
@@ -1140,7 +1175,7 @@ impl PeerSession {
         self.answered = Some((sender, response.clone()));
         self.emit(from, response);
         tracing::debug!(%from, "HANDSHAKE(RESPONDED)");
-        self.install(now, transport, from, false);
+        self.install(now, transport, from, false, token);
         true
     }
 
@@ -1165,18 +1200,15 @@ impl PeerSession {
             tracing::debug!("HANDSHAKE(BAD_RESPONSE)");
             return;
         };
-        let mut r = Reader::new(&payload);
-        let id = PublicIdentity::decode(&mut r)
-            .ok()
-            .filter(|_| r.finish().is_ok());
-        let ok = id.as_ref().is_some_and(|id| {
+        let read = read_peer_payload(&payload);
+        let ok = read.as_ref().is_some_and(|(id, _)| {
             id.sign_key == self.remote.sign_key
                 && id.verify_for_noise_key(&self.remote.noise_key).is_ok()
         });
-        if !ok {
+        let (true, Some((_, token))) = (ok, read) else {
             tracing::warn!("HANDSHAKE(BAD_IDENTITY)");
             return;
-        }
+        };
         let started = h.started;
         let local_index = h.local_index;
         let hs = match &mut self.state {
@@ -1191,12 +1223,19 @@ impl PeerSession {
             return;
         };
         self.rtt = Some(now.saturating_duration_since(started));
-        self.install(now, transport, from, true);
+        self.install(now, transport, from, true, token);
         // Confirm the keys to the responder at once.
         self.send(now, &PeerToPeer::Keepalive);
     }
 
-    fn install(&mut self, now: Instant, transport: Transport, from: SocketAddr, confirmed: bool) {
+    fn install(
+        &mut self,
+        now: Instant,
+        transport: Transport,
+        from: SocketAddr,
+        confirmed: bool,
+        token: wire::ResetToken,
+    ) {
         let keep_direct = Some(from) == self.relay
             && self
                 .last_direct_rx
@@ -1206,6 +1245,7 @@ impl PeerSession {
             State::Established(e) => {
                 let old = std::mem::replace(&mut e.current, transport);
                 e.previous = Some(old);
+                e.previous_token = std::mem::replace(&mut e.current_token, token);
                 e.previous_confirmed = e.confirmed;
                 if !keep_direct && e.dst != from {
                     e.dst = from;
@@ -1220,7 +1260,9 @@ impl PeerSession {
             _ => {
                 self.state = State::Established(Box::new(Est {
                     current: transport,
+                    current_token: token,
                     previous: None,
+                    previous_token: [0; 16],
                     dst: from,
                     confirmed,
                     previous_confirmed: false,
@@ -1265,16 +1307,28 @@ impl PeerSession {
         }
     }
 
-    /// The peer said it has no session for our current keys (it
-    /// restarted): start a new handshake to the same endpoint.
-    pub fn handle_session_unknown(&mut self, now: Instant) {
+    /// Whether `token` proves a "session unknown" for the peer's side of
+    /// our current keys, index `receiver` (the peer restarted).
+    pub fn proves_unknown(&self, receiver: u32, token: &wire::ResetToken) -> bool {
+        matches!(&self.state, State::Established(e)
+            if e.current.remote_index == receiver
+                // (Every byte compared, whatever differs first.)
+                && e.current_token.iter().zip(token).fold(0, |d, (a, b)| d | (a ^ b)) == 0)
+    }
+
+    /// The peer said, with the token it gave for these keys
+    /// ([`Self::proves_unknown`]), that it has no session for them: it
+    /// restarted. Start a new handshake at once, to where it said so from
+    /// (a restarted peer may have a new port) or through the relay if it
+    /// came that way.
+    pub fn handle_session_unknown(&mut self, now: Instant, from: SocketAddr) {
         let State::Established(e) = &self.state else {
             return;
         };
         if e.rekey.is_some() {
             return;
         }
-        let dst = e.dst;
+        let dst = from;
         tracing::info!("SESSION(PEER_LOST_STATE)");
         let deadline = now + self.config.connect_timeout;
         if let Some(hs) = self.start_handshake(now, dst, deadline) {

@@ -2258,3 +2258,50 @@ fn registrations_from_one_address_are_limited() {
     let stats = sim.server.as_ref().unwrap().stats().clone();
     assert_eq!(stats.registrations_limited, 2);
 }
+
+#[test]
+fn a_forged_session_unknown_ends_nothing() {
+    // A stranger who sees the traffic (the session's indices and both
+    // addresses) sends alice "session unknown" as if from bob: without
+    // the reset token bob gave in his handshake it changes nothing.
+    let mut sim = Sim::new(221, Link::clean());
+    sim.register_both();
+    sim.connect();
+    let (a, b) = (sim.addrs[0], sim.addrs[1]);
+    let now = sim.now;
+    sim.node(0).send_message(now, "bob", msg(0));
+    // Alice's data packet in flight names bob's index for the session.
+    let receiver = loop {
+        let seen =
+            sim.wire
+                .iter()
+                .find_map(|(_, from, to, p)| match proto::wire::Packet::decode(p) {
+                    Ok(proto::wire::Packet::Data { receiver, .. }) if *from == a && *to == b => {
+                        Some(receiver)
+                    }
+                    _ => None,
+                });
+        if let Some(r) = seen {
+            break r;
+        }
+        sim.step();
+    };
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.delivered(1, "alice").len() == 1
+    });
+    sim.take_events(0);
+    for token in [[0u8; 16], [0x5a; 16]] {
+        let forged = proto::wire::Packet::SessionUnknown { receiver, token }.encode();
+        sim.send(b, a, forged);
+    }
+    sim.run_for(Duration::from_secs(3));
+    let events = sim.take_events(0);
+    assert!(
+        !events.iter().any(|e| matches!(
+            e,
+            NodeEvent::PeerDown { .. } | NodeEvent::PeerUp { .. } | NodeEvent::PathChanged { .. }
+        )),
+        "{events:?}"
+    );
+    send_and_time(&mut sim, 1, Duration::from_secs(1));
+}

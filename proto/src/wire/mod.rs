@@ -61,7 +61,7 @@ impl Pattern {
 /// refusal, and reset tokens (`SessionUnknown` and the new
 /// `ChannelUnknown` carry one; `LoginOk` and the punch instruction give
 /// them).
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;
 
