@@ -1018,13 +1018,11 @@ fn clock(ms: u64) -> String {
 }
 
 /// Text from a peer or the server, made safe for a terminal: control
-/// characters (newlines, escape sequences, bells) are shown escaped, so a
-/// peer cannot forge lines or drive the terminal.
-/// Text from the network made safe for a terminal: control characters
-/// (escape sequences) and the invisible characters that reorder or hide
-/// text (bidirectional overrides and isolates, marks, zero-width
-/// characters: U+202E can make `exe.txt` show as `txt.exe`) are shown
-/// escaped, `\u{202e}`.
+/// characters (newlines, escape sequences, bells) and the invisible ones
+/// that reorder or hide text (bidirectional overrides and isolates,
+/// marks, zero-width characters: U+202E can make `exe.txt` show as
+/// `txt.exe`) are shown escaped, `\u{202e}`, so a peer cannot forge
+/// lines, drive the terminal or disguise a name.
 fn clean(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {

@@ -1326,7 +1326,7 @@ impl<F: FileIo> Node<F> {
                     .filter_map(|e| e.session.as_mut())
                     .find(|s| s.proves_unknown(receiver, &token));
                 match s {
-                    Some(s) => s.handle_session_unknown(now, from),
+                    Some(s) => s.handle_session_unknown(now, from, channel.is_some()),
                     None => tracing::debug!(%from, "PEER(SESSION_UNKNOWN_UNPROVEN)"),
                 }
             }

@@ -231,11 +231,10 @@ struct Hs {
 
 struct Est {
     current: Transport,
-    /// The peer's reset tokens for its side of `current` and `previous`
-    /// (its handshake payload).
+    /// The peer's reset token for its side of `current` (its handshake
+    /// payload).
     current_token: wire::ResetToken,
     previous: Option<Transport>,
-    previous_token: wire::ResetToken,
     dst: SocketAddr,
     /// The peer has shown it holds `current` (we initiated it, or data
     /// arrived under it). Until then we keep sending under `previous`.
@@ -1245,7 +1244,7 @@ impl PeerSession {
             State::Established(e) => {
                 let old = std::mem::replace(&mut e.current, transport);
                 e.previous = Some(old);
-                e.previous_token = std::mem::replace(&mut e.current_token, token);
+                e.current_token = token;
                 e.previous_confirmed = e.confirmed;
                 if !keep_direct && e.dst != from {
                     e.dst = from;
@@ -1262,7 +1261,6 @@ impl PeerSession {
                     current: transport,
                     current_token: token,
                     previous: None,
-                    previous_token: [0; 16],
                     dst: from,
                     confirmed,
                     previous_confirmed: false,
@@ -1321,14 +1319,19 @@ impl PeerSession {
     /// restarted. Start a new handshake at once, to where it said so from
     /// (a restarted peer may have a new port) or through the relay if it
     /// came that way.
-    pub fn handle_session_unknown(&mut self, now: Instant, from: SocketAddr) {
+    pub fn handle_session_unknown(&mut self, now: Instant, from: SocketAddr, relayed: bool) {
         let State::Established(e) = &self.state else {
             return;
         };
         if e.rekey.is_some() {
             return;
         }
-        let dst = from;
+        // Through a relay this session has no channel on: where it was.
+        let dst = if relayed && self.relay.is_none() {
+            e.dst
+        } else {
+            from
+        };
         tracing::info!("SESSION(PEER_LOST_STATE)");
         let deadline = now + self.config.connect_timeout;
         if let Some(hs) = self.start_handshake(now, dst, deadline) {

@@ -133,7 +133,7 @@ pub struct ServerConfig {
 /// applies.
 pub const REGISTER_BURST: f64 = 5.0;
 /// Addresses whose registration allowance is tracked at most; when full
-/// the oldest is forgotten (it had a full allowance by then, or nearly).
+/// one is forgotten to make room.
 const MAX_REGISTER_BUCKETS: usize = 100_000;
 
 /// The relay role: limits an operator sets.
@@ -1002,14 +1002,8 @@ impl Server {
         if !self.register_buckets.contains_key(&key)
             && self.register_buckets.len() >= MAX_REGISTER_BUCKETS
         {
-            let oldest = self
-                .register_buckets
-                .iter()
-                .min_by_key(|(_, (_, at))| *at)
-                .map(|(k, _)| *k);
-            if let Some(k) = oldest {
-                self.register_buckets.remove(&k);
-            }
+            // Full: one goes (the first by address; no scan of them all).
+            self.register_buckets.pop_first();
         }
         let (tokens, at) = self
             .register_buckets

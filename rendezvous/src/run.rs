@@ -363,6 +363,7 @@ fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
         handshakes = s.handshakes,
         logins = s.logins,
         registrations = s.registrations,
+        registrations_limited = s.registrations_limited,
         introductions = s.introductions,
         amplification_refused = s.amplification_refused,
         store_errors = s.store_errors,

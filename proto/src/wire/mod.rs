@@ -61,6 +61,10 @@ impl Pattern {
 /// refusal, and reset tokens (`SessionUnknown` and the new
 /// `ChannelUnknown` carry one; `LoginOk` and the punch instruction give
 /// them).
+/// Version 5: a peer's handshake payload carries its reset token, and a
+/// peer's `SessionUnknown` that token (inside the Noise messages: no
+/// frame changed, so the layout test could not see it); `FailReason` 13,
+/// `RateLimited`.
 pub const VERSION: u8 = 5;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;
