@@ -783,3 +783,102 @@ fn both_routers_rebinding_at_once_lose_nothing() {
         assert_eq!(incoming(&lab, who, from), want, "each once, in order");
     }
 }
+
+/// A test file's bytes (a simple generator: not compressible, repeatable).
+fn file_bytes(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The transfers `who` has, as `p2pctl --json transfers` shows them.
+fn transfers(lab: &Lab, who: &str) -> Vec<Value> {
+    lab.ctl(who, &["--json", "transfers"])
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_file_in_flight_goes_on_when_both_routers_rebind() {
+    let Some((mut net, mut lab)) = lab("filerebind") else {
+        return;
+    };
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    // 40 Mbit/s out of alice's router: 16 MiB take about 3.5 s, so the
+    // rebinding lands mid-transfer.
+    e2e::natlab::exec(
+        &ra.ns,
+        &[
+            "tc", "qdisc", "add", "dev", "wan", "root", "tbf", "rate", "40mbit", "burst", "64kb",
+            "latency", "50ms",
+        ],
+    );
+    alice_and_bob(&mut net, &mut lab, &ra, &rb);
+    connect(&mut lab, "alice", "bob");
+    let data = file_bytes(16 * 1024 * 1024);
+    let out = lab.dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let src = out.join("film.bin");
+    std::fs::write(&src, &data).unwrap();
+    lab.ctl(
+        "alice",
+        &["send-file", "bob", src.to_str().unwrap(), "--no-wait"],
+    )
+    .ok();
+    let id = lab.wait_for("the offer", WAIT, |lab| {
+        transfers(lab, "bob")
+            .into_iter()
+            .find(|t| t["state"] == "offered")
+            .map(|t| t["id"].as_str().unwrap_or("").to_owned())
+    });
+    let inbox = lab.dir.join("inbox");
+    lab.ctl(
+        "bob",
+        &[
+            "accept-file",
+            &id,
+            "--to",
+            inbox.to_str().unwrap(),
+            "--no-wait",
+        ],
+    )
+    .ok();
+    let size = data.len() as u64;
+    let done = |lab: &Lab| {
+        transfers(lab, "bob")
+            .into_iter()
+            .find(|t| t["id"] == id.as_str())
+            .map(|t| (t["done"].as_u64().unwrap_or(0), t["state"].clone()))
+    };
+    let before = lab.wait_for("a quarter of the file", WAIT, |lab| {
+        done(lab).map(|d| d.0).filter(|d| *d >= size / 4)
+    });
+    assert!(before < size, "the file went before the rebinding");
+    net.rebind(&ra);
+    net.rebind(&rb);
+    // It goes on where it was (never back to the start) and arrives whole.
+    let mut last = before;
+    lab.wait_for("the file", Duration::from_secs(90), |lab| {
+        let (d, state) = done(lab)?;
+        assert!(d >= last, "went back from {last} to {d}");
+        last = d;
+        (state == "done").then_some(())
+    });
+    assert_eq!(std::fs::read(inbox.join("film.bin")).unwrap(), data);
+    assert_eq!(
+        transfers(&lab, "bob").len(),
+        1,
+        "one transfer, not a new one"
+    );
+    chat(&mut lab, "alice", "bob", "after the file");
+}
