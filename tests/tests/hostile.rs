@@ -267,7 +267,8 @@ fn euid() -> u32 {
 #[test]
 fn users_lists_every_page() {
     let mut lab = Lab::new("pages");
-    lab.start_rendezvous();
+    // Fourteen registrations from one address: no limit for this test.
+    lab.start_rendezvous_in(None, &["--registrations-per-hour", "0"]);
     let names: Vec<String> = (0..14).map(|i| format!("user{i:02}")).collect();
     for n in &names {
         lab.start_daemon(n);
@@ -281,4 +282,25 @@ fn users_lists_every_page() {
         .map(|u| u["name"].as_str().unwrap())
         .collect();
     assert_eq!(listed, names.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// A sixth registration from one address in a row is refused, saying
+/// why and what to do; the five before it went through.
+#[test]
+fn registrations_from_one_address_are_limited() {
+    let mut lab = Lab::new("reglimit");
+    lab.start_rendezvous();
+    for i in 0..6 {
+        let n = format!("user{i}");
+        lab.start_daemon(&n);
+        let out = lab.ctl(&n, &["register", &n]);
+        if i < 5 {
+            out.ok();
+        } else {
+            let err = out.fails_with(6);
+            assert!(err.contains("too many registrations"), "{err}");
+            assert!(err.contains("try again later"), "{err}");
+        }
+    }
+    assert!(lab.logs().contains("REGISTER(RATE_LIMITED)"));
 }
