@@ -585,6 +585,10 @@ fn with_the_rendezvous_gone_for_good_a_restarted_peer_reaches_its_contact() {
     let (_, hb) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
     chat(&mut lab, "alice", "bob", "before");
+    // Idle past the active window (10 s): alice sends nothing but her
+    // 25 s keepalive, so nothing of hers reaches bob's new daemon (whose
+    // proven "session unknown" would bring her back at once).
+    std::thread::sleep(Duration::from_secs(11));
     // The server dies and does not come back; then bob's daemon is killed
     // and started again (on the port it had: it keeps it).
     lab.kill("rendezvous");
