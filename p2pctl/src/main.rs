@@ -27,8 +27,8 @@ use tokio::net::UnixStream;
 /// Exit status: 0 success, 1 other failure (a transfer that failed), 2 bad
 /// arguments, 3 daemon not running, 4 unknown user, 5 not connected /
 /// offline / nothing pending / no such transfer, 6 refused (declined, key
-/// mismatch, name taken), 7 timed out, 8 a file could not be read or
-/// written.
+/// mismatch, name taken, too many registrations), 7 timed out, 8 a file
+/// could not be read or written.
 #[derive(Parser, Debug)]
 #[command(version, propagate_version = true)]
 struct Args {
