@@ -141,8 +141,12 @@ pub fn raise_open_file_limit() -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return 1024;
     }
-    let want = lim.rlim_max.min(65_536);
-    if lim.rlim_cur < want {
+    // (macOS refuses more than OPEN_MAX, 10,240, whatever the hard limit
+    // says: that is tried next.)
+    for want in [lim.rlim_max.min(65_536), lim.rlim_max.min(10_240)] {
+        if lim.rlim_cur >= want {
+            break;
+        }
         let raised = libc::rlimit {
             rlim_cur: want,
             rlim_max: lim.rlim_max,

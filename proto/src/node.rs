@@ -406,6 +406,9 @@ pub struct Node<F> {
     network_changed_at: Option<Instant>,
     /// Since when we are not logged in to the server (None: logged in).
     server_away: Option<Instant>,
+    /// The link is logging in again because the way to the server changed
+    /// (not because the server lost us).
+    way_moved: bool,
     /// Peers met with another version (address, version), bounded.
     peer_versions: BTreeMap<(SocketAddr, u8), ()>,
     /// Datagrams dropped because they did not parse.
@@ -443,6 +446,7 @@ impl<F: FileIo> Node<F> {
             link_poked: None,
             network_changed_at: None,
             server_away: Some(now),
+            way_moved: false,
             peer_versions: BTreeMap::new(),
             malformed: 0,
             rng: rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1)),
@@ -1108,6 +1112,7 @@ impl<F: FileIo> Node<F> {
             relay: None,
             prediction: Prediction::None,
             relay_first: false,
+            only_candidates: true,
         };
         e.session = Some(PeerSession::punch(now, local, remote, config, plan, seed));
         e.serverless = true;
@@ -1167,8 +1172,14 @@ impl<F: FileIo> Node<F> {
         for name in quiet {
             let e = self.peers.get_mut(&name).expect("listed");
             e.poked = e.session.as_ref().and_then(|s| s.probed_at());
-            tracing::debug!("LIVENESS(TELL_SERVER)");
-            self.link.check_now(now);
+            let recent = self
+                .link_poked
+                .is_some_and(|t| now.saturating_duration_since(t) < LINK_POKE_EVERY);
+            if !recent {
+                tracing::debug!("LIVENESS(TELL_SERVER)");
+                self.link_poked = Some(now);
+                self.link.check_now(now);
+            }
         }
         // A peer's path in doubt: check the server path too (the server
         // follows a new mapping; if it is silent as well, TCP is tried).
@@ -1339,7 +1350,8 @@ impl<F: FileIo> Node<F> {
     /// A punch probe under the serverless id of a peer we pinned, with no
     /// session of ours searching under it (we restarted, or our session
     /// is up and the peer's is not): answered once, the same size, and
-    /// nothing kept, so the probe buys a stranger no more than it sent.
+    /// nothing kept, so the probe buys a stranger no more than it sent
+    /// (and at most ten a second, with the other unprompted answers).
     /// The peer, initiating, then sends its handshake, which we take only
     /// for the key pinned.
     fn answer_direct_punch(&mut self, from: SocketAddr, intro_id: u64) {
@@ -1349,7 +1361,11 @@ impl<F: FileIo> Node<F> {
                 .as_ref()
                 .is_some_and(|p| direct_id(&ours, &p.sign_key) == intro_id)
         });
-        if known {
+        let limited = self
+            .last_unknown_reply
+            .is_some_and(|t| self.now.saturating_duration_since(t) < SESSION_UNKNOWN_INTERVAL);
+        if known && !limited {
+            self.last_unknown_reply = Some(self.now);
             tracing::debug!(%from, "PUNCH(DIRECT_ANSWERED)");
             let reply = Packet::Punch {
                 intro_id,
@@ -1603,6 +1619,7 @@ impl<F: FileIo> Node<F> {
             }
         }
         if self.transport.take_relogin() {
+            self.way_moved = true;
             self.link.way_changed(now);
         }
         match (self.link.state(), self.server_away) {
@@ -1796,9 +1813,14 @@ impl<F: FileIo> Node<F> {
             LinkEvent::ServerKeyMismatch { pinned, offered } => self
                 .events
                 .push_back(NodeEvent::ServerKeyMismatch { pinned, offered }),
-            LinkEvent::Disconnected { reason } => self.events.push_back(NodeEvent::ServerDown {
-                reason: reason.to_owned(),
-            }),
+            LinkEvent::Disconnected { reason } => {
+                // The server lost us (or we it): the next login is a new
+                // server session, whatever way it takes.
+                self.way_moved = false;
+                self.events.push_back(NodeEvent::ServerDown {
+                    reason: reason.to_owned(),
+                })
+            }
             LinkEvent::LoggedIn {
                 name,
                 observed,
@@ -1820,7 +1842,11 @@ impl<F: FileIo> Node<F> {
                 // A new server session: relay channels died with the old
                 // one (the server restarted). Relayed sessions end here and
                 // are introduced again at once, instead of going quiet
-                // until their dead timer.
+                // until their dead timer. Not after a mere change of way
+                // (UDP to TCP or back): the server keeps a user's channels
+                // across its logins (and a proven "channel unknown" would
+                // say otherwise).
+                let moved = std::mem::take(&mut self.way_moved);
                 let server = self.link.server_addr();
                 let mut ended = Vec::new();
                 for (peer, e) in self.peers.iter_mut() {
@@ -1839,7 +1865,7 @@ impl<F: FileIo> Node<F> {
                         .session
                         .as_ref()
                         .is_some_and(|s| s.endpoint() == Some(server));
-                    if relayed {
+                    if relayed && !moved {
                         e.session = None;
                         e.auto_connect = true;
                         e.resume = true;
@@ -2006,6 +2032,7 @@ impl<F: FileIo> Node<F> {
                         _ => Prediction::None,
                     },
                     relay_first: self.peers.get(&p.name).is_some_and(|e| e.was_relayed),
+                    only_candidates: false,
                 };
                 let local = self.identity.clone();
                 let config = self.config.peer.clone();

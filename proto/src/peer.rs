@@ -231,10 +231,11 @@ struct Hs {
 
 struct Est {
     current: Transport,
-    /// The peer's reset token for its side of `current` (its handshake
-    /// payload).
+    /// The peer's reset tokens for its side of `current` and `previous`
+    /// (its handshake payloads).
     current_token: wire::ResetToken,
     previous: Option<Transport>,
+    previous_token: wire::ResetToken,
     dst: SocketAddr,
     /// The peer has shown it holds `current` (we initiated it, or data
     /// arrived under it). Until then we keep sending under `previous`.
@@ -307,6 +308,10 @@ pub struct PunchPlan {
     /// of after `relay_after`, punching beside it; a direct path found
     /// later is still taken (upgrades).
     pub relay_first: bool,
+    /// Take punch probes and answers only from `candidates` (a session
+    /// started without the server: its id is computable by anyone, so a
+    /// probe from elsewhere must not steer our handshake there).
+    pub only_candidates: bool,
 }
 
 /// Port prediction (the birthday technique), for a NAT pair where one
@@ -377,6 +382,8 @@ pub struct PeerSession {
     probed: Vec<SocketAddr>,
     /// Where the punch answer that started our handshake came from.
     punched: Option<SocketAddr>,
+    /// Punches count only from `candidates` ([`PunchPlan::only_candidates`]).
+    only_candidates: bool,
     prediction: Prediction,
     spray: Option<Spray>,
     /// When a relayed session looks for a direct path again.
@@ -412,6 +419,7 @@ impl PeerSession {
             discovery: None,
             probed: Vec::new(),
             punched: None,
+            only_candidates: false,
             prediction: Prediction::None,
             spray: None,
             upgrade_at: None,
@@ -440,6 +448,7 @@ impl PeerSession {
             relay,
             prediction,
             relay_first,
+            only_candidates,
         } = plan;
         candidates.dedup();
         // Never probe the relay itself as if it were the peer.
@@ -463,6 +472,7 @@ impl PeerSession {
             },
             seed,
         );
+        s.only_candidates = only_candidates;
         s.intro_id = Some(intro_id);
         s.candidates = candidates;
         s.relay = relay;
@@ -1060,6 +1070,10 @@ impl PeerSession {
         if Some(from) == self.relay || matches!(self.state, State::Closed) {
             return;
         }
+        if self.only_candidates && !self.candidates.contains(&from) {
+            tracing::debug!(%from, "PUNCH(NOT_A_CANDIDATE)");
+            return;
+        }
         // Outside a search, probes go unanswered: the introduction id is in
         // clear on the wire and must not buy anyone a stream of replies.
         let searching = matches!(self.state, State::Punching { .. }) || self.discovery.is_some();
@@ -1244,7 +1258,7 @@ impl PeerSession {
             State::Established(e) => {
                 let old = std::mem::replace(&mut e.current, transport);
                 e.previous = Some(old);
-                e.current_token = token;
+                e.previous_token = std::mem::replace(&mut e.current_token, token);
                 e.previous_confirmed = e.confirmed;
                 if !keep_direct && e.dst != from {
                     e.dst = from;
@@ -1261,6 +1275,7 @@ impl PeerSession {
                     current: transport,
                     current_token: token,
                     previous: None,
+                    previous_token: [0; 16],
                     dst: from,
                     confirmed,
                     previous_confirmed: false,
@@ -1307,11 +1322,21 @@ impl PeerSession {
 
     /// Whether `token` proves a "session unknown" for the peer's side of
     /// our current keys, index `receiver` (the peer restarted).
+    ///
+    /// The previous keys count too: between answering the peer's rekey and
+    /// its confirmation we still send under them.
     pub fn proves_unknown(&self, receiver: u32, token: &wire::ResetToken) -> bool {
-        matches!(&self.state, State::Established(e)
-            if e.current.remote_index == receiver
-                // (Every byte compared, whatever differs first.)
-                && e.current_token.iter().zip(token).fold(0, |d, (a, b)| d | (a ^ b)) == 0)
+        // (Every byte compared, whatever differs first.)
+        let same = |t: &wire::ResetToken| t.iter().zip(token).fold(0, |d, (a, b)| d | (a ^ b)) == 0;
+        match &self.state {
+            State::Established(e) => {
+                (e.current.remote_index == receiver && same(&e.current_token))
+                    || e.previous
+                        .as_ref()
+                        .is_some_and(|p| p.remote_index == receiver && same(&e.previous_token))
+            }
+            _ => false,
+        }
     }
 
     /// The peer said, with the token it gave for these keys
@@ -1394,6 +1419,7 @@ impl PeerSession {
             tracing::debug!("SESSION(KEEP_CONFIRMED_KEYS)");
             if let Some(p) = e.previous.take() {
                 e.current = p;
+                e.current_token = e.previous_token;
                 e.confirmed = true;
             }
         }
@@ -1462,6 +1488,52 @@ impl PeerSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Handshake initiations `s` sent, by destination.
+    fn inits_to(s: &mut PeerSession) -> Vec<SocketAddr> {
+        std::iter::from_fn(|| s.poll_transmit())
+            .filter(|t| matches!(Packet::decode(&t.payload), Ok(Packet::HandshakeInit { .. })))
+            .map(|t| t.dst)
+            .collect()
+    }
+
+    #[test]
+    fn a_serverless_attempt_takes_punches_only_from_its_candidates() {
+        let now = Instant::now();
+        let (local, remote) = (Identity::generate(), Identity::generate().public());
+        let peer: SocketAddr = "192.0.2.10:4000".parse().unwrap();
+        let stranger: SocketAddr = "198.18.0.66:4444".parse().unwrap();
+        let plan = |only_candidates| PunchPlan {
+            intro_id: 7,
+            candidates: vec![peer],
+            initiator: true,
+            relay: None,
+            prediction: Prediction::None,
+            relay_first: false,
+            only_candidates,
+        };
+        let config = PeerConfig::default();
+        let mut s = PeerSession::punch(
+            now,
+            local.clone(),
+            remote.clone(),
+            config.clone(),
+            plan(true),
+            1,
+        );
+        // A stranger's answer under the (computable) id steers nothing.
+        s.handle_punch(now, stranger, true);
+        assert!(inits_to(&mut s).is_empty());
+        assert_eq!(s.phase(), SessionPhase::Punching);
+        // The peer's does.
+        s.handle_punch(now, peer, true);
+        assert_eq!(inits_to(&mut s), [peer]);
+        // An introduced session still takes a probe from anywhere (a NAT
+        // may map the peer to another port than the server saw).
+        let mut s = PeerSession::punch(now, local, remote, config, plan(false), 2);
+        s.handle_punch(now, stranger, true);
+        assert_eq!(inits_to(&mut s), [stranger]);
+    }
 
     #[test]
     fn dead_after_follows_a_long_keepalive() {

@@ -70,6 +70,10 @@ pub const UDP_RETRY: Duration = Duration::from_secs(30);
 /// captive portal passed, is noticed in seconds; the interval doubles up
 /// to [`UDP_RETRY`] (a 40-byte probe, six of them in the first minute).
 pub const UDP_RETRY_MIN: Duration = Duration::from_secs(2);
+/// UDP that served this long since the last move back from TCP counts as
+/// settled: a later move to TCP probes from [`UDP_RETRY_MIN`] again
+/// (sooner, the interval goes on doubling from where it was).
+pub const UDP_SETTLED: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tcp {
@@ -94,6 +98,8 @@ pub struct ServerTransport {
     /// interval after that.
     udp_retry_at: Option<Instant>,
     udp_retry: Duration,
+    /// When the link last moved back from TCP to UDP.
+    udp_back: Option<Instant>,
     /// The nonce of our last UDP probe while on TCP.
     udp_probe: Option<u64>,
     commands: VecDeque<TransportCommand>,
@@ -113,6 +119,7 @@ impl ServerTransport {
             tcp_backoff: TCP_BACKOFF_MIN,
             udp_retry_at: None,
             udp_retry: UDP_RETRY_MIN,
+            udp_back: None,
             udp_probe: None,
             commands: VecDeque::new(),
             transmits: VecDeque::new(),
@@ -140,6 +147,7 @@ impl ServerTransport {
             matches!(packet, Packet::ProbeReply { nonce, .. } if Some(*nonce) == self.udp_probe);
         if self.tcp == Tcp::Up && ours {
             tracing::info!("SERVER(UDP_BACK_LEAVE_TCP)");
+            self.udp_back = Some(now);
             self.udp_probe = None;
             self.udp_retry_at = None;
             self.tcp = Tcp::Closed;
@@ -154,7 +162,15 @@ impl ServerTransport {
         }
         tracing::info!(server = %self.server, "SERVER(TCP_UP)");
         self.tcp = Tcp::Up;
-        self.udp_retry = UDP_RETRY_MIN;
+        // The probes start over at UDP_RETRY_MIN only after UDP served us
+        // a while: a network whose UDP comes and goes does not make us
+        // switch every few seconds.
+        if self
+            .udp_back
+            .is_none_or(|t| now.saturating_duration_since(t) >= UDP_SETTLED)
+        {
+            self.udp_retry = UDP_RETRY_MIN;
+        }
         self.udp_retry_at = Some(now + self.udp_retry);
         self.tcp_backoff = TCP_BACKOFF_MIN;
         // Handshake again at once, now over TCP.
@@ -464,6 +480,45 @@ mod tests {
         let t3 = t2 + TCP_FALLBACK_AFTER;
         assert_eq!(t.poll_timeout(), Some(t3 + Duration::from_secs(4)));
         assert!(!t.take_relogin(), "never up: nothing to log in again for");
+    }
+
+    #[test]
+    fn udp_that_keeps_coming_and_going_is_probed_less_and_less() {
+        let t0 = Instant::now();
+        let mut t = ServerTransport::new(server(), t0);
+        let observed = "198.51.100.1:1".parse().unwrap();
+        let mut now = t0;
+        let mut first_probe = Vec::new();
+        for cycle in 0..4u64 {
+            // To TCP, then the first UDP probe is answered: back to UDP.
+            t.udp_suspect(now);
+            assert!(matches!(
+                t.poll_command(),
+                Some(TransportCommand::ConnectTcp { .. })
+            ));
+            t.on_tcp_up(now);
+            let due = t.poll_timeout().expect("a UDP probe is due");
+            first_probe.push((due - now).as_secs());
+            t.handle_timeout(due, cycle);
+            t.poll_transmit().expect("the probe");
+            t.on_udp_datagram(
+                due,
+                &Packet::ProbeReply {
+                    nonce: cycle,
+                    observed,
+                },
+            );
+            assert_eq!(t.via(), Via::Udp);
+            let _ = t.poll_command();
+            now = due + Duration::from_secs(10);
+        }
+        // The interval goes on doubling from where it was.
+        assert_eq!(first_probe, [2, 4, 8, 16]);
+        // After UDP served five minutes, a move starts over at 2 s.
+        now += UDP_SETTLED;
+        t.udp_suspect(now);
+        t.on_tcp_up(now);
+        assert_eq!(t.poll_timeout(), Some(now + UDP_RETRY_MIN));
     }
 
     #[test]
