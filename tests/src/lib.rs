@@ -250,6 +250,26 @@ impl Lab {
         lab
     }
 
+    /// Waits until daemons `a` and `b` (each registered under its own
+    /// name) are logged in, then `a` connects to `b` and `b` accepts.
+    pub fn log_in_and_connect(&mut self, a: &str, b: &str, limit: Duration) {
+        self.wait_for("logins", limit, |lab| {
+            let up = |n| lab.ctl(n, &["--json", "whoami"]).json()["server_state"] == "logged_in";
+            (up(a) && up(b)).then_some(())
+        });
+        let socket = self.socket(a);
+        let peer = b.to_owned();
+        let connect = std::thread::spawn(move || p2pctl(&socket, &["connect", &peer], None));
+        self.wait_for("the request", limit, |lab| {
+            lab.ctl(b, &["--json", "peers"]).json()["requests"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+                .then_some(())
+        });
+        self.ctl(b, &["accept", a]).ok();
+        connect.join().expect("connect").ok();
+    }
+
     pub fn socket(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.sock"))
     }
@@ -480,4 +500,27 @@ impl Drop for Lab {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Test file contents: `len` bytes from a xorshift generator seeded with
+/// `seed` (not compressible, the same every run).
+pub fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The transfers daemon `who` has, as `p2pctl --json transfers` shows them.
+pub fn transfers(lab: &Lab, who: &str) -> Vec<serde_json::Value> {
+    lab.ctl(who, &["--json", "transfers"])
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }

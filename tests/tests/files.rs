@@ -1,7 +1,7 @@
 //! File transfer end to end: real daemons on loopback, driven through
 //! `p2pctl send-file`, `accept-file`, `transfers` and `cancel`.
 
-use e2e::Lab;
+use e2e::{content, transfers, Lab};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,31 +9,11 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Deterministic pseudo-random bytes (xorshift), so a failure reproduces.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, data).unwrap();
     p
-}
-
-fn transfers(lab: &Lab, who: &str) -> Vec<Value> {
-    lab.ctl(who, &["--json", "transfers"])
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
 }
 
 /// Waits for an offer at bob and returns its id.

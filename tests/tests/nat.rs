@@ -6,7 +6,7 @@
 //! the tests print SKIPPED and pass, unless `P2P_REQUIRE_NATLAB=1`.
 
 use e2e::natlab::{Capture, Host, Nat, Net, Router, SERVER_V4};
-use e2e::Lab;
+use e2e::{content, transfers, Lab};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,24 @@ fn alice_and_bob(net: &mut Net, lab: &mut Lab, ra: &Router, rb: &Router) -> (Hos
     daemon(lab, "alice", &ha);
     daemon(lab, "bob", &hb);
     (ha, hb)
+}
+
+/// Two home routers that forward IPv4 only, a host behind each, alice's
+/// and bob's daemons on them, registered and logged in.
+fn home_pair(tag: &str) -> Option<(Net, Lab, Router, Router, Host, Host)> {
+    let (mut net, mut lab) = lab(tag)?;
+    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
+    net.block_v6(&ra);
+    net.block_v6(&rb);
+    let (ha, hb) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
+    Some((net, lab, ra, rb, ha, hb))
+}
+
+/// What each side received from the other, in order, is exactly `want`.
+fn assert_received(lab: &Lab, want: [(&str, &str, Vec<&str>); 2]) {
+    for (who, from, want) in want {
+        assert_eq!(incoming(lab, who, from), want, "each once, in order");
+    }
 }
 
 /// Registers `name` and waits until it is logged in (and has probed its
@@ -344,13 +362,9 @@ fn an_idle_session_outlives_the_mapping_timeout_on_keepalives() {
 
 #[test]
 fn a_router_that_forgets_its_mappings_mid_conversation_loses_nothing() {
-    let Some((mut net, mut lab)) = lab("rebind") else {
+    let Some((net, mut lab, ra, _rb, _ha, _hb)) = home_pair("rebind") else {
         return;
     };
-    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
-    net.block_v6(&ra);
-    net.block_v6(&rb);
-    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
     chat(&mut lab, "alice", "bob", "before");
     // Alice's router forgets every mapping, as a rebooted or rebinding NAT
@@ -370,23 +384,20 @@ fn a_router_that_forgets_its_mappings_mid_conversation_loses_nothing() {
     let took = one_message(&mut lab, "alice", "bob", "and back", WAIT);
     println!("answer took {took:?}");
     // Nothing lost, nothing doubled, in order, both ways.
-    for (who, from, want) in [
-        ("alice", "bob", vec!["before from bob", "after the flush"]),
-        ("bob", "alice", vec!["before from alice", "and back"]),
-    ] {
-        assert_eq!(incoming(&lab, who, from), want);
-    }
+    assert_received(
+        &lab,
+        [
+            ("alice", "bob", vec!["before from bob", "after the flush"]),
+            ("bob", "alice", vec!["before from alice", "and back"]),
+        ],
+    );
 }
 
 #[test]
 fn a_host_whose_network_goes_away_and_comes_back_loses_nothing() {
-    let Some((mut net, mut lab)) = lab("netdown") else {
+    let Some((net, mut lab, _ra, rb, _ha, bob_host)) = home_pair("netdown") else {
         return;
     };
-    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
-    net.block_v6(&ra);
-    net.block_v6(&rb);
-    let (_, bob_host) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
     chat(&mut lab, "alice", "bob", "before");
     // Bob's network goes away (his Wi-Fi drops) while alice talks.
@@ -576,13 +587,9 @@ fn lossy_jittery_links_still_punch_through_and_lose_nothing() {
 
 #[test]
 fn with_the_rendezvous_gone_for_good_a_restarted_peer_reaches_its_contact() {
-    let Some((mut net, mut lab)) = lab("nosrv") else {
+    let Some((_net, mut lab, _ra, _rb, _ha, hb)) = home_pair("nosrv") else {
         return;
     };
-    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
-    net.block_v6(&ra);
-    net.block_v6(&rb);
-    let (_, hb) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
     chat(&mut lab, "alice", "bob", "before");
     // Idle past the active window (10 s): alice sends nothing but her
@@ -601,12 +608,13 @@ fn with_the_rendezvous_gone_for_good_a_restarted_peer_reaches_its_contact() {
     println!("bob to alice {took:?} after bob's restart, without a server");
     one_message(&mut lab, "alice", "bob", "no server", WAIT);
     println!("and back {:?} after bob's restart", back.elapsed());
-    for (who, from, want) in [
-        ("alice", "bob", vec!["before from bob", "none needed"]),
-        ("bob", "alice", vec!["before from alice", "no server"]),
-    ] {
-        assert_eq!(incoming(&lab, who, from), want, "each once, in order");
-    }
+    assert_received(
+        &lab,
+        [
+            ("alice", "bob", vec!["before from bob", "none needed"]),
+            ("bob", "alice", vec!["before from alice", "no server"]),
+        ],
+    );
     // `peers` says so, and what still works.
     let p = lab.ctl("bob", &["--json", "peers"]).json();
     assert!(p["server_away_s"].as_f64().is_some(), "{p}");
@@ -620,13 +628,9 @@ fn with_the_rendezvous_gone_for_good_a_restarted_peer_reaches_its_contact() {
 
 #[test]
 fn a_peer_killed_and_restarted_on_a_new_port_is_back_with_nothing_lost() {
-    let Some((mut net, mut lab)) = lab("kill") else {
+    let Some((_net, mut lab, _ra, _rb, _ha, hb)) = home_pair("kill") else {
         return;
     };
-    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
-    net.block_v6(&ra);
-    net.block_v6(&rb);
-    let (_, hb) = alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
     chat(&mut lab, "alice", "bob", "before");
     lab.kill("bob");
@@ -687,16 +691,17 @@ fn udp_blocked_mid_conversation_moves_to_the_tcp_relay_and_back() {
     });
     println!("off TCP {:?} after UDP came back", back.elapsed());
     one_message(&mut lab, "bob", "alice", "udp again", WAIT);
-    for (who, from, want) in [
-        (
-            "alice",
-            "bob",
-            vec!["before from bob", "over tcp", "udp again"],
-        ),
-        ("bob", "alice", vec!["before from alice", "tcp reply"]),
-    ] {
-        assert_eq!(incoming(&lab, who, from), want, "each once, in order");
-    }
+    assert_received(
+        &lab,
+        [
+            (
+                "alice",
+                "bob",
+                vec!["before from bob", "over tcp", "udp again"],
+            ),
+            ("bob", "alice", vec!["before from alice", "tcp reply"]),
+        ],
+    );
 }
 
 #[test]
@@ -720,27 +725,24 @@ fn a_relayed_session_is_back_soon_after_the_rendezvous_restarts() {
     let took = one_message(&mut lab, "alice", "bob", "after", WAIT);
     println!("first message {took:?} after the rendezvous restarted");
     one_message(&mut lab, "bob", "alice", "reply", WAIT);
-    for (who, from, want) in [
-        ("alice", "bob", vec!["before from bob", "reply"]),
-        (
-            "bob",
-            "alice",
-            vec!["before from alice", "while the server is down", "after"],
-        ),
-    ] {
-        assert_eq!(incoming(&lab, who, from), want, "each once, in order");
-    }
+    assert_received(
+        &lab,
+        [
+            ("alice", "bob", vec!["before from bob", "reply"]),
+            (
+                "bob",
+                "alice",
+                vec!["before from alice", "while the server is down", "after"],
+            ),
+        ],
+    );
 }
 
 #[test]
 fn a_daemon_stopped_and_continued_loses_nothing() {
-    let Some((mut net, mut lab)) = lab("sigstop") else {
+    let Some((_net, mut lab, _ra, _rb, _ha, _hb)) = home_pair("sigstop") else {
         return;
     };
-    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
-    net.block_v6(&ra);
-    net.block_v6(&rb);
-    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
     chat(&mut lab, "alice", "bob", "before");
     // bob's laptop lid closes (the process is stopped, its sockets stay);
@@ -765,13 +767,9 @@ fn a_daemon_stopped_and_continued_loses_nothing() {
 
 #[test]
 fn both_routers_rebinding_at_once_lose_nothing() {
-    let Some((mut net, mut lab)) = lab("rebind2") else {
+    let Some((net, mut lab, ra, rb, _ha, _hb)) = home_pair("rebind2") else {
         return;
     };
-    let (ra, rb) = (net.router(Nat::Home), net.router(Nat::Home));
-    net.block_v6(&ra);
-    net.block_v6(&rb);
-    alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
     chat(&mut lab, "alice", "bob", "before");
     // Both rebind: new public ports on both sides at once.
@@ -780,34 +778,13 @@ fn both_routers_rebinding_at_once_lose_nothing() {
     let took = one_message(&mut lab, "alice", "bob", "after both", WAIT);
     println!("first message {took:?} after both routers rebound");
     one_message(&mut lab, "bob", "alice", "and back", WAIT);
-    for (who, from, want) in [
-        ("alice", "bob", vec!["before from bob", "and back"]),
-        ("bob", "alice", vec!["before from alice", "after both"]),
-    ] {
-        assert_eq!(incoming(&lab, who, from), want, "each once, in order");
-    }
-}
-
-/// A test file's bytes (a simple generator: not compressible, repeatable).
-fn file_bytes(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// The transfers `who` has, as `p2pctl --json transfers` shows them.
-fn transfers(lab: &Lab, who: &str) -> Vec<Value> {
-    lab.ctl(who, &["--json", "transfers"])
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    assert_received(
+        &lab,
+        [
+            ("alice", "bob", vec!["before from bob", "and back"]),
+            ("bob", "alice", vec!["before from alice", "after both"]),
+        ],
+    );
 }
 
 #[test]
@@ -829,7 +806,7 @@ fn a_file_in_flight_goes_on_when_both_routers_rebind() {
     );
     alice_and_bob(&mut net, &mut lab, &ra, &rb);
     connect(&mut lab, "alice", "bob");
-    let data = file_bytes(16 * 1024 * 1024);
+    let data = content(0x9e37_79b9_7f4a_7c15, 16 * 1024 * 1024);
     let out = lab.dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let src = out.join("film.bin");

@@ -78,20 +78,7 @@ impl Pair {
             lab.start_daemon_in(Some(&host.ns), name, &["--heartbeat", "25"]);
             lab.ctl(name, &["register", name]).ok();
         }
-        lab.wait_for("logins", WAIT, |lab| {
-            let up = |n| lab.ctl(n, &["--json", "whoami"]).json()["server_state"] == "logged_in";
-            (up("alice") && up("bob")).then_some(())
-        });
-        let socket = lab.socket("alice");
-        let connect = std::thread::spawn(move || e2e::p2pctl(&socket, &["connect", "bob"], None));
-        lab.wait_for("the request", WAIT, |lab| {
-            lab.ctl("bob", &["--json", "peers"]).json()["requests"]
-                .as_array()
-                .is_some_and(|r| !r.is_empty())
-                .then_some(())
-        });
-        lab.ctl("bob", &["accept", "alice"]).ok();
-        connect.join().expect("connect").ok();
+        lab.log_in_and_connect("alice", "bob", WAIT);
         Pair {
             net,
             lab,

@@ -78,20 +78,7 @@ fn main() {
         lab.start_daemon_in(Some(&host.ns), name, &[]);
         lab.ctl(name, &["register", name]).ok();
     }
-    lab.wait_for("logins", Duration::from_secs(30), |lab| {
-        let up = |n| lab.ctl(n, &["--json", "whoami"]).json()["server_state"] == "logged_in";
-        (up("alice") && up("bob")).then_some(())
-    });
-    let socket = lab.socket("alice");
-    let connect = std::thread::spawn(move || e2e::p2pctl(&socket, &["connect", "bob"], None));
-    lab.wait_for("the request", Duration::from_secs(30), |lab| {
-        lab.ctl("bob", &["--json", "peers"]).json()["requests"]
-            .as_array()
-            .is_some_and(|r| !r.is_empty())
-            .then_some(())
-    });
-    lab.ctl("bob", &["accept", "alice"]).ok();
-    connect.join().expect("connect").ok();
+    lab.log_in_and_connect("alice", "bob", Duration::from_secs(30));
     let peer = lab.ctl("alice", &["--json", "peers"]).json()["peers"][0].clone();
     let rtt = lab.ctl("alice", &["--json", "ping", "bob"]).json()["rtt_ms"].clone();
 
