@@ -13,7 +13,7 @@
 use crate::identity::{identity_payload, Identity, PublicIdentity};
 use crate::noise::{Handshake, Pattern, Transport, REKEY_AFTER_TIME};
 use crate::wire::{
-    ClientToServer, FailReason, Packet, PunchInstruction, ResetToken, ServerToClient,
+    ClientToServer, Cookie, FailReason, Packet, PunchInstruction, ResetToken, ServerToClient,
 };
 use crate::Transmit;
 use rand::{Rng, SeedableRng};
@@ -66,6 +66,11 @@ pub struct ClientConfig {
     pub heartbeat: Duration,
     /// How long a request waits for its answer.
     pub request_timeout: Duration,
+    /// The wall-clock time (since the UNIX epoch) at the `now` the link is
+    /// made with: IK initiations carry a timestamp that must grow across
+    /// restarts, or the server takes them for replays. `new` reads the
+    /// system clock; a simulation sets its own.
+    pub unix_time: Duration,
 }
 
 impl ClientConfig {
@@ -76,6 +81,9 @@ impl ClientConfig {
             name: None,
             heartbeat: Duration::from_secs(25),
             request_timeout: Duration::from_secs(10),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
         }
     }
 }
@@ -171,6 +179,10 @@ enum State {
         hs: Box<Handshake>,
         local_index: u32,
         retry_at: Instant,
+        /// The initiation's pattern and Noise message, to send again with
+        /// a cookie if the server asks for one (once).
+        init: (Pattern, Vec<u8>),
+        cookied: bool,
     },
     Established(Box<Established>),
     KeyMismatch,
@@ -224,8 +236,18 @@ pub struct ServerLink {
     seen_pushes: VecDeque<u32>,
     /// A check of the path went unanswered; not yet taken.
     check_failed: bool,
+    /// The server's last cookie for us, and when it came: sent with
+    /// initiations while it is fresh ([`COOKIE_FRESH`]).
+    cookie: Option<(Cookie, Instant)>,
+    /// When the link was made, and the last IK timestamp sent.
+    started: Instant,
+    last_stamp: u64,
     rng: rand::rngs::StdRng,
 }
+
+/// A cookie is used this long (the server takes one for two to four
+/// minutes).
+const COOKIE_FRESH: Duration = Duration::from_secs(100);
 
 impl ServerLink {
     pub fn new(identity: Identity, config: ClientConfig, now: Instant, seed: u64) -> Self {
@@ -249,8 +271,39 @@ impl ServerLink {
             rekeying: None,
             seen_pushes: VecDeque::new(),
             check_failed: false,
+            cookie: None,
+            started: now,
+            last_stamp: 0,
             rng,
         }
+    }
+
+    /// The timestamp for an IK initiation: wall-clock nanoseconds, always
+    /// more than the last.
+    fn stamp(&mut self, now: Instant) -> u64 {
+        let wall = self.config.unix_time + now.saturating_duration_since(self.started);
+        let stamp = (wall.as_nanos() as u64).max(self.last_stamp + 1);
+        self.last_stamp = stamp;
+        stamp
+    }
+
+    fn init_packet(
+        &self,
+        now: Instant,
+        local_index: u32,
+        (pattern, noise): &(Pattern, Vec<u8>),
+    ) -> Vec<u8> {
+        let cookie = self
+            .cookie
+            .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_FRESH)
+            .map_or([0; 16], |(c, _)| c);
+        Packet::HandshakeInit {
+            sender: local_index,
+            pattern: *pattern,
+            noise,
+            cookie,
+        }
+        .encode()
     }
 
     pub fn server_addr(&self) -> SocketAddr {
@@ -494,7 +547,11 @@ impl ServerLink {
             }
         };
         let payload = match pattern {
-            Pattern::IK => identity_payload(&self.identity.public()),
+            Pattern::IK => {
+                let mut p = identity_payload(&self.identity.public());
+                p.extend_from_slice(&self.stamp(now).to_be_bytes());
+                p
+            }
             Pattern::XX => Vec::new(),
         };
         let noise = match hs.write(&payload) {
@@ -505,12 +562,8 @@ impl ServerLink {
             }
         };
         let local_index = self.rng.gen::<u32>().max(1);
-        let packet = Packet::HandshakeInit {
-            sender: local_index,
-            pattern,
-            noise: &noise,
-        }
-        .encode();
+        let init = (pattern, noise);
+        let packet = self.init_packet(now, local_index, &init);
         self.attempts += 1;
         let delay = self.backoff();
         tracing::debug!(?pattern, attempt = self.attempts, "HANDSHAKE(INIT)");
@@ -522,6 +575,8 @@ impl ServerLink {
             hs: Box::new(hs),
             local_index,
             retry_at: now + delay,
+            init,
+            cookied: false,
         };
     }
 
@@ -669,6 +724,30 @@ impl ServerLink {
                 counter,
                 ciphertext,
             } => self.on_data(now, receiver, counter, ciphertext),
+            Packet::CookieReply { receiver, cookie } => {
+                // The server is busy: our initiation goes again with the
+                // cookie, once per handshake (a stranger who guessed our
+                // index gains nothing but a resend).
+                let State::Handshaking {
+                    local_index,
+                    init,
+                    cookied,
+                    ..
+                } = &mut self.state
+                else {
+                    return;
+                };
+                if *local_index != receiver || *cookied {
+                    return;
+                }
+                *cookied = true;
+                let (index, init) = (*local_index, init.clone());
+                self.cookie = Some((cookie, now));
+                tracing::debug!("HANDSHAKE(COOKIE)");
+                let packet = self.init_packet(now, index, &init);
+                self.transmits
+                    .push_back(Transmit::new(self.config.server, packet));
+            }
             Packet::SessionUnknown { receiver, token } => {
                 let ours = matches!(&self.state, State::Established(e) if e.transport.remote_index == receiver);
                 // Believed only with the session's reset token: anyone
@@ -847,6 +926,12 @@ impl ServerLink {
 
     fn on_message(&mut self, now: Instant, msg: ServerToClient) {
         match msg {
+            ServerToClient::PathChallenge { data } => {
+                // We came from a new address (our NAT rebound): show the
+                // server we receive there.
+                tracing::debug!("PATH(CHALLENGED)");
+                self.send(ClientToServer::PathResponse { data });
+            }
             ServerToClient::LoginOk {
                 rid,
                 name,

@@ -80,8 +80,8 @@ pub use noise::Handshake;
 pub use peer::{Path, PeerConfig, SessionPhase};
 pub use reliable::ChatMessage;
 pub use server::{
-    answer_probe, Account, AccountStore, MemoryStore, RegisterOutcome, RelayConfig, Server,
-    ServerConfig, ServerStats, StoreError,
+    answer_probe, source_key, Account, AccountStore, Gauges, MemoryStore, RegisterOutcome,
+    RelayConfig, Server, ServerConfig, ServerStats, StoreError,
 };
 pub use transfer::{
     file_hash, FileDesc, FileIo, FileSource, Group, GroupId, NoFiles, Phase, TransferEvent,

@@ -1110,6 +1110,7 @@ impl<F: FileIo> Node<F> {
             candidates: vec![at],
             initiator: true,
             relay: None,
+            channel: 0,
             prediction: Prediction::None,
             relay_first: false,
             only_candidates: true,
@@ -1274,6 +1275,11 @@ impl<F: FileIo> Node<F> {
             {
                 self.link.handle_datagram(now, &packet)
             }
+            Packet::CookieReply { receiver, .. }
+                if from_server && self.link.owns_index(receiver) =>
+            {
+                self.link.handle_datagram(now, &packet)
+            }
             Packet::SessionUnknown { .. } if from_server => self.link.handle_datagram(now, &packet),
             Packet::ChannelUnknown { channel, token } if from_server => {
                 self.on_channel_unknown(now, channel, token)
@@ -1297,6 +1303,7 @@ impl<F: FileIo> Node<F> {
                 sender,
                 pattern: Pattern::IK,
                 noise,
+                ..
             } => self.on_init(now, from, sender, noise, channel),
             Packet::HandshakeResponse {
                 sender,
@@ -2026,6 +2033,7 @@ impl<F: FileIo> Node<F> {
                     candidates,
                     initiator: p.initiator,
                     relay: p.relay.then(|| self.link.server_addr()),
+                    channel: p.channel,
                     prediction: match (self.hard, p.peer_hard) {
                         (true, false) => Prediction::Hard,
                         (false, true) => Prediction::Easy(public.ip()),
@@ -2037,7 +2045,7 @@ impl<F: FileIo> Node<F> {
                 let local = self.identity.clone();
                 let config = self.config.peer.clone();
                 let e = self.entry(now, &p.name);
-                e.channel_token = p.relay.then_some((p.intro_id, p.channel_token));
+                e.channel_token = p.relay.then_some((p.channel, p.channel_token));
                 e.serverless = false;
                 match e.session.as_mut() {
                     // The peer reconnected while our session is up (its own

@@ -300,8 +300,10 @@ pub struct PunchPlan {
     pub candidates: Vec<SocketAddr>,
     pub initiator: bool,
     /// The relay's address, if the server relays this introduction:
-    /// packets for it go out wrapped in [`Packet::Relay`].
+    /// packets for it go out wrapped in [`Packet::Relay`] on `channel`,
+    /// our own id of the introduction's relay channel.
     pub relay: Option<SocketAddr>,
+    pub channel: u64,
     pub prediction: Prediction,
     /// The last session with this peer was relayed (no direct path was
     /// found): the initiator handshakes through the relay at once instead
@@ -372,9 +374,10 @@ pub struct PeerSession {
     /// answer: a duplicate of it gets the same answer, not new keys.
     answered: Option<(u32, Vec<u8>)>,
     up: bool,
-    /// The introduction this session came from: punch probes and relay
-    /// packets carry it.
+    /// The introduction this session came from: punch probes carry it.
     intro_id: Option<u64>,
+    /// Our id of its relay channel: relayed packets carry it.
+    channel: Option<u64>,
     candidates: Vec<SocketAddr>,
     relay: Option<SocketAddr>,
     discovery: Option<Discovery>,
@@ -414,6 +417,7 @@ impl PeerSession {
             answered: None,
             up: false,
             intro_id: None,
+            channel: None,
             candidates: Vec::new(),
             relay: None,
             discovery: None,
@@ -446,6 +450,7 @@ impl PeerSession {
             mut candidates,
             initiator,
             relay,
+            channel,
             prediction,
             relay_first,
             only_candidates,
@@ -474,6 +479,7 @@ impl PeerSession {
         );
         s.only_candidates = only_candidates;
         s.intro_id = Some(intro_id);
+        s.channel = relay.map(|_| channel);
         s.candidates = candidates;
         s.relay = relay;
         s.discovery = Some(Discovery {
@@ -513,7 +519,7 @@ impl PeerSession {
     pub fn use_relay(&mut self, relay: SocketAddr, channel: u64) {
         // The peer's handshake came on this channel: it is the one the
         // server relays now (a newer introduction replaces older ones).
-        self.intro_id = Some(channel);
+        self.channel = Some(channel);
         self.relay = Some(relay);
     }
 
@@ -526,6 +532,7 @@ impl PeerSession {
         candidates.dedup();
         candidates.retain(|c| Some(*c) != plan.relay);
         self.intro_id = Some(plan.intro_id);
+        self.channel = plan.relay.map(|_| plan.channel);
         self.candidates = candidates;
         self.relay = plan.relay;
         self.probed.clear();
@@ -591,7 +598,7 @@ impl PeerSession {
     /// Queues a packet for `dst`, wrapped for the relay if `dst` is the
     /// relay.
     fn emit(&mut self, dst: SocketAddr, payload: Vec<u8>) {
-        let payload = match (self.relay, self.intro_id) {
+        let payload = match (self.relay, self.channel) {
             (Some(relay), Some(channel)) if relay == dst => Packet::Relay {
                 channel,
                 payload: &payload,
@@ -747,6 +754,7 @@ impl PeerSession {
             sender: local_index,
             pattern: Pattern::IK,
             noise: &noise,
+            cookie: [0; 16],
         }
         .encode();
         self.emit(dst, init);
@@ -898,7 +906,7 @@ impl PeerSession {
                     // forged or dying punch answer): retry through the
                     // relay, which the peer answers on as well.
                     let dst = match (self.relay, self.punched) {
-                        (Some(relay), _) if h.dst != relay && self.intro_id.is_some() => relay,
+                        (Some(relay), _) if h.dst != relay && self.channel.is_some() => relay,
                         (Some(relay), Some(direct)) if h.dst == relay => direct,
                         _ => h.dst,
                     };
@@ -1326,8 +1334,8 @@ impl PeerSession {
     /// The previous keys count too: between answering the peer's rekey and
     /// its confirmation we still send under them.
     pub fn proves_unknown(&self, receiver: u32, token: &wire::ResetToken) -> bool {
-        // (Every byte compared, whatever differs first.)
-        let same = |t: &wire::ResetToken| t.iter().zip(token).fold(0, |d, (a, b)| d | (a ^ b)) == 0;
+        use subtle::ConstantTimeEq;
+        let same = |t: &wire::ResetToken| bool::from(t.ct_eq(token));
         match &self.state {
             State::Established(e) => {
                 (e.current.remote_index == receiver && same(&e.current_token))
@@ -1508,6 +1516,7 @@ mod tests {
             candidates: vec![peer],
             initiator: true,
             relay: None,
+            channel: 0,
             prediction: Prediction::None,
             relay_first: false,
             only_candidates,

@@ -273,8 +273,12 @@ struct Sim {
     log: bool,
 }
 
-fn node_config(server: SocketAddr) -> NodeConfig {
+/// A node's configuration, `elapsed` into the simulation: its wall clock
+/// (IK timestamps) runs on virtual time, so a node started again later
+/// sends newer timestamps, as a real one would.
+fn node_config(server: SocketAddr, elapsed: Duration) -> NodeConfig {
     let mut c = NodeConfig::new(server);
+    c.client.unix_time = Duration::from_secs(1_800_000_000) + elapsed;
     c.client.heartbeat = Duration::from_secs(5);
     c.peer.keepalive = Duration::from_secs(5);
     c.peer.dead_after = Duration::from_secs(16);
@@ -331,7 +335,13 @@ impl Sim {
             let id = seeded_identity(seed.wrapping_mul(3).wrapping_add(1 + i));
             let addr: SocketAddr = format!("192.0.2.{}:4000", i + 10).parse().unwrap();
             let io = MemFiles::default();
-            let node = Node::new(id.clone(), node_config(server_addr), now, seed + i, io);
+            let node = Node::new(
+                id.clone(),
+                node_config(server_addr, Duration::ZERO),
+                now,
+                seed + i,
+                io,
+            );
             sim.nodes.push(Some(node));
             sim.addrs.push(addr);
             sim.identities.push(id);
@@ -654,7 +664,7 @@ impl Sim {
     /// pinned server key, alice pinned with his receive position.
     fn restart_bob(&mut self, recv_next: u64, seed: u64) {
         let now = self.now;
-        let mut config = node_config(self.server_addr);
+        let mut config = node_config(self.server_addr, now - self.start);
         config.client.name = Some("bob".into());
         config.client.server_key = Some(self.server_id.noise_public());
         let mut bob = Node::new(
@@ -944,6 +954,7 @@ fn server_sends_no_reply_larger_than_an_unproven_request() {
         sender: 1,
         pattern: proto::wire::Pattern::XX,
         noise: &noise,
+        cookie: [0; 16],
     }
     .encode();
     server.handle_datagram(now, from, &init, &mut store);
@@ -1489,7 +1500,7 @@ fn the_user_list_is_gathered_page_by_page() {
     for i in 0..28u64 {
         let id = seeded_identity(5_100 + i);
         let addr: SocketAddr = format!("192.0.2.{}:4000", i + 100).parse().unwrap();
-        let config = node_config(sim.server_addr);
+        let config = node_config(sim.server_addr, now - sim.start);
         let mut n = Node::new(id.clone(), config, now, 5_100 + i, MemFiles::default());
         n.register(now, &format!("user{i:02}"));
         sim.nodes.push(Some(n));
@@ -2304,4 +2315,262 @@ fn a_forged_session_unknown_ends_nothing() {
         "{events:?}"
     );
     send_and_time(&mut sim, 1, Duration::from_secs(1));
+}
+
+/// Bytes the trace shows going from `from` to `to`.
+fn bytes_between(sim: &Sim, from: SocketAddr, to: SocketAddr) -> usize {
+    sim.trace
+        .iter()
+        .map(|t| match t {
+            Trace::Datagram(_, f, d, len) if *f == from && *d == to => *len,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn a_client_cannot_aim_the_server_at_another_address() {
+    // D1: alice (registered, with her session keys) sends one of her own
+    // authenticated requests with a victim's address as the source, then
+    // bob asks her to connect (a notice the server resends until it is
+    // acknowledged). The server sends the victim at most three times what
+    // came "from" it (when a session followed any authenticated packet,
+    // the notice and its resends went there: 293 bytes for 37), and the
+    // notice reaches alice at her own address.
+    let mut sim = Sim::new(231, Link::clean());
+    sim.register_both();
+    let (alice, server) = (sim.addrs[0], sim.server_addr);
+    let victim: SocketAddr = "203.0.113.9:9999".parse().unwrap();
+    let now = sim.now;
+    sim.node(0).list_users(now);
+    sim.drain();
+    let mut received = 0;
+    for w in sim.wire.iter_mut() {
+        if w.1 == alice && w.2 == server {
+            w.1 = victim;
+            received += w.3.len();
+        }
+    }
+    assert!(received > 0, "the forged request is in flight");
+    sim.run_for(Duration::from_millis(30));
+    let now = sim.now;
+    sim.node(1).connect(now, "alice");
+    sim.run_for(Duration::from_secs(10));
+    let sent = bytes_between(&sim, server, victim);
+    assert!(
+        sent <= 3 * received,
+        "server sent the victim {sent} bytes for {received} received"
+    );
+    let stats = sim.server.as_ref().unwrap().stats().clone();
+    assert_eq!(stats.paths_validated, 0, "{stats:?}");
+    assert_eq!(stats.paths_challenged, 1, "{stats:?}");
+    assert!(sim.has_event(
+        0,
+        |e| matches!(e, NodeEvent::ConnectRequest { name, .. } if name == "bob")
+    ));
+}
+
+#[test]
+fn a_rebound_client_is_followed_after_one_round_trip() {
+    // The legitimate case of D1: alice's NAT gives her a new port. Her
+    // next packet from it is answered there, the server challenges the
+    // address and moves her session once she answers: a notice sent
+    // after that reaches her at the new address.
+    let mut sim = Sim::new(232, Link::clean());
+    sim.register_both();
+    let moved: SocketAddr = "192.0.2.10:4444".parse().unwrap();
+    sim.addrs[0] = moved;
+    let now = sim.now;
+    sim.node(0).list_users(now);
+    sim.run_for(Duration::from_secs(2));
+    let stats = sim.server.as_ref().unwrap().stats().clone();
+    assert_eq!(stats.paths_validated, 1, "{stats:?}");
+    let now = sim.now;
+    sim.node(1).connect(now, "alice");
+    sim.run_until(Duration::from_secs(3), |s| {
+        s.has_event(
+            0,
+            |e| matches!(e, NodeEvent::ConnectRequest { name, .. } if name == "bob"),
+        )
+    });
+}
+
+#[test]
+fn relayed_packets_are_charged_to_the_channel_owner() {
+    // D7: bob, relayed to alice, knows his own channel id and alice's
+    // address; packets on his id with alice's address as the source are
+    // refused (the id is his, the address is not his), and a stranger
+    // with the introduction id (seen in punches) has no channel at all.
+    // Nothing forged is forwarded, and alice's relay allowance is
+    // untouched.
+    let mut sim = Sim::new(233, Link::clean());
+    sim.block_peers = true;
+    sim.register_both();
+    sim.connect();
+    let (alice, bob, server) = (sim.addrs[0], sim.addrs[1], sim.server_addr);
+    let channel_of = |sim: &Sim, from: SocketAddr| {
+        sim.wire
+            .iter()
+            .chain([].iter())
+            .find_map(|(_, f, t, p)| match proto::wire::Packet::decode(p) {
+                Ok(proto::wire::Packet::Relay { channel, .. }) if *f == from && *t == server => {
+                    Some(channel)
+                }
+                _ => None,
+            })
+    };
+    let mut bobs = None;
+    let mut alices = None;
+    for _ in 0..200 {
+        let now = sim.now;
+        sim.node(0).send_message(now, "bob", msg(1));
+        sim.node(1).send_message(now, "alice", msg(2));
+        for _ in 0..20 {
+            sim.step();
+            bobs = bobs.or(channel_of(&sim, bob));
+            alices = alices.or(channel_of(&sim, alice));
+        }
+        if bobs.is_some() && alices.is_some() {
+            break;
+        }
+    }
+    let (bobs, alices) = (bobs.expect("bob relays"), alices.expect("alice relays"));
+    assert_ne!(bobs, alices, "each party has its own id");
+    let before = sim.server.as_ref().unwrap().stats().clone();
+    let marker = [0x4du8; 600];
+    for _ in 0..500 {
+        for channel in [bobs, 0x1234] {
+            let forged = proto::wire::Packet::Relay {
+                channel,
+                payload: &marker,
+            }
+            .encode();
+            sim.send(alice, server, forged);
+        }
+    }
+    sim.run_for(Duration::from_secs(1));
+    let after = sim.server.as_ref().unwrap().stats().clone();
+    assert!(
+        !sim.server_sent
+            .iter()
+            .any(|p| p.windows(64).any(|w| w == &marker[..64])),
+        "a forged packet was relayed"
+    );
+    assert!(
+        after.relay_refused >= before.relay_refused + 1000,
+        "{after:?}"
+    );
+    assert_eq!(after.relay_over_rate, before.relay_over_rate);
+    send_and_time(&mut sim, 0, Duration::from_secs(1));
+}
+
+#[test]
+fn replayed_initiations_fill_nothing() {
+    // D4: an observer replays bob's IK initiation 2,000 times, from
+    // other addresses: one is taken (already, by the server when
+    // alice sent it), the rest are replays; no session is made for them.
+    let mut sim = Sim::new(234, Link::clean());
+    sim.register_both();
+    // Bob starts again with the server's key pinned: his handshake is IK.
+    sim.restart_bob(0, 77);
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.nodes[1].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
+    let init = sim
+        .to_server
+        .iter()
+        .rev()
+        .find(|(i, p)| {
+            *i == 1
+                && matches!(
+                    proto::wire::Packet::decode(p),
+                    Ok(proto::wire::Packet::HandshakeInit {
+                        pattern: proto::wire::Pattern::IK,
+                        ..
+                    })
+                )
+        })
+        .map(|(_, p)| p.clone())
+        .expect("bob sent an IK initiation");
+    let before = sim.server.as_ref().unwrap().gauges();
+    for k in 0..2_000u32 {
+        let from = SocketAddr::from(([198, 51, (k >> 8) as u8, k as u8], 5000));
+        sim.send(from, sim.server_addr, init.clone());
+        if k % 100 == 0 {
+            sim.run_for(Duration::from_millis(50));
+        }
+    }
+    sim.run_for(Duration::from_secs(1));
+    let g = sim.server.as_ref().unwrap().gauges();
+    let stats = sim.server.as_ref().unwrap().stats().clone();
+    assert_eq!(g.sessions, before.sessions, "{g:?} {stats:?}");
+    assert!(stats.replays + stats.cookies_sent >= 2_000, "{stats:?}");
+    assert!(stats.replays > 0, "{stats:?}");
+    assert_eq!(
+        sim.nodes[1].as_ref().unwrap().link_state(),
+        LinkState::LoggedIn
+    );
+}
+
+#[test]
+fn a_handshake_flood_costs_cookies_not_sessions() {
+    // D4: 30,000 spoofed XX initiations in 1.5 s from as many addresses
+    // (ten times what this server processes without cookies): the table
+    // of sessions not logged in stays within its cap, what the server
+    // sends is smaller than what it receives, and a user who logs in
+    // during the flood gets in (with a cookie round trip).
+    let config = ServerConfig {
+        max_anonymous: 1_000,
+        handshakes_per_sec: 200,
+        ..ServerConfig::default()
+    };
+    let mut sim = Sim::with_server(235, Link::clean(), config);
+    sim.register_both();
+    let mut hs = proto::Handshake::initiator(
+        proto::wire::Pattern::XX,
+        Identity::generate().noise_private(),
+        None,
+    )
+    .unwrap();
+    let noise = hs.write(&[]).unwrap();
+    let init = proto::wire::Packet::HandshakeInit {
+        sender: 1,
+        pattern: proto::wire::Pattern::XX,
+        noise: &noise,
+        cookie: [0; 16],
+    }
+    .encode();
+    let server = sim.server_addr;
+    let mut peak = 0;
+    for k in 0..150u32 {
+        for j in 0..200u32 {
+            let n = k * 200 + j;
+            let from = SocketAddr::from(([10, 128 + (n >> 16) as u8, (n >> 8) as u8, n as u8], 7));
+            sim.send(from, server, init.clone());
+        }
+        if k == 20 {
+            let recv_next = 0;
+            sim.restart_bob(recv_next, 9);
+        }
+        sim.run_for(Duration::from_millis(10));
+        peak = peak.max(sim.server.as_ref().unwrap().gauges().not_logged_in);
+    }
+    let stats = sim.server.as_ref().unwrap().stats().clone();
+    assert!(peak <= 1_000, "peak {peak} {stats:?}");
+    assert!(stats.cookies_sent >= 25_000, "{stats:?}");
+    let flooders = |a: &SocketAddr| a.ip().to_string().starts_with("10.");
+    let (mut to, mut from) = (0, 0);
+    for t in &sim.trace {
+        if let Trace::Datagram(_, f, d, len) = t {
+            if *f == server && flooders(d) {
+                to += len;
+            } else if *d == server && flooders(f) {
+                from += len;
+            }
+        }
+    }
+    assert!(to < from, "sent {to} for {from}");
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.nodes[1].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
 }

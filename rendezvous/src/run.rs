@@ -35,6 +35,8 @@ const RECV_BUF: usize = 2048;
 
 /// How often the counters are logged while running.
 const STATS_INTERVAL: Duration = Duration::from_secs(60);
+/// How often TCP connections are checked for a logged-in session.
+const TCP_REAP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// After a receive error that is not one of the known transient ones, wait
 /// this long before the next receive so a persistent failure logs a few
@@ -245,12 +247,13 @@ impl Bound {
         let mut buf = vec![0u8; RECV_BUF];
         let mut probe_buf = vec![0u8; RECV_BUF];
         let mut next_stats = Instant::now() + STATS_INTERVAL;
+        let mut next_reap = Instant::now() + TCP_REAP_INTERVAL;
         loop {
-            // The stats line has its own deadline; the machine's comes from
-            // poll_timeout and is None while there is nothing to expire.
-            let wake = server
-                .poll_timeout()
-                .map_or(next_stats, |t| t.min(next_stats));
+            // The stats line and the TCP reaper have their own deadlines;
+            // the machine's comes from poll_timeout and is None while there
+            // is nothing to expire.
+            let ours = next_stats.min(next_reap);
+            let wake = server.poll_timeout().map_or(ours, |t| t.min(ours));
             tokio::select! {
                 // Shutdown first, so a flood of datagrams cannot starve it.
                 biased;
@@ -287,6 +290,12 @@ impl Bound {
                     if now >= next_stats {
                         log_stats(&server, tcp.as_ref(), "periodic");
                         next_stats = now + STATS_INTERVAL;
+                    }
+                    if now >= next_reap {
+                        if let Some(t) = tcp.as_mut() {
+                            t.reap(now, |a| server.logged_in_at(a));
+                        }
+                        next_reap = now + TCP_REAP_INTERVAL;
                     }
                 }
             }
@@ -352,11 +361,16 @@ async fn tcp_next(tcp: &mut Option<TcpClients>) -> Option<(SocketAddr, bytes::By
 
 fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
     let s = server.stats();
+    let g = server.gauges();
     tracing::info!(
         why,
-        active_users = server.active_users().len(),
+        active_users = g.online,
+        sessions = g.sessions,
+        not_logged_in = g.not_logged_in,
+        relay_channels = g.relay_channels,
         tcp_clients = tcp.map_or(0, |t| t.open()),
         tcp_refused = tcp.map_or(0, |t| t.refused),
+        tcp_reaped = tcp.map_or(0, |t| t.reaped),
         malformed = s.malformed,
         auth_failed = s.auth_failed,
         unknown_session = s.unknown_session,
@@ -373,6 +387,13 @@ fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
         relay_over_rate = s.relay_over_rate,
         relay_refused = s.relay_refused,
         other_version = s.other_version,
+        cookies_sent = s.cookies_sent,
+        handshakes_limited = s.handshakes_limited,
+        replays = s.replays,
+        not_logged_in_evicted = s.anonymous_evicted,
+        paths_challenged = s.paths_challenged,
+        paths_validated = s.paths_validated,
+        table_full = s.table_full,
         "STATS"
     );
 }

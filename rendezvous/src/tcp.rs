@@ -12,12 +12,19 @@
 //! Each connection has one task that reads frames into the main loop's
 //! channel and writes what the main loop queues for it. The tasks live in
 //! a `JoinSet` owned by [`TcpClients`]: dropping it stops them all.
+//!
+//! Slots are held by accounts, not by whoever connects: a source (an IPv4
+//! address, an IPv6 /64) has at most [`MAX_PER_SOURCE`] connections; a
+//! connection that carries no logged-in session after [`LOGIN_GRACE`] is
+//! closed ([`TcpClients::reap`]); when every slot is taken, the oldest
+//! connection not logged in makes room; and only frames that decode as
+//! packets keep a connection from idling out (empty frames do not).
 
 use bytes::{Bytes, BytesMut};
-use proto::wire::{MAX_RELAYED, TCP_LENGTH_BYTES};
+use proto::wire::{Packet, MAX_RELAYED, TCP_LENGTH_BYTES};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -27,11 +34,20 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 /// Frames queued toward one client; beyond this they are dropped, as a
 /// full UDP socket buffer would drop datagrams.
 const OUT_QUEUE: usize = 256;
-/// Connections from one IP address at once: a few hosts behind one NAT,
-/// not one host holding every slot.
-const MAX_PER_IP: usize = 8;
+/// Connections from one source at once (an IPv4 address, an IPv6 /64):
+/// a few hosts behind one NAT, not one host holding every slot.
+pub const MAX_PER_SOURCE: usize = 8;
 /// A connection must deliver its first whole frame within this time.
 const FIRST_FRAME: Duration = Duration::from_secs(10);
+/// A connection must carry a logged-in session this long after it opened,
+/// or it is closed.
+pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
+
+struct Conn {
+    tx: mpsc::Sender<Bytes>,
+    opened: Instant,
+    logged_in: bool,
+}
 
 /// The framing both ends use.
 pub fn codec() -> LengthDelimitedCodec {
@@ -49,14 +65,17 @@ pub enum TcpEvent {
 
 pub struct TcpClients {
     listener: TcpListener,
-    conns: HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+    conns: HashMap<SocketAddr, Conn>,
     tasks: JoinSet<()>,
     events_tx: mpsc::Sender<TcpEvent>,
     events: mpsc::Receiver<TcpEvent>,
     max: usize,
     idle: Duration,
-    /// Connections refused because `max` were open.
+    /// Connections refused: `max` were open and all logged in, or their
+    /// source had [`MAX_PER_SOURCE`].
     pub refused: u64,
+    /// Connections closed to make room, or for not logging in.
+    pub reaped: u64,
 }
 
 impl TcpClients {
@@ -73,6 +92,7 @@ impl TcpClients {
             max,
             idle,
             refused: 0,
+            reaped: 0,
         }
     }
 
@@ -94,7 +114,8 @@ impl TcpClients {
                 },
                 Some(ev) = self.events.recv() => match ev {
                     TcpEvent::Open(addr, tx) => {
-                        self.conns.insert(addr, tx);
+                        let opened = Instant::now();
+                        self.conns.insert(addr, Conn { tx, opened, logged_in: false });
                     }
                     TcpEvent::Frame(addr, frame) => return Some((addr, frame)),
                     TcpEvent::Closed(addr, why) => {
@@ -108,18 +129,41 @@ impl TcpClients {
     }
 
     fn accept(&mut self, stream: TcpStream, addr: SocketAddr) {
+        let source = proto::source_key(addr);
+        let same_source = self
+            .conns
+            .keys()
+            .filter(|a| proto::source_key(**a) == source)
+            .count();
+        if same_source >= MAX_PER_SOURCE {
+            self.refused += 1;
+            tracing::warn!(%addr, "TCP(TOO_MANY_FROM_ONE_SOURCE)");
+            return;
+        }
         // Counted by task, not by `conns` (which fills when the task has
         // started): the limit holds however fast connections arrive.
         if self.tasks.len() >= self.max {
-            self.refused += 1;
-            tracing::warn!(%addr, open = self.tasks.len(), "TCP(FULL)");
-            return;
-        }
-        let same_ip = self.conns.keys().filter(|a| a.ip() == addr.ip()).count();
-        if same_ip >= MAX_PER_IP {
-            self.refused += 1;
-            tracing::warn!(%addr, "TCP(TOO_MANY_FROM_ONE_ADDRESS)");
-            return;
+            // Full: the oldest connection not logged in makes room (it had
+            // its chance; a flood of idle connections cannot keep users
+            // out).
+            let oldest = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.logged_in)
+                .min_by_key(|(_, c)| c.opened)
+                .map(|(a, _)| *a);
+            match oldest {
+                Some(old) => {
+                    self.conns.remove(&old);
+                    self.reaped += 1;
+                    tracing::info!(%old, "TCP(FULL_CLOSE_OLDEST_NOT_LOGGED_IN)");
+                }
+                None => {
+                    self.refused += 1;
+                    tracing::warn!(%addr, open = self.tasks.len(), "TCP(FULL)");
+                    return;
+                }
+            }
         }
         let _ = stream.set_nodelay(true);
         tracing::info!(%addr, "TCP(OPEN)");
@@ -135,14 +179,35 @@ impl TcpClients {
     /// TCP; otherwise gives it back, to be sent by UDP.
     pub fn send_or_return(&self, dst: SocketAddr, payload: Vec<u8>) -> Option<Vec<u8>> {
         match self.conns.get(&dst) {
-            Some(tx) => {
-                if tx.try_send(Bytes::from(payload)).is_err() {
+            Some(c) => {
+                if c.tx.try_send(Bytes::from(payload)).is_err() {
                     tracing::debug!(%dst, "TCP(QUEUE_FULL_DROP)");
                 }
                 None
             }
             None => Some(payload),
         }
+    }
+}
+
+impl TcpClients {
+    /// Closes connections that carry no logged-in session
+    /// ([`LOGIN_GRACE`] after they opened), as `logged_in` says of their
+    /// address; notes which are logged in, so a full table evicts the
+    /// others first. Returns how many were closed.
+    pub fn reap(&mut self, now: Instant, logged_in: impl Fn(SocketAddr) -> bool) -> usize {
+        let mut closed = 0;
+        self.conns.retain(|addr, c| {
+            c.logged_in = logged_in(*addr);
+            let keep = c.logged_in || now.saturating_duration_since(c.opened) < LOGIN_GRACE;
+            if !keep {
+                closed += 1;
+                tracing::info!(%addr, "TCP(NOT_LOGGED_IN_CLOSED)");
+            }
+            keep
+        });
+        self.reaped += closed as u64;
+        closed
     }
 }
 
@@ -162,8 +227,8 @@ async fn serve(
     let mut codec = codec();
     let mut inbuf = BytesMut::with_capacity(4096);
     let mut outbuf = BytesMut::with_capacity(4096);
-    // Only whole frames keep a connection open: a trickle of bytes does
-    // not.
+    // Only whole frames that decode as packets keep a connection open: a
+    // trickle of bytes does not, nor do empty frames or noise.
     let mut deadline = tokio::time::Instant::now() + FIRST_FRAME.min(idle);
     loop {
         tokio::select! {
@@ -174,7 +239,12 @@ async fn serve(
                 Ok(_) => loop {
                     match codec.decode(&mut inbuf) {
                         Ok(Some(frame)) => {
-                            deadline = tokio::time::Instant::now() + idle;
+                            if frame.is_empty() {
+                                continue;
+                            }
+                            if Packet::decode(&frame).is_ok() {
+                                deadline = tokio::time::Instant::now() + idle;
+                            }
                             if events.send(TcpEvent::Frame(addr, frame)).await.is_err() {
                                 return "server stopping".into();
                             }

@@ -46,6 +46,11 @@ pub enum ClientToServer {
     PushAck {
         push_id: u32,
     },
+    /// Answers a [`ServerToClient::PathChallenge`] with its data, from
+    /// the address the challenge reached.
+    PathResponse {
+        data: [u8; 8],
+    },
 }
 
 impl ClientToServer {
@@ -95,6 +100,9 @@ impl ClientToServer {
             ClientToServer::PushAck { push_id } => {
                 w.u8(8).u32(*push_id);
             }
+            ClientToServer::PathResponse { data } => {
+                w.u8(9).bytes(data);
+            }
         }
         w.into_inner()
     }
@@ -130,6 +138,7 @@ impl ClientToServer {
             6 => ClientToServer::Ping { rid: r.u32()? },
             7 => ClientToServer::Logout,
             8 => ClientToServer::PushAck { push_id: r.u32()? },
+            9 => ClientToServer::PathResponse { data: r.array()? },
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;

@@ -65,7 +65,14 @@ impl Pattern {
 /// peer's `SessionUnknown` that token (inside the Noise messages: no
 /// frame changed, so the layout test could not see it); `FailReason` 13,
 /// `RateLimited`.
-pub const VERSION: u8 = 5;
+/// Version 6: the server validates addresses and sheds load (the
+/// hostile-internet work): a handshake initiation carries a `cookie`, and
+/// [`Packet::CookieReply`] asks for one; a server session follows a new
+/// address only after [`ServerToClient::PathChallenge`] is answered with
+/// [`ClientToServer::PathResponse`] from it; an IK initiation's payload
+/// ends with a timestamp (replays are refused); each party of a relay
+/// channel has its own secret `channel` id (in the punch instruction).
+pub const VERSION: u8 = 6;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;
 
@@ -149,6 +156,7 @@ pub enum PacketType {
     Probe = 8,
     ProbeReply = 9,
     ChannelUnknown = 10,
+    CookieReply = 11,
 }
 
 /// A reset token: proof that a "session unknown" or "channel unknown"
@@ -158,14 +166,30 @@ pub enum PacketType {
 /// encrypted session, so a stranger cannot forge the notice.
 pub type ResetToken = [u8; 16];
 
+/// A handshake cookie: a MAC over the initiator's address under a secret
+/// the server changes every two minutes (zero: none).
+pub type Cookie = [u8; 16];
+
 /// One datagram, borrowed from the receive buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet<'a> {
-    /// First handshake message; padded to [`MIN_INIT_LEN`].
+    /// First handshake message; padded to [`MIN_INIT_LEN`]. `cookie` is
+    /// what the server's last [`Packet::CookieReply`] gave this address,
+    /// or zero.
     HandshakeInit {
         sender: u32,
         pattern: Pattern,
         noise: &'a [u8],
+        cookie: Cookie,
+    },
+    /// From a server under load, instead of processing an initiation
+    /// without a valid cookie: "send it again with this cookie", which
+    /// proves you receive at the address you send from (WireGuard's
+    /// cookie reply). No state is kept for it, and it is smaller than the
+    /// initiation it answers.
+    CookieReply {
+        receiver: u32,
+        cookie: Cookie,
     },
     /// Second handshake message.
     HandshakeResponse {
@@ -255,11 +279,13 @@ impl<'a> Packet<'a> {
                 let sender = r.u32()?;
                 let pattern = Pattern::from_code(r.u8()?).ok_or(DecodeError::Invalid("pattern"))?;
                 let noise = r.bytes16(MAX_PACKET)?;
+                let cookie = r.array()?;
                 // The rest is padding.
                 Packet::HandshakeInit {
                     sender,
                     pattern,
                     noise,
+                    cookie,
                 }
             }
             2 => Packet::HandshakeResponse {
@@ -298,6 +324,14 @@ impl<'a> Packet<'a> {
                 let p = Packet::SessionUnknown {
                     receiver: r.u32()?,
                     token: r.array()?,
+                };
+                r.finish()?;
+                p
+            }
+            11 => {
+                let p = Packet::CookieReply {
+                    receiver: r.u32()?,
+                    cookie: r.array()?,
                 };
                 r.finish()?;
                 p
@@ -346,11 +380,13 @@ impl<'a> Packet<'a> {
                 sender,
                 pattern,
                 noise,
+                cookie,
             } => {
                 w.u8(PacketType::HandshakeInit as u8)
                     .u32(*sender)
                     .u8(pattern.code())
-                    .bytes16(noise);
+                    .bytes16(noise)
+                    .bytes(cookie);
                 if w.buf.len() < MIN_INIT_LEN {
                     w.buf.resize(MIN_INIT_LEN, 0);
                 }
@@ -387,6 +423,11 @@ impl<'a> Packet<'a> {
                 w.u8(PacketType::SessionUnknown as u8)
                     .u32(*receiver)
                     .bytes(token);
+            }
+            Packet::CookieReply { receiver, cookie } => {
+                w.u8(PacketType::CookieReply as u8)
+                    .u32(*receiver)
+                    .bytes(cookie);
             }
             Packet::ChannelUnknown { channel, token } => {
                 w.u8(PacketType::ChannelUnknown as u8)

@@ -23,9 +23,13 @@ pub struct PunchInstruction {
     pub locals: Vec<SocketAddr>,
     /// True for the side that sends the handshake initiation.
     pub initiator: bool,
-    /// The server relays this introduction's packets ([`Packet::Relay`]
-    /// with `intro_id` as the channel) if no direct path is found.
+    /// The server relays this introduction's packets if no direct path is
+    /// found: [`Packet::Relay`] with `channel`, both ways.
     pub relay: bool,
+    /// This party's relay channel id (zero without a relay): random and
+    /// told to nobody else, so a packet on it comes from this party (the
+    /// other party has its own id; the server swaps them as it relays).
+    pub channel: u64,
     /// The peer's NAT has endpoint-dependent mapping (see
     /// [`ClientToServer::RequestConnect`]).
     pub peer_hard: bool,
@@ -83,6 +87,14 @@ pub enum ServerToClient {
         reason: FailReason,
     },
     Punch(PunchInstruction),
+    /// "Answer this from where it reaches you": an authenticated packet
+    /// came from a new address, and the session moves there once the
+    /// [`ClientToServer::PathResponse`] proves the client receives there
+    /// (QUIC's path validation). Until then the server sends that
+    /// address at most three times what it received from it.
+    PathChallenge {
+        data: [u8; 8],
+    },
     /// Answers a `Ping` (UDP ping): your address as the server sees it.
     Pong {
         rid: u32,
@@ -171,7 +183,7 @@ impl ServerToClient {
                     w.socket_addr(a);
                 });
                 w.bool(p.initiator).bool(p.relay).bool(p.peer_hard);
-                w.bytes(&p.channel_token);
+                w.u64(p.channel).bytes(&p.channel_token);
             }
             ServerToClient::Pong { rid, observed } => {
                 w.u8(9).u32(*rid).socket_addr(observed);
@@ -181,6 +193,9 @@ impl ServerToClient {
             }
             ServerToClient::Push { push_id, msg } => {
                 w.u8(11).u32(*push_id).bytes(&msg.encode());
+            }
+            ServerToClient::PathChallenge { data } => {
+                w.u8(12).bytes(data);
             }
         }
         w.into_inner()
@@ -240,6 +255,7 @@ impl ServerToClient {
                 initiator: r.bool()?,
                 relay: r.bool()?,
                 peer_hard: r.bool()?,
+                channel: r.u64()?,
                 channel_token: r.array()?,
             }),
             9 => ServerToClient::Pong {
@@ -262,6 +278,7 @@ impl ServerToClient {
                     msg: Box::new(msg),
                 }
             }
+            12 => ServerToClient::PathChallenge { data: r.array()? },
             t => return Err(DecodeError::UnknownType(t)),
         };
         r.finish()?;

@@ -17,7 +17,7 @@ fn golden_packets() {
             reply: true
         }
         .encode()),
-        "0505010203040506070801"
+        "0605010203040506070801"
     );
     assert_eq!(
         hex(&Packet::SessionUnknown {
@@ -25,7 +25,7 @@ fn golden_packets() {
             token: [0xab; 16],
         }
         .encode()),
-        "0506deadbeef".to_owned() + &"ab".repeat(16)
+        "0606deadbeef".to_owned() + &"ab".repeat(16)
     );
     assert_eq!(
         hex(&Packet::ChannelUnknown {
@@ -33,7 +33,7 @@ fn golden_packets() {
             token: [0xcd; 16],
         }
         .encode()),
-        "050a0102030405060708".to_owned() + &"cd".repeat(16)
+        "060a0102030405060708".to_owned() + &"cd".repeat(16)
     );
     assert_eq!(
         hex(&Packet::Relay {
@@ -41,7 +41,7 @@ fn golden_packets() {
             payload: &[0x02, 0x06, 0xde, 0xad, 0xbe, 0xef]
         }
         .encode()),
-        "050701020304050607080206deadbeef"
+        "060701020304050607080206deadbeef"
     );
     assert_eq!(
         hex(&Packet::Data {
@@ -50,7 +50,7 @@ fn golden_packets() {
             ciphertext: &[0xaa; 16]
         }
         .encode()),
-        format!("050400000001{:016x}{}", 2, "aa".repeat(16))
+        format!("060400000001{:016x}{}", 2, "aa".repeat(16))
     );
     assert_eq!(
         hex(&PeerToPeer::Flow {
@@ -114,10 +114,14 @@ fn golden_packets() {
         sender: 9,
         pattern: Pattern::XX,
         noise: &[1, 2, 3],
+        cookie: [0xc0; 16],
     }
     .encode();
     assert_eq!(init.len(), MIN_INIT_LEN);
-    assert_eq!(hex(&init[..12]), "0501000000090100030102".to_owned() + "03");
+    assert_eq!(
+        hex(&init[..13]),
+        "0601000000090100030102".to_owned() + "03c0"
+    );
     assert_eq!(
         hex(&ClientToServer::Register {
             rid: 7,
@@ -177,6 +181,11 @@ fn every_frame() -> Vec<Vec<u8>> {
             sender: 1,
             pattern: Pattern::IK,
             noise: &[0x11; 40],
+            cookie: [0x1c; 16],
+        },
+        Packet::CookieReply {
+            receiver: 1,
+            cookie: [0x1c; 16],
         },
         Packet::HandshakeResponse {
             sender: 2,
@@ -240,6 +249,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         ClientToServer::Ping { rid: 7 },
         ClientToServer::Logout,
         ClientToServer::PushAck { push_id: 8 },
+        ClientToServer::PathResponse { data: [0xd8; 8] },
     ];
     let punch = PunchInstruction {
         intro_id: 1,
@@ -250,6 +260,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         initiator: true,
         relay: true,
         peer_hard: false,
+        channel: 0x0123_4567_89ab_cdef,
         channel_token: [0x7c; 16],
     };
     let to_client = [
@@ -303,6 +314,7 @@ fn every_frame() -> Vec<Vec<u8>> {
             push_id: 11,
             msg: Box::new(ServerToClient::Punch(punch)),
         },
+        ServerToClient::PathChallenge { data: [0xc8; 8] },
     ];
     let frames = [
         FlowFrame::Offer {
@@ -380,6 +392,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         Packet::Probe { .. } => 7,
         Packet::ProbeReply { .. } => 8,
         Packet::ChannelUnknown { .. } => 9,
+        Packet::CookieReply { .. } => 10,
     };
     let client_kind = |m: &ClientToServer| match m {
         ClientToServer::Register { .. } => 0,
@@ -390,6 +403,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         ClientToServer::Ping { .. } => 5,
         ClientToServer::Logout => 6,
         ClientToServer::PushAck { .. } => 7,
+        ClientToServer::PathResponse { .. } => 8,
     };
     let server_kind = |m: &ServerToClient| match m {
         ServerToClient::RegisterOk { .. } => 0,
@@ -403,6 +417,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         ServerToClient::Pong { .. } => 8,
         ServerToClient::Ok { .. } => 9,
         ServerToClient::Push { .. } => 10,
+        ServerToClient::PathChallenge { .. } => 11,
     };
     let peer_kind = |m: &PeerToPeer| match m {
         PeerToPeer::Keepalive => 0,
@@ -431,9 +446,9 @@ fn every_frame() -> Vec<Vec<u8>> {
         seen.dedup();
         assert_eq!(seen, (0..n).collect::<Vec<_>>(), "a variant has no sample");
     }
-    all(&packets, packet_kind, 10);
-    all(&to_server, client_kind, 8);
-    all(&to_client, server_kind, 11);
+    all(&packets, packet_kind, 11);
+    all(&to_server, client_kind, 9);
+    all(&to_client, server_kind, 12);
     all(&to_peer, peer_kind, 6);
     all(&frames, frame_kind, 11);
     let mut out: Vec<Vec<u8>> = packets.iter().map(Packet::encode).collect();
@@ -461,6 +476,13 @@ fn layout_is_frozen_per_version() {
         (
             5,
             "b3459ad23cb2e973d2de59dec1b8196a24a0f2991bc92983b81b3e9d6d16d4fa",
+        ),
+        // 6: the cookie in an initiation, `CookieReply`, the path
+        // challenge and response, each party's own relay channel id; the
+        // IK payload's timestamp (inside the Noise message).
+        (
+            6,
+            "4381973d59cfa152dd3e5c52bc56c78e32399dde2225db36a518dd69e433e0ba",
         ),
     ];
     use sha2::{Digest, Sha256};
@@ -501,7 +523,8 @@ fn random_c2s(rng: &mut impl Rng) -> ClientToServer {
     let locals = (0..rng.gen_range(0..=MAX_ENDPOINTS))
         .map(|_| random_addr(rng))
         .collect();
-    match rng.gen_range(0..8) {
+    match rng.gen_range(0..9) {
+        8 => ClientToServer::PathResponse { data: rng.gen() },
         7 => ClientToServer::PushAck { push_id: rng.gen() },
         0 => ClientToServer::Register {
             rid: rng.gen(),
@@ -545,7 +568,8 @@ fn random_s2c(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
 }
 
 fn random_s2c_plain(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
-    match rng.gen_range(0..10) {
+    match rng.gen_range(0..11) {
+        10 => ServerToClient::PathChallenge { data: rng.gen() },
         0 => ServerToClient::RegisterOk {
             rid: rng.gen(),
             name: random_name(rng),
@@ -599,6 +623,7 @@ fn random_s2c_plain(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
             initiator: rng.gen(),
             relay: rng.gen(),
             peer_hard: rng.gen(),
+            channel: rng.gen(),
             channel_token: rng.gen(),
         }),
         8 => ServerToClient::Pong {
@@ -755,7 +780,7 @@ fn random_bytes_never_panic() {
         if rng.gen_bool(0.5) && b.len() > 2 {
             // Make the header plausible so decoding goes deeper.
             b[0] = VERSION;
-            b[1] = rng.gen_range(0..8);
+            b[1] = rng.gen_range(0..12);
         }
         let _ = Packet::decode(&b);
         let inner = &b[b.len().min(1)..];

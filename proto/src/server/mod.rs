@@ -10,9 +10,16 @@
 //!
 //! Accounts live behind [`AccountStore`]; the binary backs it with SQLite.
 //!
-//! Until a client's address is proven (a data packet from it authenticated)
-//! no reply is larger than the packet that caused it, so the server cannot
-//! be used to amplify traffic toward a spoofed address.
+//! No reply to an address that has not proven it receives there is larger
+//! than the packet that caused it (handshakes), or than three times what
+//! came from it (a session's new address, until it answers a
+//! [`ServerToClient::PathChallenge`]), so the server cannot be used to
+//! amplify traffic toward a spoofed address. A flood of initiations costs
+//! a cookie reply each once the server is busy ([`guard`]), and the
+//! sessions nobody logged in on are capped.
+
+mod guard;
+pub use guard::source_key;
 
 use crate::codec::DecodeError;
 use crate::identity::{Identity, PublicIdentity};
@@ -21,10 +28,12 @@ use crate::wire::{
     self, validate_name, ClientToServer, FailReason, Packet, PunchInstruction, ResetToken,
     ServerToClient, UserEntry, USERS_PER_PAGE,
 };
-use crate::{canonical, Transmit};
+use crate::Transmit;
+use guard::{Cookies, SourceBuckets};
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeSet;
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// What a registration did.
@@ -120,6 +129,18 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Most sessions (finished or not) held at once.
     pub max_sessions: usize,
+    /// Most sessions not logged in (handshakes under way, sessions
+    /// awaiting their first packet, sessions that have not logged in)
+    /// held at once: the oldest goes to make room.
+    pub max_anonymous: usize,
+    /// Handshake initiations processed per second without a cookie; past
+    /// it (or with the anonymous table half full) an initiation gets a
+    /// [`Packet::CookieReply`] instead, at no cost but a MAC.
+    pub handshakes_per_sec: u32,
+    /// Handshake initiations one source (IPv4 address, IPv6 /64) may make
+    /// per second, with a burst of twice that: without a cookie (past it,
+    /// a cookie reply), and with one (past it, dropped).
+    pub handshakes_per_source: u32,
     pub relay: RelayConfig,
     /// The second UDP port the server answers probes on (0: none), told
     /// to clients at login.
@@ -175,6 +196,9 @@ impl Default for ServerConfig {
             intro_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
             max_sessions: 100_000,
+            max_anonymous: 20_000,
+            handshakes_per_sec: 2_000,
+            handshakes_per_source: 20,
             relay: RelayConfig::default(),
             probe_port: 0,
             registrations_per_hour: 20,
@@ -207,6 +231,34 @@ pub struct ServerStats {
     /// Datagrams of another protocol version (each logged at most once a
     /// second, answered at most 100 times a second).
     pub other_version: u64,
+    /// Initiations answered with a cookie reply instead of processed.
+    pub cookies_sent: u64,
+    /// Initiations dropped: over their source's rate with a valid cookie.
+    pub handshakes_limited: u64,
+    /// IK initiations refused because their timestamp was not newer than
+    /// one seen from that key (replays).
+    pub replays: u64,
+    /// Sessions not logged in that went to make room for newer ones.
+    pub anonymous_evicted: u64,
+    /// New addresses challenged, and moved to once they answered.
+    pub paths_challenged: u64,
+    pub paths_validated: u64,
+    /// Initiations dropped because the session table was full.
+    pub table_full: u64,
+}
+
+/// The sizes of the server's tables at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Gauges {
+    /// Sessions, logged in or not.
+    pub sessions: usize,
+    /// XX handshakes waiting for their third message.
+    pub handshakes: usize,
+    /// Sessions and handshakes not logged in (at most `max_anonymous`).
+    pub not_logged_in: usize,
+    pub online: usize,
+    pub relay_channels: usize,
+    pub intros: usize,
 }
 
 /// `ChannelUnknown` answers: at most this many at once, refilled at this
@@ -259,7 +311,36 @@ struct Session {
     /// `relay_at`.
     relay_tokens: f64,
     relay_at: Instant,
+    /// An IK session is confirmed by the client's first data packet (a
+    /// replayed initiation never gets one); until then it is forgotten
+    /// after the handshake timeout.
+    confirmed: bool,
+    created: Instant,
+    /// A new address the client sent from, being validated.
+    path: Option<PathCheck>,
 }
+
+/// A session's candidate address: authenticated packets came from it,
+/// but it has not shown it receives there.
+struct PathCheck {
+    addr: SocketAddr,
+    data: [u8; 8],
+    /// Bytes from and to it so far: at most 3× `received` go there.
+    received: usize,
+    sent: usize,
+    challenged: Option<Instant>,
+}
+
+/// A new address is challenged again after this long without an answer
+/// (while packets keep coming from it).
+const CHALLENGE_RESEND: Duration = Duration::from_millis(250);
+/// To an address not yet validated the server sends at most this many
+/// times the bytes it received from it (QUIC's anti-amplification limit).
+pub const AMPLIFICATION_FACTOR: usize = 3;
+/// Source buckets tracked at most (per kind).
+const MAX_SOURCE_BUCKETS: usize = 100_000;
+/// IK timestamps remembered at most (keys seen); a full map forgets one.
+const MAX_STAMPS: usize = 200_000;
 
 struct PendingXx {
     hs: Handshake,
@@ -267,6 +348,13 @@ struct PendingXx {
     addr: SocketAddr,
     challenge: [u8; 16],
     started: Instant,
+}
+
+/// The cheap checks an initiation passed, and what it may cost.
+enum Admission {
+    Process,
+    CookieReply,
+    Drop,
 }
 
 struct Intro {
@@ -277,9 +365,12 @@ struct Intro {
     created: Instant,
 }
 
-/// A relay channel: the two users of an agreed introduction.
+/// A relay channel: the two users of an agreed introduction, each with
+/// its own secret id (a packet on `ids[i]` is from `users[i]`, and goes
+/// out to the other under `ids[1 - i]`).
 struct Channel {
     users: [String; 2],
+    ids: [u64; 2],
     last_used: Instant,
 }
 
@@ -293,12 +384,30 @@ pub struct Server {
     pending: BTreeMap<u32, PendingXx>,
     by_name: BTreeMap<String, u32>,
     intros: BTreeMap<u64, Intro>,
+    /// Relay channels by introduction, and each party's id to its
+    /// channel and side.
     channels: BTreeMap<u64, Channel>,
-    /// Registration allowance by address: (tokens, last update).
-    register_buckets: BTreeMap<IpAddr, (f64, Instant)>,
+    channel_ids: BTreeMap<u64, (u64, usize)>,
+    /// Registration allowance by source.
+    register_buckets: SourceBuckets,
+    /// Initiations without a cookie, all sources: past this the server
+    /// is under load and asks for cookies.
+    unproven_budget: guard::Bucket,
+    unproven_buckets: SourceBuckets,
+    proven_buckets: SourceBuckets,
+    cookies: Cookies,
+    /// The newest IK timestamp seen per key (WireGuard's replay guard).
+    stamps: BTreeMap<[u8; 32], u64>,
+    /// Sessions and handshakes not logged in, oldest first.
+    anonymous: BTreeSet<(Instant, u32)>,
+    /// Logged-in sessions by their (validated) address.
+    by_addr: BTreeMap<SocketAddr, u32>,
     transmits: VecDeque<Transmit>,
     next_sweep: Option<Instant>,
     stats: ServerStats,
+    /// While a request is handled: the address it came from, where its
+    /// answers go.
+    answer_to: Option<(u32, SocketAddr)>,
     /// When a datagram of another version was last answered, and logged.
     last_refusal: Option<Instant>,
     last_refusal_log: Option<Instant>,
@@ -318,7 +427,22 @@ impl Server {
     /// tests; pass fresh randomness in production.
     pub fn new(identity: Identity, config: ServerConfig, seed: u64) -> Self {
         let reset_key = reset_key(identity.noise_private());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let per_source = config.handshakes_per_source as f64;
         Self {
+            cookies: Cookies::new(&mut rng),
+            unproven_budget: guard::Bucket::full(2.0 * config.handshakes_per_sec as f64),
+            unproven_buckets: SourceBuckets::new(per_source, 2.0 * per_source, MAX_SOURCE_BUCKETS),
+            proven_buckets: SourceBuckets::new(per_source, 2.0 * per_source, MAX_SOURCE_BUCKETS),
+            register_buckets: SourceBuckets::new(
+                config.registrations_per_hour as f64 / 3600.0,
+                REGISTER_BURST,
+                MAX_REGISTER_BUCKETS,
+            ),
+            stamps: BTreeMap::new(),
+            anonymous: BTreeSet::new(),
+            by_addr: BTreeMap::new(),
+            channel_ids: BTreeMap::new(),
             reset_key,
             unknown_budget: (UNKNOWN_BURST, None),
             identity,
@@ -328,13 +452,13 @@ impl Server {
             by_name: BTreeMap::new(),
             intros: BTreeMap::new(),
             channels: BTreeMap::new(),
-            register_buckets: BTreeMap::new(),
             transmits: VecDeque::new(),
             next_sweep: None,
             stats: ServerStats::default(),
             last_refusal: None,
             last_refusal_log: None,
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            answer_to: None,
+            rng,
         }
     }
 
@@ -344,6 +468,25 @@ impl Server {
 
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+
+    /// Whether a logged-in session has `addr` as its address: what keeps a
+    /// TCP connection from that address open past its grace period.
+    pub fn logged_in_at(&self, addr: SocketAddr) -> bool {
+        self.by_addr.contains_key(&addr)
+    }
+
+    /// What the server holds now: the bounded tables, for the operator's
+    /// logs and for tests that assert the bounds.
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            sessions: self.sessions.len(),
+            handshakes: self.pending.len(),
+            not_logged_in: self.anonymous.len(),
+            online: self.by_name.len(),
+            relay_channels: self.channels.len(),
+            intros: self.intros.len(),
+        }
     }
 
     /// Names of the users logged in now.
@@ -430,7 +573,24 @@ impl Server {
                 sender,
                 pattern,
                 noise,
-            } => self.on_init(now, from, buf.len(), sender, pattern, noise),
+                cookie,
+            } => match self.admit(now, from, &cookie) {
+                Admission::Process => self.on_init(now, from, buf.len(), sender, pattern, noise),
+                Admission::CookieReply => {
+                    self.stats.cookies_sent += 1;
+                    let cookie = self.cookies.make(now, from, &mut self.rng);
+                    let reply = Packet::CookieReply {
+                        receiver: sender,
+                        cookie,
+                    }
+                    .encode();
+                    self.reply_unproven(from, buf.len(), reply);
+                }
+                Admission::Drop => {
+                    self.stats.handshakes_limited += 1;
+                    tracing::debug!(%from, "HANDSHAKE(SOURCE_OVER_RATE)");
+                }
+            },
             Packet::HandshakeFinish { receiver, noise } => {
                 self.on_finish(now, from, receiver, noise)
             }
@@ -448,6 +608,7 @@ impl Server {
             Packet::HandshakeResponse { .. }
             | Packet::Punch { .. }
             | Packet::ProbeReply { .. }
+            | Packet::CookieReply { .. }
             | Packet::SessionUnknown { .. }
             | Packet::ChannelUnknown { .. } => {
                 self.stats.malformed += 1;
@@ -467,6 +628,42 @@ impl Server {
         self.transmits.push_back(Transmit::new(dst, payload));
     }
 
+    /// Whether an initiation from `from` is processed, answered with a
+    /// cookie reply, or dropped: a valid cookie proves the address, and
+    /// such initiations are limited per source; without one, an
+    /// initiation is processed only while the server is not under load
+    /// (all sources within `handshakes_per_sec`, this source within its
+    /// own rate, the anonymous table under half full).
+    fn admit(&mut self, now: Instant, from: SocketAddr, cookie: &wire::Cookie) -> Admission {
+        if self.cookies.check(now, from, cookie, &mut self.rng) {
+            return match self.proven_buckets.take(now, from) {
+                true => Admission::Process,
+                false => Admission::Drop,
+            };
+        }
+        let rate = self.config.handshakes_per_sec as f64;
+        let busy = self.anonymous.len() * 2 >= self.config.max_anonymous
+            || !self.unproven_budget.take(now, rate, 2.0 * rate)
+            || !self.unproven_buckets.take(now, from);
+        match busy {
+            true => Admission::CookieReply,
+            false => Admission::Process,
+        }
+    }
+
+    /// Makes room for one more session not logged in: the oldest such
+    /// goes if the table of them is full.
+    fn make_anonymous_room(&mut self) {
+        while self.anonymous.len() >= self.config.max_anonymous.max(1) {
+            let Some((_, index)) = self.anonymous.pop_first() else {
+                break;
+            };
+            self.stats.anonymous_evicted += 1;
+            self.pending.remove(&index);
+            self.sessions.remove(&index);
+        }
+    }
+
     fn on_init(
         &mut self,
         now: Instant,
@@ -477,6 +674,7 @@ impl Server {
         noise: &[u8],
     ) {
         if self.sessions.len() + self.pending.len() >= self.config.max_sessions {
+            self.stats.table_full += 1;
             tracing::warn!(%from, "DROP(FULL)");
             return;
         }
@@ -495,16 +693,16 @@ impl Server {
                 return;
             }
         };
-        let mut challenge = [0u8; 16];
-        self.rng.fill(&mut challenge);
-        let local_index = self.fresh_index();
         let identity = match pattern {
-            Pattern::IK => match self.read_identity(&hs, &payload) {
+            Pattern::IK => match self.read_ik_payload(&hs, &payload) {
                 Some(id) => Some(id),
                 None => return,
             },
             Pattern::XX => None,
         };
+        let mut challenge = [0u8; 16];
+        self.rng.fill(&mut challenge);
+        let local_index = self.fresh_index();
         let msg2 = match hs.write(&challenge) {
             Ok(m) => m,
             Err(e) => {
@@ -519,30 +717,16 @@ impl Server {
         }
         .encode();
         self.stats.handshakes += 1;
+        self.make_anonymous_room();
+        self.anonymous.insert((now, local_index));
         match identity {
             Some(identity) => {
                 let transport = match hs.into_transport(local_index, sender, now) {
                     Ok(t) => t,
                     Err(_) => return,
                 };
-                self.sessions.insert(
-                    local_index,
-                    Session {
-                        pushes: BTreeMap::new(),
-                        // Random, so a client's memory of handled notices
-                        // never matches a new session's ids by accident.
-                        next_push: self.rng.gen::<u32>().max(1),
-                        recent: VecDeque::new(),
-                        addr: from,
-                        transport,
-                        identity,
-                        challenge,
-                        user: None,
-                        last_seen: now,
-                        relay_tokens: self.config.relay.rate_per_user as f64,
-                        relay_at: now,
-                    },
-                );
+                let s = self.new_session(now, from, transport, identity, challenge, false);
+                self.sessions.insert(local_index, s);
             }
             None => {
                 self.pending.insert(
@@ -559,6 +743,61 @@ impl Server {
         }
         self.arm_sweep(now);
         self.reply_unproven(from, request_len, reply);
+    }
+
+    fn new_session(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        transport: Transport,
+        identity: PublicIdentity,
+        challenge: [u8; 16],
+        confirmed: bool,
+    ) -> Session {
+        Session {
+            pushes: BTreeMap::new(),
+            // Random, so a client's memory of handled notices never
+            // matches a new session's ids by accident.
+            next_push: self.rng.gen::<u32>().max(1),
+            recent: VecDeque::new(),
+            addr,
+            transport,
+            identity,
+            challenge,
+            user: None,
+            last_seen: now,
+            relay_tokens: self.config.relay.rate_per_user as f64,
+            relay_at: now,
+            confirmed,
+            created: now,
+            path: None,
+        }
+    }
+
+    /// An IK initiation's payload: the client's identity, then a
+    /// timestamp that must be newer than any seen from its key, so a
+    /// captured initiation cannot be replayed (WireGuard's TAI64N).
+    fn read_ik_payload(&mut self, hs: &Handshake, payload: &[u8]) -> Option<PublicIdentity> {
+        let Some((id_bytes, stamp)) = payload.split_last_chunk::<8>() else {
+            self.stats.malformed += 1;
+            return None;
+        };
+        let id = self.read_identity(hs, id_bytes)?;
+        let stamp = u64::from_be_bytes(*stamp);
+        match self.stamps.get(&id.sign_key) {
+            Some(&seen) if stamp <= seen => {
+                self.stats.replays += 1;
+                tracing::debug!(fingerprint = %id.fingerprint(), "HANDSHAKE(REPLAYED)");
+                return None;
+            }
+            Some(_) => {}
+            None if self.stamps.len() >= MAX_STAMPS => {
+                self.stamps.pop_first();
+            }
+            None => {}
+        }
+        self.stamps.insert(id.sign_key, stamp);
+        Some(id)
     }
 
     fn read_identity(&mut self, hs: &Handshake, payload: &[u8]) -> Option<PublicIdentity> {
@@ -594,28 +833,19 @@ impl Server {
             }
         };
         let Some(identity) = self.read_identity(&p.hs, &payload) else {
+            self.anonymous.remove(&(p.started, receiver));
             return;
         };
         let Ok(transport) = p.hs.into_transport(receiver, p.remote_index, now) else {
+            self.anonymous.remove(&(p.started, receiver));
             return;
         };
         let _ = from;
-        self.sessions.insert(
-            receiver,
-            Session {
-                pushes: BTreeMap::new(),
-                next_push: self.rng.gen::<u32>().max(1),
-                recent: VecDeque::new(),
-                addr: p.addr,
-                transport,
-                identity,
-                challenge: p.challenge,
-                user: None,
-                last_seen: now,
-                relay_tokens: self.config.relay.rate_per_user as f64,
-                relay_at: now,
-            },
-        );
+        // The third message proves the initiator holds its ephemeral key
+        // and received our reply: confirmed. Its place in `anonymous`
+        // (from the initiation) stays until it logs in.
+        let s = self.new_session(now, p.addr, transport, identity, p.challenge, true);
+        self.sessions.insert(receiver, s);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -644,10 +874,8 @@ impl Server {
                 return;
             }
         };
-        // An authenticated packet proves the address; follow the client if
-        // its NAT moved it (roaming).
-        s.addr = from;
         s.last_seen = now;
+        s.confirmed = true;
         let msg = match ClientToServer::decode(&plain) {
             Ok(m) => m,
             Err(e) => {
@@ -656,7 +884,68 @@ impl Server {
                 return;
             }
         };
+        if from != s.addr {
+            // Authenticated, but from a new address: the client's NAT
+            // rebound, or the client claims someone else's address. Its
+            // requests are answered there within three times what came
+            // from there, and the session moves only once the client
+            // answers a challenge sent there (QUIC's path validation).
+            let fresh = match &s.path {
+                Some(p) if p.addr == from => None,
+                _ => Some(self.rng.gen::<[u8; 8]>()),
+            };
+            if let Some(data) = fresh {
+                s.path = Some(PathCheck {
+                    addr: from,
+                    data,
+                    received: 0,
+                    sent: 0,
+                    challenged: None,
+                });
+            }
+            let check = s.path.as_mut().expect("set above");
+            check.received += request_len;
+            let due = check
+                .challenged
+                .is_none_or(|t| now.saturating_duration_since(t) >= CHALLENGE_RESEND);
+            if due {
+                check.challenged = Some(now);
+                let data = check.data;
+                self.stats.paths_challenged += 1;
+                tracing::debug!(%from, "PATH(CHALLENGE)");
+                self.transmit_to(receiver, from, &ServerToClient::PathChallenge { data });
+            }
+        }
+        self.answer_to = Some((receiver, from));
         self.on_message(now, receiver, msg, store);
+        self.answer_to = None;
+    }
+
+    /// A client's answer to a path challenge: the address it reached is
+    /// the session's from now on (any packet carrying the data proves
+    /// the client received it there).
+    fn on_path_response(&mut self, now: Instant, index: u32, data: [u8; 8]) {
+        let Some(s) = self.sessions.get_mut(&index) else {
+            return;
+        };
+        let Some(check) = s.path.take_if(|p| p.data == data) else {
+            return;
+        };
+        tracing::info!(from = %s.addr, to = %check.addr, "PATH(VALIDATED)");
+        if s.user.is_some() {
+            if self.by_addr.get(&s.addr) == Some(&index) {
+                self.by_addr.remove(&s.addr);
+            }
+            self.by_addr.insert(check.addr, index);
+        }
+        s.addr = check.addr;
+        self.stats.paths_validated += 1;
+        // What waited for the old address goes to the new one now.
+        for p in s.pushes.values_mut() {
+            p.next = now;
+        }
+        self.arm_sweep(now);
+        self.next_sweep = Some(now);
     }
 
     /// Sends an answer and remembers it under its request's `rid`.
@@ -709,14 +998,42 @@ impl Server {
         self.transmit(index, &wrapped);
     }
 
+    /// Sends `msg` in session `index`: an answer to the address its
+    /// request came from, anything else to the session's address.
     fn transmit(&mut self, index: u32, msg: &ServerToClient) {
+        let Some(s) = self.sessions.get(&index) else {
+            return;
+        };
+        let dst = match self.answer_to {
+            Some((i, a)) if i == index && !matches!(msg, ServerToClient::Push { .. }) => a,
+            _ => s.addr,
+        };
+        self.transmit_to(index, dst, msg);
+    }
+
+    /// Sends `msg` in session `index` to `dst`: to an address other than
+    /// the session's, only within [`AMPLIFICATION_FACTOR`] times what came
+    /// from it.
+    fn transmit_to(&mut self, index: u32, dst: SocketAddr, msg: &ServerToClient) {
         let Some(s) = self.sessions.get_mut(&index) else {
             return;
         };
-        match s.transport.seal(&msg.encode()) {
-            Ok(payload) => self.transmits.push_back(Transmit::new(s.addr, payload)),
-            Err(e) => tracing::warn!(error = %e, "cannot seal"),
+        let payload = match s.transport.seal(&msg.encode()) {
+            Ok(p) => p,
+            Err(e) => return tracing::warn!(error = %e, "cannot seal"),
+        };
+        if dst != s.addr {
+            let check = s.path.as_mut().filter(|p| p.addr == dst);
+            let Some(check) =
+                check.filter(|c| c.sent + payload.len() <= AMPLIFICATION_FACTOR * c.received)
+            else {
+                self.stats.amplification_refused += 1;
+                tracing::debug!(%dst, "DROP(AMPLIFICATION)");
+                return;
+            };
+            check.sent += payload.len();
         }
+        self.transmits.push_back(Transmit::new(dst, payload));
     }
 
     fn fail(&mut self, index: u32, rid: u32, reason: FailReason, detail: impl Into<String>) {
@@ -730,11 +1047,18 @@ impl Server {
         );
     }
 
-    /// A relayed peer packet: forwarded unchanged, bytes the server cannot
-    /// read, from one user of an agreed introduction to the other, if the
-    /// sender is at its proven address and within its rate.
+    /// A relayed peer packet: forwarded, bytes the server cannot read,
+    /// from one user of an agreed introduction to the other under the
+    /// other's channel id, if the sender is at its validated address and
+    /// within its rate. The channel id is the sender's own secret (told to
+    /// it alone), so the packet is charged to the account it belongs to,
+    /// not to whatever address a stranger writes on a packet.
     fn on_relay(&mut self, now: Instant, from: SocketAddr, channel: u64, datagram: &[u8]) {
-        let Some(ch) = self.channels.get_mut(&channel) else {
+        let found = self
+            .channel_ids
+            .get(&channel)
+            .and_then(|&(key, side)| Some((self.channels.get_mut(&key)?, side)));
+        let Some((ch, side)) = found else {
             self.stats.relay_refused += 1;
             tracing::debug!(%from, "RELAY(NO_CHANNEL)");
             // Say so, provably (we may have restarted): the parties
@@ -755,21 +1079,18 @@ impl Server {
             }
             return;
         };
-        let mut ends = ch.users.iter().map(|u| self.by_name.get(u).copied());
-        let (Some(Some(a)), Some(Some(b))) = (ends.next(), ends.next()) else {
+        let out_channel = ch.ids[1 - side];
+        let (src, dst) = (&ch.users[side], &ch.users[1 - side]);
+        let (Some(&src), Some(&dst)) = (self.by_name.get(src), self.by_name.get(dst)) else {
             self.stats.relay_refused += 1;
             tracing::debug!(%from, "RELAY(PEER_GONE)");
             return;
         };
-        let (src, dst) = if self.sessions.get(&a).is_some_and(|s| s.addr == from) {
-            (a, b)
-        } else if self.sessions.get(&b).is_some_and(|s| s.addr == from) {
-            (b, a)
-        } else {
+        if self.sessions.get(&src).is_none_or(|s| s.addr != from) {
             self.stats.relay_refused += 1;
-            tracing::debug!(%from, "RELAY(NOT_A_PARTY)");
+            tracing::debug!(%from, "RELAY(NOT_THE_PARTY)");
             return;
-        };
+        }
         ch.last_used = now;
         let rate = self.config.relay.rate_per_user as f64;
         let s = self.sessions.get_mut(&src).expect("looked up");
@@ -787,21 +1108,21 @@ impl Server {
         let dst = self.sessions[&dst].addr;
         self.stats.relayed_packets += 1;
         self.stats.relayed_bytes += datagram.len() as u64;
-        self.transmits
-            .push_back(Transmit::new(dst, datagram.to_vec()));
+        let mut out = datagram.to_vec();
+        out[2..wire::RELAY_HEADER_LEN].copy_from_slice(&out_channel.to_be_bytes());
+        self.transmits.push_back(Transmit::new(dst, out));
     }
 
     /// Opens a relay channel for an agreed introduction, replacing any
-    /// older one between the same two users.
-    fn open_channel(&mut self, now: Instant, intro_id: u64, a: &str, b: &str) -> bool {
-        if !self.config.relay.enabled {
-            return false;
+    /// older one between the same two users: each user's channel id, or
+    /// None without a relay.
+    fn open_channel(&mut self, now: Instant, intro_id: u64, a: &str, b: &str) -> Option<[u64; 2]> {
+        if !self.config.relay.enabled || self.config.relay.max_channels == 0 {
+            return None;
         }
-        if self.config.relay.max_channels == 0 {
-            return false;
-        }
-        self.channels
-            .retain(|_, c| !(c.users.iter().any(|u| u == a) && c.users.iter().any(|u| u == b)));
+        self.retain_channels(|c| {
+            !(c.users.iter().any(|u| u == a) && c.users.iter().any(|u| u == b))
+        });
         let per_user = self.config.relay.max_channels_per_user.max(1);
         for user in [a, b] {
             while self
@@ -818,15 +1139,26 @@ impl Server {
             tracing::warn!(channels = self.channels.len(), "RELAY(FULL_EVICT_OLDEST)");
             self.evict_lru(|_| true);
         }
+        let mut ids = [0u64; 2];
+        for (side, id) in ids.iter_mut().enumerate() {
+            *id = loop {
+                let id: u64 = self.rng.gen();
+                if id != 0 && !self.channel_ids.contains_key(&id) {
+                    break id;
+                }
+            };
+            self.channel_ids.insert(*id, (intro_id, side));
+        }
         self.channels.insert(
             intro_id,
             Channel {
                 users: [a.to_owned(), b.to_owned()],
+                ids,
                 last_used: now,
             },
         );
         self.stats.relay_channels += 1;
-        true
+        Some(ids)
     }
 
     /// Drops the least recently used channel among those `which` picks.
@@ -837,8 +1169,9 @@ impl Server {
             .filter(|(_, c)| which(c))
             .min_by_key(|(_, c)| c.last_used)
             .map(|(id, _)| *id);
-        if let Some(id) = oldest {
-            self.channels.remove(&id);
+        if let Some(c) = oldest.and_then(|id| self.channels.remove(&id)) {
+            self.channel_ids.remove(&c.ids[0]);
+            self.channel_ids.remove(&c.ids[1]);
         }
     }
 
@@ -882,9 +1215,14 @@ impl Server {
             }
             ClientToServer::Login { rid, signature } => self.on_login(index, rid, signature, store),
             ClientToServer::Ping { rid } => {
-                let observed = self.sessions[&index].addr;
+                // Where the ping came from, validated or not: the client
+                // learns its NAT's mapping now.
+                let observed = self
+                    .answer_to
+                    .map_or(self.sessions[&index].addr, |(_, a)| a);
                 self.send(index, &ServerToClient::Pong { rid, observed });
             }
+            ClientToServer::PathResponse { data } => self.on_path_response(now, index, data),
             ClientToServer::Logout => self.remove_session(index, "logout"),
             ClientToServer::ListUsers { rid, offset } => {
                 if self.user_of(index).is_none() {
@@ -983,42 +1321,11 @@ impl Server {
         }
     }
 
-    /// Takes one registration from the allowance of `addr`'s address (its
+    /// Takes one registration from the allowance of `addr`'s source (its
     /// IPv4 address, its IPv6 /64), if it has one left: a token bucket of
     /// [`REGISTER_BURST`] refilled at `registrations_per_hour`.
     fn register_allowed(&mut self, now: Instant, addr: SocketAddr) -> bool {
-        let per_hour = self.config.registrations_per_hour;
-        if per_hour == 0 {
-            return true;
-        }
-        let key = match canonical(addr).ip() {
-            IpAddr::V6(v6) => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(o.into())
-            }
-            v4 => v4,
-        };
-        if !self.register_buckets.contains_key(&key)
-            && self.register_buckets.len() >= MAX_REGISTER_BUCKETS
-        {
-            // Full: one goes (the first by address; no scan of them all).
-            self.register_buckets.pop_first();
-        }
-        let (tokens, at) = self
-            .register_buckets
-            .entry(key)
-            .or_insert((REGISTER_BURST, now));
-        let rate = per_hour as f64 / 3600.0;
-        *tokens =
-            (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(REGISTER_BURST);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.register_buckets.take(now, addr)
     }
 
     fn on_login(
@@ -1063,6 +1370,9 @@ impl Server {
                 // with it (request ids are random per client run, so a
                 // restarted client does not meet its old answers).
                 if let Some(prev) = self.sessions.remove(&old) {
+                    if self.by_addr.get(&prev.addr) == Some(&old) {
+                        self.by_addr.remove(&prev.addr);
+                    }
                     if let Some(s) = self.sessions.get_mut(&index) {
                         // The relay allowance is the user's, not the
                         // session's: a new login does not refill it.
@@ -1081,6 +1391,10 @@ impl Server {
         }
         let s = self.sessions.get_mut(&index).expect("session exists");
         s.user = Some(name.clone());
+        let (created, addr) = (s.created, s.addr);
+        self.anonymous.remove(&(created, index));
+        self.by_addr.insert(addr, index);
+        let s = &self.sessions[&index];
         let observed = s.addr;
         self.stats.logins += 1;
         tracing::info!(%name, %observed, "LOGIN(OK)");
@@ -1231,12 +1545,14 @@ impl Server {
         }
         self.stats.introductions += 1;
         tracing::info!(from = %intro.from, to = %intro.to, "INTRO(PUNCH)");
-        let relay = self.open_channel(now, intro_id, &intro.from, &intro.to);
-        let channel_token = if relay {
-            self.reset_token(TOKEN_CHANNEL, intro_id)
-        } else {
-            [0; 16]
-        };
+        let ids = self.open_channel(now, intro_id, &intro.from, &intro.to);
+        let relay = ids.is_some();
+        // Each side's id and its reset token (from, to).
+        let [(from_channel, from_token), (to_channel, to_token)] =
+            ids.unwrap_or_default().map(|id| match id {
+                0 => (0, [0; 16]),
+                id => (id, self.reset_token(TOKEN_CHANNEL, id)),
+            });
         let (a, b) = (&self.sessions[&requester], &self.sessions[&index]);
         let to_requester = PunchInstruction {
             intro_id,
@@ -1247,7 +1563,8 @@ impl Server {
             initiator: true,
             relay,
             peer_hard: hard,
-            channel_token,
+            channel: from_channel,
+            channel_token: from_token,
         };
         let to_target = PunchInstruction {
             intro_id,
@@ -1258,7 +1575,8 @@ impl Server {
             initiator: false,
             relay,
             peer_hard: intro.from_hard,
-            channel_token,
+            channel: to_channel,
+            channel_token: to_token,
         };
         self.push(now, requester, ServerToClient::Punch(to_requester));
         self.push(now, index, ServerToClient::Punch(to_target));
@@ -1266,14 +1584,31 @@ impl Server {
 
     fn remove_session(&mut self, index: u32, why: &str) {
         if let Some(s) = self.sessions.remove(&index) {
+            self.anonymous.remove(&(s.created, index));
+            if self.by_addr.get(&s.addr) == Some(&index) {
+                self.by_addr.remove(&s.addr);
+            }
             if let Some(name) = s.user {
                 if self.by_name.get(&name) == Some(&index) {
                     self.by_name.remove(&name);
-                    self.channels.retain(|_, c| !c.users.contains(&name));
+                    self.retain_channels(|c| !c.users.contains(&name));
                     tracing::info!(%name, why, "PRESENCE(GONE)");
                 }
             }
         }
+    }
+
+    /// Keeps the relay channels `keep` picks, forgetting the others' ids.
+    fn retain_channels(&mut self, keep: impl Fn(&Channel) -> bool) {
+        let ids = &mut self.channel_ids;
+        self.channels.retain(|_, c| {
+            let kept = keep(c);
+            if !kept {
+                ids.remove(&c.ids[0]);
+                ids.remove(&c.ids[1]);
+            }
+            kept
+        });
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -1293,9 +1628,24 @@ impl Server {
         for i in expired {
             self.remove_session(i, "heartbeats stopped");
         }
+        // Handshakes and IK sessions never confirmed (a replayed
+        // initiation's) go after the handshake timeout; the oldest of
+        // `anonymous` are the only ones that can be that old.
         let hs_timeout = self.config.handshake_timeout;
-        self.pending
-            .retain(|_, p| now.saturating_duration_since(p.started) < hs_timeout);
+        let stale: Vec<(Instant, u32)> = self
+            .anonymous
+            .iter()
+            .take_while(|(at, _)| now.saturating_duration_since(*at) >= hs_timeout)
+            // Confirmed and not logged in: it stays (its place in the cap
+            // too) until its heartbeats stop.
+            .filter(|(_, i)| !self.sessions.get(i).is_some_and(|s| s.confirmed))
+            .copied()
+            .collect();
+        for (at, index) in stale {
+            self.anonymous.remove(&(at, index));
+            self.pending.remove(&index);
+            self.sessions.remove(&index);
+        }
         let old: Vec<u64> = self
             .intros
             .iter()
@@ -1320,8 +1670,7 @@ impl Server {
             }
         }
         let idle = self.config.relay.idle_timeout;
-        self.channels
-            .retain(|_, c| now.saturating_duration_since(c.last_used) < idle);
+        self.retain_channels(|c| now.saturating_duration_since(c.last_used) < idle);
         let mut resend = Vec::new();
         for (index, s) in self.sessions.iter_mut() {
             s.pushes.retain(|_, p| p.tries < PUSH_TRIES);
