@@ -2379,12 +2379,16 @@ fn a_rebound_client_is_followed_after_one_round_trip() {
     let mut sim = Sim::new(232, Link::clean());
     sim.register_both();
     let moved: SocketAddr = "192.0.2.10:4444".parse().unwrap();
+    let old = sim.addrs[0];
+    assert!(sim.server.as_ref().unwrap().logged_in_at(old));
     sim.addrs[0] = moved;
     let now = sim.now;
     sim.node(0).list_users(now);
     sim.run_for(Duration::from_secs(2));
     let stats = sim.server.as_ref().unwrap().stats().clone();
     assert_eq!(stats.paths_validated, 1, "{stats:?}");
+    let server = sim.server.as_ref().unwrap();
+    assert!(server.logged_in_at(moved) && !server.logged_in_at(old));
     let now = sim.now;
     sim.node(1).connect(now, "alice");
     sim.run_until(Duration::from_secs(3), |s| {

@@ -270,3 +270,93 @@ async fn serve(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Drives `clients` (accepts, opens, closes) for a moment.
+    async fn pump(clients: &mut TcpClients) {
+        while tokio::time::timeout(Duration::from_millis(50), clients.next())
+            .await
+            .is_ok()
+        {}
+    }
+
+    /// Whether the server closed `s` (EOF or reset within a moment).
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn slots_go_to_logged_in_connections() {
+        // D8: connections that never log in hold a slot for the grace
+        // period at most, a full table closes the oldest of them for a
+        // newcomer, and one source has at most MAX_PER_SOURCE.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = TcpClients::new(listener, 3, Duration::from_secs(60));
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            streams.push(TcpStream::connect(addr).await.unwrap());
+            pump(&mut clients).await;
+        }
+        assert_eq!(clients.open(), 3);
+        let first = streams[0].local_addr().unwrap();
+        let second = streams[1].local_addr().unwrap();
+        // The second is logged in; the table is full: a newcomer closes the
+        // oldest not logged in (the first), not the second.
+        clients.reap(Instant::now(), |a| a == second);
+        streams.push(TcpStream::connect(addr).await.unwrap());
+        pump(&mut clients).await;
+        assert!(closed(&mut streams[0]).await, "{first} kept");
+        assert!(!closed(&mut streams[1]).await);
+        assert_eq!(clients.open(), 3);
+        // Past the grace period, only the logged-in one stays.
+        let later = Instant::now() + LOGIN_GRACE;
+        assert_eq!(clients.reap(later, |a| a == second), 2);
+        pump(&mut clients).await;
+        assert_eq!(clients.open(), 1);
+        assert!(!closed(&mut streams[1]).await);
+        assert!(closed(&mut streams[2]).await && closed(&mut streams[3]).await);
+        // One source: MAX_PER_SOURCE at most (all from 127.0.0.1 here).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = TcpClients::new(listener, 100, Duration::from_secs(60));
+        let mut many = Vec::new();
+        for _ in 0..MAX_PER_SOURCE + 2 {
+            many.push(TcpStream::connect(addr).await.unwrap());
+            pump(&mut clients).await;
+        }
+        assert_eq!(clients.open(), MAX_PER_SOURCE);
+        assert_eq!(clients.refused, 2);
+    }
+
+    #[tokio::test]
+    async fn empty_frames_do_not_keep_a_connection() {
+        // D8: a connection sending only empty frames idles out as if it
+        // sent nothing; one sending packets stays.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let idle = Duration::from_millis(1000);
+        let mut clients = TcpClients::new(listener, 10, idle);
+        let mut empty = TcpStream::connect(addr).await.unwrap();
+        let mut real = TcpStream::connect(addr).await.unwrap();
+        let probe = Packet::Probe { nonce: 1 }.encode();
+        let mut framed = (probe.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&probe);
+        for _ in 0..14 {
+            let _ = empty.write_all(&[0, 0]).await;
+            real.write_all(&framed).await.unwrap();
+            pump(&mut clients).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(closed(&mut empty).await, "empty frames kept it open");
+        assert!(!closed(&mut real).await);
+    }
+}
