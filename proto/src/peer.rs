@@ -292,6 +292,20 @@ enum State {
     Closed,
 }
 
+/// To an address the peer moved to but that has not shown it receives
+/// (answered a ping sent there), at most this many times the bytes that
+/// came from it are sent (QUIC's anti-amplification limit).
+pub const AMPLIFICATION_FACTOR: usize = 3;
+/// Validated addresses remembered per session.
+const VALIDATED_KEPT: usize = 4;
+
+struct PathCheck {
+    addr: SocketAddr,
+    nonce: u64,
+    received: usize,
+    sent: usize,
+}
+
 /// What a punch instruction says to do: which introduction, which
 /// endpoints to probe, and whether we start the handshake.
 #[derive(Clone, Debug)]
@@ -396,6 +410,17 @@ pub struct PeerSession {
     /// Pings in flight: when sent, and whether the user asked (a probe's
     /// answer only updates the round trip).
     pings: BTreeMap<u64, (Instant, bool)>,
+    /// The address the session moved to (authenticated packets came from
+    /// it) that has not yet answered our ping from there; until it does,
+    /// it gets at most [`AMPLIFICATION_FACTOR`] times what came from it:
+    /// a peer that writes a victim's address on its packets cannot make
+    /// us send the victim a file.
+    path_check: Option<PathCheck>,
+    /// Addresses that answered (the last few), and the ones the session
+    /// started on: moving back to one needs no check.
+    validated: VecDeque<SocketAddr>,
+    /// Packets not sent to an unvalidated address for want of budget.
+    pub amplification_refused: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
     rng: rand::rngs::StdRng,
@@ -428,6 +453,9 @@ impl PeerSession {
             spray: None,
             upgrade_at: None,
             last_direct_rx: None,
+            path_check: None,
+            validated: VecDeque::new(),
+            amplification_refused: 0,
             rtt: None,
             pings: BTreeMap::new(),
             transmits: VecDeque::new(),
@@ -606,6 +634,14 @@ impl PeerSession {
             .encode(),
             _ => payload,
         };
+        if let Some(c) = self.path_check.as_mut().filter(|c| c.addr == dst) {
+            if c.sent + payload.len() > AMPLIFICATION_FACTOR * c.received {
+                self.amplification_refused += 1;
+                tracing::debug!(%dst, "DROP(AMPLIFICATION)");
+                return;
+            }
+            c.sent += payload.len();
+        }
         self.transmits.push_back(Transmit::new(dst, payload));
     }
 
@@ -1443,9 +1479,33 @@ impl PeerSession {
                 .last_direct_rx
                 .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_STALE);
         let moved = e.dst != from && is_current && !(from_relay && direct_fresh);
+        let mut challenge = None;
         if moved {
-            e.dst = from;
+            let old = std::mem::replace(&mut e.dst, from);
             e.dst_since = now;
+            // The address we leave was in use: it worked, unless it was
+            // itself still being checked.
+            if self.path_check.as_ref().is_none_or(|c| c.addr != old) {
+                remember(&mut self.validated, old);
+            }
+            self.path_check = None;
+            if !from_relay && !self.validated.contains(&from) {
+                let nonce = self.rng.gen();
+                self.path_check = Some(PathCheck {
+                    addr: from,
+                    nonce,
+                    received: 0,
+                    sent: 0,
+                });
+                challenge = Some(nonce);
+            }
+        }
+        if let Some(c) = self.path_check.as_mut().filter(|c| c.addr == from) {
+            c.received += wire::DATA_HEADER_LEN + ciphertext.len();
+        }
+        if let Some(nonce) = challenge {
+            tracing::debug!(%from, "PATH(CHALLENGE)");
+            self.send(now, &PeerToPeer::Ping { nonce });
         }
         self.heard(now, from);
         self.announce_up(from);
@@ -1469,6 +1529,10 @@ impl PeerSession {
                 self.send(now, &PeerToPeer::Pong { nonce });
             }
             PeerToPeer::Pong { nonce } => {
+                if let Some(c) = self.path_check.take_if(|c| c.nonce == nonce) {
+                    tracing::debug!(addr = %c.addr, "PATH(VALIDATED)");
+                    remember(&mut self.validated, c.addr);
+                }
                 if let Some((sent, asked)) = self.pings.remove(&nonce) {
                     let rtt = now.saturating_duration_since(sent);
                     self.rtt = Some(rtt);
@@ -1490,6 +1554,17 @@ impl PeerSession {
                 self.events.push_back(PeerEvent::Received(m))
             }
         }
+    }
+}
+
+/// Adds `addr` to the validated addresses, the oldest going past
+/// [`VALIDATED_KEPT`].
+fn remember(validated: &mut VecDeque<SocketAddr>, addr: SocketAddr) {
+    if !validated.contains(&addr) {
+        if validated.len() >= VALIDATED_KEPT {
+            validated.pop_front();
+        }
+        validated.push_back(addr);
     }
 }
 

@@ -2578,3 +2578,65 @@ fn a_handshake_flood_costs_cookies_not_sessions() {
         s.nodes[1].as_ref().unwrap().link_state() == LinkState::LoggedIn
     });
 }
+
+#[test]
+fn a_peer_cannot_aim_our_file_at_another_address() {
+    // The daemon's side of "no amplification": bob sends alice a file;
+    // alice then writes a victim's address on her authenticated packets
+    // (her acknowledgements). Bob's session follows only as far as the
+    // budget allows: the victim gets at most three times what came from
+    // "it" until it answers a ping, which it cannot (without the limit:
+    // 939,067 bytes of the file for 207 received; with it, 499).
+    let mut sim = Sim::new(236, Link::clean());
+    sim.register_both();
+    sim.connect();
+    let (alice, bob) = (sim.addrs[0], sim.addrs[1]);
+    let victim: SocketAddr = "203.0.113.7:7777".parse().unwrap();
+    let file = SimFile::new(0x77, 236, 32 << 20, 64 << 10);
+    let now = sim.now;
+    let hash = proto::file_hash(&file.piece_hashes);
+    let n = sim.node(1);
+    n.io_mut().sources.insert(file.id, file.data.clone());
+    let desc = FileDesc {
+        id: TransferId(file.id),
+        path: "big.bin".into(),
+        size: file.data.len() as u64,
+        piece_size: file.piece_size,
+        hash,
+        group: None,
+    };
+    n.offer_file(now, "alice", desc, file.piece_hashes.clone());
+    sim.run_until(Duration::from_secs(10), |s| {
+        s.has_event(0, |e| {
+            matches!(
+                e,
+                NodeEvent::Transfer {
+                    event: TransferEvent::Offered(_),
+                    ..
+                }
+            )
+        })
+    });
+    let now = sim.now;
+    assert!(sim
+        .node(0)
+        .accept_file(now, "bob", TransferId(file.id), &[]));
+    sim.run_for(Duration::from_millis(100));
+    let mut received = 0;
+    let until = sim.now + Duration::from_secs(5);
+    while sim.now < until {
+        sim.step();
+        for w in sim.wire.iter_mut() {
+            if w.1 == alice && w.2 == bob {
+                w.1 = victim;
+                received += w.3.len();
+            }
+        }
+    }
+    let sent = bytes_between(&sim, bob, victim);
+    assert!(received > 0, "the attack ran");
+    assert!(
+        sent <= 3 * received,
+        "bob sent the victim {sent} bytes for {received} received"
+    );
+}
