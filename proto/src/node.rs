@@ -327,8 +327,9 @@ struct Listing {
 }
 
 /// Most users one listing gathers (the server's page count is not
-/// trusted to end).
-const MAX_LISTED: usize = 100_000;
+/// trusted to end): within what the server gives one session at once
+/// (`list_pages_per_sec`' burst: 1,000 pages of 12).
+const MAX_LISTED: usize = 10_000;
 
 /// NAT probes are resent this often, this many times (the answers are
 /// small UDP datagrams that may be lost).
@@ -554,7 +555,7 @@ impl<F: FileIo> Node<F> {
     /// Asks the server for every active user, page after page; one
     /// [`NodeEvent::Users`] with the returned id answers.
     pub fn list_users(&mut self, now: Instant) -> u32 {
-        let rid = self.request_page(now, 0);
+        let rid = self.request_page(now, String::new());
         self.listings.insert(
             rid,
             Listing {
@@ -566,29 +567,25 @@ impl<F: FileIo> Node<F> {
         rid
     }
 
-    fn request_page(&mut self, now: Instant, offset: u16) -> u32 {
+    fn request_page(&mut self, now: Instant, after: String) -> u32 {
         self.link
-            .request(now, |rid| ClientToServer::ListUsers { rid, offset })
+            .request(now, |rid| ClientToServer::ListUsers { rid, after })
     }
 
-    /// A page of a listing arrived: ask for the next one, or answer.
+    /// A page of a listing arrived: ask for the next one (the names after
+    /// its last), or answer.
     fn on_page(&mut self, now: Instant, rid: u32, result: Result<ServerToClient, RequestError>) {
         let Some(mut listing) = self.listings.remove(&rid) else {
             return;
         };
         let result = match result {
-            Ok(ServerToClient::UserList {
-                total,
-                offset,
-                users,
-                ..
-            }) => {
-                let got = users.len();
+            Ok(ServerToClient::UserList { users, .. }) => {
+                let full = users.len() == wire::USERS_PER_PAGE;
+                let last = users.last().map(|u| u.name.clone());
                 listing.users.extend(users);
-                let next = offset as usize + got;
                 // More pages (and the list still bounded): ask for the next.
-                if got > 0 && next < total as usize && listing.users.len() < MAX_LISTED {
-                    let next_rid = self.request_page(now, next.min(u16::MAX as usize) as u16);
+                if let Some(last) = last.filter(|_| full && listing.users.len() < MAX_LISTED) {
+                    let next_rid = self.request_page(now, last);
                     self.listings.insert(next_rid, listing);
                     return;
                 }

@@ -141,6 +141,10 @@ pub struct ServerConfig {
     /// per second, with a burst of twice that: without a cookie (past it,
     /// a cookie reply), and with one (past it, dropped).
     pub handshakes_per_source: u32,
+    /// User-list pages one session may ask for per second, after a burst
+    /// of ten times that (a listing of 12,000 names at once); past it,
+    /// `RateLimited`. 0: no limit.
+    pub list_pages_per_sec: u32,
     pub relay: RelayConfig,
     /// The second UDP port the server answers probes on (0: none), told
     /// to clients at login.
@@ -199,6 +203,7 @@ impl Default for ServerConfig {
             max_anonymous: 20_000,
             handshakes_per_sec: 2_000,
             handshakes_per_source: 20,
+            list_pages_per_sec: 100,
             relay: RelayConfig::default(),
             probe_port: 0,
             registrations_per_hour: 20,
@@ -245,6 +250,8 @@ pub struct ServerStats {
     pub paths_validated: u64,
     /// Initiations dropped because the session table was full.
     pub table_full: u64,
+    /// User-list pages refused: the session asked too often.
+    pub lists_limited: u64,
 }
 
 /// The sizes of the server's tables at one moment.
@@ -318,6 +325,8 @@ struct Session {
     created: Instant,
     /// A new address the client sent from, being validated.
     path: Option<PathCheck>,
+    /// User-list pages this session may still ask for.
+    list_budget: guard::Bucket,
 }
 
 /// A session's candidate address: authenticated packets came from it,
@@ -771,6 +780,7 @@ impl Server {
             confirmed,
             created: now,
             path: None,
+            list_budget: guard::Bucket::full(10.0 * self.config.list_pages_per_sec as f64),
         }
     }
 
@@ -1224,25 +1234,39 @@ impl Server {
             }
             ClientToServer::PathResponse { data } => self.on_path_response(now, index, data),
             ClientToServer::Logout => self.remove_session(index, "logout"),
-            ClientToServer::ListUsers { rid, offset } => {
+            ClientToServer::ListUsers { rid, after } => {
                 if self.user_of(index).is_none() {
                     return self.fail(index, rid, FailReason::NotLoggedIn, "log in first");
                 }
-                // `by_name` is ordered by name: a page is a walk of at most
-                // `offset` (a u16) entries plus the page, with no sort and
-                // no copy of the whole list (it was sorted for every page:
-                // 7.6 s of CPU for a listing of 15k users).
-                let total = self.by_name.len().min(u16::MAX as usize) as u16;
+                let per_sec = self.config.list_pages_per_sec as f64;
+                let s = self.sessions.get_mut(&index).expect("session exists");
+                if per_sec > 0.0 && !s.list_budget.take(now, per_sec, 10.0 * per_sec) {
+                    self.stats.lists_limited += 1;
+                    return self.fail(
+                        index,
+                        rid,
+                        FailReason::RateLimited,
+                        format!("too many user-list pages (at most {per_sec} a second); try again in a second"),
+                    );
+                }
+                // `by_name` is ordered by name: a page is the range after
+                // the cursor, O(log n + page), with no sort, no copy and
+                // no walk past earlier pages (sorting every online user
+                // for each page was 7.6 s of CPU for a listing of 15k).
+                let total = self.by_name.len().min(u32::MAX as usize) as u32;
+                let start = match after.is_empty() {
+                    true => std::ops::Bound::Unbounded,
+                    false => std::ops::Bound::Excluded(after),
+                };
                 let page: Vec<UserEntry> = self
                     .by_name
-                    .iter()
+                    .range((start, std::ops::Bound::Unbounded))
                     .filter_map(|(n, i)| {
                         self.sessions.get(i).map(|s| UserEntry {
                             name: n.clone(),
                             sign_key: s.identity.sign_key,
                         })
                     })
-                    .skip(offset as usize)
                     .take(USERS_PER_PAGE)
                     .collect();
                 self.send(
@@ -1250,7 +1274,6 @@ impl Server {
                     &ServerToClient::UserList {
                         rid,
                         total,
-                        offset,
                         users: page,
                     },
                 );

@@ -17,9 +17,11 @@ pub enum ClientToServer {
         rid: u32,
         signature: [u8; 64],
     },
+    /// A page of the users online: those whose names come after `after`
+    /// (from the first when empty), [`USERS_PER_PAGE`] at most.
     ListUsers {
         rid: u32,
-        offset: u16,
+        after: String,
     },
     /// `hard`: the sender's NAT maps each destination to a new port
     /// (endpoint-dependent mapping, found with [`Packet::Probe`]); the
@@ -63,8 +65,8 @@ impl ClientToServer {
             ClientToServer::Login { rid, signature } => {
                 w.u8(2).u32(*rid).bytes(signature);
             }
-            ClientToServer::ListUsers { rid, offset } => {
-                w.u8(3).u32(*rid).u16(*offset);
+            ClientToServer::ListUsers { rid, after } => {
+                w.u8(3).u32(*rid).string(after);
             }
             ClientToServer::RequestConnect {
                 rid,
@@ -120,7 +122,7 @@ impl ClientToServer {
             },
             3 => ClientToServer::ListUsers {
                 rid: r.u32()?,
-                offset: r.u16()?,
+                after: r.string(MAX_NAME)?,
             },
             4 => ClientToServer::RequestConnect {
                 rid: r.u32()?,

@@ -105,6 +105,10 @@ pub enum FlowFrame {
 
 /// Longest relative path in an offer, in bytes.
 pub const MAX_FILE_PATH: usize = 1024;
+/// Longest reason in [`FlowFrame::Skipped`], in bytes: with a path of
+/// [`MAX_FILE_PATH`] the frame still fits a base-size packet (with 200
+/// bytes it did not, and such a frame could never be delivered).
+pub const MAX_SKIP_REASON: usize = 128;
 /// Most piece hashes in one [`FlowFrame::Hashes`].
 pub const MAX_HASHES: usize = 32;
 /// Most ranges in [`FlowFrame::Accept`] and [`PeerToPeer::FlowAck`].
@@ -242,7 +246,7 @@ impl FlowFrame {
                     .string(path)
                     .u64(*group)
                     .u32(*group_files)
-                    .string(truncate_utf8(reason, MAX_DETAIL));
+                    .string(truncate_utf8(reason, MAX_SKIP_REASON));
             }
         }
     }
@@ -296,7 +300,7 @@ impl FlowFrame {
                 path: r.string(MAX_FILE_PATH)?,
                 group: r.u64()?,
                 group_files: r.u32()?,
-                reason: r.string(MAX_DETAIL)?,
+                reason: r.string(MAX_SKIP_REASON)?,
             },
             t => return Err(DecodeError::UnknownType(t)),
         })

@@ -62,10 +62,11 @@ pub enum ServerToClient {
         reason: FailReason,
         detail: String,
     },
+    /// A page of the users online (in name order), and how many are
+    /// online in all.
     UserList {
         rid: u32,
-        total: u16,
-        offset: u16,
+        total: u32,
         users: Vec<UserEntry>,
     },
     /// Someone asks to connect to you; answer with `AgreeConnect`.
@@ -142,13 +143,8 @@ impl ServerToClient {
                 let detail = truncate_utf8(detail, MAX_DETAIL);
                 w.u8(3).u32(*rid).u8(reason.code()).string(detail);
             }
-            ServerToClient::UserList {
-                rid,
-                total,
-                offset,
-                users,
-            } => {
-                w.u8(4).u32(*rid).u16(*total).u16(*offset);
+            ServerToClient::UserList { rid, total, users } => {
+                w.u8(4).u32(*rid).u32(*total);
                 w.list(users, |w, u| {
                     w.string(&u.name).bytes(&u.sign_key);
                 });
@@ -222,8 +218,7 @@ impl ServerToClient {
             },
             4 => ServerToClient::UserList {
                 rid: r.u32()?,
-                total: r.u16()?,
-                offset: r.u16()?,
+                total: r.u32()?,
                 users: r.list(USERS_PER_PAGE, |r| {
                     Ok(UserEntry {
                         name: r.string(MAX_NAME)?,

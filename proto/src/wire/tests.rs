@@ -232,7 +232,10 @@ fn every_frame() -> Vec<Vec<u8>> {
             rid: 2,
             signature: [0x66; 64],
         },
-        ClientToServer::ListUsers { rid: 3, offset: 12 },
+        ClientToServer::ListUsers {
+            rid: 3,
+            after: "bob".into(),
+        },
         ClientToServer::RequestConnect {
             rid: 4,
             name: "bob".into(),
@@ -283,7 +286,6 @@ fn every_frame() -> Vec<Vec<u8>> {
         ServerToClient::UserList {
             rid: 4,
             total: 2,
-            offset: 0,
             users: vec![UserEntry {
                 name: "bob".into(),
                 sign_key: [0x77; 32],
@@ -478,11 +480,12 @@ fn layout_is_frozen_per_version() {
             "b3459ad23cb2e973d2de59dec1b8196a24a0f2991bc92983b81b3e9d6d16d4fa",
         ),
         // 6: the cookie in an initiation, `CookieReply`, the path
-        // challenge and response, each party's own relay channel id; the
-        // IK payload's timestamp (inside the Noise message).
+        // challenge and response, each party's own relay channel id, user
+        // lists paged by a name cursor with a 32-bit total; the IK
+        // payload's timestamp (inside the Noise message).
         (
             6,
-            "4381973d59cfa152dd3e5c52bc56c78e32399dde2225db36a518dd69e433e0ba",
+            "d65d34fd610fff4fb673e8a32abadf94e908e94ad196e3a4b4557881ab663a63",
         ),
     ];
     use sha2::{Digest, Sha256};
@@ -536,7 +539,7 @@ fn random_c2s(rng: &mut impl Rng) -> ClientToServer {
         },
         2 => ClientToServer::ListUsers {
             rid: rng.gen(),
-            offset: rng.gen(),
+            after: random_name(rng),
         },
         3 => ClientToServer::RequestConnect {
             rid: rng.gen(),
@@ -589,7 +592,6 @@ fn random_s2c_plain(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
         3 => ServerToClient::UserList {
             rid: rng.gen(),
             total: rng.gen(),
-            offset: rng.gen(),
             users: (0..rng.gen_range(0..=USERS_PER_PAGE))
                 .map(|_| UserEntry {
                     name: random_name(rng),
@@ -716,7 +718,7 @@ fn random_frame(rng: &mut impl Rng) -> FlowFrame {
             path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
             group: rng.gen(),
             group_files: rng.gen(),
-            reason: "x".repeat(rng.gen_range(0..=MAX_DETAIL)),
+            reason: "x".repeat(rng.gen_range(0..=MAX_SKIP_REASON)),
         },
         _ => FlowFrame::Done { id },
     }
