@@ -109,8 +109,19 @@ enum Cmd {
         no_wait: bool,
     },
     /// List file transfers, newest first: state, bytes done, rate and time
-    /// left.
-    Transfers,
+    /// left. Shows 100 at a time (see --limit and --offset), or the files
+    /// of one directory (--dir).
+    Transfers {
+        /// How many to show (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// How many of the newest to skip.
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        /// Only the files of this directory transfer (its id).
+        #[arg(long, value_name = "ID")]
+        dir: Option<String>,
+    },
     /// Cancel a transfer in either direction, or decline an offer.
     Cancel { id: String },
     /// Take every file NAME offers from now on into DIR, without asking;
@@ -424,7 +435,11 @@ async fn follow(
     let mut files_failed = std::collections::HashSet::new();
     if files.is_some() {
         let (_, list) = conn
-            .call_as::<Vec<TransferInfo>>(Command::Transfers)
+            .call_as::<Vec<TransferInfo>>(Command::Transfers {
+                limit: None,
+                offset: None,
+                group: Some(id.clone()),
+            })
             .await?;
         for t in list {
             if t.group.as_deref() != Some(id.as_str()) {
@@ -482,7 +497,9 @@ async fn follow(
         let (ev_id, ev_group) = match &event {
             Event::TransferProgress { id, group, .. }
             | Event::TransferDone { id, group, .. }
-            | Event::TransferFailed { id, group, .. } => (id.as_str(), group.as_deref()),
+            | Event::TransferFailed { id, group, .. }
+            | Event::TransferPaused { id, group, .. }
+            | Event::TransferResumed { id, group, .. } => (id.as_str(), group.as_deref()),
             _ => continue,
         };
         let ours = ev_id == id || (files.is_some() && ev_group == Some(id.as_str()));
@@ -584,6 +601,15 @@ async fn follow(
                 let message = format!("transfer {id} failed: {reason}");
                 return Err(Failure { code: 1, message });
             }
+            // Paused (a full disk at the receiver): it goes on by itself;
+            // say so once, and keep waiting.
+            Event::TransferPaused { reason, .. } if !json => {
+                if tty {
+                    eprintln!();
+                }
+                eprintln!("p2pctl: paused: {} (waiting)", clean(reason));
+            }
+            Event::TransferResumed { .. } if !json => eprintln!("p2pctl: resumed"),
             _ => {}
         }
     }
@@ -742,9 +768,13 @@ async fn run(args: Args) -> Result<(), Failure> {
                 Some(w) => follow(&mut conn, w, (&v, &t), json).await,
             }
         }
-        Cmd::Transfers => {
+        Cmd::Transfers { limit, offset, dir } => {
             let (v, list) = conn
-                .call_as::<Vec<TransferInfo>>(Command::Transfers)
+                .call_as::<Vec<TransferInfo>>(Command::Transfers {
+                    limit: Some(limit),
+                    offset: Some(offset),
+                    group: dir,
+                })
                 .await?;
             if json {
                 return out(&v.to_string());
@@ -1129,6 +1159,16 @@ fn event_text(e: &Event) -> String {
             short_id(id),
             clean(reason)
         ),
+        Event::TransferPaused {
+            id, peer, reason, ..
+        } => format!(
+            "-- transfer {} with {peer} paused: {}",
+            short_id(id),
+            clean(reason)
+        ),
+        Event::TransferResumed { id, peer, .. } => {
+            format!("-- transfer {} with {peer} resumed", short_id(id))
+        }
     }
 }
 

@@ -38,6 +38,7 @@ pub enum JobDone {
         name: String,
         group: (u64, u32),
         size: u64,
+        piece_size: u32,
         mtime_ns: i64,
         hash: [u8; 32],
         piece_hashes: Vec<[u8; 32]>,
@@ -132,6 +133,20 @@ const RESERVED_DESCRIPTORS: u64 = 320;
 /// Raises the soft open-file limit to the hard one (at most 65,536), as a
 /// daemon that may hold many files and sockets should; returns the soft
 /// limit in force.
+/// Bytes an unprivileged process may still write on `dir`'s file system
+/// (statvfs's available blocks), if it can be told.
+pub fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only the struct passed; the path is a valid
+    // NUL-terminated string for the call's duration.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 pub fn raise_open_file_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -492,6 +507,7 @@ fn hash_job(
             name,
             group,
             size,
+            piece_size,
             mtime_ns,
             hash,
             piece_hashes,

@@ -69,6 +69,9 @@ pub struct Config {
     pub keepalive: Duration,
     /// Where accepted files go when `accept-file` names no directory.
     pub downloads: PathBuf,
+    /// How long records of finished and ended transfers are kept (None:
+    /// forever).
+    pub keep_transfers: Option<Duration>,
 }
 
 pub use daemon::run;

@@ -48,6 +48,16 @@ struct Args {
     /// [default: your downloads directory, e.g. ~/Downloads].
     #[arg(long, env = "P2PD_DOWNLOADS")]
     downloads: Option<PathBuf>,
+    /// Days a finished or failed transfer's record is kept (shown by
+    /// `p2pctl transfers`) before it is forgotten; the files stay. 0 keeps
+    /// them forever.
+    #[arg(
+        long,
+        env = "P2PD_KEEP_TRANSFERS",
+        default_value_t = 30,
+        value_name = "DAYS"
+    )]
+    keep_transfers: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -119,6 +129,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         downloads: args
             .downloads
             .unwrap_or_else(proto::control::paths::default_downloads),
+        keep_transfers: (args.keep_transfers > 0)
+            .then(|| Duration::from_secs(args.keep_transfers.saturating_mul(86_400))),
     };
     p2pd::run(config, shutdown_signal()).await
 }

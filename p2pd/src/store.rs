@@ -140,6 +140,24 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        // Indexes that keep every transfer query a lookup, not a scan, with
+        // 100k records (`transfers` pages, id and directory prefixes,
+        // counts of offers waiting); made on every open, once.
+        let has_transfers = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'transfers'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if has_transfers {
+            conn.execute_batch(
+                "CREATE INDEX IF NOT EXISTS transfers_created ON transfers (created_ms DESC, id);
+                 CREATE INDEX IF NOT EXISTS transfers_grp ON transfers (grp);
+                 CREATE INDEX IF NOT EXISTS transfers_state ON transfers (state, direction);",
+            )?;
+        }
         Ok(Self { conn })
     }
 
@@ -462,6 +480,78 @@ impl Store {
         self.transfers_where("1", [])
     }
 
+    /// A page of transfers, newest first: `limit` from `offset`, and how
+    /// many there are in all.
+    pub fn transfers_page(
+        &self,
+        limit: u32,
+        offset: u32,
+    ) -> Result<(Vec<TransferRow>, u64), StoreError> {
+        let rows = self.transfers_query(
+            "ORDER BY created_ms DESC, id LIMIT ?1 OFFSET ?2",
+            params![limit, offset],
+        )?;
+        let total: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM transfers", [], |r| r.get(0))?;
+        Ok((rows, total as u64))
+    }
+
+    /// At most two transfers whose ids lie in `lo..=hi` (an id prefix).
+    pub fn transfers_in(&self, (lo, hi): (u64, u64)) -> Result<Vec<TransferRow>, StoreError> {
+        self.transfers_query(
+            "WHERE id BETWEEN ?1 AND ?2 ORDER BY id LIMIT 2",
+            params![lo as i64, hi as i64],
+        )
+    }
+
+    /// At most two directories whose ids lie in `lo..=hi`; `incoming`:
+    /// received ones only.
+    pub fn groups_in(&self, (lo, hi): (u64, u64), incoming: bool) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT DISTINCT grp FROM transfers WHERE grp BETWEEN ?1 AND ?2 AND grp != 0              AND (?3 = 0 OR direction = 'in') LIMIT 2",
+        )?;
+        let rows = stmt.query_map(params![lo as i64, hi as i64, incoming], |r| {
+            r.get::<_, i64>(0).map(|g| g as u64)
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Incoming transfers paused (a full disk).
+    pub fn paused_incoming(&self) -> Result<Vec<TransferRow>, StoreError> {
+        self.transfers_where("state = 'paused' AND direction = 'in'", [])
+    }
+
+    /// Incoming offers waiting for an answer, from everyone.
+    pub fn offers_waiting(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM transfers WHERE state = 'offered' AND direction = 'in'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    /// Directory `group` as offered so far: its files known, and how many
+    /// its first file said it has (0 with none known).
+    pub fn group_count(&self, group: u64) -> Result<(u64, u32), StoreError> {
+        let (n, files): (i64, Option<u32>) = self.conn.query_row(
+            "SELECT COUNT(*), MIN(grp_files) FROM transfers WHERE grp = ?1",
+            [group as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((n as u64, files.unwrap_or(0)))
+    }
+
+    /// Forgets finished and ended transfers made before `before_ms`
+    /// (their records only: files stay). Returns how many went.
+    pub fn prune_transfers(&self, before_ms: u64) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM transfers WHERE state IN ('done', 'ended') AND created_ms < ?1              AND (part IS NULL OR state = 'done')",
+            [before_ms as i64],
+        )?)
+    }
+
     /// Incoming transfers of this content from `peer` that ended keeping
     /// their partial file (a full disk), to resume into; newest first.
     pub fn kept_parts(
@@ -550,10 +640,22 @@ impl Store {
         condition: &str,
         params: P,
     ) -> Result<Vec<TransferRow>, StoreError> {
+        self.transfers_query(
+            &format!("WHERE {condition} ORDER BY created_ms DESC, id"),
+            params,
+        )
+    }
+
+    /// Transfers selected by `tail` (what follows `FROM transfers`).
+    fn transfers_query<P: rusqlite::Params>(
+        &self,
+        tail: &str,
+        params: P,
+    ) -> Result<Vec<TransferRow>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT id, peer, direction, name, path, part, size, piece_size, hash, \
              piece_hashes, verified, mtime_ns, state, reason, created_ms, grp, grp_files \
-             FROM transfers WHERE {condition} ORDER BY created_ms DESC, id"
+             FROM transfers {tail}"
         ))?;
         let rows = stmt.query_map(params, |r| {
             let hash: Vec<u8> = r.get(8)?;
@@ -717,5 +819,130 @@ mod tests {
             )
             .unwrap();
         assert!(s.contact_identity("eve").unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod transfer_index_tests {
+    use super::*;
+
+    fn row(id: u64, group: u64, state: TransferState, created_ms: u64) -> TransferRow {
+        TransferRow {
+            id,
+            peer: "bob".into(),
+            outgoing: false,
+            name: format!("f{id}"),
+            path: None,
+            part: None,
+            size: 10,
+            piece_size: 10,
+            hash: [0; 32],
+            piece_hashes: Vec::new(),
+            verified: Vec::new(),
+            mtime_ns: None,
+            state,
+            reason: None,
+            created_ms,
+            group,
+            group_files: 3,
+        }
+    }
+
+    fn store(tag: &str) -> Store {
+        let d = std::env::temp_dir().join(format!("p2pd-idx-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Store::open(&d.join("p2pd.db")).unwrap()
+    }
+
+    #[test]
+    fn every_transfer_query_is_an_index_lookup_not_a_scan() {
+        // D3: `transfers` pages, id and directory prefixes and the count of
+        // offers waiting never read every record (the plan names an index,
+        // never a bare scan of the table), so 100k records cost a page.
+        let s = store("plan");
+        for (sql, why) in [
+            (
+                "SELECT id FROM transfers ORDER BY created_ms DESC, id LIMIT 100 OFFSET 0",
+                "page",
+            ),
+            (
+                "SELECT id FROM transfers WHERE id BETWEEN 1 AND 2 ORDER BY id LIMIT 2",
+                "id prefix",
+            ),
+            (
+                "SELECT DISTINCT grp FROM transfers WHERE grp BETWEEN 1 AND 2 AND grp != 0 LIMIT 2",
+                "directory prefix",
+            ),
+            (
+                "SELECT COUNT(*) FROM transfers WHERE state = 'offered' AND direction = 'in'",
+                "offers waiting",
+            ),
+            (
+                "SELECT COUNT(*), MIN(grp_files) FROM transfers WHERE grp = 1",
+                "directory count",
+            ),
+        ] {
+            let plan: Vec<String> = {
+                let mut stmt = s
+                    .conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .unwrap();
+                stmt.query_map([], |r| r.get::<_, String>(3))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap()
+            };
+            let text = plan.join("; ");
+            assert!(!plan.iter().any(|p| p == "SCAN transfers"), "{why}: {text}");
+            assert!(
+                text.contains("INDEX")
+                    || text.contains("PRIMARY KEY")
+                    || text.contains("INTEGER PRIMARY"),
+                "{why}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn pages_prefixes_counts_and_pruning() {
+        let s = store("page");
+        for i in 0..250u64 {
+            let st = if i < 100 {
+                TransferState::Done
+            } else {
+                TransferState::Offered
+            };
+            s.insert_transfer(&row(
+                0xabcd_0000_0000_0000 + i,
+                (i % 5 == 0) as u64 * 7,
+                st,
+                i,
+            ))
+            .unwrap();
+        }
+        let (page, total) = s.transfers_page(100, 0).unwrap();
+        assert_eq!((page.len(), total), (100, 250));
+        assert_eq!(page[0].created_ms, 249, "newest first");
+        let (page, _) = s.transfers_page(100, 200).unwrap();
+        assert_eq!(page.len(), 50);
+        assert_eq!(
+            s.transfers_in((0xabcd_0000_0000_0005, 0xabcd_0000_0000_0005))
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            s.transfers_in((0xabcd_0000_0000_0000, 0xabcd_ffff_ffff_ffff))
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(s.offers_waiting().unwrap(), 150);
+        assert_eq!(s.group_count(7).unwrap(), (50, 3));
+        assert_eq!(s.groups_in((0, 10), true).unwrap(), [7]);
+        // Done records made before 50 go; offers and newer stay.
+        assert_eq!(s.prune_transfers(50).unwrap(), 50);
+        assert_eq!(s.transfers_page(1000, 0).unwrap().1, 200);
     }
 }

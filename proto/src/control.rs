@@ -141,8 +141,16 @@ pub enum Command {
         #[serde(default)]
         to: Option<String>,
     },
-    /// Every transfer, newest first.
-    Transfers,
+    /// Transfers, newest first: `limit` (100 if not given, 1,000 at
+    /// most) from `offset`; with `group`, every file of that directory.
+    Transfers {
+        #[serde(default)]
+        limit: Option<u32>,
+        #[serde(default)]
+        offset: Option<u32>,
+        #[serde(default)]
+        group: Option<String>,
+    },
     /// Cancels a transfer in either direction (declines an offer).
     Cancel { transfer: String },
     /// Takes every file `peer` offers from now on into directory `dir`
@@ -175,7 +183,7 @@ impl Command {
             Command::Watch => "watch",
             Command::SendFile { .. } => "send_file",
             Command::AcceptFile { .. } => "accept_file",
-            Command::Transfers => "transfers",
+            Command::Transfers { .. } => "transfers",
             Command::Cancel { .. } => "cancel",
             Command::AutoAccept { .. } => "auto_accept",
         }
@@ -540,6 +548,9 @@ pub enum TransferState {
     Active,
     /// `finishing`: every byte there, the last checks running.
     Finishing,
+    /// `paused`: the receiver's disk is full; it goes on by itself when
+    /// space returns (`reason` says so).
+    Paused,
     /// `done`: the file is at the receiver, verified.
     Done,
     /// `ended`: ended without the file (cancelled, declined, failed).
@@ -547,11 +558,12 @@ pub enum TransferState {
 }
 
 impl TransferState {
-    pub const ALL: [TransferState; 6] = [
+    pub const ALL: [TransferState; 7] = [
         TransferState::Hashing,
         TransferState::Offered,
         TransferState::Active,
         TransferState::Finishing,
+        TransferState::Paused,
         TransferState::Done,
         TransferState::Ended,
     ];
@@ -563,6 +575,7 @@ impl TransferState {
             TransferState::Offered => "offered",
             TransferState::Active => "active",
             TransferState::Finishing => "finishing",
+            TransferState::Paused => "paused",
             TransferState::Done => "done",
             TransferState::Ended => "ended",
         }
@@ -676,6 +689,19 @@ pub enum Event {
         id: String,
         peer: String,
         reason: String,
+        group: Option<String>,
+    },
+    /// The transfer stopped for now (the receiver's disk is full); a
+    /// `transfer_resumed` follows when it goes on.
+    TransferPaused {
+        id: String,
+        peer: String,
+        reason: String,
+        group: Option<String>,
+    },
+    TransferResumed {
+        id: String,
+        peer: String,
         group: Option<String>,
     },
 }

@@ -810,6 +810,20 @@ impl<F: FileIo> Node<F> {
         ok
     }
 
+    /// Pauses `name`'s incoming transfer `id` (its file cannot be written:
+    /// a full disk); [`Node::resume_file`] takes it up again.
+    pub fn pause_file(&mut self, now: Instant, name: &str, id: TransferId, reason: &str) -> bool {
+        let ok = self.transfers_of(name).is_ok_and(|t| t.pause(id, reason));
+        self.pump(now);
+        ok
+    }
+
+    pub fn resume_file(&mut self, now: Instant, name: &str, id: TransferId) -> bool {
+        let ok = self.transfers_of(name).is_ok_and(|t| t.resume(id));
+        self.pump(now);
+        ok
+    }
+
     pub fn piece_checked(
         &mut self,
         now: Instant,
@@ -838,6 +852,11 @@ impl<F: FileIo> Node<F> {
     }
 
     /// Every transfer with every peer.
+    /// The status of `peer`'s transfer `id`, if the machine has it.
+    pub fn transfer_of(&self, peer: &str, id: TransferId) -> Option<TransferStatus> {
+        self.peers.get(peer)?.transfers.status_of(id)
+    }
+
     pub fn transfer_status(&self) -> Vec<(String, TransferStatus)> {
         self.peers
             .iter()

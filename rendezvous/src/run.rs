@@ -394,6 +394,7 @@ fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
         paths_challenged = s.paths_challenged,
         paths_validated = s.paths_validated,
         table_full = s.table_full,
+        lists_limited = s.lists_limited,
         "STATS"
     );
 }

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// Transfers a `transfers` request without a limit gets.
+const DEFAULT_TRANSFERS_PAGE: u32 = 100;
+
 /// How long `connect` waits: the server's introduction timeout (60 s)
 /// plus punching and the handshake.
 const CONNECT_WAIT: Duration = Duration::from_secs(90);
@@ -163,8 +166,19 @@ impl Daemon {
                 tracing::info!(%peer, on = dir.is_some(), "TRANSFER(AUTO_ACCEPT)");
                 json(&AutoAcceptSet { peer, dir })
             }
-            Command::Transfers => {
-                let list = self.transfer_list()?;
+            Command::Transfers {
+                group: Some(group), ..
+            } => {
+                // (A directory still being hashed has no files yet: none.)
+                let rows = match self.find_group(&group, false)? {
+                    Some(g) => self.store.group_members(g).map_err(internal)?,
+                    None => Vec::new(),
+                };
+                json(&self.infos(&rows))
+            }
+            Command::Transfers { limit, offset, .. } => {
+                let list = self
+                    .transfer_list(limit.unwrap_or(DEFAULT_TRANSFERS_PAGE), offset.unwrap_or(0))?;
                 json(&list)
             }
             Command::Cancel { transfer } => {
@@ -179,13 +193,9 @@ impl Daemon {
                             .cancel_file(now, &row.peer, row.tid(), "cancelled by the user");
                         self.end_transfer(row, "cancelled by the user");
                     }
-                    let group = hex_id(members[0].group);
-                    return json(&Cancelled::Directory(
-                        self.transfer_list()?
-                            .into_iter()
-                            .filter(|t| t.group.as_deref() == Some(group.as_str()))
-                            .collect(),
-                    ));
+                    let group = members[0].group;
+                    let rows = self.store.group_members(group).map_err(internal)?;
+                    return json(&Cancelled::Directory(self.infos(&rows)));
                 }
                 let row = self.find_transfer(&transfer)?;
                 if row.state.is_final() {

@@ -69,8 +69,10 @@ struct Daemon {
     groups: HashMap<u64, u64>,
 }
 
-/// Integrity is checked by pieces of this size.
-const PIECE_SIZE: u32 = proto::PIECE_SIZE;
+/// How often paused transfers look for room to go on.
+const RESUME_CHECK: Duration = Duration::from_secs(2);
+/// How often old transfer records are pruned (`--keep-transfers`).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Rates are measured over this window.
 const RATE_WINDOW: Duration = Duration::from_secs(3);
 
@@ -181,8 +183,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         progress_shown: HashMap::new(),
         groups: HashMap::new(),
     };
+    d.prune_transfers();
     d.restore_transfers(Instant::now())?;
     d.drain(Instant::now()).await?;
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    let mut resume_check = tokio::time::interval(RESUME_CHECK);
 
     // Network changes, where the system reports them.
     let watch = match netwatch::NetWatch::new() {
@@ -217,6 +222,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 d.node.handle_datagram_via(Instant::now(), Via::Socket(id), from, &bytes);
             }
             Some(done) = jobs_inbox.recv() => d.on_job(Instant::now(), done),
+            _ = prune.tick() => d.prune_transfers(),
+            _ = resume_check.tick() => d.resume_paused(Instant::now()),
             _ = netwatch::next_change(watch.as_ref()) => {
                 // Our candidates may have changed with the network.
                 let server = d.config.server;

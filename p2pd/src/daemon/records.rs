@@ -3,6 +3,10 @@
 //! shown to watchers.
 
 use super::*;
+
+/// Incoming offers waiting for an answer, from everyone, at most; past it
+/// an offer is refused with a reason the sender sees.
+pub(super) const MAX_OFFERS_WAITING: u64 = 50_000;
 use proto::{FileDesc, Group, GroupId, TransferId};
 
 /// Progress events per transfer at most this often.
@@ -18,7 +22,7 @@ impl Daemon {
                 self.groups.insert(t.id, t.group);
             }
             match (t.outgoing, t.state) {
-                (true, TransferState::Offered | TransferState::Active) => {
+                (true, TransferState::Offered | TransferState::Active | TransferState::Paused) => {
                     let path = t.path.clone().unwrap_or_default();
                     let unchanged = std::fs::metadata(&path).is_ok_and(|m| {
                         m.len() == t.size && Some(files::mtime_ns(&m)) == t.mtime_ns
@@ -46,7 +50,7 @@ impl Daemon {
                 (false, TransferState::Offered) => {
                     self.node.restore_offer(now, &t.peer, t.desc());
                 }
-                (false, TransferState::Active) => {
+                (false, TransferState::Active | TransferState::Paused) => {
                     let Some(part) = t.part.clone() else { continue };
                     // A part file that vanished would make its verified
                     // pieces a lie: the transfer ends instead.
@@ -69,6 +73,11 @@ impl Daemon {
                     let have: Vec<bool> = t.verified.iter().map(|v| *v == 1).collect();
                     tracing::info!(id = %hex_id(t.id), peer = %t.peer, held = have.iter().filter(|h| **h).count(), "TRANSFER(RESUME_RECEIVING)");
                     self.node.restore_incoming(now, &t.peer, t.desc(), &have);
+                    if t.state == TransferState::Paused {
+                        // Still paused: the check for room resumes it.
+                        self.node
+                            .pause_file(now, &t.peer, t.tid(), "the receiver's disk is full");
+                    }
                 }
                 _ => {}
             }
@@ -122,19 +131,27 @@ impl Daemon {
             return; // ended already: packets still in flight
         }
         let full = e.raw_os_error() == Some(libc::ENOSPC);
+        if full {
+            // Paused, not ended: what arrived and was verified stays, the
+            // sender stops, and both go on when space returns
+            // (`resume_paused`), across restarts too.
+            let reason = "the disk is full; it goes on by itself when there is room";
+            tracing::warn!(id = %hex_id(id), "TRANSFER(PAUSED_DISK_FULL)");
+            self.node
+                .pause_file(now, peer, TransferId(id), "the receiver's disk is full");
+            let _ = self
+                .store
+                .transfer_state(id, TransferState::Paused, None, Some(reason));
+            self.broadcast(Event::TransferPaused {
+                id: hex_id(id),
+                peer: peer.to_owned(),
+                reason: reason.to_owned(),
+                group: self.group_of(id),
+            });
+            return;
+        }
         // The peer is told why, not where our files are.
-        let (told, reason) = if full {
-            // What arrived stays, for the user to look at or to free space
-            // and have it sent again.
-            self.node.io_mut().keep_part(id);
-            (
-                "the receiver's disk is full".to_owned(),
-                format!(
-                    "the receiver's disk is full (what arrived is kept in {}; the same file sent again goes on from there)",
-                    row.part.as_deref().unwrap_or("the .part file")
-                ),
-            )
-        } else {
+        let (told, reason) = {
             let r = format!("cannot write the file: {e}");
             ("the receiver cannot write the file".to_owned(), r)
         };
@@ -152,6 +169,7 @@ impl Daemon {
                 name,
                 group,
                 size,
+                piece_size,
                 mtime_ns,
                 hash,
                 piece_hashes,
@@ -173,7 +191,7 @@ impl Daemon {
                     path: Some(path.display().to_string()),
                     part: None,
                     size,
-                    piece_size: PIECE_SIZE,
+                    piece_size,
                     hash,
                     piece_hashes: piece_hashes.concat(),
                     verified: Vec::new(),
@@ -261,6 +279,62 @@ impl Daemon {
         }
     }
 
+    /// Why a new incoming offer is refused, if it is: too many offers wait
+    /// already (from everyone), or it would make its directory more than
+    /// that directory said it is, or it comes for a directory already
+    /// accepted (which was taken as listed then).
+    fn offer_refusal(&self, group: u64, group_files: u32) -> Option<String> {
+        let waiting = self.store.offers_waiting().unwrap_or(0);
+        if waiting >= MAX_OFFERS_WAITING {
+            return Some(format!(
+                "the receiver has {MAX_OFFERS_WAITING} offers waiting for an answer; offer again later"
+            ));
+        }
+        if group == 0 {
+            return None;
+        }
+        if group_files as usize > proto::MAX_PENDING_OFFERS {
+            return Some(format!(
+                "a directory of more than {} files",
+                proto::MAX_PENDING_OFFERS
+            ));
+        }
+        let accepted = self
+            .store
+            .setting(&format!("group_root:{}", hex_id(group)))
+            .ok()
+            .flatten()
+            .is_some();
+        if accepted {
+            return Some("not part of the directory as it was accepted".into());
+        }
+        match self.store.group_count(group) {
+            Ok((n, files)) if n > 0 && files != group_files => Some(format!(
+                "the directory said {files} files, this file says {group_files}"
+            )),
+            Ok((n, _)) if n >= u64::from(group_files) => {
+                Some(format!("more files than the directory's {group_files}"))
+            }
+            Ok(_) => None,
+            Err(e) => Some(format!("storage error: {e}")),
+        }
+    }
+
+    /// Forgets records of transfers finished or ended longer ago than
+    /// `--keep-transfers` (a partial file kept for resuming keeps its
+    /// record).
+    pub(super) fn prune_transfers(&mut self) {
+        let Some(keep) = self.config.keep_transfers else {
+            return;
+        };
+        let before = now_ms().saturating_sub(keep.as_millis() as u64);
+        match self.store.prune_transfers(before) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "TRANSFER(PRUNED)"),
+            Err(e) => tracing::warn!(error = %e, "STORE(PRUNE)"),
+        }
+    }
+
     pub(super) fn on_transfer(&mut self, now: Instant, peer: String, event: proto::TransferEvent) {
         use proto::TransferEvent as T;
         match event {
@@ -291,6 +365,11 @@ impl Daemon {
                     _ => {}
                 }
                 if known.is_none() {
+                    if let Some(reason) = self.offer_refusal(group, group_files) {
+                        tracing::info!(id = %hex_id(id), %peer, reason, "TRANSFER(OFFER_REFUSED)");
+                        self.node.cancel_file(now, &peer, TransferId(id), &reason);
+                        return;
+                    }
                     let row = TransferRow {
                         id,
                         peer: peer.clone(),
@@ -321,13 +400,30 @@ impl Daemon {
                         .ok()
                         .flatten()
                         .filter(|d| !d.is_empty());
-                    if let Some(dir) = auto {
+                    // (A directory once all its files are offered: it is
+                    // taken as listed, and nothing is added to it later.)
+                    let complete = group == 0
+                        || self
+                            .store
+                            .group_count(group)
+                            .is_ok_and(|(n, files)| n >= u64::from(files));
+                    // A directory the user accepted while it was arriving.
+                    let asked = self
+                        .store
+                        .setting(&format!("group_accept:{}", hex_id(group)))
+                        .ok()
+                        .flatten()
+                        .filter(|_| group != 0);
+                    let auto = asked.or(auto);
+                    if let Some(dir) = auto.filter(|_| complete) {
                         let dir = std::path::PathBuf::from(dir);
                         let _ = std::fs::create_dir_all(&dir);
                         let done = if group != 0 {
                             self.accept_group(now, group, &dir).map(|_| ())
                         } else {
-                            self.accept_into(now, &row, &dir, &files::sanitize(&path))
+                            transfers::check_space(&dir, size).and_then(|_| {
+                                self.accept_into(now, &row, &dir, &files::sanitize(&path))
+                            })
                         };
                         match done {
                             Ok(()) => {
@@ -338,19 +434,6 @@ impl Daemon {
                                 tracing::warn!(error = %e.message, "TRANSFER(AUTO_ACCEPT_FAILED)")
                             }
                         }
-                    }
-                    // A file of a directory already accepted follows it.
-                    let root = self
-                        .store
-                        .setting(&format!("group_root:{}", hex_id(group)))
-                        .ok()
-                        .flatten()
-                        .filter(|_| group != 0);
-                    if let Some(root) = root {
-                        if let Err(e) = self.accept_member(now, &row, root.as_ref()) {
-                            tracing::warn!(error = %e.message, "TRANSFER(GROUP_ACCEPT_FAILED)");
-                        }
-                        return;
                     }
                 }
                 tracing::info!(id = %hex_id(id), %peer, size, "TRANSFER(OFFER_RECEIVED)");
@@ -437,10 +520,8 @@ impl Daemon {
                     self.progress_shown.insert(id, now);
                     let size = self
                         .node
-                        .transfer_status()
-                        .into_iter()
-                        .find(|(_, s)| s.id == TransferId(id))
-                        .map_or(0, |(_, s)| s.size);
+                        .transfer_of(&peer, TransferId(id))
+                        .map_or(0, |s| s.size);
                     let rate = self.rate(id);
                     let group = self.group_of(id);
                     self.broadcast(Event::TransferProgress {
@@ -490,6 +571,64 @@ impl Daemon {
                 error,
             } => {
                 tracing::warn!(id = %hex_id(id), %peer, %error, "TRANSFER(READ_FAILED)");
+            }
+            T::Paused {
+                id: TransferId(id),
+                reason,
+            } => {
+                tracing::info!(id = %hex_id(id), %peer, %reason, "TRANSFER(PAUSED_BY_PEER)");
+                let _ = self
+                    .store
+                    .transfer_state(id, TransferState::Paused, None, Some(&reason));
+                self.broadcast(Event::TransferPaused {
+                    id: hex_id(id),
+                    peer,
+                    reason,
+                    group: self.group_of(id),
+                });
+            }
+            T::Resumed { id: TransferId(id) } => {
+                tracing::info!(id = %hex_id(id), %peer, "TRANSFER(RESUMED_BY_PEER)");
+                let _ = self
+                    .store
+                    .transfer_state(id, TransferState::Active, None, None);
+                self.broadcast(Event::TransferResumed {
+                    id: hex_id(id),
+                    peer,
+                    group: self.group_of(id),
+                });
+            }
+        }
+    }
+
+    /// Paused incoming transfers whose disk has room again go on (every
+    /// [`RESUME_CHECK`]): room for what is still to come, and a margin.
+    pub(super) fn resume_paused(&mut self, now: Instant) {
+        let Ok(paused) = self.store.paused_incoming() else {
+            return;
+        };
+        for row in paused {
+            let Some(part) = row.part.as_deref() else {
+                continue;
+            };
+            let dir = std::path::Path::new(part)
+                .parent()
+                .unwrap_or(std::path::Path::new("."));
+            let held = row.verified.iter().filter(|v| **v == 1).count() as u64;
+            let left = row.size.saturating_sub(held * row.piece_size as u64);
+            if transfers::check_space(dir, left).is_err() {
+                continue;
+            }
+            if self.node.resume_file(now, &row.peer, row.tid()) {
+                tracing::info!(id = %hex_id(row.id), peer = %row.peer, "TRANSFER(RESUMED)");
+                let _ = self
+                    .store
+                    .transfer_state(row.id, TransferState::Active, None, None);
+                self.broadcast(Event::TransferResumed {
+                    id: hex_id(row.id),
+                    peer: row.peer.clone(),
+                    group: self.group_of(row.id),
+                });
             }
         }
     }

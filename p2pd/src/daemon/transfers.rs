@@ -36,6 +36,7 @@ impl Daemon {
                 format!("{} is not a regular file", path.display()),
             ));
         }
+        let piece_size = piece_size(&path, meta.len())?;
         let id = self.new_transfer_id()?;
         let name = path
             .file_name()
@@ -48,7 +49,7 @@ impl Daemon {
             path.clone(),
             name.clone(),
             (0, 0),
-            PIECE_SIZE,
+            piece_size,
         );
         json(&TransferInfo {
             id: hex_id(id),
@@ -102,7 +103,9 @@ impl Daemon {
         let n = list.len() as u32;
         let mut size = 0;
         for (path, rel) in list {
-            size += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            size += len;
+            let piece_size = piece_size(&path, len)?;
             let id = self.new_transfer_id()?;
             self.groups.insert(id, group);
             self.node.io_mut().hash(
@@ -111,7 +114,7 @@ impl Daemon {
                 path,
                 format!("{top}/{rel}"),
                 (group, n),
-                PIECE_SIZE,
+                piece_size,
             );
         }
         tracing::info!(group = %hex_id(group), %peer, files = n, size, "TRANSFER(HASHING_DIRECTORY)");
@@ -192,13 +195,15 @@ impl Daemon {
             ));
         }
         let name = files::sanitize(&row.name);
+        check_space(&dir, row.size)?;
         self.accept_into(now, &row, &dir, &name)?;
         json(&self.transfer_info(&self.transfer_row(row.id)?))
     }
 
-    /// Takes every file offered so far of directory `group` into a new
-    /// directory under `dir` (its name, numbered if taken); files of it
-    /// offered later follow by themselves.
+    /// Takes directory `group` into a new directory under `dir` (its name,
+    /// numbered if taken): only once every file it announced is offered,
+    /// and only those (an offer for it later is refused), if they fit in
+    /// the free space.
     pub(super) fn accept_group(
         &mut self,
         now: Instant,
@@ -212,6 +217,45 @@ impl Daemon {
             .into_iter()
             .filter(|t| !t.outgoing)
             .collect();
+        let announced = members.first().map_or(0, |t| t.group_files) as usize;
+        let first = members.first();
+        if members.len() < announced {
+            // Still arriving: taken once every file it announced is here
+            // (and only those), checked for space then.
+            self.store
+                .set_setting(
+                    &format!("group_accept:{}", hex_id(group)),
+                    &dir.display().to_string(),
+                )
+                .map_err(internal)?;
+            tracing::info!(group = %hex_id(group), have = members.len(), announced, "TRANSFER(DIRECTORY_ACCEPT_WHEN_COMPLETE)");
+            return json(&TransferInfo {
+                id: hex_id(group),
+                peer: first.map(|t| t.peer.clone()).unwrap_or_default(),
+                direction: Direction::In,
+                name: first
+                    .map(|t| files::sanitize_path(&t.name)[0].clone())
+                    .unwrap_or_default(),
+                size: members.iter().map(|t| t.size).sum(),
+                done: 0,
+                state: TransferState::Offered,
+                rate: None,
+                eta_s: None,
+                path: None,
+                reason: Some(format!(
+                    "accepted: starts once all {announced} files are offered ({} so far)",
+                    members.len()
+                )),
+                group: Some(hex_id(group)),
+                files: first.map(|t| t.group_files),
+            });
+        }
+        let need: u64 = members
+            .iter()
+            .filter(|t| t.state == TransferState::Offered)
+            .map(|t| t.size)
+            .sum();
+        check_space(dir, need)?;
         let key = format!("group_root:{}", hex_id(group));
         let root = match self.store.setting(&key).map_err(internal)? {
             Some(r) => std::path::PathBuf::from(r),
@@ -356,20 +400,10 @@ impl Daemon {
     /// received.
     pub(super) fn find_group(&self, id: &str, incoming: bool) -> Result<Option<u64>, ControlError> {
         let want = id.trim().to_ascii_lowercase();
-        if want.len() < 4 {
+        let Some(range) = prefix_range(&want) else {
             return Ok(None);
-        }
-        let mut groups: Vec<u64> = self
-            .store
-            .transfers()
-            .map_err(internal)?
-            .into_iter()
-            .filter(|t| t.group != 0 && !(incoming && t.outgoing))
-            .map(|t| t.group)
-            .filter(|g| hex_id(*g).starts_with(&want))
-            .collect();
-        groups.sort_unstable();
-        groups.dedup();
+        };
+        let groups = self.store.groups_in(range, incoming).map_err(internal)?;
         if groups.len() > 1 {
             return Err(err(
                 ErrorCode::NoTransfer,
@@ -391,14 +425,16 @@ impl Daemon {
     /// names exactly one.
     pub(super) fn find_transfer(&self, id: &str) -> Result<TransferRow, ControlError> {
         let id = id.trim().to_ascii_lowercase();
-        if id.len() < 4 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        let Some(range) = prefix_range(&id) else {
             return Err(err(
                 ErrorCode::InvalidArgument,
-                format!("{id:?} is not a transfer id (hex digits, four or more)"),
+                format!("{id:?} is not a transfer id (4 to 16 hex digits)"),
             ));
-        }
-        let rows = self.store.transfers().map_err(internal)?;
-        let mut hits = rows.into_iter().filter(|t| hex_id(t.id).starts_with(&id));
+        };
+        // An index range, not a scan: the ids a prefix names are one
+        // interval.
+        let rows = self.store.transfers_in(range).map_err(internal)?;
+        let mut hits = rows.into_iter();
         match (hits.next(), hits.next()) {
             (Some(t), None) => Ok(t),
             (Some(_), Some(_)) => Err(err(
@@ -409,23 +445,40 @@ impl Daemon {
         }
     }
 
-    pub(super) fn transfer_list(&self) -> Result<Vec<TransferInfo>, ControlError> {
-        Ok(self
+    /// A page of transfers, newest first: `limit` (at most
+    /// [`MAX_TRANSFERS_PAGE`]) from `offset`. One indexed query and one
+    /// look at the live transfers, whatever the number of records.
+    pub(super) fn transfer_list(
+        &self,
+        limit: u32,
+        offset: u32,
+    ) -> Result<Vec<TransferInfo>, ControlError> {
+        let (rows, _total) = self
             .store
-            .transfers()
-            .map_err(internal)?
-            .iter()
-            .map(|t| self.transfer_info(t))
-            .collect())
+            .transfers_page(limit.min(MAX_TRANSFERS_PAGE), offset)
+            .map_err(internal)?;
+        Ok(self.infos(&rows))
     }
 
-    pub(super) fn transfer_info(&self, t: &TransferRow) -> TransferInfo {
-        let live = self
+    /// How `rows` are shown, with one look at the live transfers for all.
+    pub(super) fn infos(&self, rows: &[TransferRow]) -> Vec<TransferInfo> {
+        let live: std::collections::HashMap<u64, proto::TransferStatus> = self
             .node
             .transfer_status()
             .into_iter()
-            .find(|(_, s)| s.id == t.tid())
-            .map(|(_, s)| s);
+            .map(|(_, s)| (s.id.0, s))
+            .collect();
+        rows.iter()
+            .map(|t| self.info_with(t, live.get(&t.id)))
+            .collect()
+    }
+
+    pub(super) fn transfer_info(&self, t: &TransferRow) -> TransferInfo {
+        let live = self.node.transfer_of(&t.peer, t.tid());
+        self.info_with(t, live.as_ref())
+    }
+
+    fn info_with(&self, t: &TransferRow, live: Option<&proto::TransferStatus>) -> TransferInfo {
         let done = match (&live, t.state) {
             (_, TransferState::Done) => t.size,
             (Some(s), _) => s.done,
@@ -500,9 +553,92 @@ fn note(samples: &mut VecDeque<(Instant, u64)>, now: Instant, done: u64) {
     }
 }
 
+/// Most transfers one `transfers` page shows.
+pub(super) const MAX_TRANSFERS_PAGE: u32 = 1_000;
+
+/// The ids a hex prefix (4 to 16 digits) names: one interval.
+fn prefix_range(prefix: &str) -> Option<(u64, u64)> {
+    if !(4..=16).contains(&prefix.len()) || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let value = u64::from_str_radix(prefix, 16).ok()?;
+    let free = 4 * (16 - prefix.len() as u32);
+    let lo = value.checked_shl(free).unwrap_or(0);
+    let hi = lo | ((1u64 << free) - 1);
+    Some((lo, hi))
+}
+
+/// Room on `dir`'s file system for `need` more bytes, and a margin (1 %
+/// of the need, at least 1 MiB), or an error that says how much is free.
+pub(super) fn check_space(dir: &std::path::Path, need: u64) -> Result<(), ControlError> {
+    let Some(free) = files::free_space(dir) else {
+        return Ok(()); // unknown: the write itself will say
+    };
+    let want = need.saturating_add((need / 100).max(1 << 20));
+    if free < want {
+        return Err(err(
+            ErrorCode::FileError,
+            format!(
+                "not enough space in {}: {} needed, {} free",
+                dir.display(),
+                human_bytes(want),
+                human_bytes(free)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    match u {
+        0 => format!("{n} B"),
+        _ => format!("{v:.1} {}", UNITS[u]),
+    }
+}
+
+/// The piece size to offer a file of `len` bytes in, or an error past
+/// the largest file a transfer can carry.
+fn piece_size(path: &std::path::Path, len: u64) -> Result<u32, ControlError> {
+    proto::piece_size_for(len).ok_or_else(|| {
+        err(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{} is larger than a transfer can carry (4 TiB)",
+                path.display()
+            ),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_prefix_is_one_interval() {
+        assert_eq!(prefix_range("abc"), None, "four digits at least");
+        assert_eq!(prefix_range("abcg"), None);
+        assert_eq!(
+            prefix_range("abcd"),
+            Some((0xabcd_0000_0000_0000, 0xabcd_ffff_ffff_ffff))
+        );
+        assert_eq!(
+            prefix_range("0123456789abcdef"),
+            Some((0x0123_4567_89ab_cdef, 0x0123_4567_89ab_cdef))
+        );
+        // The interval keeps its order as the signed ids SQLite stores.
+        let (lo, hi) = prefix_range("8000").unwrap();
+        assert!((lo as i64) <= (hi as i64));
+        let (lo, hi) = prefix_range("7fff").unwrap();
+        assert!((lo as i64) <= (hi as i64));
+    }
 
     #[test]
     fn the_rate_is_taken_over_the_last_three_seconds() {

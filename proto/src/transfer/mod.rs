@@ -34,7 +34,7 @@ use crate::wire::{
     max_file_data, FlowFrame, PeerToPeer, DATA_PACKET_OVERHEAD, MAX_FILE_DATA_LARGE, MAX_HASHES,
     MAX_RANGES,
 };
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,29 @@ use std::time::{Duration, Instant};
 /// list stays small (32 bytes per MiB), small enough that a bad piece costs
 /// little to fetch again.
 pub const PIECE_SIZE: u32 = 1 << 20;
+/// The smallest piece a file may be offered in, but for a file of one
+/// piece: every piece costs the receiver a hash and a byte of state, and a
+/// file in 1-byte pieces cost 1 GB to accept.
+pub const MIN_PIECE_SIZE: u32 = 16 << 10;
+/// The largest piece.
+pub const MAX_PIECE_SIZE: u32 = 64 << 20;
+/// Most pieces in one file: what an accepted transfer's state is sized by
+/// (33 bytes a piece: 2.2 MB at most).
+pub const MAX_PIECES: u64 = 1 << 16;
+/// Offers from one peer waiting for an answer, at most; past it an offer
+/// is refused (`Cancel`) with a reason the sender sees. Enough for a
+/// directory of 10,000 files.
+pub const MAX_PENDING_OFFERS: usize = 10_000;
+
+/// The piece size to offer a file of `size` bytes in: [`PIECE_SIZE`], or
+/// the smallest power of two above it that keeps the piece count within
+/// [`MAX_PIECES`]; None past [`MAX_PIECES`] pieces of [`MAX_PIECE_SIZE`]
+/// (4 TiB).
+pub fn piece_size_for(size: u64) -> Option<u32> {
+    let need = size.div_ceil(MAX_PIECES).max(PIECE_SIZE as u64);
+    let piece = need.checked_next_power_of_two()?;
+    (piece <= MAX_PIECE_SIZE as u64).then_some(piece as u32)
+}
 /// A control frame's packet size, for the congestion window's
 /// arithmetic: they are small, but count them as full base packets.
 const CONTROL_SIZE: usize = pmtud::BASE;
@@ -190,6 +213,11 @@ pub enum TransferEvent {
     Finished { id: TransferId },
     /// The transfer ended without the file: declined, cancelled, failed.
     Ended { id: TransferId, reason: String },
+    /// The receiver paused our transfer (its disk is full); it resumes
+    /// when the receiver asks again ([`TransferEvent::Resumed`]).
+    Paused { id: TransferId, reason: String },
+    /// The receiver resumed our paused transfer.
+    Resumed { id: TransferId },
     /// A source read failed: the owner should cancel with the reason.
     ReadFailed { id: TransferId, error: String },
     /// A file of a directory the peer sends will not come: it could not
@@ -240,6 +268,9 @@ pub enum Phase {
     /// Sender: everything acknowledged, waiting for `Done`. Receiver:
     /// checking the whole file.
     Finishing,
+    /// The receiver cannot take more now (its disk is full): nothing is
+    /// sent or written until it resumes with an `Accept`.
+    Paused,
     Done,
     Ended,
 }
@@ -297,14 +328,19 @@ struct Outgoing {
     unacked: usize,
 }
 
-enum PieceState {
-    /// Received byte ranges within the piece (start → end, exclusive).
-    Filling(BTreeMap<u64, u64>),
-    /// All bytes here, waiting for its hash or the owner's check.
-    Complete,
-    Checking,
-    Verified,
-}
+/// What is known of one piece of an incoming file: a byte each, so an
+/// accepted transfer costs its piece hashes and a byte per piece, not a
+/// structure per piece.
+const FILLING: u8 = 0;
+/// All bytes here, waiting for its hash or the owner's check.
+const COMPLETE: u8 = 1;
+const CHECKING: u8 = 2;
+const VERIFIED: u8 = 3;
+
+/// Received byte ranges kept at most per transfer (over every piece being
+/// filled): a sender that scatters fragments gets the piece it scatters
+/// into asked for again whole (`BadPiece`) instead of costing memory.
+const MAX_RANGES_HELD: usize = 16_384;
 
 struct Incoming {
     path: String,
@@ -318,7 +354,15 @@ struct Incoming {
     /// Every piece hash is here and they match the offer's hash: pieces
     /// may be checked.
     hashes_ok: bool,
-    pieces: Vec<PieceState>,
+    /// One of FILLING, COMPLETE, CHECKING, VERIFIED per piece.
+    pieces: Vec<u8>,
+    /// Received byte ranges (start → end, exclusive, within the piece)
+    /// of the pieces partly here, and how many ranges in all.
+    filling: BTreeMap<u32, BTreeMap<u64, u64>>,
+    ranges: usize,
+    /// Complete pieces whose hash has not come yet.
+    complete: BTreeSet<u32>,
+    verified_pieces: u32,
     verified: u64,
     phase: Phase,
     /// Pieces that failed their check, in all.
@@ -343,6 +387,10 @@ impl Incoming {
             hashes_have: 0,
             hashes_ok: false,
             pieces: Vec::new(),
+            filling: BTreeMap::new(),
+            ranges: 0,
+            complete: BTreeSet::new(),
+            verified_pieces: 0,
             verified: 0,
             phase: Phase::Offered,
             bad: 0,
@@ -355,17 +403,37 @@ impl Incoming {
         if self.pieces.len() != n {
             self.piece_hashes = vec![None; n];
             self.hashes_have = 0;
-            self.pieces = (0..n)
-                .map(|_| PieceState::Filling(BTreeMap::new()))
-                .collect();
+            self.pieces = vec![FILLING; n];
+            self.filling.clear();
+            self.ranges = 0;
+            self.complete.clear();
+            self.verified_pieces = 0;
         }
     }
 
     fn verified_pieces(&self) -> Vec<bool> {
-        self.pieces
-            .iter()
-            .map(|p| matches!(p, PieceState::Verified))
-            .collect()
+        self.pieces.iter().map(|p| *p == VERIFIED).collect()
+    }
+
+    fn all_verified(&self) -> bool {
+        self.verified_pieces as usize == self.pieces.len()
+    }
+
+    /// Piece `piece` is verified (it was not).
+    fn mark_verified(&mut self, piece: u32) {
+        self.pieces[piece as usize] = VERIFIED;
+        self.verified_pieces += 1;
+        let (s, e) = piece_range(self.size, self.piece_size, piece);
+        self.verified += e - s;
+    }
+
+    /// Piece `piece` starts over (it failed its check, or was scattered).
+    fn refill(&mut self, piece: u32) {
+        self.pieces[piece as usize] = FILLING;
+        self.complete.remove(&piece);
+        if let Some(r) = self.filling.remove(&piece) {
+            self.ranges -= r.len();
+        }
     }
 }
 
@@ -535,11 +603,10 @@ impl PeerFlow {
             return false;
         }
         t.allocate();
-        for (i, p) in t.pieces.iter_mut().enumerate() {
-            if have.get(i).copied().unwrap_or(false) && !matches!(p, PieceState::Verified) {
-                *p = PieceState::Verified;
-                let (s, e) = piece_range(t.size, t.piece_size, i as u32);
-                t.verified += e - s;
+        for (i, h) in have.iter().enumerate().take(t.pieces.len()) {
+            if *h && t.pieces[i] != VERIFIED {
+                t.refill(i as u32);
+                t.mark_verified(i as u32);
             }
         }
         t.phase = Phase::Active;
@@ -586,6 +653,47 @@ impl PeerFlow {
         let id = id.0;
         self.incoming.remove(&id);
         self.control.push_back(FlowFrame::Done { id });
+    }
+
+    /// Pauses incoming transfer `id` (the owner cannot write it: a full
+    /// disk): what was not verified is dropped and will be fetched again,
+    /// and the sender is told to stop sending until [`Self::resume`].
+    pub fn pause(&mut self, id: TransferId, reason: &str) -> bool {
+        let Some(t) = self.incoming.get_mut(&id.0) else {
+            return false;
+        };
+        if !matches!(t.phase, Phase::Active | Phase::Paused) {
+            return false;
+        }
+        t.phase = Phase::Paused;
+        for p in 0..t.pieces.len() as u32 {
+            if t.pieces[p as usize] != VERIFIED {
+                t.refill(p);
+            }
+        }
+        let id = id.0;
+        self.control.retain(|f| f.id() != id);
+        self.control.push_back(FlowFrame::Pause {
+            id,
+            reason: reason.to_owned(),
+        });
+        true
+    }
+
+    /// Resumes paused incoming transfer `id`: the sender is told what we
+    /// hold, and sends the rest.
+    pub fn resume(&mut self, id: TransferId) -> bool {
+        let Some(t) = self.incoming.get_mut(&id.0) else {
+            return false;
+        };
+        if t.phase != Phase::Paused {
+            return false;
+        }
+        t.phase = Phase::Active;
+        let mut have = to_ranges(&t.verified_pieces());
+        have.truncate(MAX_RANGES);
+        self.control.push_back(FlowFrame::Accept { id: id.0, have });
+        true
     }
 
     /// Tells the peer that transfer `id`, which this side no longer holds
@@ -651,16 +759,11 @@ impl PeerFlow {
         let Some(t) = self.incoming.get_mut(&id) else {
             return;
         };
-        let Some(p) = t.pieces.get_mut(piece as usize) else {
-            return;
-        };
-        if !matches!(p, PieceState::Checking) || t.phase != Phase::Active {
+        if t.pieces.get(piece as usize) != Some(&CHECKING) || t.phase != Phase::Active {
             return;
         }
         if ok {
-            *p = PieceState::Verified;
-            let (s, e) = piece_range(t.size, t.piece_size, piece);
-            t.verified += e - s;
+            t.mark_verified(piece);
             let done = t.verified;
             self.events.push_back(TransferEvent::Progress {
                 id: TransferId(id),
@@ -669,7 +772,7 @@ impl PeerFlow {
             self.check_all_verified(id);
         } else {
             tracing::info!(id = format_args!("{id:x}"), piece, "TRANSFER(BAD_PIECE)");
-            *p = PieceState::Filling(BTreeMap::new());
+            t.refill(piece);
             t.bad += 1;
             if t.bad > MAX_BAD_PIECES {
                 let reason = "pieces keep failing their check: the sender's file is changing";
@@ -684,7 +787,7 @@ impl PeerFlow {
         let Some(t) = self.incoming.get_mut(&id) else {
             return;
         };
-        if t.phase == Phase::Active && t.pieces.iter().all(|p| matches!(p, PieceState::Verified)) {
+        if t.phase == Phase::Active && t.all_verified() {
             // Verified pieces were checked against hashes that matched the
             // offer (before a restart too); an empty file has no pieces,
             // and its hash is that of no piece hashes.
@@ -818,6 +921,28 @@ impl PeerFlow {
             done: t.verified,
         });
         out.chain(inc).collect()
+    }
+
+    /// One transfer's status, without listing them all.
+    pub fn status_of(&self, id: TransferId) -> Option<TransferStatus> {
+        if let Some(t) = self.outgoing.get(&id.0) {
+            return Some(TransferStatus {
+                id,
+                direction: Direction::Send,
+                phase: t.phase,
+                path: t.path.clone(),
+                size: t.size,
+                done: t.acked.min(t.size),
+            });
+        }
+        self.incoming.get(&id.0).map(|t| TransferStatus {
+            id,
+            direction: Direction::Receive,
+            phase: t.phase,
+            path: t.path.clone(),
+            size: t.size,
+            done: t.verified,
+        })
     }
 
     /// Forgets finished and ended transfers (the owner keeps their record).
@@ -964,6 +1089,10 @@ impl PeerFlow {
                             self.control.push_back(FlowFrame::Accept { id, have });
                         }
                         Phase::Done => self.control.push_back(FlowFrame::Done { id }),
+                        Phase::Paused => self.control.push_back(FlowFrame::Pause {
+                            id,
+                            reason: "paused by the receiver".into(),
+                        }),
                         Phase::Offered | Phase::Finishing | Phase::Ended => {}
                     }
                     return;
@@ -971,19 +1100,35 @@ impl PeerFlow {
                 if self.outgoing.contains_key(&id) || id == 0 {
                     return; // 0 names no transfer (chat frames carry it)
                 }
-                if piece_size == 0 || piece_size > 64 << 20 {
-                    self.control.push_back(FlowFrame::Cancel {
-                        id,
-                        reason: "unsupported piece size".into(),
-                    });
-                    return;
-                }
-                let pieces = size.div_ceil(piece_size as u64);
-                if pieces > 1 << 24 {
-                    self.control.push_back(FlowFrame::Cancel {
-                        id,
-                        reason: "file too large".into(),
-                    });
+                let pending = self
+                    .incoming
+                    .values()
+                    .filter(|t| t.phase == Phase::Offered)
+                    .count();
+                let refusal = if piece_size == 0 || piece_size > MAX_PIECE_SIZE {
+                    Some(format!("unsupported piece size {piece_size}"))
+                } else if piece_size < MIN_PIECE_SIZE && size > piece_size as u64 {
+                    Some(format!(
+                        "pieces of {piece_size} bytes: at least {MIN_PIECE_SIZE} (but a file of one piece)"
+                    ))
+                } else if size.div_ceil(piece_size as u64) > MAX_PIECES {
+                    Some(format!(
+                        "more than {MAX_PIECES} pieces: file too large for its piece size"
+                    ))
+                } else if pending >= MAX_PENDING_OFFERS {
+                    Some(format!(
+                        "too many offers waiting for an answer ({MAX_PENDING_OFFERS}); offer again once some are answered"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(reason) = refusal {
+                    tracing::info!(
+                        id = format_args!("{id:x}"),
+                        reason,
+                        "TRANSFER(OFFER_REFUSED)"
+                    );
+                    self.control.push_back(FlowFrame::Cancel { id, reason });
                     return;
                 }
                 self.incoming
@@ -1005,6 +1150,7 @@ impl PeerFlow {
                     return;
                 }
                 let first = t.phase == Phase::Offered;
+                let resumed = t.phase == Phase::Paused;
                 // What the receiver holds; everything else is sent (again).
                 let n = piece_count(t.size, t.piece_size);
                 let held = |p: u32| have.iter().any(|(a, b)| (*a..=*b).contains(&p));
@@ -1034,6 +1180,26 @@ impl PeerFlow {
                     self.events
                         .push_back(TransferEvent::Accepted { id: TransferId(id) });
                 }
+                if resumed {
+                    self.events
+                        .push_back(TransferEvent::Resumed { id: TransferId(id) });
+                }
+            }
+            FlowFrame::Pause { id, reason } => {
+                let Some(t) = self.outgoing.get_mut(&id) else {
+                    return;
+                };
+                if !matches!(t.phase, Phase::Active | Phase::Finishing) {
+                    return;
+                }
+                t.phase = Phase::Paused;
+                t.todo.clear();
+                t.resend.clear();
+                self.control.retain(|f| f.id() != id);
+                self.events.push_back(TransferEvent::Paused {
+                    id: TransferId(id),
+                    reason: format!("the peer: {reason}"),
+                });
             }
             FlowFrame::Cancel { id, reason } => {
                 if self
@@ -1148,9 +1314,10 @@ impl PeerFlow {
         if end > pe || offset < ps || end > t.size {
             return;
         }
-        let Some(PieceState::Filling(got)) = t.pieces.get_mut(piece as usize) else {
+        if t.pieces.get(piece as usize) != Some(&FILLING) {
             return; // complete or verified already: a duplicate
-        };
+        }
+        let got = t.filling.entry(piece).or_default();
         let (s, e) = (offset - ps, end - ps);
         // Merge [s, e) into the received ranges.
         let mut start = s;
@@ -1160,6 +1327,7 @@ impl PeerFlow {
             .filter(|(a, b)| **b >= s && **a <= e)
             .map(|(a, b)| (*a, *b))
             .collect();
+        let before = got.len();
         for (a, b) in overlapping {
             start = start.min(a);
             stop = stop.max(b);
@@ -1167,13 +1335,27 @@ impl PeerFlow {
         }
         got.insert(start, stop);
         let complete = got.get(&0) == Some(&(pe - ps));
+        t.ranges = t.ranges + got.len() - before;
+        if t.ranges > MAX_RANGES_HELD {
+            // Scattered fragments: this piece again, whole.
+            tracing::debug!(
+                id = format_args!("{id:x}"),
+                piece,
+                "TRANSFER(SCATTERED_PIECE)"
+            );
+            t.refill(piece);
+            self.control.push_back(FlowFrame::BadPiece { id, piece });
+            return;
+        }
         self.disk.push_back(DiskWork::Write {
             id: TransferId(id),
             offset,
             data,
         });
         if complete {
-            t.pieces[piece as usize] = PieceState::Complete;
+            t.refill(piece);
+            t.pieces[piece as usize] = COMPLETE;
+            t.complete.insert(piece);
             self.verify_ready(id);
         }
     }
@@ -1183,18 +1365,19 @@ impl PeerFlow {
         let Some(t) = self.incoming.get_mut(&id).filter(|t| t.hashes_ok) else {
             return;
         };
-        for (i, p) in t.pieces.iter_mut().enumerate() {
-            if !matches!(p, PieceState::Complete) {
-                continue;
-            }
-            let Some(hash) = t.piece_hashes[i] else {
-                continue;
-            };
-            *p = PieceState::Checking;
-            let (s, e) = piece_range(t.size, t.piece_size, i as u32);
+        // Only the complete pieces waiting: no walk over every piece.
+        let ready: Vec<(u32, [u8; 32])> = t
+            .complete
+            .iter()
+            .filter_map(|&i| Some((i, t.piece_hashes[i as usize]?)))
+            .collect();
+        for (i, hash) in ready {
+            t.complete.remove(&i);
+            t.pieces[i as usize] = CHECKING;
+            let (s, e) = piece_range(t.size, t.piece_size, i);
             self.disk.push_back(DiskWork::VerifyPiece {
                 id: TransferId(id),
-                piece: i as u32,
+                piece: i,
                 offset: s,
                 len: e - s,
                 hash,

@@ -640,3 +640,132 @@ fn a_file_of_a_directory_the_sender_cannot_read_is_reported_not_awaited() {
     // (A copy sent again after a lost acknowledgement is reported again;
     // the daemon keeps one record per id.)
 }
+
+/// Feeds `t` one flow frame.
+fn frame(t: &mut PeerFlow, now: Instant, pn: u64, frame: FlowFrame) {
+    t.handle(
+        now,
+        PeerToPeer::Flow {
+            epoch: 1,
+            pn,
+            frame,
+        },
+    );
+}
+
+fn offer(id: u64, size: u64, piece_size: u32) -> FlowFrame {
+    FlowFrame::Offer {
+        id,
+        path: format!("f{id}"),
+        size,
+        piece_size,
+        hash: [0; 32],
+        group: 0,
+        group_files: 0,
+    }
+}
+
+/// Control frames `t` queued.
+fn cancels(t: &mut PeerFlow) -> Vec<(u64, String)> {
+    std::iter::from_fn(|| t.control.pop_front())
+        .filter_map(|f| match f {
+            FlowFrame::Cancel { id, reason } => Some((id, reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn tiny_pieces_and_too_many_pieces_are_refused_with_a_reason() {
+    // D2: 16 MiB in 1-byte pieces (2^24 pieces, 1.07 GB to accept before)
+    // is refused, and the sender is told why; so is a piece count past
+    // MAX_PIECES. A small file in one small piece is fine.
+    let now = Instant::now();
+    let mut t = PeerFlow::new(1, 0);
+    frame(&mut t, now, 0, offer(1, 16 << 20, 1));
+    frame(
+        &mut t,
+        now,
+        1,
+        offer(2, (MAX_PIECES + 1) * PIECE_SIZE as u64, PIECE_SIZE),
+    );
+    frame(&mut t, now, 2, offer(3, 100, 100));
+    let refused = cancels(&mut t);
+    assert_eq!(refused.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+    assert!(refused[0].1.contains("at least 16384"), "{refused:?}");
+    assert!(refused[1].1.contains("pieces"), "{refused:?}");
+    assert_eq!(t.status().len(), 1, "only the small file is offered");
+    // What a sender picks stays within both bounds.
+    for size in [0, 1, 1 << 30, 64 << 30, (64 << 30) + 1, 4 << 40] {
+        let p = piece_size_for(size).unwrap();
+        assert!(
+            p >= PIECE_SIZE && size.div_ceil(p as u64) <= MAX_PIECES,
+            "{size}"
+        );
+    }
+    assert_eq!(piece_size_for((4 << 40) + 1), None);
+}
+
+#[test]
+fn an_accepted_transfer_costs_its_hashes_and_a_byte_a_piece() {
+    // D2: the largest acceptable transfer (MAX_PIECES pieces) holds a
+    // piece hash slot and one byte of state per piece: about 2.2 MB, and
+    // a sender scattering fragments cannot make it hold more than
+    // MAX_RANGES_HELD ranges (the piece is asked for again instead).
+    let now = Instant::now();
+    let mut t = PeerFlow::new(1, 0);
+    let size = MAX_PIECES * MIN_PIECE_SIZE as u64;
+    frame(&mut t, now, 0, offer(5, size, MIN_PIECE_SIZE));
+    assert!(t.accept(TransferId(5), &[]));
+    let inc = &t.incoming[&5];
+    let bytes = inc.pieces.capacity()
+        + inc.piece_hashes.capacity() * std::mem::size_of::<Option<[u8; 32]>>();
+    assert_eq!(inc.pieces.len() as u64, MAX_PIECES);
+    assert!(bytes <= 2_300_000, "{bytes} bytes");
+    // Every other 8 bytes of piece after piece: scattered.
+    let mut pn = 1;
+    'out: for piece in 0..64u64 {
+        for k in 0..(MIN_PIECE_SIZE as u64 / 16) {
+            let offset = piece * MIN_PIECE_SIZE as u64 + k * 16;
+            frame(
+                &mut t,
+                now,
+                pn,
+                FlowFrame::Data {
+                    id: 5,
+                    offset,
+                    data: vec![1; 8],
+                },
+            );
+            pn += 1;
+            if pn > 20_000 {
+                break 'out;
+            }
+        }
+    }
+    let inc = &t.incoming[&5];
+    assert!(inc.ranges <= MAX_RANGES_HELD, "{} ranges", inc.ranges);
+    let asked_again = std::iter::from_fn(|| t.control.pop_front())
+        .filter(|f| matches!(f, FlowFrame::BadPiece { id: 5, .. }))
+        .count();
+    assert!(asked_again > 0);
+}
+
+#[test]
+fn pending_offers_per_peer_are_capped_and_the_excess_refused() {
+    // D2: past MAX_PENDING_OFFERS unanswered offers, the next is refused
+    // with a reason the sender sees; answering some makes room.
+    let now = Instant::now();
+    let mut t = PeerFlow::new(1, 0);
+    for id in 1..=MAX_PENDING_OFFERS as u64 + 1 {
+        frame(&mut t, now, id, offer(id, 10, 10));
+    }
+    let refused = cancels(&mut t);
+    assert_eq!(refused.len(), 1, "{:?}", &refused[..refused.len().min(3)]);
+    assert_eq!(refused[0].0, MAX_PENDING_OFFERS as u64 + 1);
+    assert!(refused[0].1.contains("too many offers"));
+    assert!(t.cancel(TransferId(1), "no"));
+    let next = MAX_PENDING_OFFERS as u64 + 2;
+    frame(&mut t, now, next, offer(next, 10, 10));
+    assert!(cancels(&mut t).iter().all(|(id, _)| *id != next));
+}

@@ -73,7 +73,7 @@ impl Pattern {
 /// ends with a timestamp (replays are refused); each party of a relay
 /// channel has its own secret `channel` id (in the punch instruction);
 /// `ListUsers` asks for the names after a cursor, and `UserList` says
-/// the total in 32 bits.
+/// the total in 32 bits; `FlowFrame::Pause` (a receiver's full disk).
 pub const VERSION: u8 = 6;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;

@@ -101,6 +101,10 @@ pub enum FlowFrame {
         group_files: u32,
         reason: String,
     },
+    /// The receiver cannot take more now (its disk is full): stop sending
+    /// this transfer's data, keep it. The receiver's next `Accept` (with
+    /// what it holds) resumes it.
+    Pause { id: u64, reason: String },
 }
 
 /// Longest relative path in an offer, in bytes.
@@ -151,6 +155,7 @@ impl std::fmt::Debug for FlowFrame {
             } => write!(f, "Chat({seq}, base {base}, {} bytes)", body.len()),
             FlowFrame::ChatAck { upto } => write!(f, "ChatAck({upto})"),
             FlowFrame::Skipped { id, group, .. } => write!(f, "Skipped({id:x}, group {group:x})"),
+            FlowFrame::Pause { id, .. } => write!(f, "Pause({id:x})"),
         }
     }
 }
@@ -170,7 +175,8 @@ impl FlowFrame {
             | FlowFrame::Data { id, .. }
             | FlowFrame::BadPiece { id, .. }
             | FlowFrame::Done { id }
-            | FlowFrame::Skipped { id, .. } => *id,
+            | FlowFrame::Skipped { id, .. }
+            | FlowFrame::Pause { id, .. } => *id,
             FlowFrame::Padding { .. } | FlowFrame::Chat { .. } | FlowFrame::ChatAck { .. } => 0,
         }
     }
@@ -248,6 +254,9 @@ impl FlowFrame {
                     .u32(*group_files)
                     .string(truncate_utf8(reason, MAX_SKIP_REASON));
             }
+            FlowFrame::Pause { id, reason } => {
+                w.u8(12).u64(*id).string(truncate_utf8(reason, MAX_DETAIL));
+            }
         }
     }
 
@@ -301,6 +310,10 @@ impl FlowFrame {
                 group: r.u64()?,
                 group_files: r.u32()?,
                 reason: r.string(MAX_SKIP_REASON)?,
+            },
+            12 => FlowFrame::Pause {
+                id: r.u64()?,
+                reason: r.string(MAX_DETAIL)?,
             },
             t => return Err(DecodeError::UnknownType(t)),
         })

@@ -363,6 +363,10 @@ fn every_frame() -> Vec<Vec<u8>> {
             group_files: 3,
             reason: "unreadable".into(),
         },
+        FlowFrame::Pause {
+            id: 3,
+            reason: "disk full".into(),
+        },
     ];
     let mut to_peer = vec![
         PeerToPeer::Keepalive,
@@ -441,6 +445,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         FlowFrame::Chat { .. } => 8,
         FlowFrame::ChatAck { .. } => 9,
         FlowFrame::Skipped { .. } => 10,
+        FlowFrame::Pause { .. } => 11,
     };
     fn all<T>(items: &[T], kind: impl Fn(&T) -> usize, n: usize) {
         let mut seen: Vec<usize> = items.iter().map(kind).collect();
@@ -452,7 +457,7 @@ fn every_frame() -> Vec<Vec<u8>> {
     all(&to_server, client_kind, 9);
     all(&to_client, server_kind, 12);
     all(&to_peer, peer_kind, 6);
-    all(&frames, frame_kind, 11);
+    all(&frames, frame_kind, 12);
     let mut out: Vec<Vec<u8>> = packets.iter().map(Packet::encode).collect();
     out.extend(to_server.iter().map(ClientToServer::encode));
     out.extend(to_client.iter().map(ServerToClient::encode));
@@ -481,11 +486,12 @@ fn layout_is_frozen_per_version() {
         ),
         // 6: the cookie in an initiation, `CookieReply`, the path
         // challenge and response, each party's own relay channel id, user
-        // lists paged by a name cursor with a 32-bit total; the IK
-        // payload's timestamp (inside the Noise message).
+        // lists paged by a name cursor with a 32-bit total, the flow's
+        // `Pause` frame; the IK payload's timestamp (inside the Noise
+        // message).
         (
             6,
-            "d65d34fd610fff4fb673e8a32abadf94e908e94ad196e3a4b4557881ab663a63",
+            "1a9a07482e3bee4c9fd553293492dc080dbbc43cdf2ddabebc689d71c7ad86e3",
         ),
     ];
     use sha2::{Digest, Sha256};
@@ -659,7 +665,11 @@ fn random_p2p(rng: &mut impl Rng) -> PeerToPeer {
 
 fn random_frame(rng: &mut impl Rng) -> FlowFrame {
     let id = rng.gen();
-    match rng.gen_range(0..11) {
+    match rng.gen_range(0..12) {
+        11 => FlowFrame::Pause {
+            id,
+            reason: "x".repeat(rng.gen_range(0..=MAX_DETAIL)),
+        },
         0 => FlowFrame::Offer {
             id,
             path: "d/".repeat(rng.gen_range(0..=MAX_FILE_PATH / 2)),
