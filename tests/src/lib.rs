@@ -332,6 +332,16 @@ impl Lab {
         }
     }
 
+    /// The process id of `name`.
+    pub fn pid(&self, name: &str) -> u32 {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+            .child
+            .id()
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, …) to a process.
     pub fn signal(&self, name: &str, signal: &str) {
         let p = self

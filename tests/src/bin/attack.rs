@@ -1,0 +1,542 @@
+//! `attack`: the hostile-internet attacks, rerun against the release
+//! binaries on loopback, each printing the bound it meets now. Run it
+//! through `scripts/bench-attacks.sh`, which builds them.
+//!
+//!     attack [ATTACK ...]
+//!
+//! Attacks (all by default):
+//! - `amplify` (D1): a registered client sends one of its authenticated
+//!   requests from a victim's address while another user asks to connect
+//!   to it (a notice the server resends until acknowledged): bytes the
+//!   victim got for the bytes "it" sent.
+//! - `garbage`: random datagrams, plausible headers of every packet type
+//!   and handshake initiations from one address: bytes back for bytes in.
+//! - `flood` (D4): spoofed XX initiations from 65,000 loopback addresses
+//!   at `ATTACK_RATE` a second (100,000) for 10 s while 20 users log in
+//!   again: their success and login time, the server's CPU and peak RSS.
+//! - `register` (D9): 30 registrations from one address: how many go.
+//! - `tcp` (D8): 1,000 TCP connections from 125 addresses sending empty
+//!   frames: how many the server still holds after 35 s, and whether a
+//!   newcomer gets in while the table is full.
+//! - `transfers` (D3): a daemon with 100,000 transfer records: how long
+//!   `p2pctl transfers`, its last page and a lookup by id prefix take.
+
+use e2e::Lab;
+use proto::wire::{Packet, Pattern};
+use proto::{Identity, LinkState, NoFiles, Node, NodeConfig, NodeEvent};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+const ALL: &[&str] = &[
+    "amplify",
+    "garbage",
+    "register",
+    "flood",
+    "tcp",
+    "transfers",
+];
+
+/// A client on the protocol's own node machine, over a blocking socket.
+struct Client {
+    node: Node<NoFiles>,
+    sock: UdpSocket,
+    events: Vec<NodeEvent>,
+}
+
+impl Client {
+    fn new(server: SocketAddr, key: [u8; 32], identity: Identity, name: Option<&str>) -> Self {
+        Self::new_at("127.0.0.1:0", server, key, identity, name)
+    }
+
+    fn new_at(
+        bind: &str,
+        server: SocketAddr,
+        key: [u8; 32],
+        identity: Identity,
+        name: Option<&str>,
+    ) -> Self {
+        let sock = UdpSocket::bind(bind).expect("bind");
+        let mut c = NodeConfig::new(server);
+        c.client.server_key = Some(key);
+        c.client.name = name.map(str::to_owned);
+        let node = Node::new(identity, c, Instant::now(), rand::random(), NoFiles);
+        Client {
+            node,
+            sock,
+            events: Vec::new(),
+        }
+    }
+
+    /// Sends what the node has to send (through `via`, if given, instead
+    /// of its own socket), and takes its events.
+    fn flush(&mut self, via: Option<&UdpSocket>) -> usize {
+        let now = Instant::now();
+        let mut bytes = 0;
+        while let Some(t) = self.node.poll_transmit(now) {
+            bytes += t.payload.len();
+            let _ = via.unwrap_or(&self.sock).send_to(&t.payload, t.dst);
+        }
+        while let Some(e) = self.node.poll_event() {
+            self.events.push(e);
+        }
+        bytes
+    }
+
+    /// Runs the node for up to `limit`, or until `done`.
+    fn run(&mut self, limit: Duration, done: impl Fn(&Client) -> bool) -> bool {
+        let end = Instant::now() + limit;
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            self.flush(None);
+            if done(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            let wait = self
+                .node
+                .poll_timeout()
+                .map_or(Duration::from_millis(20), |t| {
+                    t.saturating_duration_since(now)
+                })
+                .clamp(Duration::from_millis(1), Duration::from_millis(20));
+            let _ = self.sock.set_read_timeout(Some(wait));
+            if let Ok((n, from)) = self.sock.recv_from(&mut buf) {
+                self.node.handle_datagram(Instant::now(), from, &buf[..n]);
+            }
+            let now = Instant::now();
+            if self.node.poll_timeout().is_some_and(|t| t <= now) {
+                self.node.handle_timeout(now);
+            }
+        }
+    }
+
+    fn logged_in(&self) -> bool {
+        self.node.link_state() == LinkState::LoggedIn
+    }
+
+    /// Registers `name` and waits for the login.
+    fn register(server: SocketAddr, key: [u8; 32], name: &str) -> (Client, Identity) {
+        let id = Identity::generate();
+        let mut c = Client::new(server, key, id.clone(), Some(name));
+        c.node.register(Instant::now(), name);
+        assert!(
+            c.run(Duration::from_secs(10), Client::logged_in),
+            "{name} did not log in"
+        );
+        (c, id)
+    }
+}
+
+/// The server's address and key, from a lab with a rendezvous running.
+fn server_of(lab: &Lab) -> (SocketAddr, [u8; 32]) {
+    let addr: SocketAddr = lab
+        .server
+        .clone()
+        .expect("rendezvous")
+        .parse()
+        .expect("address");
+    // The key: a first XX handshake shows it (trust on first use).
+    let mut c = Client::new(addr, [0; 32], Identity::generate(), None);
+    let mut cfg = NodeConfig::new(addr);
+    cfg.client.server_key = None;
+    c.node = Node::new(Identity::generate(), cfg, Instant::now(), 1, NoFiles);
+    c.run(Duration::from_secs(10), |c| {
+        c.events
+            .iter()
+            .any(|e| matches!(e, NodeEvent::ServerConnected { .. }))
+    });
+    let key = c
+        .events
+        .iter()
+        .find_map(|e| match e {
+            NodeEvent::ServerConnected { server_key, .. } => Some(*server_key),
+            _ => None,
+        })
+        .expect("the server answered");
+    (addr, key)
+}
+
+fn row(attack: &str, measured: &str, bound: String) {
+    println!("| {attack} | {measured} | {bound} |");
+}
+
+fn amplify(lab: &Lab) {
+    let (server, key) = server_of(lab);
+    let tag = std::process::id();
+    let (mut mallory, _) = Client::register(server, key, &format!("mallory{tag}"));
+    let (mut eve, _) = Client::register(server, key, &format!("eve{tag}"));
+    let victim = UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    victim.set_nonblocking(true).expect("nonblocking");
+    // One authenticated request, sent from the victim's address.
+    mallory.node.list_users(Instant::now());
+    let from_victim = mallory.flush(Some(&victim));
+    std::thread::sleep(Duration::from_millis(50));
+    // A notice for mallory, which the server resends until acknowledged.
+    eve.node.connect(Instant::now(), &format!("mallory{tag}"));
+    let end = Instant::now() + Duration::from_secs(12);
+    let mut to_victim = 0;
+    let mut buf = vec![0u8; 65_536];
+    while Instant::now() < end {
+        eve.run(Duration::from_millis(20), |_| false);
+        mallory.run(Duration::from_millis(20), |_| false);
+        while let Ok((n, _)) = victim.recv_from(&mut buf) {
+            to_victim += n;
+        }
+    }
+    row(
+        "D1 amplification through a registered client's session",
+        "one authenticated request from the victim's address, then 12 s of the server's notices",
+        format!(
+            "{to_victim} bytes to the victim for {from_victim} from it ({:.2}x; limit 3x; was 102x)",
+            to_victim as f64 / from_victim.max(1) as f64
+        ),
+    );
+}
+
+fn garbage(lab: &Lab) {
+    let (server, _) = server_of(lab);
+    let sock = UdpSocket::bind("127.0.0.3:0").expect("bind");
+    sock.set_nonblocking(true).expect("nonblocking");
+    let mut sent = 0;
+    let mut got = 0;
+    let mut buf = vec![0u8; 65_536];
+    let mut hs =
+        proto::Handshake::initiator(Pattern::XX, Identity::generate().noise_private(), None)
+            .expect("handshake");
+    let noise = hs.write(&[]).expect("message");
+    for i in 0..20_000u32 {
+        let mut d: Vec<u8> = match i % 4 {
+            0 => Packet::HandshakeInit {
+                sender: i,
+                pattern: Pattern::XX,
+                noise: &noise,
+                cookie: [0; 16],
+            }
+            .encode(),
+            _ => {
+                let len = 2 + (rand::random::<u16>() % 1200) as usize;
+                (0..len).map(|_| rand::random::<u8>()).collect()
+            }
+        };
+        if i % 4 == 2 {
+            // A plausible header: our version, some packet type.
+            d[0] = proto::wire::VERSION;
+            d[1] = (i % 12) as u8;
+        }
+        sent += d.len();
+        let _ = sock.send_to(&d, server);
+        if i % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            got += n;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        got += n;
+    }
+    row(
+        "unauthenticated amplification",
+        "20,000 datagrams from one address: random, plausible headers, XX initiations",
+        format!(
+            "{got} bytes back for {sent} ({:.2}x; limit 1x)",
+            got as f64 / sent.max(1) as f64
+        ),
+    );
+}
+
+fn register(lab: &Lab) {
+    let (server, key) = server_of(lab);
+    let tag = std::process::id();
+    let mut ok = 0;
+    let mut limited = 0;
+    for i in 0..30 {
+        // All from one address (ports differ).
+        let mut c = Client::new_at("127.0.0.4:0", server, key, Identity::generate(), None);
+        c.node.register(Instant::now(), &format!("r{tag}x{i}"));
+        c.run(Duration::from_secs(5), |c| {
+            c.events
+                .iter()
+                .any(|e| matches!(e, NodeEvent::Response { .. }))
+        });
+        for e in &c.events {
+            match e {
+                NodeEvent::Response { result: Ok(_), .. } => ok += 1,
+                NodeEvent::Response {
+                    result: Err(proto::RequestError::Failed { reason, .. }),
+                    ..
+                } if *reason == proto::wire::FailReason::RateLimited => limited += 1,
+                _ => {}
+            }
+        }
+    }
+    row(
+        "D9 registrations from one address",
+        "30 registrations in a row from 127.0.0.4",
+        format!("{ok} registered, {limited} refused \"try again later\" (burst 5, then 20 an hour; was unlimited)"),
+    );
+}
+
+/// /proc/PID/stat's user + system time, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime), counted from after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn flood(lab: &Lab) {
+    let (server, key) = server_of(lab);
+    let rate: f64 = std::env::var("ATTACK_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000.0);
+    let tag = std::process::id();
+    let users: Vec<(String, Identity)> = (0..20)
+        .map(|i| {
+            let name = format!("u{tag}x{i}");
+            let (c, id) = Client::register(server, key, &name);
+            drop(c);
+            (name, id)
+        })
+        .collect();
+    let pid = lab.pid("rendezvous");
+    let rss_before = peak_rss_mib(pid);
+    let cpu_before = cpu_seconds(pid);
+    let secs = 10.0;
+    let flood = std::thread::spawn(move || {
+        let socks: Vec<UdpSocket> = (1..=254u8)
+            .flat_map(|b| (0..4).map(move |_| b))
+            .filter_map(|b| UdpSocket::bind(SocketAddr::from(([127, 1, b, 1 + b % 200], 0))).ok())
+            .collect();
+        let mut hs =
+            proto::Handshake::initiator(Pattern::XX, Identity::generate().noise_private(), None)
+                .expect("handshake");
+        let noise = hs.write(&[]).expect("message");
+        let init = Packet::HandshakeInit {
+            sender: 7,
+            pattern: Pattern::XX,
+            noise: &noise,
+            cookie: [0; 16],
+        }
+        .encode();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut k = 0;
+        while start.elapsed().as_secs_f64() < secs {
+            let due = (start.elapsed().as_secs_f64() * rate) as u64;
+            while sent < due {
+                let _ = socks[k % socks.len()].send_to(&init, server);
+                k += 1;
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        (sent, start.elapsed().as_secs_f64(), socks.len())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // Every user logs in again (a new process: a new session), in turn.
+    let mut times = Vec::new();
+    let mut failed = 0;
+    for (name, id) in &users {
+        let mut c = Client::new(server, key, id.clone(), Some(name));
+        let t = Instant::now();
+        if c.run(Duration::from_secs(5), Client::logged_in) {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        } else {
+            failed += 1;
+        }
+    }
+    let (sent, took, sources) = flood.join().expect("flood thread");
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let rss = peak_rss_mib(pid);
+    times.sort_by(f64::total_cmp);
+    let p = |q: f64| {
+        times
+            .get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    row(
+        "D4 handshake flood",
+        &format!(
+            "{:.0} spoofed XX initiations a second for {took:.0} s from {sources} sockets on 254 loopback addresses; 20 users log in meanwhile",
+            sent as f64 / took
+        ),
+        format!(
+            "{} of 20 logged in (login p50 {:.1} ms, max {:.1} ms); server CPU {:.0} % of a core; server peak RSS {rss_before:.0} → {rss:.0} MiB",
+            times.len(),
+            p(0.5),
+            times.last().copied().unwrap_or(f64::NAN),
+            cpu / took * 100.0
+        ),
+    );
+    let _ = failed;
+}
+
+fn tcp(lab: &Lab) {
+    let (server, _) = server_of(lab);
+    let connect_from = |src: [u8; 4]| -> Option<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+        s.bind(&SocketAddr::from((src, 0)).into()).ok()?;
+        s.connect_timeout(&server.into(), Duration::from_secs(2))
+            .ok()?;
+        Some(s.into())
+    };
+    let mut conns = Vec::new();
+    for a in 0..125u8 {
+        for _ in 0..8 {
+            if let Some(s) = connect_from([127, 2, 0, a + 1]) {
+                conns.push(s);
+            }
+        }
+    }
+    let opened = conns.len();
+    std::thread::sleep(Duration::from_millis(500));
+    // The table is full of connections that never logged in: a newcomer.
+    let newcomer = connect_from([127, 3, 0, 1]);
+    std::thread::sleep(Duration::from_millis(500));
+    let newcomer_in = newcomer.is_some_and(|s| alive(&s));
+    // Empty frames every second for 35 s.
+    let end = Instant::now() + Duration::from_secs(35);
+    while Instant::now() < end {
+        for c in &conns {
+            use std::io::Write;
+            let _ = (&*c).write_all(&[0, 0]);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let held = conns.iter().filter(|c| alive(c)).count();
+    row(
+        "D8 TCP slots held by empty frames",
+        &format!("{opened} connections from 125 addresses (8 each), empty frames every second"),
+        format!(
+            "{held} of {opened} still open after 35 s (login grace 30 s); a newcomer while full: {} (was: all 1000 held, newcomers refused)",
+            if newcomer_in { "got in" } else { "REFUSED" }
+        ),
+    );
+}
+
+/// Whether the server still holds `s` open (a read would not say EOF).
+fn alive(s: &TcpStream) -> bool {
+    use std::io::Read;
+    let _ = s.set_nonblocking(true);
+    let mut b = [0u8; 64];
+    let open = loop {
+        match (&*s).read(&mut b) {
+            Ok(0) => break false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
+            Err(_) => break false,
+        }
+    };
+    let _ = s.set_nonblocking(false);
+    open
+}
+
+fn transfers(lab: &mut Lab) {
+    lab.start_daemon("t");
+    assert_eq!(lab.stop("t"), 0);
+    let db = lab.dir.join("t").join("p2pd.db");
+    {
+        let mut conn = rusqlite::Connection::open(&db).expect("daemon database");
+        let tx = conn.transaction().expect("transaction");
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO transfers (id, peer, direction, name, size, piece_size, hash, state, created_ms) \
+                     VALUES (?1, 'mallory', 'in', ?2, 1000, 1000, zeroblob(32), ?3, ?4)",
+                )
+                .expect("insert");
+            for i in 0..100_000i64 {
+                let state = if i % 10 == 0 { "offered" } else { "ended" };
+                insert
+                    .execute(rusqlite::params![
+                        0x1000_0000_0000_0000i64 + i * 7919,
+                        format!("file{i}"),
+                        state,
+                        1_700_000_000_000i64 + i
+                    ])
+                    .expect("row");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    lab.start_daemon_in(
+        None,
+        "t",
+        &["--listen", "127.0.0.1:0", "--keep-transfers", "0"],
+    );
+    let timed = |lab: &Lab, args: &[&str]| {
+        let t = Instant::now();
+        let out = lab.ctl("t", args);
+        assert_eq!(out.code, 0, "{out:?}");
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    // (Each includes p2pctl's own start and the socket round trip.)
+    let ping = timed(lab, &["whoami"]);
+    let first = timed(lab, &["transfers", "--json"]);
+    let last = timed(lab, &["transfers", "--json", "--offset", "99900"]);
+    let lookup = timed(lab, &["cancel", "1000000000013"]);
+    row(
+        "D3 a daemon with 100,000 transfer records",
+        "`p2pctl transfers` (first page, 100), its last page, and a cancel by id prefix, each a whole p2pctl run",
+        format!("{first:.1} ms, {last:.1} ms and {lookup:.1} ms (a bare `whoami`: {ping:.1} ms; was 62 s for 20,000)"),
+    );
+    lab.stop("t");
+}
+
+fn main() {
+    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    let run = |a: &str| wanted.is_empty() || wanted.iter().any(|w| w == a);
+    for w in &wanted {
+        assert!(
+            ALL.contains(&w.as_str()),
+            "unknown attack {w}; one of {ALL:?}"
+        );
+    }
+    let mut lab = Lab::new("attack");
+    lab.start_rendezvous();
+    println!("| attack | what was done | bound now |");
+    println!("|---|---|---|");
+    if run("amplify") {
+        amplify(&lab);
+    }
+    if run("garbage") {
+        garbage(&lab);
+    }
+    if run("register") {
+        register(&lab);
+    }
+    if run("flood") {
+        flood(&lab);
+    }
+    if run("tcp") {
+        tcp(&lab);
+    }
+    if run("transfers") {
+        transfers(&mut lab);
+    }
+    // The server's own counters, from its log at shutdown.
+    lab.stop("rendezvous");
+    let log = std::fs::read_to_string(lab.dir.join("rendezvous.log")).unwrap_or_default();
+    if let Some(stats) = log.lines().rev().find(|l| l.contains("STATS")) {
+        let fields = stats.split_once("STATS").map_or(stats, |(_, f)| f);
+        println!("\nrendezvous STATS at shutdown:{fields}");
+    }
+}
