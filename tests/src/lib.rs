@@ -138,6 +138,8 @@ pub struct Lab {
     pub dir: PathBuf,
     pub server: Option<String>,
     procs: Vec<Proc>,
+    /// The open-file limit (soft and hard) the next process starts with.
+    nofile: Option<u64>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -153,6 +155,7 @@ impl Lab {
             dir,
             server: None,
             procs: Vec::new(),
+            nofile: None,
         }
     }
 
@@ -177,6 +180,23 @@ impl Lab {
             }
             None => Command::new(program),
         };
+        if let Some(n) = self.nofile.take() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit, which is async-signal-safe, runs
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .args(args)
             .env(
@@ -233,10 +253,20 @@ impl Lab {
     /// A rendezvous and two daemons, "a" registered as alice and "b" as
     /// bob, connected (alice asked, bob accepted).
     pub fn connected_pair(tag: &str) -> Lab {
+        Self::connected_pair_limited(tag, None)
+    }
+
+    /// As [`Lab::connected_pair`], both daemons under an open-file limit
+    /// of `nofile` if given.
+    pub fn connected_pair_limited(tag: &str, nofile: Option<u64>) -> Lab {
         let mut lab = Lab::new(tag);
         lab.start_rendezvous();
-        lab.start_daemon("a");
-        lab.start_daemon("b");
+        for name in ["a", "b"] {
+            match nofile {
+                Some(n) => lab.start_daemon_with_nofile(name, n),
+                None => lab.start_daemon(name),
+            }
+        }
         lab.ctl("a", &["register", "alice"]).ok();
         lab.ctl("b", &["register", "bob"]).ok();
         let socket = lab.socket("a");
@@ -278,6 +308,12 @@ impl Lab {
     /// after it) and waits until its control socket answers.
     pub fn start_daemon(&mut self, name: &str) {
         self.start_daemon_in(None, name, &["--listen", "127.0.0.1:0"]);
+    }
+
+    /// Starts a daemon whose open-file limit, soft and hard, is `nofile`.
+    pub fn start_daemon_with_nofile(&mut self, name: &str, nofile: u64) {
+        self.nofile = Some(nofile);
+        self.start_daemon(name);
     }
 
     /// Starts a daemon inside `netns` (if given), with extra arguments.

@@ -497,7 +497,24 @@ fn a_full_disk_pauses_the_transfer_and_it_goes_on_when_room_returns() {
 #[test]
 fn a_directory_of_many_files_arrives_whole() {
     // More files than the sender keeps open at once (64).
-    let mut lab = Lab::connected_pair("fmany");
+    many_files(Lab::connected_pair("fmany"));
+}
+
+#[test]
+fn a_directory_arrives_whole_under_a_low_open_file_limit() {
+    // D10: both daemons may open 64 files in all (sockets, database and
+    // runtime included): they keep two partial and two source files open
+    // at once, taking turns, and 150 files still arrive (a fixed 64
+    // failed every transfer with "too many open files").
+    let lab = Lab::connected_pair_limited("fnofile", Some(64));
+    for who in ["a", "b"] {
+        let log = std::fs::read_to_string(lab.dir.join(format!("{who}.log"))).unwrap();
+        assert!(log.contains("max_open=2"), "{who}: {log}");
+    }
+    many_files(lab);
+}
+
+fn many_files(mut lab: Lab) {
     let src = lab.dir.join("out").join("many");
     for i in 0..150u64 {
         let sub = src.join(format!("d{}", i % 7));

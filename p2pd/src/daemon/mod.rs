@@ -266,7 +266,10 @@ async fn bind_udp_again(store: &Store, listen: SocketAddr) -> anyhow::Result<Udp
     };
     let port = socket.local_addr()?.port();
     if last != Some(port) {
-        store.set_setting("udp_port", &port.to_string())?;
+        // (Not worth failing a start over, on a full disk say.)
+        if let Err(e) = store.set_setting("udp_port", &port.to_string()) {
+            tracing::warn!(error = %e, "STORE(UDP_PORT_NOT_SAVED)");
+        }
     }
     Ok(socket)
 }

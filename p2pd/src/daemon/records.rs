@@ -41,7 +41,7 @@ impl Daemon {
                     if !opened {
                         let why = "the file changed or vanished since it was offered";
                         let told = "the sender's file changed or vanished";
-                        self.end_at_restart(now, &t, why, told)?;
+                        self.end_at_restart_logged(now, &t, why, told);
                         continue;
                     }
                     tracing::info!(id = %hex_id(t.id), peer = %t.peer, "TRANSFER(RESUME_SENDING)");
@@ -67,7 +67,7 @@ impl Daemon {
                             .is_err()
                     {
                         let told = "the receiver's partial file is gone";
-                        self.end_at_restart(now, &t, "the partial file is gone", told)?;
+                        self.end_at_restart_logged(now, &t, "the partial file is gone", told);
                         continue;
                     }
                     let have: Vec<bool> = t.verified.iter().map(|v| *v == 1).collect();
@@ -83,6 +83,14 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// As [`Self::end_at_restart`]; a store that cannot write (a full
+    /// disk) is logged, not a reason to stop the start.
+    fn end_at_restart_logged(&mut self, now: Instant, t: &TransferRow, why: &str, told: &str) {
+        if let Err(e) = self.end_at_restart(now, t, why, told) {
+            tracing::warn!(id = %hex_id(t.id), error = %e, "STORE(TRANSFER_STATE)");
+        }
     }
 
     /// A transfer that cannot go on after a restart: ended here (`why`,
