@@ -130,9 +130,6 @@ struct Source {
 /// prediction round among them), the database, control connections.
 const RESERVED_DESCRIPTORS: u64 = 320;
 
-/// Raises the soft open-file limit to the hard one (at most 65,536), as a
-/// daemon that may hold many files and sockets should; returns the soft
-/// limit in force.
 /// Bytes an unprivileged process may still write on `dir`'s file system
 /// (statvfs's available blocks), if it can be told.
 pub fn free_space(dir: &Path) -> Option<u64> {
@@ -147,6 +144,9 @@ pub fn free_space(dir: &Path) -> Option<u64> {
     Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
+/// Raises the soft open-file limit to the hard one (at most 65,536), as a
+/// daemon that may hold many files and sockets should; returns the soft
+/// limit in force.
 pub fn raise_open_file_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -322,6 +322,13 @@ impl Files {
             p.file = Some(Arc::new(f));
         }
         Ok(p.file.clone().expect("opened above"))
+    }
+
+    /// Writes of transfer `id` may go to disk again (after a failed write
+    /// the disk thread drops the rest of them: a paused transfer that
+    /// resumes clears that).
+    pub fn writable_again(&mut self, id: u64) {
+        let _ = self.disk.send(DiskJob::Opened { id });
     }
 
     /// Closes the partial file of a transfer but leaves it on disk.

@@ -420,7 +420,7 @@ fn a_full_disk_pauses_the_transfer_and_it_goes_on_when_room_returns() {
     let inbox = lab.dir.join("small");
     std::fs::create_dir_all(&inbox).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
         .arg(&inbox)
         .status()
         .is_ok_and(|s| s.success());
@@ -434,7 +434,7 @@ fn a_full_disk_pauses_the_transfer_and_it_goes_on_when_room_returns() {
     let _unmount = Unmount(inbox.clone());
     let inbox_arg = inbox.to_str().unwrap();
     // Too large for the free space: refused up front, nothing written.
-    let huge = write_file(&lab.dir.join("out"), "huge.iso", &content(9, 9 << 20));
+    let huge = write_file(&lab.dir.join("out"), "huge.iso", &content(9, 20 << 20));
     let refused_sender = send_in_background(&lab, "a", "bob", &huge);
     let huge_id = offer_at(&mut lab, "b", "huge.iso");
     let refused = lab.ctl("b", &["accept-file", &huge_id, "--to", inbox_arg]);
@@ -443,21 +443,11 @@ fn a_full_disk_pauses_the_transfer_and_it_goes_on_when_room_returns() {
     lab.ctl("b", &["cancel", &huge_id]).ok();
     refused_sender.join().unwrap();
     // Fits when accepted; then something else fills the disk before the
-    // data comes (the sender held still meanwhile).
-    let data = content(10, 4 * 1024 * 1024);
-    let src = write_file(&lab.dir.join("out"), "big.iso", &data);
-    let sender = send_in_background(&lab, "a", "bob", &src);
-    let id = offer_at(&mut lab, "b", "big.iso");
-    lab.signal("a", "STOP");
-    lab.ctl("b", &["accept-file", &id, "--to", inbox_arg, "--no-wait"])
-        .ok();
-    let filler = inbox.join("filler");
-    let _ = std::fs::write(&filler, vec![0u8; 6 << 20]);
-    lab.signal("a", "CONT");
-    let state = |lab: &Lab, who: &str| {
+    // data comes (the sender held still meanwhile): paused on both sides.
+    let state = |lab: &Lab, who: &str, name: &str| {
         transfers(lab, who)
             .into_iter()
-            .find(|t| t["name"] == "big.iso")
+            .find(|t| t["name"] == name)
             .map(|t| {
                 (
                     t["state"].as_str().unwrap_or("").to_owned(),
@@ -465,33 +455,60 @@ fn a_full_disk_pauses_the_transfer_and_it_goes_on_when_room_returns() {
                 )
             })
     };
-    let reason = lab.wait_for("the receiver to pause", WAIT, |lab| {
-        state(lab, "b")
-            .filter(|(s, _)| s == "paused")
-            .map(|(_, r)| r)
-    });
-    assert!(reason.to_string().contains("disk is full"), "{reason}");
-    lab.wait_for("the sender to pause", WAIT, |lab| {
-        state(lab, "a").filter(|(s, _)| s == "paused")
-    });
-    // The daemon stops and starts again with the disk still full.
+    let filler = inbox.join("filler");
+    let paused_at_both = |lab: &mut Lab, name: &str, seed: u64| {
+        let data = content(seed, 4 * 1024 * 1024);
+        let src = write_file(&lab.dir.join("out"), name, &data);
+        let sender = send_in_background(lab, "a", "bob", &src);
+        let id = offer_at(lab, "b", name);
+        lab.signal("a", "STOP");
+        lab.ctl("b", &["accept-file", &id, "--to", inbox_arg, "--no-wait"])
+            .ok();
+        let _ = std::fs::write(&filler, vec![0u8; 13 << 20]);
+        lab.signal("a", "CONT");
+        let reason = lab.wait_for("the receiver to pause", WAIT, |lab| {
+            state(lab, "b", name)
+                .filter(|(s, _)| s == "paused")
+                .map(|(_, r)| r)
+        });
+        assert!(reason.to_string().contains("disk is full"), "{reason}");
+        lab.wait_for("the sender to pause", WAIT, |lab| {
+            state(lab, "a", name).filter(|(s, _)| s == "paused")
+        });
+        (data, sender)
+    };
+    let arrives =
+        |lab: &mut Lab, name: &str, data: &[u8], sender: std::thread::JoinHandle<e2e::Output>| {
+            let sent = sender.join().unwrap();
+            assert_eq!(sent.code, 0, "{sent:?}");
+            assert!(
+                sent.stderr.contains("paused") && sent.stderr.contains("resumed"),
+                "{sent:?}"
+            );
+            lab.wait_for("the file", WAIT, |lab| {
+                state(lab, "b", name).filter(|(s, _)| s == "done")
+            });
+            assert_eq!(std::fs::read(inbox.join(name)).unwrap(), data);
+        };
+    // Room again: it goes on by itself and arrives whole.
+    let (data, sender) = paused_at_both(&mut lab, "big.iso", 10);
+    std::fs::remove_file(&filler).unwrap();
+    arrives(&mut lab, "big.iso", &data, sender);
+    // Again, and this time the daemon stops and starts while the disk is
+    // still full: it starts cleanly, still paused, and goes on once there
+    // is room.
+    let (data, sender) = paused_at_both(&mut lab, "second.iso", 11);
     assert_eq!(lab.stop("b"), 0);
     lab.start_daemon("b");
-    assert_eq!(state(&lab, "b").unwrap().0, "paused");
-    // Room again: it goes on by itself and arrives whole.
+    assert_eq!(state(&lab, "b", "second.iso").unwrap().0, "paused");
     std::fs::remove_file(&filler).unwrap();
-    let sent = sender.join().unwrap();
-    assert_eq!(sent.code, 0, "{sent:?}");
-    assert!(sent.stderr.contains("paused"), "{sent:?}");
-    lab.wait_for("the file", WAIT, |lab| {
-        state(lab, "b").filter(|(s, _)| s == "done")
-    });
-    assert_eq!(std::fs::read(inbox.join("big.iso")).unwrap(), data);
-    let names: Vec<String> = std::fs::read_dir(&inbox)
+    arrives(&mut lab, "second.iso", &data, sender);
+    let mut names: Vec<String> = std::fs::read_dir(&inbox)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["big.iso"]);
+    names.sort();
+    assert_eq!(names, ["big.iso", "second.iso"]);
 }
 
 #[test]

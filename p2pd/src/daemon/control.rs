@@ -188,6 +188,9 @@ impl Daemon {
                     None => Vec::new(),
                 };
                 if !members.is_empty() {
+                    // (Nor is it taken later, once complete.)
+                    let key = format!("group_accept:{}", hex_id(members[0].group));
+                    let _ = self.store.set_setting(&key, "");
                     for row in members.iter().filter(|t| !t.state.is_final()) {
                         self.node
                             .cancel_file(now, &row.peer, row.tid(), "cancelled by the user");

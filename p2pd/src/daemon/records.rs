@@ -421,7 +421,7 @@ impl Daemon {
                         .setting(&format!("group_accept:{}", hex_id(group)))
                         .ok()
                         .flatten()
-                        .filter(|_| group != 0);
+                        .filter(|d| group != 0 && !d.is_empty());
                     let auto = asked.or(auto);
                     if let Some(dir) = auto.filter(|_| complete) {
                         let dir = std::path::PathBuf::from(dir);
@@ -627,6 +627,7 @@ impl Daemon {
             if transfers::check_space(dir, left).is_err() {
                 continue;
             }
+            self.node.io_mut().writable_again(row.id);
             if self.node.resume_file(now, &row.peer, row.tid()) {
                 tracing::info!(id = %hex_id(row.id), peer = %row.peer, "TRANSFER(RESUMED)");
                 let _ = self

@@ -99,13 +99,19 @@ impl Daemon {
                 ),
             ));
         }
-        let group = self.new_transfer_id()?;
-        let n = list.len() as u32;
-        let mut size = 0;
+        // Every file's piece size first: a file too large fails the
+        // command before anything is offered.
+        let mut sized = Vec::with_capacity(list.len());
         for (path, rel) in list {
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            size += len;
             let piece_size = piece_size(&path, len)?;
+            sized.push((path, rel, len, piece_size));
+        }
+        let group = self.new_transfer_id()?;
+        let n = sized.len() as u32;
+        let mut size = 0;
+        for (path, rel, len, piece_size) in sized {
+            size += len;
             let id = self.new_transfer_id()?;
             self.groups.insert(id, group);
             self.node.io_mut().hash(
