@@ -395,6 +395,7 @@ fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
         paths_validated = s.paths_validated,
         table_full = s.table_full,
         lists_limited = s.lists_limited,
+        list_pages = s.list_pages,
         "STATS"
     );
 }

@@ -98,6 +98,12 @@ pub struct World {
     /// `mark` (its login latency is measured from the moment it was told
     /// of a change).
     pub logged_in_at: Vec<Option<Instant>>,
+    /// Each client's user listings (`NodeEvent::Users`), kept for the
+    /// caller.
+    pub events: Vec<Vec<proto::NodeEvent>>,
+    /// Server CPU spent on datagrams from these addresses.
+    pub watch: std::collections::BTreeSet<SocketAddr>,
+    pub watched_cpu: Duration,
 }
 
 impl World {
@@ -111,6 +117,9 @@ impl World {
                 if matches!(e, proto::NodeEvent::LoggedIn { .. }) && self.logged_in_at[i].is_none()
                 {
                     self.logged_in_at[i] = Some(now);
+                }
+                if matches!(e, proto::NodeEvent::Users { .. }) {
+                    self.events[i].push(e);
                 }
             }
             while let Some(t) = node.poll_transmit(now) {
@@ -153,6 +162,9 @@ impl World {
             seconds: BTreeMap::new(),
             flood: None,
             logged_in_at: vec![None; n],
+            events: vec![Vec::new(); n],
+            watch: Default::default(),
+            watched_cpu: Duration::ZERO,
         }
     }
 
@@ -166,6 +178,9 @@ impl World {
         let t = Instant::now();
         server.handle_datagram(now, from, bytes, &mut self.store);
         let cost = t.elapsed();
+        if self.watch.contains(&from) {
+            self.watched_cpu += cost;
+        }
         self.busy_until = now + cost;
         let second = now.saturating_duration_since(self.mark).as_secs();
         self.seconds.entry(second).or_default().cpu += cost;

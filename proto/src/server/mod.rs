@@ -73,6 +73,8 @@ pub trait AccountStore {
 #[derive(Default)]
 pub struct MemoryStore {
     accounts: BTreeMap<String, PublicIdentity>,
+    /// Names by signing key: a lookup, not a walk of every account.
+    names: BTreeMap<[u8; 32], String>,
 }
 
 impl AccountStore for MemoryStore {
@@ -88,26 +90,21 @@ impl AccountStore for MemoryStore {
                 RegisterOutcome::NameTaken
             });
         }
-        if let Some((n, _)) = self
-            .accounts
-            .iter()
-            .find(|(_, i)| i.sign_key == identity.sign_key)
-        {
+        if let Some(n) = self.names.get(&identity.sign_key) {
             return Ok(RegisterOutcome::KeyHasName(n.clone()));
         }
         self.accounts.insert(name.to_owned(), identity.clone());
+        self.names.insert(identity.sign_key, name.to_owned());
         Ok(RegisterOutcome::Created)
     }
 
     fn by_key(&mut self, sign_key: &[u8; 32]) -> Result<Option<Account>, StoreError> {
-        Ok(self
-            .accounts
-            .iter()
-            .find(|(_, i)| &i.sign_key == sign_key)
-            .map(|(n, i)| Account {
+        Ok(self.names.get(sign_key).and_then(|n| {
+            self.accounts.get(n).map(|i| Account {
                 name: n.clone(),
                 identity: i.clone(),
-            }))
+            })
+        }))
     }
 
     fn by_name(&mut self, name: &str) -> Result<Option<Account>, StoreError> {
@@ -255,6 +252,8 @@ pub struct ServerStats {
     pub table_full: u64,
     /// User-list pages refused: the session asked too often.
     pub lists_limited: u64,
+    /// User-list pages served.
+    pub list_pages: u64,
 }
 
 /// The sizes of the server's tables at one moment.
@@ -1272,6 +1271,7 @@ impl Server {
                     })
                     .take(USERS_PER_PAGE)
                     .collect();
+                self.stats.list_pages += 1;
                 self.send(
                     index,
                     &ServerToClient::UserList {
