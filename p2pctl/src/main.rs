@@ -49,7 +49,13 @@ enum Cmd {
     Whoami,
     /// Register NAME for this daemon's key at the rendezvous server, and
     /// log in with it.
-    Register { name: String },
+    Register {
+        name: String,
+        /// The invite token of a server that registers only with one
+        /// (its operator gives it).
+        #[arg(long, value_name = "TOKEN")]
+        invite: Option<String>,
+    },
     /// Log in to the rendezvous server again now.
     Login,
     /// List the users active at the rendezvous server.
@@ -649,9 +655,9 @@ async fn run(args: Args) -> Result<(), Failure> {
             );
             print(&v, text)
         }
-        Cmd::Register { name } => {
+        Cmd::Register { name, invite } => {
             let (v, r) = conn
-                .call_as::<Registered>(Command::Register { name })
+                .call_as::<Registered>(Command::Register { name, invite })
                 .await?;
             let text = format!("registered {} (fingerprint {})", r.name, r.fingerprint);
             print(&v, text)

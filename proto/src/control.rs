@@ -97,7 +97,13 @@ pub enum Command {
     /// Who we are, and the state of the server link.
     Whoami,
     /// Registers `name` for our key at the rendezvous server and logs in.
-    Register { name: String },
+    /// `invite`: the server operator's invite token, for a server that
+    /// registers only with one.
+    Register {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        invite: Option<String>,
+    },
     /// Logs in again now (it happens by itself at start and after the
     /// server restarts).
     Login,

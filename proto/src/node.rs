@@ -539,10 +539,16 @@ impl<F: FileIo> Node<F> {
     }
 
     pub fn register(&mut self, now: Instant, name: &str) -> u32 {
-        let name = name.to_owned();
+        self.register_invited(now, name, "")
+    }
+
+    /// Registers `name` with the operator's invite token, for a server
+    /// that asks for one.
+    pub fn register_invited(&mut self, now: Instant, name: &str, invite: &str) -> u32 {
+        let (name, invite) = (name.to_owned(), invite.to_owned());
         let rid = self
             .link
-            .request(now, |rid| ClientToServer::Register { rid, name });
+            .request(now, |rid| ClientToServer::Register { rid, name, invite });
         self.pump(now);
         rid
     }

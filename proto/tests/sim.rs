@@ -2674,3 +2674,35 @@ fn user_list_pages_are_limited_per_session() {
     assert_eq!(stats.lists_limited as usize, limited);
     assert!(limited > 0);
 }
+
+#[test]
+fn an_invite_only_server_registers_only_with_its_token() {
+    // The operator's option: registrations need one of its invite tokens
+    // (after the rate limit, so tokens cannot be guessed at speed).
+    let config = ServerConfig {
+        invite_tokens: vec!["let-me-in".into()],
+        ..ServerConfig::default()
+    };
+    let mut sim = Sim::with_server(238, Link::clean(), config);
+    let outcome = |sim: &mut Sim, i: usize| {
+        sim.run_for(Duration::from_secs(2));
+        sim.take_events(i).into_iter().find_map(|e| match e {
+            NodeEvent::Response { result, .. } => Some(result.err().map(|e| match e {
+                proto::RequestError::Failed { reason, .. } => reason,
+                _ => proto::wire::FailReason::TimedOut,
+            })),
+            _ => None,
+        })
+    };
+    let invite = Some(Some(proto::wire::FailReason::InviteRequired));
+    let now = sim.now;
+    sim.node(0).register(now, "alice");
+    assert_eq!(outcome(&mut sim, 0), invite);
+    let now = sim.now;
+    sim.node(0).register_invited(now, "alice", "let-me-out");
+    assert_eq!(outcome(&mut sim, 0), invite);
+    let now = sim.now;
+    sim.node(0).register_invited(now, "alice", "let-me-in");
+    assert_eq!(outcome(&mut sim, 0), Some(None));
+    assert_eq!(sim.server.as_ref().unwrap().stats().invites_refused, 2);
+}

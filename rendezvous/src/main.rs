@@ -67,6 +67,16 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 20)]
     registrations_per_hour: u32,
 
+    /// Register only users who give this invite token (`p2pctl register
+    /// NAME --invite TOKEN`); may be given several times. Without it,
+    /// anyone may register.
+    #[arg(
+        long = "invite-token",
+        value_name = "TOKEN",
+        env = "RENDEZVOUS_INVITE_TOKEN"
+    )]
+    invite_tokens: Vec<String>,
+
     /// A second UDP port that only answers NAT probes (clients compare the
     /// address each port sees to learn how their NAT maps); 0 turns it off.
     /// [default: the listen port + 1]
@@ -139,6 +149,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         max_tcp: args.max_tcp,
         registrations_per_hour: args.registrations_per_hour,
+        invite_tokens: args.invite_tokens,
         probe_port: match args.probe_port {
             Some(0) => None,
             Some(p) => Some(p),

@@ -65,6 +65,9 @@ pub struct Config {
     /// Registrations per address per hour
     /// ([`ServerConfig::registrations_per_hour`]); 0: no limit.
     pub registrations_per_hour: u32,
+    /// Registration requires one of these tokens, if any
+    /// ([`ServerConfig::invite_tokens`]).
+    pub invite_tokens: Vec<String>,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             max_tcp: 1000,
             probe_port: Some(0),
             registrations_per_hour: ServerConfig::default().registrations_per_hour,
+            invite_tokens: Vec::new(),
         }
     }
 }
@@ -174,6 +178,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         probe_port,
         relay: config.relay.clone(),
         registrations_per_hour: config.registrations_per_hour,
+        invite_tokens: config.invite_tokens.clone(),
         ..ServerConfig::default()
     };
     // Fresh OS randomness: indices and challenges must not be guessable.
@@ -199,6 +204,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Bound> {
         relay_max_sessions = config.relay.max_channels,
         relay_rate_per_user = config.relay.rate_per_user,
         registrations_per_hour = config.registrations_per_hour,
+        invite_only = !config.invite_tokens.is_empty(),
         "START"
     );
     Ok(bound)
@@ -396,6 +402,7 @@ fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
         table_full = s.table_full,
         lists_limited = s.lists_limited,
         list_pages = s.list_pages,
+        invites_refused = s.invites_refused,
         "STATS"
     );
 }

@@ -304,3 +304,19 @@ fn registrations_from_one_address_are_limited() {
     }
     assert!(lab.logs().contains("REGISTER(RATE_LIMITED)"));
 }
+
+#[test]
+fn an_invite_only_server_needs_the_token() {
+    let mut lab = Lab::new("invite");
+    lab.start_rendezvous_in(None, &["--invite-token", "s3cret"]);
+    lab.start_daemon("a");
+    let out = lab.ctl("a", &["register", "alice"]);
+    let err = out.fails_with(6);
+    assert!(err.contains("--invite"), "{err}");
+    let out = lab.ctl("a", &["register", "alice", "--invite", "guess"]);
+    let err = out.fails_with(6);
+    assert!(err.contains("invite token"), "{err}");
+    lab.ctl("a", &["register", "alice", "--invite", "s3cret"])
+        .ok();
+    assert!(lab.logs().contains("REGISTER(NOT_INVITED)"));
+}

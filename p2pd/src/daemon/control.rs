@@ -229,12 +229,22 @@ impl Daemon {
                     data_dir: self.config.data_dir.display().to_string(),
                 })
             }
-            Command::Register { name } => {
+            Command::Register { name, invite } => {
                 Self::check_name(&name)?;
+                let invite = invite.unwrap_or_default();
+                if invite.len() > proto::wire::MAX_INVITE {
+                    return Err(err(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "an invite token is at most {} bytes",
+                            proto::wire::MAX_INVITE
+                        ),
+                    ));
+                }
                 if self.node.link_state() == LinkState::KeyMismatch {
                     self.require_login()?;
                 }
-                let rid = self.node.register(now, &name);
+                let rid = self.node.register_invited(now, &name, &invite);
                 self.wait(
                     now,
                     id,
@@ -482,7 +492,9 @@ pub(super) fn fail_error(reason: FailReason, detail: &str, what: &str) -> Contro
         FailReason::NotRegistered | FailReason::NotLoggedIn => ErrorCode::NotLoggedIn,
         FailReason::UnknownUser => ErrorCode::UnknownUser,
         FailReason::Offline => ErrorCode::Offline,
-        FailReason::Declined | FailReason::RateLimited => ErrorCode::Refused,
+        FailReason::Declined | FailReason::RateLimited | FailReason::InviteRequired => {
+            ErrorCode::Refused
+        }
         FailReason::TimedOut => ErrorCode::TimedOut,
         FailReason::NoSuchIntro => ErrorCode::NoRequest,
         _ => ErrorCode::Internal,

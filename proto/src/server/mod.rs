@@ -35,6 +35,7 @@ use std::collections::BTreeSet;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
 
 /// What a registration did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +153,10 @@ pub struct ServerConfig {
     /// Registrations one address (an IPv4 address, an IPv6 /64) may make
     /// per hour, after a burst of [`REGISTER_BURST`]; 0: no limit.
     pub registrations_per_hour: u32,
+    /// If any: a registration must carry one of these invite tokens (an
+    /// operator's closed community); the rate limit applies first, so
+    /// tokens cannot be guessed at speed.
+    pub invite_tokens: Vec<String>,
 }
 
 /// Registrations an address may make at once before the hourly rate
@@ -207,6 +212,7 @@ impl Default for ServerConfig {
             relay: RelayConfig::default(),
             probe_port: 0,
             registrations_per_hour: 20,
+            invite_tokens: Vec::new(),
         }
     }
 }
@@ -254,6 +260,8 @@ pub struct ServerStats {
     pub lists_limited: u64,
     /// User-list pages served.
     pub list_pages: u64,
+    /// Registrations refused for want of an invite token.
+    pub invites_refused: u64,
 }
 
 /// The sizes of the server's tables at one moment.
@@ -1222,8 +1230,8 @@ impl Server {
                     s.pushes.remove(&push_id);
                 }
             }
-            ClientToServer::Register { rid, name } => {
-                self.on_register(now, index, rid, name, store)
+            ClientToServer::Register { rid, name, invite } => {
+                self.on_register(now, index, rid, name, &invite, store)
             }
             ClientToServer::Login { rid, signature } => self.on_login(index, rid, signature, store),
             ClientToServer::Ping { rid } => {
@@ -1303,6 +1311,7 @@ impl Server {
         index: u32,
         rid: u32,
         name: String,
+        invite: &str,
         store: &mut dyn AccountStore,
     ) {
         if let Err(why) = validate_name(&name) {
@@ -1318,6 +1327,20 @@ impl Server {
                 rid,
                 FailReason::RateLimited,
                 format!("too many registrations from your address (at most {per_hour} an hour); try again later"),
+            );
+        }
+        let invited = self.config.invite_tokens.is_empty()
+            || self.config.invite_tokens.iter().fold(false, |ok, t| {
+                ok | bool::from(t.as_bytes().ct_eq(invite.as_bytes()))
+            });
+        if !invited {
+            self.stats.invites_refused += 1;
+            tracing::info!(%name, "REGISTER(NOT_INVITED)");
+            return self.fail(
+                index,
+                rid,
+                FailReason::InviteRequired,
+                "this server registers only with an invite token: register NAME --invite TOKEN (ask its operator)",
             );
         }
         let identity = self.sessions[&index].identity.clone();

@@ -7,9 +7,12 @@ use crate::codec::{DecodeError, Reader, Writer};
 /// client and echoed in the answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientToServer {
+    /// `invite`: the operator's invite token, for a server that asks for
+    /// one (empty: none).
     Register {
         rid: u32,
         name: String,
+        invite: String,
     },
     /// Answers the challenge from the handshake: an ed25519 signature over
     /// `LOGIN_CONTEXT || challenge || server Noise key`.
@@ -59,8 +62,8 @@ impl ClientToServer {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(64);
         match self {
-            ClientToServer::Register { rid, name } => {
-                w.u8(1).u32(*rid).string(name);
+            ClientToServer::Register { rid, name, invite } => {
+                w.u8(1).u32(*rid).string(name).string(invite);
             }
             ClientToServer::Login { rid, signature } => {
                 w.u8(2).u32(*rid).bytes(signature);
@@ -115,6 +118,7 @@ impl ClientToServer {
             1 => ClientToServer::Register {
                 rid: r.u32()?,
                 name: r.string(MAX_NAME)?,
+                invite: r.string(MAX_INVITE)?,
             },
             2 => ClientToServer::Login {
                 rid: r.u32()?,

@@ -73,7 +73,8 @@ impl Pattern {
 /// ends with a timestamp (replays are refused); each party of a relay
 /// channel has its own secret `channel` id (in the punch instruction);
 /// `ListUsers` asks for the names after a cursor, and `UserList` says
-/// the total in 32 bits; `FlowFrame::Pause` (a receiver's full disk).
+/// the total in 32 bits; `FlowFrame::Pause` (a receiver's full disk);
+/// `Register` carries an invite token, `FailReason` 14 `InviteRequired`.
 pub const VERSION: u8 = 6;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;
@@ -139,6 +140,8 @@ pub const MAX_INNER: usize = MAX_PACKET - DATA_HEADER_LEN - 16;
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Longest user name, in bytes.
 pub const MAX_NAME: usize = 32;
+/// Longest invite token, in bytes.
+pub const MAX_INVITE: usize = 64;
 /// Most local endpoints a client reports.
 pub const MAX_ENDPOINTS: usize = 8;
 /// Most users in one [`ServerToClient::UserList`] page.
@@ -471,6 +474,9 @@ pub enum FailReason {
     /// Too many of these from one address lately (registrations): try
     /// again later.
     RateLimited,
+    /// This server registers only with an invite token, and none or
+    /// another was given.
+    InviteRequired,
     /// A code this version does not know.
     Other(u8),
 }
@@ -491,6 +497,7 @@ impl FailReason {
             FailReason::NoSuchIntro => 11,
             FailReason::ServerError => 12,
             FailReason::RateLimited => 13,
+            FailReason::InviteRequired => 14,
             FailReason::Other(c) => c,
         }
     }
@@ -510,6 +517,7 @@ impl FailReason {
             11 => FailReason::NoSuchIntro,
             12 => FailReason::ServerError,
             13 => FailReason::RateLimited,
+            14 => FailReason::InviteRequired,
             c => FailReason::Other(c),
         }
     }
@@ -530,6 +538,7 @@ impl FailReason {
             FailReason::NoSuchIntro => "no_such_request",
             FailReason::ServerError => "server_error",
             FailReason::RateLimited => "rate_limited",
+            FailReason::InviteRequired => "invite_required",
             FailReason::Other(_) => "failed",
         }
     }

@@ -125,10 +125,11 @@ fn golden_packets() {
     assert_eq!(
         hex(&ClientToServer::Register {
             rid: 7,
-            name: "bob".into()
+            name: "bob".into(),
+            invite: String::new(),
         }
         .encode()),
-        "0100000007000362".to_owned() + "6f62"
+        "0100000007000362".to_owned() + "6f62" + "0000"
     );
     assert_eq!(
         hex(&PeerToPeer::Flow {
@@ -227,6 +228,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         ClientToServer::Register {
             rid: 1,
             name: "alice".into(),
+            invite: "welcome".into(),
         },
         ClientToServer::Login {
             rid: 2,
@@ -487,11 +489,11 @@ fn layout_is_frozen_per_version() {
         // 6: the cookie in an initiation, `CookieReply`, the path
         // challenge and response, each party's own relay channel id, user
         // lists paged by a name cursor with a 32-bit total, the flow's
-        // `Pause` frame; the IK payload's timestamp (inside the Noise
-        // message).
+        // `Pause` frame, `Register`'s invite token; the IK payload's
+        // timestamp (inside the Noise message).
         (
             6,
-            "1a9a07482e3bee4c9fd553293492dc080dbbc43cdf2ddabebc689d71c7ad86e3",
+            "bb4408b52e4a1f4f863ac19cf33704f61fb06b8f8118472d432e963a6b6f5e48",
         ),
     ];
     use sha2::{Digest, Sha256};
@@ -538,6 +540,7 @@ fn random_c2s(rng: &mut impl Rng) -> ClientToServer {
         0 => ClientToServer::Register {
             rid: rng.gen(),
             name: random_name(rng),
+            invite: "i".repeat(rng.gen_range(0..=MAX_INVITE)),
         },
         1 => ClientToServer::Login {
             rid: rng.gen(),

@@ -117,10 +117,15 @@ impl Client {
         self.node.link_state() == LinkState::LoggedIn
     }
 
-    /// Registers `name` and waits for the login.
-    fn register(server: SocketAddr, key: [u8; 32], name: &str) -> (Client, Identity) {
+    /// Registers `name` from `bind` and waits for the login.
+    fn register_at(
+        bind: &str,
+        server: SocketAddr,
+        key: [u8; 32],
+        name: &str,
+    ) -> (Client, Identity) {
         let id = Identity::generate();
-        let mut c = Client::new(server, key, id.clone(), Some(name));
+        let mut c = Client::new_at(bind, server, key, id.clone(), Some(name));
         c.node.register(Instant::now(), name);
         assert!(
             c.run(Duration::from_secs(10), Client::logged_in),
@@ -166,8 +171,9 @@ fn row(attack: &str, measured: &str, bound: String) {
 fn amplify(lab: &Lab) {
     let (server, key) = server_of(lab);
     let tag = std::process::id();
-    let (mut mallory, _) = Client::register(server, key, &format!("mallory{tag}"));
-    let (mut eve, _) = Client::register(server, key, &format!("eve{tag}"));
+    let (mut mallory, _) =
+        Client::register_at("127.0.0.1:0", server, key, &format!("mallory{tag}"));
+    let (mut eve, _) = Client::register_at("127.0.0.5:0", server, key, &format!("eve{tag}"));
     let victim = UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
     victim.set_nonblocking(true).expect("nonblocking");
     // One authenticated request, sent from the victim's address.
@@ -310,7 +316,9 @@ fn flood(lab: &Lab) {
     let users: Vec<(String, Identity)> = (0..20)
         .map(|i| {
             let name = format!("u{tag}x{i}");
-            let (c, id) = Client::register(server, key, &name);
+            // (Each from its own address: registrations are limited per
+            // address.)
+            let (c, id) = Client::register_at(&format!("127.0.6.{}:0", i + 1), server, key, &name);
             drop(c);
             (name, id)
         })
