@@ -265,3 +265,56 @@ fn a_peer_killed_mid_chat_comes_back_on_a_new_port_and_nothing_is_lost() {
         "bob asked for the session again"
     );
 }
+
+#[test]
+fn a_message_that_cannot_be_stored_fails_its_send_and_nothing_stored_is_lost() {
+    // D11, chat: bob's database is on a file system that fills up. His
+    // `send` fails saying the message was not stored, he keeps running,
+    // what he had stored is still there, and once there is room he sends
+    // again.
+    let root = std::process::Command::new("id").arg("-u").output();
+    if !root.is_ok_and(|o| o.stdout.trim_ascii() == b"0") {
+        eprintln!("SKIPPED: mounting a small filesystem needs root");
+        return;
+    }
+    let mut lab = Lab::new("cfull");
+    lab.start_rendezvous();
+    let data = lab.dir.join("bob");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount a tmpfs at {}", data.display());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    lab.start_daemon("alice");
+    lab.start_daemon("bob");
+    lab.ctl("alice", &["register", "alice"]).ok();
+    lab.ctl("bob", &["register", "bob"]).ok();
+    lab.log_in_and_connect("alice", "bob", Duration::from_secs(30));
+    lab.ctl("bob", &["send", "alice", "stored before"]).ok();
+    // Fill the file system.
+    let filler = data.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 16 << 20]);
+    let out = lab.ctl("bob", &["send", "alice", "no room for this"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("not stored"), "{out:?}");
+    assert!(lab.running("bob"), "bob's daemon stopped");
+    let history = lab.ctl("bob", &["history", "alice"]);
+    assert!(history.ok().contains("stored before"), "{history:?}");
+    std::fs::remove_file(&filler).unwrap();
+    lab.ctl("bob", &["send", "alice", "room again"]).ok();
+    lab.wait_for("the line at alice", Duration::from_secs(30), |lab| {
+        let h = lab.ctl("alice", &["history", "bob"]);
+        h.stdout.contains("room again").then_some(())
+    });
+    let h = lab.ctl("alice", &["history", "bob"]);
+    assert!(!h.stdout.contains("no room for this"), "{h:?}");
+}
