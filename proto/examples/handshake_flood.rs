@@ -17,9 +17,8 @@
 #[path = "support/world.rs"]
 mod world;
 
-use proto::{Gauges, Identity, NoFiles, Node, NodeConfig, Server, ServerConfig};
+use proto::{Gauges, Identity, Server, ServerConfig};
 use rand::{Rng, SeedableRng};
-use std::cmp::Reverse;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use world::{Flood, World};
@@ -39,18 +38,12 @@ fn main() {
     let config = ServerConfig::default();
     let server = Server::new(server_id.clone(), config.clone(), 1);
     let mut world = World::new(start, server, server_addr, n);
-    for i in 0..n {
-        let addr = SocketAddr::from(([100, 64 + (i >> 16) as u8, (i >> 8) as u8, i as u8], 4000));
-        let mut c = NodeConfig::new(server_addr);
-        c.client.server_key = Some(server_id.noise_public());
-        let at = start + Duration::from_millis(rng.gen_range(0..10_000));
-        let mut node = Node::new(Identity::generate(), c, at, rng.gen(), NoFiles);
-        node.register(at, &format!("user{i}"));
-        world.nodes.push(node);
-        world.addrs.push(addr);
-        world.by_addr.insert(addr, i);
-        world.timers.push(Reverse((at, i)));
-    }
+    world.add_clients(
+        n,
+        server_id.noise_public(),
+        Duration::from_secs(10),
+        &mut rng,
+    );
     let setup = start + Duration::from_secs(40);
     world.run(setup, |w| w.now >= setup);
     println!(

@@ -17,9 +17,8 @@
 #[path = "support/world.rs"]
 mod world;
 
-use proto::{Identity, NoFiles, Node, NodeConfig, Server, ServerConfig};
+use proto::{Identity, Server, ServerConfig};
 use rand::{Rng, SeedableRng};
-use std::cmp::Reverse;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use world::World;
@@ -40,18 +39,12 @@ fn main() {
     let mut world = World::new(start, server, server_addr, n);
     // Everyone registers over the first 30 s (not measured), then is
     // logged in and heartbeating (25 s).
-    for i in 0..n {
-        let addr = SocketAddr::from(([100, 64 + (i >> 16) as u8, (i >> 8) as u8, i as u8], 4000));
-        let mut c = NodeConfig::new(server_addr);
-        c.client.server_key = Some(server_id.noise_public());
-        let at = start + Duration::from_millis(rng.gen_range(0..30_000));
-        let mut node = Node::new(Identity::generate(), c, at, rng.gen(), NoFiles);
-        node.register(at, &format!("user{i}"));
-        world.nodes.push(node);
-        world.addrs.push(addr);
-        world.by_addr.insert(addr, i);
-        world.timers.push(Reverse((at, i)));
-    }
+    world.add_clients(
+        n,
+        server_id.noise_public(),
+        Duration::from_secs(30),
+        &mut rng,
+    );
     let setup = start + Duration::from_secs(90);
     world.run(setup, |w| w.now >= setup);
     println!(

@@ -14,9 +14,8 @@
 #[path = "support/world.rs"]
 mod world;
 
-use proto::{Identity, NoFiles, Node, NodeConfig, NodeEvent, Server, ServerConfig};
-use rand::{Rng, SeedableRng};
-use std::cmp::Reverse;
+use proto::{Identity, NodeEvent, Server, ServerConfig};
+use rand::SeedableRng;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use world::World;
@@ -43,18 +42,12 @@ fn main() {
     let server = Server::new(server_id.clone(), config, 1);
     let mut world = World::new(start, server, server_addr, n);
     let spread = (n as u64 / 500).max(10);
-    for i in 0..n {
-        let addr = SocketAddr::from(([100, 64 + (i >> 16) as u8, (i >> 8) as u8, i as u8], 4000));
-        let mut c = NodeConfig::new(server_addr);
-        c.client.server_key = Some(server_id.noise_public());
-        let at = start + Duration::from_millis(rng.gen_range(0..spread * 1000));
-        let mut node = Node::new(Identity::generate(), c, at, rng.gen(), NoFiles);
-        node.register(at, &format!("user{i:06}"));
-        world.nodes.push(node);
-        world.addrs.push(addr);
-        world.by_addr.insert(addr, i);
-        world.timers.push(Reverse((at, i)));
-    }
+    world.add_clients(
+        n,
+        server_id.noise_public(),
+        Duration::from_secs(spread),
+        &mut rng,
+    );
     let setup = start + Duration::from_secs(spread + 30);
     world.run(setup, |w| w.now >= setup);
     println!("{n} users registered and logged in: {}", world.logged_in());

@@ -570,3 +570,35 @@ pub fn transfers(lab: &Lab, who: &str) -> Vec<serde_json::Value> {
         .cloned()
         .unwrap_or_default()
 }
+
+/// A small file system mounted for a test (tmpfs, needs root), unmounted
+/// when dropped.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`8m`) at `dir` (made if need be); None,
+    /// saying so, when not root. Panics if the mount fails as root.
+    pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let root = Command::new("id").arg("-u").output();
+        if !root.is_ok_and(|o| o.stdout.trim_ascii() == b"0") {
+            eprintln!("SKIPPED: mounting a small filesystem needs root");
+            return None;
+        }
+        fs::create_dir_all(dir).expect("mount point");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(mounted, "cannot mount a tmpfs at {}", dir.display());
+        Some(Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: the lab's daemons (dropped after this guard) may still
+        // hold files there.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

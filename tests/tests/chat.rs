@@ -272,28 +272,12 @@ fn a_message_that_cannot_be_stored_fails_its_send_and_nothing_stored_is_lost() {
     // `send` fails saying the message was not stored, he keeps running,
     // what he had stored is still there, and once there is room he sends
     // again.
-    let root = std::process::Command::new("id").arg("-u").output();
-    if !root.is_ok_and(|o| o.stdout.trim_ascii() == b"0") {
-        eprintln!("SKIPPED: mounting a small filesystem needs root");
-        return;
-    }
     let mut lab = Lab::new("cfull");
     lab.start_rendezvous();
     let data = lab.dir.join("bob");
-    std::fs::create_dir_all(&data).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&data)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(mounted, "cannot mount a tmpfs at {}", data.display());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(data.clone());
+    let Some(_tmpfs) = e2e::Tmpfs::mount(&data, "8m") else {
+        return;
+    };
     lab.start_daemon("alice");
     lab.start_daemon("bob");
     lab.ctl("alice", &["register", "alice"]).ok();

@@ -411,27 +411,11 @@ fn a_full_disk_pauses_the_transfer_and_it_goes_on_when_room_returns() {
     // cleanly with the disk still full, and once room returns the file
     // arrives whole by itself, from what was kept. An offer larger than
     // the free space is refused before anything is written.
-    let root = std::process::Command::new("id").arg("-u").output();
-    if !root.is_ok_and(|o| o.stdout.trim_ascii() == b"0") {
-        eprintln!("SKIPPED: mounting a small filesystem needs root");
-        return;
-    }
     let mut lab = Lab::connected_pair("ffull");
     let inbox = lab.dir.join("small");
-    std::fs::create_dir_all(&inbox).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&inbox)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(mounted, "cannot mount a tmpfs at {}", inbox.display());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(inbox.clone());
+    let Some(_tmpfs) = e2e::Tmpfs::mount(&inbox, "16m") else {
+        return;
+    };
     let inbox_arg = inbox.to_str().unwrap();
     // Too large for the free space: refused up front, nothing written.
     let huge = write_file(&lab.dir.join("out"), "huge.iso", &content(9, 20 << 20));

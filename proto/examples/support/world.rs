@@ -142,6 +142,32 @@ impl World {
         }
     }
 
+    /// Adds `n` clients at 100.64.0.0/10, each registering `user{i:06}`
+    /// (the server's key pinned) at a random moment in the first `spread`
+    /// of the world's time.
+    pub fn add_clients(
+        &mut self,
+        n: usize,
+        server_key: [u8; 32],
+        spread: Duration,
+        rng: &mut impl Rng,
+    ) {
+        let start = self.now;
+        for i in 0..n {
+            let addr =
+                SocketAddr::from(([100, 64 + (i >> 16) as u8, (i >> 8) as u8, i as u8], 4000));
+            let mut c = proto::NodeConfig::new(self.server_addr);
+            c.client.server_key = Some(server_key);
+            let at = start + spread.mul_f64(rng.gen::<f64>());
+            let mut node = Node::new(proto::Identity::generate(), c, at, rng.gen(), NoFiles);
+            node.register(at, &format!("user{i:06}"));
+            self.nodes.push(node);
+            self.addrs.push(addr);
+            self.by_addr.insert(addr, i);
+            self.timers.push(Reverse((at, i)));
+        }
+    }
+
     /// A world of `n` clients (added by the caller) and `server`.
     pub fn new(start: Instant, server: Server, server_addr: SocketAddr, n: usize) -> Self {
         World {
