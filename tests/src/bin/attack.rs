@@ -18,6 +18,9 @@
 //! - `tcp` (D8): 1,000 TCP connections from 125 addresses sending empty
 //!   frames: how many the server still holds after 35 s, and whether a
 //!   newcomer gets in while the table is full.
+//! - `offers` (D2, D3): a peer (a contact the daemon accepted) offers a
+//!   16 MiB file in 1-byte pieces, then 20,000 files: what the daemon
+//!   refuses, its peak RSS, and how long `p2pctl transfers` takes then.
 //! - `transfers` (D3): a daemon with 100,000 transfer records: how long
 //!   `p2pctl transfers`, its last page and a lookup by id prefix take.
 
@@ -33,6 +36,7 @@ const ALL: &[&str] = &[
     "register",
     "flood",
     "tcp",
+    "offers",
     "transfers",
 ];
 
@@ -457,6 +461,104 @@ fn alive(s: &TcpStream) -> bool {
     open
 }
 
+fn offers(lab: &mut Lab) {
+    let (server, key) = server_of(lab);
+    let tag = std::process::id();
+    let victim = format!("v{tag}");
+    lab.start_daemon("v");
+    lab.ctl("v", &["register", &victim]).ok();
+    let (mut mallory, _) = Client::register_at("127.0.0.7:0", server, key, &format!("m{tag}"));
+    mallory.node.connect(Instant::now(), &victim);
+    let mallory_name = format!("m{tag}");
+    lab.wait_for("mallory's request", Duration::from_secs(20), |lab| {
+        mallory.run(Duration::from_millis(50), |_| false);
+        let peers = lab.ctl("v", &["--json", "peers"]).json();
+        (peers["requests"][0]["name"] == mallory_name.as_str()).then_some(())
+    });
+    // (`accept` waits for the session: mallory must answer meanwhile.)
+    let socket = lab.socket("v");
+    let name = mallory_name.clone();
+    let accept = std::thread::spawn(move || e2e::p2pctl(&socket, &["accept", &name], None));
+    while !accept.is_finished() {
+        mallory.run(Duration::from_millis(50), |_| false);
+    }
+    accept.join().expect("accept").ok();
+    assert!(
+        mallory.run(Duration::from_secs(20), |c| c.node.is_up(&victim)),
+        "no session with the daemon"
+    );
+    let pid = lab.pid("v");
+    let rss_before = peak_rss_mib(pid);
+    let ended = |c: &Client, id: u64| {
+        c.events.iter().find_map(|e| match e {
+            NodeEvent::Transfer {
+                event: proto::TransferEvent::Ended { id: i, reason },
+                ..
+            } if i.0 == id => Some(reason.clone()),
+            _ => None,
+        })
+    };
+    let desc = |id: u64, size: u64, piece_size: u32| proto::FileDesc {
+        id: proto::TransferId(id),
+        path: format!("f{id}.bin"),
+        size,
+        piece_size,
+        hash: [0; 32],
+        group: None,
+    };
+    // 16 MiB in 1-byte pieces.
+    mallory
+        .node
+        .offer_file(Instant::now(), &victim, desc(1, 16 << 20, 1), Vec::new());
+    mallory.run(Duration::from_secs(10), |c| ended(c, 1).is_some());
+    let tiny = ended(&mallory, 1).unwrap_or_else(|| "NOT REFUSED".into());
+    // 20,000 offers, as fast as the flow takes them.
+    for id in 100..20_100u64 {
+        mallory
+            .node
+            .offer_file(Instant::now(), &victim, desc(id, 10, 10), Vec::new());
+    }
+    let count_ended = |c: &Client| {
+        c.events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    NodeEvent::Transfer {
+                        event: proto::TransferEvent::Ended { .. },
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let t = Instant::now();
+    mallory.run(Duration::from_secs(60), |c| count_ended(c) > 10_000);
+    let took = t.elapsed().as_secs_f64();
+    let refused = count_ended(&mallory).saturating_sub(1);
+    let reason = (100..20_100u64)
+        .find_map(|id| ended(&mallory, id))
+        .unwrap_or_default();
+    let t = Instant::now();
+    let page = lab.ctl("v", &["transfers", "--json"]);
+    let list_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let shown = page.json().as_array().map_or(0, |a| a.len());
+    let rss = peak_rss_mib(pid);
+    row(
+        "D2 an offer in 1-byte pieces",
+        "a contact offers 16 MiB in 2^24 pieces",
+        format!("refused before any allocation: \"{tiny}\" (was 1.07 GB RSS to accept)"),
+    );
+    row(
+        "D3 20,000 offers from one peer",
+        "a contact offers 20,000 small files at once",
+        format!(
+            "{refused} refused in {took:.1} s (\"{reason}\"), the first 10,000 wait for an answer; `p2pctl transfers` {list_ms:.0} ms ({shown} shown, paged); daemon peak RSS {rss_before:.0} → {rss:.0} MiB (was: blocked 62 s)"
+        ),
+    );
+    lab.stop("v");
+}
+
 fn transfers(lab: &mut Lab) {
     lab.start_daemon("t");
     assert_eq!(lab.stop("t"), 0);
@@ -536,6 +638,9 @@ fn main() {
     }
     if run("tcp") {
         tcp(&lab);
+    }
+    if run("offers") {
+        offers(&mut lab);
     }
     if run("transfers") {
         transfers(&mut lab);
