@@ -304,7 +304,14 @@ struct PathCheck {
     nonce: u64,
     received: usize,
     sent: usize,
+    /// When the ping last went: it goes again ([`PATH_PING_AGAIN`]) while
+    /// packets keep coming from the address unvalidated (it or its answer
+    /// may have been lost).
+    pinged: Option<Instant>,
 }
+
+/// A path check's ping is sent again after this long without its answer.
+const PATH_PING_AGAIN: Duration = Duration::from_millis(250);
 
 /// What a punch instruction says to do: which introduction, which
 /// endpoints to probe, and whether we start the handshake.
@@ -1479,7 +1486,7 @@ impl PeerSession {
                 .last_direct_rx
                 .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_STALE);
         let moved = e.dst != from && is_current && !(from_relay && direct_fresh);
-        let mut challenge = None;
+        let mut challenge = false;
         if moved {
             let old = std::mem::replace(&mut e.dst, from);
             e.dst_since = now;
@@ -1496,14 +1503,25 @@ impl PeerSession {
                     nonce,
                     received: 0,
                     sent: 0,
+                    pinged: None,
                 });
-                challenge = Some(nonce);
             }
         }
         if let Some(c) = self.path_check.as_mut().filter(|c| c.addr == from) {
             c.received += wire::DATA_HEADER_LEN + ciphertext.len();
+            if c.pinged
+                .is_none_or(|t| now.saturating_duration_since(t) >= PATH_PING_AGAIN)
+            {
+                c.pinged = Some(now);
+                challenge = true;
+            }
         }
-        if let Some(nonce) = challenge {
+        if let Some(nonce) = self
+            .path_check
+            .as_ref()
+            .filter(|_| challenge)
+            .map(|c| c.nonce)
+        {
             tracing::debug!(%from, "PATH(CHALLENGE)");
             self.send(now, &PeerToPeer::Ping { nonce });
         }

@@ -1496,28 +1496,7 @@ fn the_user_list_is_gathered_page_by_page() {
     let mut sim = Sim::new(51, Link::clean());
     sim.register_both();
     // 28 more users online: 30 in all, three pages of twelve.
-    let now = sim.now;
-    for i in 0..28u64 {
-        let id = seeded_identity(5_100 + i);
-        let addr: SocketAddr = format!("192.0.2.{}:4000", i + 100).parse().unwrap();
-        let config = node_config(sim.server_addr, now - sim.start);
-        let mut n = Node::new(id.clone(), config, now, 5_100 + i, MemFiles::default());
-        n.register(now, &format!("user{i:02}"));
-        sim.nodes.push(Some(n));
-        sim.addrs.push(addr);
-        sim.identities.push(id);
-        sim.events.push(Vec::new());
-        sim.udp_blocked.push(false);
-        sim.tcp.push(None);
-        sim.nats.push(None);
-        sim.sockets.push(Default::default());
-    }
-    sim.run_until(Duration::from_secs(60), |s| {
-        s.nodes
-            .iter()
-            .flatten()
-            .all(|n| n.link_state() == LinkState::LoggedIn)
-    });
+    add_users(&mut sim, 28);
     let now = sim.now;
     let id = sim.node(0).list_users(now);
     sim.run_until(Duration::from_secs(60), |s| {
@@ -2705,4 +2684,88 @@ fn an_invite_only_server_registers_only_with_its_token() {
     sim.node(0).register_invited(now, "alice", "let-me-in");
     assert_eq!(outcome(&mut sim, 0), Some(None));
     assert_eq!(sim.server.as_ref().unwrap().stats().invites_refused, 2);
+}
+
+#[test]
+fn a_login_leaves_nothing_in_the_not_logged_in_table() {
+    // First contact is XX (no key pinned): its session must leave the
+    // table of sessions not logged in when it logs in, or it would be
+    // the first evicted later, logged in as it is (a review found the
+    // entry filed under another time than the one looked up).
+    let mut sim = Sim::new(239, Link::clean());
+    sim.register_both();
+    let g = sim.server.as_ref().unwrap().gauges();
+    assert_eq!(
+        (g.online, g.not_logged_in, g.handshakes),
+        (2, 0, 0),
+        "{g:?}"
+    );
+    // And after a restart with the key pinned (IK).
+    sim.restart_bob(0, 3);
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.nodes[1].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
+    sim.run_for(Duration::from_secs(1));
+    let g = sim.server.as_ref().unwrap().gauges();
+    assert_eq!((g.online, g.not_logged_in), (2, 0), "{g:?}");
+}
+
+/// Adds `n` users (`user00`, ...) at their own addresses, registered and
+/// logged in.
+fn add_users(sim: &mut Sim, n: u64) {
+    let now = sim.now;
+    for i in 0..n {
+        let id = seeded_identity(5_100 + i);
+        let addr: SocketAddr = format!("192.0.2.{}:4000", i + 100).parse().unwrap();
+        let config = node_config(sim.server_addr, now - sim.start);
+        let mut node = Node::new(id.clone(), config, now, 5_100 + i, MemFiles::default());
+        node.register(now, &format!("user{i:02}"));
+        sim.nodes.push(Some(node));
+        sim.addrs.push(addr);
+        sim.identities.push(id);
+        sim.events.push(Vec::new());
+        sim.udp_blocked.push(false);
+        sim.tcp.push(None);
+        sim.nats.push(None);
+        sim.sockets.push(Default::default());
+    }
+    sim.run_until(Duration::from_secs(60), |s| {
+        s.nodes
+            .iter()
+            .flatten()
+            .all(|n| n.link_state() == LinkState::LoggedIn)
+    });
+}
+
+#[test]
+fn connection_requests_are_one_per_pair_and_capped_per_user() {
+    // A user asking the same peer again gets the same introduction (the
+    // peer is notified once), and one with 32 requests waiting is refused
+    // the 33rd until some are answered or expire.
+    let mut sim = Sim::new(240, Link::clean());
+    sim.register_both();
+    add_users(&mut sim, 33);
+    let now = sim.now;
+    for _ in 0..5 {
+        sim.node(0).connect(now, "bob");
+    }
+    for i in 0..33 {
+        sim.node(0).connect(now, &format!("user{i:02}"));
+    }
+    sim.run_for(Duration::from_secs(3));
+    let asked_bob = sim.events[1]
+        .iter()
+        .filter(|e| matches!(e, NodeEvent::ConnectRequest { name, .. } if name == "alice"))
+        .count();
+    assert_eq!(asked_bob, 1, "bob notified once");
+    let refused = sim.events[0]
+        .iter()
+        .filter(|e| {
+            matches!(e, NodeEvent::Response { result: Err(proto::RequestError::Failed { reason, .. }), .. }
+                if *reason == proto::wire::FailReason::RateLimited)
+        })
+        .count();
+    // bob and 31 users: 32 waiting; the other two users refused.
+    assert_eq!(refused, 2);
+    assert_eq!(sim.server.as_ref().unwrap().stats().intros_limited, 2);
 }

@@ -403,6 +403,7 @@ fn log_stats(server: &Server, tcp: Option<&TcpClients>, why: &str) {
         lists_limited = s.lists_limited,
         list_pages = s.list_pages,
         invites_refused = s.invites_refused,
+        intros_limited = s.intros_limited,
         "STATS"
     );
 }

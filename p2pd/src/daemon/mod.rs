@@ -67,6 +67,9 @@ struct Daemon {
     progress_shown: HashMap<u64, Instant>,
     /// Transfer id → the id of the directory it belongs to.
     groups: HashMap<u64, u64>,
+    /// Incoming offers waiting, counted in the store at most once a
+    /// second (a flood of offers must not make each cost a count).
+    offers_waiting: Option<(Instant, u64)>,
 }
 
 /// How often paused transfers look for room to go on.
@@ -182,6 +185,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         progress: HashMap::new(),
         progress_shown: HashMap::new(),
         groups: HashMap::new(),
+        offers_waiting: None,
     };
     d.prune_transfers();
     d.restore_transfers(Instant::now())?;

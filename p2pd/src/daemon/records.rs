@@ -291,8 +291,15 @@ impl Daemon {
     /// already (from everyone), or it would make its directory more than
     /// that directory said it is, or it comes for a directory already
     /// accepted (which was taken as listed then).
-    fn offer_refusal(&self, group: u64, group_files: u32) -> Option<String> {
-        let waiting = self.store.offers_waiting().unwrap_or(0);
+    fn offer_refusal(&mut self, now: Instant, group: u64, group_files: u32) -> Option<String> {
+        let waiting = match self.offers_waiting {
+            Some((at, n)) if now.saturating_duration_since(at) < Duration::from_secs(1) => n,
+            _ => {
+                let n = self.store.offers_waiting().unwrap_or(0);
+                self.offers_waiting = Some((now, n));
+                n
+            }
+        };
         if waiting >= MAX_OFFERS_WAITING {
             return Some(format!(
                 "the receiver has {MAX_OFFERS_WAITING} offers waiting for an answer; offer again later"
@@ -373,7 +380,7 @@ impl Daemon {
                     _ => {}
                 }
                 if known.is_none() {
-                    if let Some(reason) = self.offer_refusal(group, group_files) {
+                    if let Some(reason) = self.offer_refusal(now, group, group_files) {
                         tracing::info!(id = %hex_id(id), %peer, reason, "TRANSFER(OFFER_REFUSED)");
                         self.node.cancel_file(now, &peer, TransferId(id), &reason);
                         return;
@@ -400,6 +407,9 @@ impl Daemon {
                     if let Err(e) = self.store.insert_transfer(&row) {
                         tracing::error!(error = %e, "STORE(TRANSFER_INSERT)");
                         return;
+                    }
+                    if let Some((_, n)) = self.offers_waiting.as_mut() {
+                        *n += 1;
                     }
                     // From a peer whose files we take without asking.
                     let auto = self

@@ -262,6 +262,8 @@ pub struct ServerStats {
     pub list_pages: u64,
     /// Registrations refused for want of an invite token.
     pub invites_refused: u64,
+    /// Connection requests refused: the user had too many waiting.
+    pub intros_limited: u64,
 }
 
 /// The sizes of the server's tables at one moment.
@@ -350,6 +352,8 @@ struct PathCheck {
     challenged: Option<Instant>,
 }
 
+/// Connection requests one user may have waiting for an answer.
+pub const MAX_INTROS_PER_USER: usize = 32;
 /// A new address is challenged again after this long without an answer
 /// (while packets keep coming from it).
 const CHALLENGE_RESEND: Duration = Duration::from_millis(250);
@@ -403,6 +407,9 @@ pub struct Server {
     pending: BTreeMap<u32, PendingXx>,
     by_name: BTreeMap<String, u32>,
     intros: BTreeMap<u64, Intro>,
+    /// Introductions by (from, to): one per pair, and a count per
+    /// requester without a walk.
+    intro_pairs: BTreeMap<(String, String), u64>,
     /// Relay channels by introduction, and each party's id to its
     /// channel and side.
     channels: BTreeMap<u64, Channel>,
@@ -470,6 +477,7 @@ impl Server {
             pending: BTreeMap::new(),
             by_name: BTreeMap::new(),
             intros: BTreeMap::new(),
+            intro_pairs: BTreeMap::new(),
             channels: BTreeMap::new(),
             transmits: VecDeque::new(),
             next_sweep: None,
@@ -679,7 +687,9 @@ impl Server {
             };
             self.stats.anonymous_evicted += 1;
             self.pending.remove(&index);
-            self.sessions.remove(&index);
+            // (A logged-in session is never in `anonymous`; remove_session
+            // would clean up after one all the same.)
+            self.remove_session(index, "made room for a newer session not logged in");
         }
     }
 
@@ -864,7 +874,10 @@ impl Server {
         // The third message proves the initiator holds its ephemeral key
         // and received our reply: confirmed. Its place in `anonymous`
         // (from the initiation) stays until it logs in.
-        let s = self.new_session(now, p.addr, transport, identity, p.challenge, true);
+        let mut s = self.new_session(now, p.addr, transport, identity, p.challenge, true);
+        // Its place in `anonymous` is under the initiation's time: the
+        // login must find it there.
+        s.created = p.started;
         self.sessions.insert(receiver, s);
     }
 
@@ -960,12 +973,19 @@ impl Server {
         }
         s.addr = check.addr;
         self.stats.paths_validated += 1;
-        // What waited for the old address goes to the new one now.
-        for p in s.pushes.values_mut() {
-            p.next = now;
+        // What waited for the old address goes to the new one now (this
+        // session's notices only: no pass over every session).
+        let waiting: Vec<ServerToClient> = s
+            .pushes
+            .values_mut()
+            .map(|p| {
+                p.next = now + PUSH_RESEND;
+                p.msg.clone()
+            })
+            .collect();
+        for msg in waiting {
+            self.transmit(index, &msg);
         }
-        self.arm_sweep(now);
-        self.next_sweep = Some(now);
     }
 
     /// Sends an answer and remembers it under its request's `rid`.
@@ -1125,7 +1145,10 @@ impl Server {
             }
             s.relay_tokens -= len;
         }
-        let dst = self.sessions[&dst].addr;
+        let Some(dst) = self.sessions.get(&dst).map(|s| s.addr) else {
+            self.stats.relay_refused += 1;
+            return;
+        };
         self.stats.relayed_packets += 1;
         self.stats.relayed_bytes += datagram.len() as u64;
         let mut out = datagram.to_vec();
@@ -1502,14 +1525,36 @@ impl Server {
         // reconnecting after a restart or an outage): this request agrees
         // to that introduction instead of starting a second one, so both
         // punch for the same one.
-        let crossing = self
-            .intros
-            .iter()
-            .find(|(_, i)| i.from == name && i.to == me)
-            .map(|(id, _)| *id);
+        let crossing = self.intro_pairs.get(&(name.clone(), me.clone())).copied();
         if let Some(intro_id) = crossing {
             tracing::info!(from = %me, to = %name, "INTRO(CROSSED_MERGED)");
             return self.on_agree(now, index, rid, intro_id, true, (locals, hard));
+        }
+        // Asked already and not answered yet: the same request, not a new
+        // notice for the target.
+        if let Some(&intro_id) = self.intro_pairs.get(&(me.clone(), name.clone())) {
+            return self.send(
+                index,
+                &ServerToClient::ConnectPending {
+                    rid,
+                    intro_id,
+                    name,
+                },
+            );
+        }
+        let waiting = self
+            .intro_pairs
+            .range((me.clone(), String::new())..)
+            .take_while(|((from, _), _)| *from == me)
+            .count();
+        if waiting >= MAX_INTROS_PER_USER {
+            self.stats.intros_limited += 1;
+            return self.fail(
+                index,
+                rid,
+                FailReason::RateLimited,
+                format!("{MAX_INTROS_PER_USER} connection requests of yours are waiting for an answer; try again when some are answered or expired"),
+            );
         }
         let intro_id = loop {
             let id: u64 = self.rng.gen();
@@ -1518,6 +1563,8 @@ impl Server {
             }
         };
         let identity = self.sessions[&index].identity.clone();
+        self.intro_pairs
+            .insert((me.clone(), name.clone()), intro_id);
         self.intros.insert(
             intro_id,
             Intro {
@@ -1570,6 +1617,8 @@ impl Server {
             );
         }
         let intro = self.intros.remove(&intro_id).expect("checked");
+        self.intro_pairs
+            .remove(&(intro.from.clone(), intro.to.clone()));
         let requester = self.by_name.get(&intro.from).copied();
         let Some(requester) = requester else {
             return self.fail(
@@ -1602,7 +1651,9 @@ impl Server {
                 0 => (0, [0; 16]),
                 id => (id, self.reset_token(TOKEN_CHANNEL, id)),
             });
-        let (a, b) = (&self.sessions[&requester], &self.sessions[&index]);
+        let (Some(a), Some(b)) = (self.sessions.get(&requester), self.sessions.get(&index)) else {
+            return;
+        };
         let to_requester = PunchInstruction {
             intro_id,
             name: intro.to.clone(),
@@ -1703,6 +1754,8 @@ impl Server {
             .collect();
         for intro_id in old {
             let intro = self.intros.remove(&intro_id).expect("listed");
+            self.intro_pairs
+                .remove(&(intro.from.clone(), intro.to.clone()));
             tracing::info!(from = %intro.from, to = %intro.to, "INTRO(TIMED_OUT)");
             for (who, other) in [(&intro.from, &intro.to), (&intro.to, &intro.from)] {
                 if let Some(&i) = self.by_name.get(who) {

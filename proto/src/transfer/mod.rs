@@ -692,7 +692,15 @@ impl PeerFlow {
         t.phase = Phase::Active;
         let mut have = to_ranges(&t.verified_pieces());
         have.truncate(MAX_RANGES);
-        self.control.push_back(FlowFrame::Accept { id: id.0, have });
+        // A `Pause` still queued or in flight must not be sent again after
+        // this `Accept` (a lost one is resent out of order): it would
+        // pause the sender for good.
+        let id = id.0;
+        let pause = |f: &FlowFrame| matches!(f, FlowFrame::Pause { id: i, .. } if *i == id);
+        self.control.retain(|f| !pause(f));
+        self.carried
+            .retain(|_, c| !matches!(c, Carried::Control(f) if pause(f)));
+        self.control.push_back(FlowFrame::Accept { id, have });
         true
     }
 
@@ -1322,9 +1330,13 @@ impl PeerFlow {
         // Merge [s, e) into the received ranges.
         let mut start = s;
         let mut stop = e;
+        // The ranges touching [s, e) are the last ones starting at or
+        // before e (they are disjoint and sorted): walk back from there,
+        // not from the piece's start.
         let overlapping: Vec<(u64, u64)> = got
             .range(..=e)
-            .filter(|(a, b)| **b >= s && **a <= e)
+            .rev()
+            .take_while(|(_, b)| **b >= s)
             .map(|(a, b)| (*a, *b))
             .collect();
         let before = got.len();
