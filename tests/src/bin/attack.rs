@@ -21,6 +21,10 @@
 //! - `offers` (D2, D3): a peer (a contact the daemon accepted) offers a
 //!   16 MiB file in 1-byte pieces, then 20,000 files: what the daemon
 //!   refuses, its peak RSS, and how long `p2pctl transfers` takes then.
+//! - `nofile` (D10): two daemons under an open-file limit of 64 send
+//!   and take a directory of 150 files: how many arrive.
+//! - `bidi` (D12): a peer's message with a right-to-left override: how
+//!   `p2pctl history` shows it.
 //! - `transfers` (D3): a daemon with 100,000 transfer records: how long
 //!   `p2pctl transfers`, its last page and a lookup by id prefix take.
 
@@ -38,6 +42,8 @@ const ALL: &[&str] = &[
     "tcp",
     "offers",
     "transfers",
+    "nofile",
+    "bidi",
 ];
 
 /// A client on the protocol's own node machine, over a blocking socket.
@@ -611,6 +617,83 @@ fn transfers(lab: &mut Lab) {
     lab.stop("t");
 }
 
+fn nofile() {
+    let mut lab = Lab::connected_pair_limited("anofile", Some(64));
+    let src = lab.dir.join("out").join("many");
+    for i in 0..150u64 {
+        let sub = src.join(format!("d{}", i % 7));
+        std::fs::create_dir_all(&sub).expect("dir");
+        std::fs::write(sub.join(format!("f{i}.txt")), e2e::content(i, 5_000)).expect("file");
+    }
+    let socket = lab.socket("a");
+    let path = src.display().to_string();
+    let sender =
+        std::thread::spawn(move || e2e::p2pctl(&socket, &["send-file", "bob", &path], None));
+    let group = lab.wait_for("the offer", Duration::from_secs(60), |lab| {
+        e2e::transfers(lab, "b")
+            .into_iter()
+            .find(|t| t["state"] == "offered")
+            .and_then(|t| t["group"].as_str().map(str::to_owned))
+    });
+    let inbox = lab.dir.join("inbox");
+    lab.ctl(
+        "b",
+        &["accept-file", &group, "--to", inbox.to_str().unwrap()],
+    );
+    let sent = sender.join().expect("sender");
+    let arrived = walk_count(&inbox.join("many"));
+    let log = std::fs::read_to_string(lab.dir.join("b.log")).unwrap_or_default();
+    let max_open = log
+        .split("max_open=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("?")
+        .to_owned();
+    row(
+        "D10 a low open-file limit",
+        "both daemons limited to 64 descriptors; a directory of 150 files",
+        format!(
+            "{arrived} of 150 files arrived (send-file exit {}), with {max_open} partial files open at once (was: a fixed 64, every transfer failed)",
+            sent.code
+        ),
+    );
+}
+
+fn walk_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| {
+        rd.flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk_count(&e.path()),
+                Ok(t) if t.is_file() => 1,
+                _ => 0,
+            })
+            .sum()
+    })
+}
+
+fn bidi() {
+    let mut lab = Lab::connected_pair("abidi");
+    let text = "invoice\u{202e}fdp.exe";
+    lab.ctl("a", &["send", "bob", text]).ok();
+    let shown = lab.wait_for("the message", Duration::from_secs(30), |lab| {
+        let h = lab.ctl("b", &["history", "alice"]);
+        h.stdout
+            .lines()
+            .find(|l| l.contains("invoice"))
+            .map(str::to_owned)
+    });
+    let json = lab.ctl("b", &["--json", "history", "alice"]).stdout;
+    row(
+        "D12 a right-to-left override in a peer's text",
+        "alice sends \"invoice<U+202E>fdp.exe\" (shows as \"invoiceexe.pdf\" unescaped)",
+        format!(
+            "`p2pctl history` shows `{}`; `--json` keeps the character exact: {}",
+            shown.trim(),
+            json.contains('\u{202e}')
+        ),
+    );
+}
+
 fn main() {
     let wanted: Vec<String> = std::env::args().skip(1).collect();
     let run = |a: &str| wanted.is_empty() || wanted.iter().any(|w| w == a);
@@ -644,6 +727,12 @@ fn main() {
     }
     if run("transfers") {
         transfers(&mut lab);
+    }
+    if run("nofile") {
+        nofile();
+    }
+    if run("bidi") {
+        bidi();
     }
     // The server's own counters, from its log at shutdown.
     lab.stop("rendezvous");
