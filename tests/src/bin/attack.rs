@@ -23,6 +23,9 @@
 //!   refuses, its peak RSS, and how long `p2pctl transfers` takes then.
 //! - `nofile` (D10): two daemons under an open-file limit of 64 send
 //!   and take a directory of 150 files: how many arrive.
+//! - `disk` (D11, as root): the receiver's disk fills while a file is
+//!   written: whether both sides pause, the daemon goes on, and the file
+//!   arrives whole once there is room.
 //! - `bidi` (D12): a peer's message with a right-to-left override: how
 //!   `p2pctl history` shows it.
 //! - `transfers` (D3): a daemon with 100,000 transfer records: how long
@@ -43,6 +46,7 @@ const ALL: &[&str] = &[
     "offers",
     "transfers",
     "nofile",
+    "disk",
     "bidi",
 ];
 
@@ -659,6 +663,75 @@ fn nofile() {
     );
 }
 
+fn disk() {
+    let mut lab = Lab::connected_pair("adisk");
+    let inbox = lab.dir.join("small");
+    let Some(_tmpfs) = e2e::Tmpfs::mount(&inbox, "16m") else {
+        row(
+            "D11 a full disk",
+            "(needs root: a small file system)",
+            "not run".into(),
+        );
+        return;
+    };
+    let data = e2e::content(11, 4 << 20);
+    let src = lab.dir.join("big.iso");
+    std::fs::write(&src, &data).expect("file");
+    let socket = lab.socket("a");
+    let path = src.display().to_string();
+    let sender =
+        std::thread::spawn(move || e2e::p2pctl(&socket, &["send-file", "bob", &path], None));
+    let state = |lab: &Lab, who: &str| {
+        e2e::transfers(lab, who)
+            .into_iter()
+            .find(|t| t["name"] == "big.iso")
+            .map(|t| t["state"].as_str().unwrap_or("").to_owned())
+    };
+    let id = lab.wait_for("the offer", Duration::from_secs(30), |lab| {
+        e2e::transfers(lab, "b")
+            .into_iter()
+            .find(|t| t["state"] == "offered")
+            .and_then(|t| t["id"].as_str().map(str::to_owned))
+    });
+    lab.signal("a", "STOP");
+    lab.ctl(
+        "b",
+        &[
+            "accept-file",
+            &id,
+            "--to",
+            inbox.to_str().unwrap(),
+            "--no-wait",
+        ],
+    );
+    let filler = inbox.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 13 << 20]);
+    lab.signal("a", "CONT");
+    lab.wait_for("the pause", Duration::from_secs(30), |lab| {
+        (state(lab, "b").as_deref() == Some("paused")
+            && state(lab, "a").as_deref() == Some("paused"))
+        .then_some(())
+    });
+    let alive = lab.ctl("b", &["whoami"]).code == 0;
+    std::fs::remove_file(&filler).expect("filler");
+    let t = Instant::now();
+    lab.wait_for("the file", Duration::from_secs(60), |lab| {
+        (state(lab, "b").as_deref() == Some("done")).then_some(())
+    });
+    let resumed = t.elapsed().as_secs_f64();
+    let whole = std::fs::read(inbox.join("big.iso")).is_ok_and(|d| d == data);
+    let sent = sender.join().expect("sender");
+    row(
+        "D11 the disk fills while a file is written",
+        "a 16 MiB file system, filled after the receiver accepted a 4 MiB file",
+        format!(
+            "paused on both sides, the daemon answering: {alive}; room again: arrived {} {resumed:.1} s later, send-file exit {} (was: the daemon stopped at every start)",
+            if whole { "whole" } else { "DAMAGED" },
+            sent.code
+        ),
+    );
+}
+
 fn walk_count(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |rd| {
         rd.flatten()
@@ -730,6 +803,9 @@ fn main() {
     }
     if run("nofile") {
         nofile();
+    }
+    if run("disk") {
+        disk();
     }
     if run("bidi") {
         bidi();
