@@ -923,35 +923,45 @@ impl Server {
             // requests are answered there within three times what came
             // from there, and the session moves only once the client
             // answers a challenge sent there (QUIC's path validation).
-            let fresh = match &s.path {
-                Some(p) if p.addr == from => None,
-                _ => Some(self.rng.gen::<[u8; 8]>()),
-            };
-            if let Some(data) = fresh {
-                s.path = Some(PathCheck {
-                    addr: from,
-                    data,
-                    received: 0,
-                    sent: 0,
-                    challenged: None,
-                });
-            }
-            let check = s.path.as_mut().expect("set above");
-            check.received += request_len;
-            let due = check
-                .challenged
-                .is_none_or(|t| now.saturating_duration_since(t) >= CHALLENGE_RESEND);
-            if due {
-                check.challenged = Some(now);
-                let data = check.data;
-                self.stats.paths_challenged += 1;
-                tracing::debug!(%from, "PATH(CHALLENGE)");
-                self.transmit_to(receiver, from, &ServerToClient::PathChallenge { data });
-            }
+            self.challenge_path(now, receiver, from, request_len);
         }
         self.answer_to = Some((receiver, from));
         self.on_message(now, receiver, msg, store);
         self.answer_to = None;
+    }
+
+    /// Session `index` heard from `from`, not its address (`len` bytes):
+    /// challenge that address (again, every [`CHALLENGE_RESEND`]), within
+    /// three times what came from it.
+    fn challenge_path(&mut self, now: Instant, index: u32, from: SocketAddr, len: usize) {
+        let Some(s) = self.sessions.get_mut(&index) else {
+            return;
+        };
+        let fresh = match &s.path {
+            Some(p) if p.addr == from => None,
+            _ => Some(self.rng.gen::<[u8; 8]>()),
+        };
+        if let Some(data) = fresh {
+            s.path = Some(PathCheck {
+                addr: from,
+                data,
+                received: 0,
+                sent: 0,
+                challenged: None,
+            });
+        }
+        let check = s.path.as_mut().expect("set above");
+        check.received += len;
+        let due = check
+            .challenged
+            .is_none_or(|t| now.saturating_duration_since(t) >= CHALLENGE_RESEND);
+        if due {
+            check.challenged = Some(now);
+            let data = check.data;
+            self.stats.paths_challenged += 1;
+            tracing::debug!(%from, "PATH(CHALLENGE)");
+            self.transmit_to(index, from, &ServerToClient::PathChallenge { data });
+        }
     }
 
     /// A client's answer to a path challenge: the address it reached is
@@ -1129,6 +1139,11 @@ impl Server {
         if self.sessions.get(&src).is_none_or(|s| s.addr != from) {
             self.stats.relay_refused += 1;
             tracing::debug!(%from, "RELAY(NOT_THE_PARTY)");
+            // On the owner's secret channel id from another address: its
+            // NAT rebound, most likely (the id is told to it alone).
+            // Challenge that address so its relayed traffic goes on once
+            // it answers, instead of at its next packet to us.
+            self.challenge_path(now, src, from, datagram.len());
             return;
         }
         ch.last_used = now;
