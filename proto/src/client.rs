@@ -68,8 +68,9 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// The wall-clock time (since the UNIX epoch) at the `now` the link is
     /// made with: IK initiations carry a timestamp that must grow across
-    /// restarts, or the server takes them for replays. `new` reads the
-    /// system clock; a simulation sets its own.
+    /// restarts, or the server takes them for replays. The machine reads
+    /// no clock: the shell sets it (zero by default, which suits a client
+    /// whose key never logs in from two runs).
     pub unix_time: Duration,
 }
 
@@ -81,9 +82,7 @@ impl ClientConfig {
             name: None,
             heartbeat: Duration::from_secs(25),
             request_timeout: Duration::from_secs(10),
-            unix_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default(),
+            unix_time: Duration::ZERO,
         }
     }
 }

@@ -2404,7 +2404,6 @@ fn relayed_packets_are_charged_to_the_channel_owner() {
     let channel_of = |sim: &Sim, from: SocketAddr| {
         sim.wire
             .iter()
-            .chain([].iter())
             .find_map(|(_, f, t, p)| match proto::wire::Packet::decode(p) {
                 Ok(proto::wire::Packet::Relay { channel, .. }) if *f == from && *t == server => {
                     Some(channel)

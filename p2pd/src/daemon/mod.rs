@@ -123,6 +123,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let udp = bind_udp_again(&store, config.listen).await?;
     let local = udp.local_addr()?;
     let now = Instant::now();
+    // The wall clock at `now`, for the link's IK timestamps (the machine
+    // reads no clock itself).
+    node_config.client.unix_time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let limit = files::raise_open_file_limit();
     let max_open = files::open_files_cap(limit);
     tracing::info!(limit, max_open, "FILES(OPEN_LIMIT)");

@@ -1356,7 +1356,7 @@ impl Server {
             return self.fail(index, rid, FailReason::NameInvalid, why);
         }
         let addr = self.sessions[&index].addr;
-        if !self.register_allowed(now, addr) {
+        if !self.register_buckets.take(now, addr) {
             self.stats.registrations_limited += 1;
             tracing::info!(%addr, "REGISTER(RATE_LIMITED)");
             let per_hour = self.config.registrations_per_hour;
@@ -1406,13 +1406,6 @@ impl Server {
                 self.fail(index, rid, FailReason::ServerError, "storage error");
             }
         }
-    }
-
-    /// Takes one registration from the allowance of `addr`'s source (its
-    /// IPv4 address, its IPv6 /64), if it has one left: a token bucket of
-    /// [`REGISTER_BURST`] refilled at `registrations_per_hour`.
-    fn register_allowed(&mut self, now: Instant, addr: SocketAddr) -> bool {
-        self.register_buckets.take(now, addr)
     }
 
     fn on_login(

@@ -362,7 +362,7 @@ struct Incoming {
     ranges: usize,
     /// Complete pieces whose hash has not come yet.
     complete: BTreeSet<u32>,
-    verified_pieces: u32,
+    verified_count: u32,
     verified: u64,
     phase: Phase,
     /// Pieces that failed their check, in all.
@@ -390,7 +390,7 @@ impl Incoming {
             filling: BTreeMap::new(),
             ranges: 0,
             complete: BTreeSet::new(),
-            verified_pieces: 0,
+            verified_count: 0,
             verified: 0,
             phase: Phase::Offered,
             bad: 0,
@@ -407,7 +407,7 @@ impl Incoming {
             self.filling.clear();
             self.ranges = 0;
             self.complete.clear();
-            self.verified_pieces = 0;
+            self.verified_count = 0;
         }
     }
 
@@ -415,14 +415,22 @@ impl Incoming {
         self.pieces.iter().map(|p| *p == VERIFIED).collect()
     }
 
+    /// What an `Accept` says we hold: the verified pieces as ranges, as
+    /// many as the frame takes.
+    fn have(&self) -> Vec<(u32, u32)> {
+        let mut have = to_ranges(&self.verified_pieces());
+        have.truncate(MAX_RANGES);
+        have
+    }
+
     fn all_verified(&self) -> bool {
-        self.verified_pieces as usize == self.pieces.len()
+        self.verified_count as usize == self.pieces.len()
     }
 
     /// Piece `piece` is verified (it was not).
     fn mark_verified(&mut self, piece: u32) {
         self.pieces[piece as usize] = VERIFIED;
-        self.verified_pieces += 1;
+        self.verified_count += 1;
         let (s, e) = piece_range(self.size, self.piece_size, piece);
         self.verified += e - s;
     }
@@ -610,8 +618,7 @@ impl PeerFlow {
             }
         }
         t.phase = Phase::Active;
-        let mut have = to_ranges(&t.verified_pieces());
-        have.truncate(MAX_RANGES);
+        let have = t.have();
         self.control.push_back(FlowFrame::Accept { id, have });
         self.check_all_verified(id);
         true
@@ -690,8 +697,7 @@ impl PeerFlow {
             return false;
         }
         t.phase = Phase::Active;
-        let mut have = to_ranges(&t.verified_pieces());
-        have.truncate(MAX_RANGES);
+        let have = t.have();
         // A `Pause` still queued or in flight must not be sent again after
         // this `Accept` (a lost one is resent out of order): it would
         // pause the sender for good.
@@ -903,8 +909,7 @@ impl PeerFlow {
             .iter()
             .filter(|(_, t)| t.phase == Phase::Active)
             .map(|(id, t)| {
-                let mut have = to_ranges(&t.verified_pieces());
-                have.truncate(MAX_RANGES);
+                let have = t.have();
                 FlowFrame::Accept { id: *id, have }
             })
             .collect();
@@ -1092,8 +1097,7 @@ impl PeerFlow {
                     // was lost with a session. Tell it where we are.
                     match t.phase {
                         Phase::Active => {
-                            let mut have = to_ranges(&t.verified_pieces());
-                            have.truncate(MAX_RANGES);
+                            let have = t.have();
                             self.control.push_back(FlowFrame::Accept { id, have });
                         }
                         Phase::Done => self.control.push_back(FlowFrame::Done { id }),

@@ -73,6 +73,10 @@ impl Client {
         let mut c = NodeConfig::new(server);
         c.client.server_key = Some(key);
         c.client.name = name.map(str::to_owned);
+        // (Its IK timestamps must grow across the clients of one key.)
+        c.client.unix_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let node = Node::new(identity, c, Instant::now(), rand::random(), NoFiles);
         Client {
             node,
@@ -178,6 +182,30 @@ fn server_of(lab: &Lab) -> (SocketAddr, [u8; 32]) {
     (addr, key)
 }
 
+/// A real XX initiation (no cookie), under `sender`.
+fn xx_init(sender: u32) -> Vec<u8> {
+    let mut hs =
+        proto::Handshake::initiator(Pattern::XX, Identity::generate().noise_private(), None)
+            .expect("handshake");
+    let noise = hs.write(&[]).expect("message");
+    Packet::HandshakeInit {
+        sender,
+        pattern: Pattern::XX,
+        noise: &noise,
+        cookie: [0; 16],
+    }
+    .encode()
+}
+
+/// Bytes waiting on nonblocking `sock`, read and counted.
+fn drain(sock: &UdpSocket, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while let Ok((len, _)) = sock.recv_from(buf) {
+        n += len;
+    }
+    n
+}
+
 fn row(attack: &str, measured: &str, bound: String) {
     println!("| {attack} | {measured} | {bound} |");
 }
@@ -202,9 +230,7 @@ fn amplify(lab: &Lab) {
     while Instant::now() < end {
         eve.run(Duration::from_millis(20), |_| false);
         mallory.run(Duration::from_millis(20), |_| false);
-        while let Ok((n, _)) = victim.recv_from(&mut buf) {
-            to_victim += n;
-        }
+        to_victim += drain(&victim, &mut buf);
     }
     row(
         "D1 amplification through a registered client's session",
@@ -223,19 +249,9 @@ fn garbage(lab: &Lab) {
     let mut sent = 0;
     let mut got = 0;
     let mut buf = vec![0u8; 65_536];
-    let mut hs =
-        proto::Handshake::initiator(Pattern::XX, Identity::generate().noise_private(), None)
-            .expect("handshake");
-    let noise = hs.write(&[]).expect("message");
     for i in 0..20_000u32 {
         let mut d: Vec<u8> = match i % 4 {
-            0 => Packet::HandshakeInit {
-                sender: i,
-                pattern: Pattern::XX,
-                noise: &noise,
-                cookie: [0; 16],
-            }
-            .encode(),
+            0 => xx_init(i),
             _ => {
                 let len = 2 + (rand::random::<u16>() % 1200) as usize;
                 (0..len).map(|_| rand::random::<u8>()).collect()
@@ -251,14 +267,10 @@ fn garbage(lab: &Lab) {
         if i % 64 == 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
-        while let Ok((n, _)) = sock.recv_from(&mut buf) {
-            got += n;
-        }
+        got += drain(&sock, &mut buf);
     }
     std::thread::sleep(Duration::from_millis(500));
-    while let Ok((n, _)) = sock.recv_from(&mut buf) {
-        got += n;
-    }
+    got += drain(&sock, &mut buf);
     row(
         "unauthenticated amplification",
         "20,000 datagrams from one address: random, plausible headers, XX initiations",
@@ -346,17 +358,7 @@ fn flood(lab: &Lab) {
             .flat_map(|b| (0..4).map(move |_| b))
             .filter_map(|b| UdpSocket::bind(SocketAddr::from(([127, 1, b, 1 + b % 200], 0))).ok())
             .collect();
-        let mut hs =
-            proto::Handshake::initiator(Pattern::XX, Identity::generate().noise_private(), None)
-                .expect("handshake");
-        let noise = hs.write(&[]).expect("message");
-        let init = Packet::HandshakeInit {
-            sender: 7,
-            pattern: Pattern::XX,
-            noise: &noise,
-            cookie: [0; 16],
-        }
-        .encode();
+        let init = xx_init(7);
         let start = Instant::now();
         let mut sent = 0u64;
         let mut k = 0;
