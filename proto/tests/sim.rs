@@ -2630,37 +2630,52 @@ fn a_peer_cannot_aim_our_file_at_another_address() {
 }
 
 #[test]
-fn user_list_pages_are_limited_per_session() {
-    // D5: one session asking for pages without pause gets its burst
+fn user_list_pages_are_limited_per_source() {
+    // D5: one source asking for pages without pause gets its burst
     // (1,000 pages) and then RateLimited answers, and its allowance comes
-    // back with time; pages are walked from a cursor (the last name), so
-    // none costs more than its own entries and a lookup.
+    // back with time, not with a new login; pages are walked from a
+    // cursor (the last name), so none costs more than its own entries
+    // and a lookup.
     let mut sim = Sim::new(237, Link::clean());
     sim.register_both();
-    let now = sim.now;
-    for _ in 0..1_200 {
-        sim.node(0).list_users(now);
-    }
-    sim.run_for(Duration::from_secs(2));
-    let events = sim.take_events(0);
-    let ok = events
-        .iter()
-        .filter(|e| matches!(e, NodeEvent::Users { result: Ok(u), .. } if u.len() == 2))
-        .count();
-    let limited = events
-        .iter()
-        .filter(|e| {
-            matches!(e, NodeEvent::Users { result: Err(proto::RequestError::Failed { reason, .. }), .. }
-                if *reason == proto::wire::FailReason::RateLimited)
-        })
-        .count();
+    let ask = |sim: &mut Sim| {
+        let now = sim.now;
+        for _ in 0..1_200 {
+            sim.node(0).list_users(now);
+        }
+        sim.run_for(Duration::from_secs(2));
+        let events = sim.take_events(0);
+        let ok = events
+            .iter()
+            .filter(|e| matches!(e, NodeEvent::Users { result: Ok(u), .. } if u.len() == 2))
+            .count();
+        let limited = events
+            .iter()
+            .filter(|e| {
+                matches!(e, NodeEvent::Users { result: Err(proto::RequestError::Failed { reason, .. }), .. }
+                    if *reason == proto::wire::FailReason::RateLimited)
+            })
+            .count();
+        assert_eq!(ok + limited, 1_200);
+        ok
+    };
+    let first = sim.now;
+    let ok = ask(&mut sim);
     // 1,000 at once, and 100 a second over the 2 s the requests took to
     // drain (each 10 ms round trip): never more than that.
     assert!((1_000..=1_200).contains(&ok), "{ok} answered");
-    assert_eq!(ok + limited, 1_200);
     let stats = sim.server.as_ref().unwrap().stats().clone();
-    assert_eq!(stats.lists_limited as usize, limited);
-    assert!(limited > 0);
+    assert_eq!(stats.lists_limited as usize, 1_200 - ok);
+    // A new session from the same address starts from what is left.
+    let now = sim.now;
+    sim.node(0).relogin(now);
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.nodes[0].as_ref().unwrap().link_state() == LinkState::LoggedIn
+    });
+    let again = ask(&mut sim);
+    let refill = 100 * (sim.now - first).as_secs() as usize + 100;
+    assert!(again <= refill, "{again} answered after a new login");
+    assert!(again < 1_000, "{again}: a fresh burst");
 }
 
 #[test]

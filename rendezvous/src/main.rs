@@ -62,7 +62,7 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     max_tcp: usize,
 
-    /// Registrations one address (an IPv4 address, an IPv6 /64) may make
+    /// Registrations one network (an IPv4 address, an IPv6 /48) may make
     /// per hour, after a burst of 5; 0 for no limit.
     #[arg(long, value_name = "N", default_value_t = 20)]
     registrations_per_hour: u32,

@@ -287,6 +287,11 @@ impl Bound {
                 }
                 Some((from, frame)) = tcp_next(&mut tcp) => {
                     server.handle_datagram(Instant::now(), from, &frame, &mut store);
+                    // Marked at once (not at the next reap), so a full
+                    // table never evicts a user who just logged in.
+                    if let Some(t) = tcp.as_mut() {
+                        t.note_logged_in(from, server.logged_in_at(from));
+                    }
                 }
                 () = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();

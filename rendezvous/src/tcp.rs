@@ -191,6 +191,14 @@ impl TcpClients {
 }
 
 impl TcpClients {
+    /// Notes whether the connection from `addr` carries a logged-in
+    /// session now (after each of its frames).
+    pub fn note_logged_in(&mut self, addr: SocketAddr, logged_in: bool) {
+        if let Some(c) = self.conns.get_mut(&addr) {
+            c.logged_in = logged_in;
+        }
+    }
+
     /// Closes connections that carry no logged-in session
     /// ([`LOGIN_GRACE`] after they opened), as `logged_in` says of their
     /// address; notes which are logged in, so a full table evicts the
@@ -291,6 +299,26 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(500), s.read(&mut b)).await,
             Ok(Ok(0)) | Ok(Err(_))
         )
+    }
+
+    #[tokio::test]
+    async fn a_login_counts_before_the_next_reap() {
+        // The oldest connection logs in (noted after its frame, no reap
+        // since): a newcomer to the full table closes the next one.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = TcpClients::new(listener, 2, Duration::from_secs(60));
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            streams.push(TcpStream::connect(addr).await.unwrap());
+            pump(&mut clients).await;
+        }
+        clients.note_logged_in(streams[0].local_addr().unwrap(), true);
+        streams.push(TcpStream::connect(addr).await.unwrap());
+        pump(&mut clients).await;
+        assert!(!closed(&mut streams[0]).await, "the logged-in one closed");
+        assert!(closed(&mut streams[1]).await);
+        assert_eq!(clients.open(), 2);
     }
 
     #[tokio::test]

@@ -18,10 +18,16 @@ use subtle::ConstantTimeEq;
 /// IPv6 /64 (one subscriber's prefix, so rotating the low bits buys
 /// nothing).
 pub fn source_key(addr: SocketAddr) -> IpAddr {
+    source_prefix(addr, 8)
+}
+
+/// `addr`'s IPv4 address, or the first `v6_bytes` bytes of its IPv6
+/// address.
+fn source_prefix(addr: SocketAddr, v6_bytes: usize) -> IpAddr {
     match canonical(addr).ip() {
         IpAddr::V6(v6) => {
             let mut o = v6.octets();
-            o[8..].fill(0);
+            o[v6_bytes.min(16)..].fill(0);
             IpAddr::V6(o.into())
         }
         v4 => v4,
@@ -57,6 +63,12 @@ impl Bucket {
             false
         }
     }
+
+    /// How long until a token, as of the last [`Bucket::take`].
+    pub fn wait(&self, per_sec: f64) -> Duration {
+        let missing = (1.0 - self.tokens).max(0.0);
+        Duration::try_from_secs_f64(missing / per_sec).unwrap_or(Duration::MAX)
+    }
 }
 
 /// Token buckets per source ([`source_key`]), at most `max` of them.
@@ -66,6 +78,8 @@ pub struct SourceBuckets {
     per_sec: f64,
     burst: f64,
     max: usize,
+    /// How much of an IPv6 address names a source, in bytes.
+    v6_bytes: usize,
 }
 
 impl SourceBuckets {
@@ -75,7 +89,21 @@ impl SourceBuckets {
             per_sec,
             burst,
             max,
+            v6_bytes: 8,
         }
+    }
+
+    /// Keyed by IPv6 /48 (a site's prefix) rather than /64.
+    pub fn by_site(mut self) -> Self {
+        self.v6_bytes = 6;
+        self
+    }
+
+    /// How long until `addr`'s source has a token again.
+    pub fn wait(&self, addr: SocketAddr) -> Duration {
+        self.buckets
+            .get(&source_prefix(addr, self.v6_bytes))
+            .map_or(Duration::ZERO, |b| b.wait(self.per_sec))
     }
 
     /// Takes one token from `addr`'s source; a rate of zero means no
@@ -84,7 +112,7 @@ impl SourceBuckets {
         if self.per_sec <= 0.0 {
             return true;
         }
-        let key = source_key(addr);
+        let key = source_prefix(addr, self.v6_bytes);
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.max {
             // Full: one goes (the first by address, no scan), which only
             // gives that source a fresh allowance.
@@ -219,5 +247,21 @@ mod tests {
             b.take(t, SocketAddr::from(([198, 51, 100, i], 1)));
         }
         assert!(b.len() <= 3);
+    }
+
+    #[test]
+    fn a_site_shares_one_bucket_and_is_told_when_to_come_back() {
+        let t = Instant::now();
+        let mut b = SourceBuckets::new(0.5, 1.0, 10).by_site();
+        let one: SocketAddr = "[2001:db8:1:1::1]:1".parse().unwrap();
+        let other_64: SocketAddr = "[2001:db8:1:ffff::1]:1".parse().unwrap();
+        let other_48: SocketAddr = "[2001:db8:2::1]:1".parse().unwrap();
+        assert!(b.take(t, one));
+        assert!(!b.take(t, other_64), "another /64 of the same /48");
+        assert!(b.take(t, other_48));
+        assert_eq!(b.wait(one), Duration::from_secs(2));
+        assert!(!b.take(t + Duration::from_secs(1), one));
+        assert_eq!(b.wait(one), Duration::from_secs(1));
+        assert!(b.take(t + Duration::from_secs(2), one));
     }
 }

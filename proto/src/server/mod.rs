@@ -142,7 +142,8 @@ pub struct ServerConfig {
     /// per second, with a burst of twice that: without a cookie (past it,
     /// a cookie reply), and with one (past it, dropped).
     pub handshakes_per_source: u32,
-    /// User-list pages one session may ask for per second, after a burst
+    /// User-list pages one source (an IPv4 address, an IPv6 /64; all its
+    /// sessions together) may ask for per second, after a burst
     /// of ten times that (a listing of 12,000 names at once); past it,
     /// `RateLimited`. 0: no limit.
     pub list_pages_per_sec: u32,
@@ -150,7 +151,7 @@ pub struct ServerConfig {
     /// The second UDP port the server answers probes on (0: none), told
     /// to clients at login.
     pub probe_port: u16,
-    /// Registrations one address (an IPv4 address, an IPv6 /64) may make
+    /// Registrations one network (an IPv4 address, an IPv6 /48) may make
     /// per hour, after a burst of [`REGISTER_BURST`]; 0: no limit.
     pub registrations_per_hour: u32,
     /// If any: a registration must carry one of these invite tokens (an
@@ -337,8 +338,6 @@ struct Session {
     created: Instant,
     /// A new address the client sent from, being validated.
     path: Option<PathCheck>,
-    /// User-list pages this session may still ask for.
-    list_budget: guard::Bucket,
 }
 
 /// A session's candidate address: authenticated packets came from it,
@@ -421,6 +420,9 @@ pub struct Server {
     unproven_budget: guard::Bucket,
     unproven_buckets: SourceBuckets,
     proven_buckets: SourceBuckets,
+    /// User-list pages by source (not by session: a new login does not
+    /// buy a new burst).
+    list_buckets: SourceBuckets,
     cookies: Cookies,
     /// The newest IK timestamp seen per key (WireGuard's replay guard).
     stamps: BTreeMap<[u8; 32], u64>,
@@ -460,11 +462,17 @@ impl Server {
             unproven_budget: guard::Bucket::full(config.handshakes_per_sec as f64),
             unproven_buckets: SourceBuckets::new(per_source, 2.0 * per_source, MAX_SOURCE_BUCKETS),
             proven_buckets: SourceBuckets::new(per_source, 2.0 * per_source, MAX_SOURCE_BUCKETS),
+            list_buckets: SourceBuckets::new(
+                config.list_pages_per_sec as f64,
+                10.0 * config.list_pages_per_sec as f64,
+                MAX_SOURCE_BUCKETS,
+            ),
             register_buckets: SourceBuckets::new(
                 config.registrations_per_hour as f64 / 3600.0,
                 REGISTER_BURST,
                 MAX_REGISTER_BUCKETS,
-            ),
+            )
+            .by_site(),
             stamps: BTreeMap::new(),
             anonymous: BTreeSet::new(),
             by_addr: BTreeMap::new(),
@@ -800,7 +808,6 @@ impl Server {
             confirmed,
             created: now,
             path: None,
-            list_budget: guard::Bucket::full(10.0 * self.config.list_pages_per_sec as f64),
         }
     }
 
@@ -1286,9 +1293,8 @@ impl Server {
                 if self.user_of(index).is_none() {
                     return self.fail(index, rid, FailReason::NotLoggedIn, "log in first");
                 }
-                let per_sec = self.config.list_pages_per_sec as f64;
-                let s = self.sessions.get_mut(&index).expect("session exists");
-                if per_sec > 0.0 && !s.list_budget.take(now, per_sec, 10.0 * per_sec) {
+                let per_sec = self.config.list_pages_per_sec;
+                if !self.list_buckets.take(now, self.sessions[&index].addr) {
                     self.stats.lists_limited += 1;
                     return self.fail(
                         index,
@@ -1360,11 +1366,12 @@ impl Server {
             self.stats.registrations_limited += 1;
             tracing::info!(%addr, "REGISTER(RATE_LIMITED)");
             let per_hour = self.config.registrations_per_hour;
+            let wait = self.register_buckets.wait(addr).as_secs() + 1;
             return self.fail(
                 index,
                 rid,
                 FailReason::RateLimited,
-                format!("too many registrations from your address (at most {per_hour} an hour); try again later"),
+                format!("too many registrations from your network (at most {per_hour} an hour); try again in {wait} s"),
             );
         }
         let invited = self.config.invite_tokens.is_empty()

@@ -28,6 +28,11 @@
 //!   arrives whole once there is room.
 //! - `bidi` (D12): a peer's message with a right-to-left override: how
 //!   `p2pctl history` shows it.
+//! - `wire` (D6, D7; as root): an observer who sees the traffic (a raw
+//!   socket) forges packets with what it saw and any source address: a
+//!   "session unknown" for a live peer session, and relay packets on a
+//!   party's secret channel id: whether the session ends, and what is
+//!   forwarded.
 //! - `transfers` (D3): a daemon with 100,000 transfer records: how long
 //!   `p2pctl transfers`, its last page and a lookup by id prefix take.
 
@@ -48,6 +53,7 @@ const ALL: &[&str] = &[
     "nofile",
     "disk",
     "bidi",
+    "wire",
 ];
 
 /// A client on the protocol's own node machine, over a blocking socket.
@@ -55,7 +61,15 @@ struct Client {
     node: Node<NoFiles>,
     sock: UdpSocket,
     events: Vec<NodeEvent>,
+    /// Takes datagrams from this address only (the server: no direct
+    /// path to a peer, so a session goes through the relay).
+    only_from: Option<SocketAddr>,
+    /// Datagrams received with [`MARKER`] in them.
+    marked: usize,
 }
+
+/// The payload of forged relay packets, to find them if forwarded.
+const MARKER: [u8; 64] = [0x4d; 64];
 
 impl Client {
     fn new(server: SocketAddr, key: [u8; 32], identity: Identity, name: Option<&str>) -> Self {
@@ -82,6 +96,8 @@ impl Client {
             node,
             sock,
             events: Vec::new(),
+            only_from: None,
+            marked: 0,
         }
     }
 
@@ -122,7 +138,12 @@ impl Client {
                 .clamp(Duration::from_millis(1), Duration::from_millis(20));
             let _ = self.sock.set_read_timeout(Some(wait));
             if let Ok((n, from)) = self.sock.recv_from(&mut buf) {
-                self.node.handle_datagram(Instant::now(), from, &buf[..n]);
+                if buf[..n].windows(MARKER.len()).any(|w| w == MARKER) {
+                    self.marked += 1;
+                }
+                if self.only_from.is_none_or(|only| only == from) {
+                    self.node.handle_datagram(Instant::now(), from, &buf[..n]);
+                }
             }
             let now = Instant::now();
             if self.node.poll_timeout().is_some_and(|t| t <= now) {
@@ -309,7 +330,7 @@ fn register(lab: &Lab) {
     row(
         "D9 registrations from one address",
         "30 registrations in a row from 127.0.0.4",
-        format!("{ok} registered, {limited} refused \"try again later\" (burst 5, then 20 an hour; was unlimited)"),
+        format!("{ok} registered, {limited} refused \"try again in N s\" (burst 5, then 20 an hour; was unlimited)"),
     );
 }
 
@@ -769,6 +790,301 @@ fn bidi() {
     );
 }
 
+/// Raw IPv4 sockets (root only): one sees a copy of every UDP datagram
+/// the host receives, the other sends UDP datagrams from any address.
+struct Wire {
+    sniff: UdpSocket,
+    spoof: socket2::Socket,
+}
+
+impl Wire {
+    fn open() -> Option<Wire> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let raw = Type::from(libc::SOCK_RAW);
+        let sniff = Socket::new(Domain::IPV4, raw, Some(Protocol::UDP)).ok()?;
+        // (IPPROTO_RAW: the caller writes the IP header.)
+        let spoof = Socket::new(Domain::IPV4, raw, Some(Protocol::from(libc::IPPROTO_RAW))).ok()?;
+        let sniff = UdpSocket::from(std::os::fd::OwnedFd::from(sniff));
+        sniff
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .ok()?;
+        Some(Wire { sniff, spoof })
+    }
+
+    /// The next UDP datagram seen (within 20 ms): source, destination
+    /// and payload.
+    fn next(&self, buf: &mut [u8]) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
+        let n = self.sniff.recv(buf).ok()?;
+        let ihl = usize::from(buf.first()? & 0x0f) * 4;
+        let udp = buf.get(ihl..n).filter(|u| u.len() >= 8)?;
+        let ip = |o: usize| std::net::Ipv4Addr::new(buf[o], buf[o + 1], buf[o + 2], buf[o + 3]);
+        let port = |o: usize| u16::from_be_bytes([udp[o], udp[o + 1]]);
+        Some((
+            SocketAddr::from((ip(12), port(0))),
+            SocketAddr::from((ip(16), port(2))),
+            udp[8..].to_vec(),
+        ))
+    }
+
+    /// Forgets what was seen so far.
+    fn clear(&self, buf: &mut [u8]) {
+        while self.sniff.recv(buf).is_ok() {}
+    }
+
+    /// Waits up to `limit` for a datagram `from` → `to` that `pick` takes.
+    fn find<T>(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        limit: Duration,
+        mut pick: impl FnMut(&[u8]) -> Option<T>,
+    ) -> Option<T> {
+        let mut buf = vec![0u8; 65_536];
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some((f, t, p)) = self.next(&mut buf) {
+                if (f, t) == (from, to) {
+                    if let Some(v) = pick(&p) {
+                        return Some(v);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends `payload` to `to` with `from` as its source.
+    fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> usize {
+        let (SocketAddr::V4(from), SocketAddr::V4(to)) = (from, to) else {
+            return 0;
+        };
+        let total = u16::try_from(28 + payload.len()).expect("a datagram");
+        let mut d = Vec::with_capacity(usize::from(total));
+        d.extend_from_slice(&[0x45, 0]);
+        d.extend_from_slice(&total.to_be_bytes());
+        // Id, don't fragment, TTL, UDP, the header checksum (the kernel's).
+        d.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+        d.extend_from_slice(&from.ip().octets());
+        d.extend_from_slice(&to.ip().octets());
+        d.extend_from_slice(&from.port().to_be_bytes());
+        d.extend_from_slice(&to.port().to_be_bytes());
+        d.extend_from_slice(&(total - 20).to_be_bytes());
+        // No UDP checksum (allowed over IPv4).
+        d.extend_from_slice(&[0, 0]);
+        d.extend_from_slice(payload);
+        let dst = socket2::SockAddr::from(SocketAddr::V4(to));
+        self.spoof.send_to(&d, &dst).map_or(0, |_| payload.len())
+    }
+}
+
+fn wire(lab: &Lab) {
+    let Some(wire) = Wire::open() else {
+        for attack in ["D6 a forged \"session unknown\"", "D7 forged relay packets"] {
+            row(attack, "(needs root: raw sockets)", "not run".into());
+        }
+        return;
+    };
+    session_unknown(&wire);
+    relay(lab, &wire);
+}
+
+/// D6: "session unknown" for a live session, as if from the peer.
+fn session_unknown(wire: &Wire) {
+    let mut lab = Lab::connected_pair("awire");
+    let endpoint = |lab: &Lab, who: &str, peer: &str| -> SocketAddr {
+        let p = lab.ctl(who, &["--json", "peers"]).json();
+        p["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|x| x["name"] == peer))
+            .and_then(|x| x["endpoint"].as_str())
+            .and_then(|s| s.parse().ok())
+            .expect("a direct endpoint")
+    };
+    let (alice, bob) = (endpoint(&lab, "b", "alice"), endpoint(&lab, "a", "bob"));
+    lab.watch("a");
+    // Alice's packets to bob name bob's index for the session: the one a
+    // "session unknown" from bob names.
+    wire.clear(&mut vec![0u8; 65_536]);
+    lab.ctl("a", &["send", "bob", "one"]).ok();
+    let receiver = wire
+        .find(
+            alice,
+            bob,
+            Duration::from_secs(10),
+            |p| match Packet::decode(p) {
+                Ok(Packet::Data { receiver, .. }) => Some(receiver),
+                _ => None,
+            },
+        )
+        .expect("a data packet from alice to bob");
+    let before = lab.watched("a").len();
+    let forged = 1_000;
+    for _ in 0..forged {
+        let token: [u8; 16] = rand::random();
+        wire.send(
+            bob,
+            alice,
+            &Packet::SessionUnknown { receiver, token }.encode(),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let changed = lab.watched("a")[before..]
+        .iter()
+        .filter(|e| {
+            ["peer_down", "peer_up", "path_changed"].contains(&e["event"].as_str().unwrap_or(""))
+        })
+        .count();
+    let sent = Instant::now();
+    lab.ctl("a", &["send", "bob", "after the forgeries"]).ok();
+    lab.wait_for("the next message", Duration::from_secs(30), |lab| {
+        let h = lab.ctl("b", &["history", "alice"]).stdout;
+        h.contains("after the forgeries").then_some(())
+    });
+    row(
+        "D6 a forged \"session unknown\"",
+        &format!("{forged} \"session unknown\" packets from bob's address (spoofed) with the session's index seen on the wire, random reset tokens"),
+        format!(
+            "alice's session events after them: {changed}; her next message in bob's history {:.0} ms later (was: the session torn down)",
+            sent.elapsed().as_secs_f64() * 1e3
+        ),
+    );
+}
+
+/// D7: relay packets on a party's channel id, from elsewhere.
+fn relay(lab: &Lab, wire: &Wire) {
+    let (server, key) = server_of(lab);
+    let tag = std::process::id();
+    let (an, bn) = (format!("ra{tag}"), format!("rb{tag}"));
+    let (mut a, _) = Client::register_at("127.0.0.10:0", server, key, &an);
+    let (mut b, _) = Client::register_at("127.0.0.11:0", server, key, &bn);
+    a.only_from = Some(server);
+    b.only_from = Some(server);
+    let pump = |a: &mut Client, b: &mut Client| {
+        a.run(Duration::from_millis(10), |_| false);
+        b.run(Duration::from_millis(10), |_| false);
+    };
+    a.node.connect(Instant::now(), &bn);
+    let end = Instant::now() + Duration::from_secs(30);
+    while b.node.pending_requests().is_empty() && Instant::now() < end {
+        pump(&mut a, &mut b);
+    }
+    b.node.answer(Instant::now(), &an, true).expect("a request");
+    while !(a.node.is_up(&bn) && b.node.is_up(&an)) {
+        assert!(Instant::now() < end, "no relayed session");
+        pump(&mut a, &mut b);
+    }
+    let (a_addr, b_addr) = (
+        a.sock.local_addr().expect("address"),
+        b.sock.local_addr().expect("address"),
+    );
+    // Bob's channel id, from his relayed packets to the server.
+    wire.clear(&mut vec![0u8; 65_536]);
+    let mut seq = 0;
+    let mut channel = None;
+    while channel.is_none() {
+        assert!(Instant::now() < end, "no relay packet seen");
+        seq += 1;
+        let body = b"to alice".to_vec();
+        b.node.send_message(
+            Instant::now(),
+            &an,
+            proto::ChatMessage {
+                seq,
+                sent_ms: 0,
+                body,
+            },
+        );
+        pump(&mut a, &mut b);
+        channel = wire.find(
+            b_addr,
+            server,
+            Duration::from_millis(50),
+            |p| match Packet::decode(p) {
+                Ok(Packet::Relay { channel, .. }) => Some(channel),
+                _ => None,
+            },
+        );
+    }
+    let channel = channel.expect("seen");
+    let stranger = UdpSocket::bind("127.0.0.12:0").expect("bind 127.0.0.12");
+    stranger.set_nonblocking(true).expect("nonblocking");
+    let mut buf = vec![0u8; 65_536];
+    let (mut to_stranger, mut from_stranger) = (0, 0);
+    let payload = [MARKER; 10].concat();
+    let (marked_a, marked_b) = (a.marked, b.marked);
+    let each = 300;
+    for i in 0..each {
+        let forged = Packet::Relay {
+            channel,
+            payload: &payload,
+        }
+        .encode();
+        wire.send(a_addr, server, &forged);
+        from_stranger += stranger.send_to(&forged, server).unwrap_or(0);
+        let random = Packet::Relay {
+            channel: rand::random(),
+            payload: &payload,
+        }
+        .encode();
+        wire.send(a_addr, server, &random);
+        if i % 10 == 0 {
+            pump(&mut a, &mut b);
+        }
+        to_stranger += drain(&stranger, &mut buf);
+    }
+    for _ in 0..50 {
+        pump(&mut a, &mut b);
+        to_stranger += drain(&stranger, &mut buf);
+    }
+    let forwarded = a.marked + b.marked - marked_a - marked_b;
+    // The control: the same packet from bob's own address is his, and
+    // forwarded (so the count above would see a forwarded one).
+    wire.send(
+        b_addr,
+        server,
+        &Packet::Relay {
+            channel,
+            payload: &payload,
+        }
+        .encode(),
+    );
+    for _ in 0..20 {
+        pump(&mut a, &mut b);
+    }
+    let control = a.marked + b.marked - marked_a - marked_b - forwarded;
+    // The relayed session still carries messages.
+    let delivered = |c: &Client| {
+        c.events
+            .iter()
+            .filter(|e| matches!(e, NodeEvent::Delivered { .. }))
+            .count()
+    };
+    let before = delivered(&a);
+    seq += 1;
+    b.node.send_message(
+        Instant::now(),
+        &an,
+        proto::ChatMessage {
+            seq,
+            sent_ms: 0,
+            body: b"after".to_vec(),
+        },
+    );
+    let end = Instant::now() + Duration::from_secs(5);
+    while delivered(&a) == before && Instant::now() < end {
+        pump(&mut a, &mut b);
+    }
+    let got = delivered(&a) > before;
+    row(
+        "D7 forged relay packets",
+        &format!("with bob's secret relay channel id seen on the wire: {each} from alice's address (spoofed), {each} from a stranger's, and {each} on random ids (600 B each)"),
+        format!(
+            "{forwarded} forwarded (the same from bob's own address: {control} forwarded); the stranger got {to_stranger} bytes for {from_stranger} ({:.2}x: a path challenge); the relayed session's next message delivered: {got} (was: charged to and forwarded as the spoofed address)",
+            to_stranger as f64 / from_stranger.max(1) as f64
+        ),
+    );
+}
+
 fn main() {
     let wanted: Vec<String> = std::env::args().skip(1).collect();
     let run = |a: &str| wanted.is_empty() || wanted.iter().any(|w| w == a);
@@ -811,6 +1127,9 @@ fn main() {
     }
     if run("bidi") {
         bidi();
+    }
+    if run("wire") {
+        wire(&lab);
     }
     // The server's own counters, from its log at shutdown.
     lab.stop("rendezvous");
