@@ -936,71 +936,116 @@ async fn run(args: Args) -> Result<(), Failure> {
     }
 }
 
-/// One message per stdin line, pipelined: up to `WINDOW` requests are in
-/// flight, so a thousand lines take a thousand database writes, not a
-/// thousand round trips. After the first refusal no more lines are read;
-/// the answers to lines already sent are still counted, and the summary
-/// says exactly how many were accepted.
+/// One message per stdin line, streamed: request lines go out in large
+/// writes while the answers come back, with at most `WINDOW` unanswered
+/// (the daemon's own queues, and this bound, slow a fast writer down:
+/// nothing is dropped). A line the daemon refuses on its own (empty, over
+/// the size limit) is reported with its line number and the rest still
+/// go; a refusal that would hold for every line (no such peer, the
+/// message could not be stored) stops reading. The summary says exactly
+/// how many were accepted and refused; the exit status is the first
+/// refusal's.
 async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failure> {
-    const WINDOW: usize = 64;
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    // Below the daemon's queue of answers per connection.
+    const WINDOW: usize = 1024;
+    let max = proto::wire::MAX_MESSAGE_BYTES;
+    let mut stdin = BufReader::with_capacity(256 * 1024, tokio::io::stdin()).lines();
+    // Request lines not written yet, and the stdin line of each request.
+    let mut pending = Vec::with_capacity(64 * 1024);
+    let mut line_of = std::collections::HashMap::new();
     let mut in_flight = 0usize;
-    let mut sent = 0u64;
-    let mut queued = 0u64;
-    let mut refused = 0u64;
+    let mut line_no = 0u64;
+    let (mut sent, mut queued, mut refused) = (0u64, 0u64, 0u64);
     let mut first_error: Option<Failure> = None;
+    let mut stop = false;
     let mut eof = false;
     loop {
-        while !eof && first_error.is_none() && in_flight < WINDOW {
-            match stdin.next_line().await {
+        let reading = !eof && !stop && in_flight < WINDOW;
+        // Written when stdin has nothing more at hand (or the window is
+        // full): a slow writer's lines go at once, a fast one's together.
+        let at_hand = stdin.get_ref().buffer().contains(&b'\n');
+        if !pending.is_empty() && (!reading || !at_hand || pending.len() >= 64 * 1024) {
+            conn.wr.write_all(&pending).await.map_err(io_failure)?;
+            pending.clear();
+        }
+        if !reading && in_flight == 0 {
+            break;
+        }
+        tokio::select! {
+            biased;
+            r = conn.response(), if in_flight > 0 => {
+                let r = r?;
+                in_flight -= 1;
+                let at = line_of.remove(&r.id).unwrap_or(0);
+                match into_result(r) {
+                    Ok(v) => {
+                        sent += 1;
+                        if typed::<Sent>(&v)?.queued {
+                            queued += 1;
+                        }
+                        if json {
+                            out(&v.to_string())?;
+                        }
+                    }
+                    Err(f) => {
+                        refused += 1;
+                        // A line of its own is refused (code 2); any other
+                        // refusal would hold for every line.
+                        stop |= f.code != 2;
+                        eprintln!("p2pctl: line {at}: {}", clean(&f.message));
+                        first_error.get_or_insert(f);
+                    }
+                }
+            }
+            line = stdin.next_line(), if reading => match line {
                 Ok(Some(line)) => {
+                    line_no += 1;
                     if line.trim().is_empty() {
                         continue;
                     }
-                    conn.send(Command::Send {
-                        peer: name.to_owned(),
-                        text: line,
-                    })
-                    .await?;
+                    if line.len() > max {
+                        refused += 1;
+                        let f = Failure {
+                            code: 2,
+                            message: format!(
+                                "message of {} bytes: at most {max} bytes (UTF-8) a message",
+                                line.len()
+                            ),
+                        };
+                        eprintln!("p2pctl: line {line_no}: {}", f.message);
+                        first_error.get_or_insert(f);
+                        continue;
+                    }
+                    let id = conn.next_id;
+                    conn.next_id += 1;
+                    let request = Request { id, command: Command::Send { peer: name.to_owned(), text: line } };
+                    serde_json::to_writer(&mut pending, &request).map_err(|e| Failure {
+                        code: 1,
+                        message: e.to_string(),
+                    })?;
+                    pending.push(b'\n');
+                    line_of.insert(id, line_no);
                     in_flight += 1;
                 }
                 Ok(None) => eof = true,
                 Err(e) => {
+                    stop = true;
                     first_error.get_or_insert(Failure {
                         code: 1,
                         message: format!("cannot read standard input: {e}"),
                     });
                 }
-            }
-        }
-        if in_flight == 0 {
-            break;
-        }
-        let r = conn.response().await?;
-        in_flight -= 1;
-        match into_result(r) {
-            Ok(v) => {
-                sent += 1;
-                if typed::<Sent>(&v)?.queued {
-                    queued += 1;
-                }
-                if json {
-                    out(&v.to_string())?;
-                }
-            }
-            Err(f) => {
-                refused += 1;
-                first_error.get_or_insert(f);
-            }
+            },
         }
     }
     let noun = if sent == 1 { "message" } else { "messages" };
     if let Some(mut f) = first_error {
-        f.message = format!(
-            "{}\n{sent} {noun} sent to {name}, {refused} refused; reading stopped at the first refusal \
-             (lines already sent after it went out)",
-            f.message
-        );
+        let how = if stop {
+            "; reading stopped at that refusal (lines already sent went out)"
+        } else {
+            ""
+        };
+        f.message = format!("{sent} {noun} sent to {name}, {refused} refused{how}");
         return Err(f);
     }
     if !json {

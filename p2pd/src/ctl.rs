@@ -17,7 +17,10 @@ use tokio::task::JoinSet;
 /// Lines queued to one connection; a watcher that falls this far behind
 /// is dropped rather than letting the daemon's memory grow.
 pub const CONNECTION_QUEUE: usize = 4096;
-/// How long one line may take to write to a connection.
+/// Lines already queued to a connection are written together, up to
+/// about this many bytes at once.
+const WRITE_BATCH: usize = 64 * 1024;
+/// How long one line (or batch of lines) may take to write.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a connection task sends the daemon task.
@@ -211,20 +214,28 @@ async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input
                 tracing::warn!(conn, "CONTROL(TOO_SLOW_CLOSED)");
                 break;
             }
-            out = out_rx.recv() => match out {
-                Some(Out::Response(line)) => {
-                    pending = pending.saturating_sub(1);
-                    if write_line(&mut wr, &line).await.is_err() {
-                        break;
+            out = out_rx.recv() => {
+                // This line and the others already queued, in one write.
+                let mut lines = Vec::new();
+                let mut next = out;
+                while let Some(out) = next.take() {
+                    let line = match out {
+                        Out::Response(line) => {
+                            pending = pending.saturating_sub(1);
+                            line
+                        }
+                        Out::Event(line) => line,
+                    };
+                    lines.extend_from_slice(line.as_bytes());
+                    lines.push(b'\n');
+                    if lines.len() < WRITE_BATCH {
+                        next = out_rx.try_recv().ok();
                     }
                 }
-                Some(Out::Event(line)) => {
-                    if write_line(&mut wr, &line).await.is_err() {
-                        break;
-                    }
+                if lines.is_empty() || write_all(&mut wr, &lines).await.is_err() {
+                    break;
                 }
-                None => break,
-            },
+            }
         }
     }
     let _ = to_daemon.send(Input::Closed { conn }).await;
@@ -279,8 +290,12 @@ async fn write_line(wr: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> st
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
+    write_all(wr, &buf).await
+}
+
+async fn write_all(wr: &mut tokio::net::unix::OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
     // A client that stopped reading must not hold this task forever.
-    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&buf)).await {
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }

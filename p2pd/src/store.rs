@@ -252,21 +252,13 @@ impl Store {
 
     /// Stores an outgoing message in the outbox and gives it the peer's
     /// next sequence number.
+    /// Queues one message to `peer` (its own transaction; see
+    /// [`Batch::enqueue`] for many in one).
     pub fn enqueue(&mut self, peer: &str, sent_ms: u64, body: &str) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction()?;
-        tx.execute("INSERT OR IGNORE INTO contacts (name) VALUES (?1)", [peer])?;
-        let seq: i64 = tx.query_row(
-            "UPDATE contacts SET send_next = send_next + 1 WHERE name = ?1 RETURNING send_next - 1",
-            [peer],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "INSERT INTO messages (peer, direction, seq, sent_ms, state, body)
-             VALUES (?1, 'out', ?2, ?3, 'queued', ?4)",
-            params![peer, seq, sent_ms as i64, body],
-        )?;
-        tx.commit()?;
-        Ok(seq as u64)
+        let batch = self.batch()?;
+        let seq = batch.enqueue(peer, sent_ms, body)?;
+        batch.commit()?;
+        Ok(seq)
     }
 
     pub fn outbox(&self) -> Result<Vec<Queued>, StoreError> {
@@ -329,6 +321,26 @@ pub struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// A message to `peer`, queued under the peer's next `seq` (returned).
+    pub fn enqueue(&self, peer: &str, sent_ms: u64, body: &str) -> Result<u64, StoreError> {
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO contacts (name) VALUES (?1)")?
+            .execute([peer])?;
+        let seq: i64 = self
+            .tx
+            .prepare_cached(
+                "UPDATE contacts SET send_next = send_next + 1 WHERE name = ?1 RETURNING send_next - 1",
+            )?
+            .query_row([peer], |r| r.get(0))?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO messages (peer, direction, seq, sent_ms, state, body)
+                 VALUES (?1, 'out', ?2, ?3, 'queued', ?4)",
+            )?
+            .execute(params![peer, seq, sent_ms as i64, body])?;
+        Ok(seq as u64)
+    }
+
     /// A message arrived in order: keep it and move the peer's receive
     /// position past it, together.
     pub fn received(
@@ -339,25 +351,27 @@ impl Batch<'_> {
         body: &str,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute("INSERT OR IGNORE INTO contacts (name) VALUES (?1)", [peer])?;
-        self.tx.execute(
-            "INSERT OR IGNORE INTO messages (peer, direction, seq, sent_ms, state, body)
-             VALUES (?1, 'in', ?2, ?3, 'received', ?4)",
-            params![peer, seq as i64, sent_ms as i64, body],
-        )?;
-        self.tx.execute(
-            "UPDATE contacts SET recv_next = MAX(recv_next, ?2) WHERE name = ?1",
-            params![peer, (seq + 1) as i64],
-        )?;
+            .prepare_cached("INSERT OR IGNORE INTO contacts (name) VALUES (?1)")?
+            .execute([peer])?;
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO messages (peer, direction, seq, sent_ms, state, body)
+                 VALUES (?1, 'in', ?2, ?3, 'received', ?4)",
+            )?
+            .execute(params![peer, seq as i64, sent_ms as i64, body])?;
+        self.tx
+            .prepare_cached("UPDATE contacts SET recv_next = MAX(recv_next, ?2) WHERE name = ?1")?
+            .execute(params![peer, (seq + 1) as i64])?;
         Ok(())
     }
 
     pub fn delivered(&self, peer: &str, seq: u64) -> Result<(), StoreError> {
-        self.tx.execute(
-            "UPDATE messages SET state = 'delivered'
-             WHERE peer = ?1 AND direction = 'out' AND seq = ?2",
-            params![peer, seq as i64],
-        )?;
+        self.tx
+            .prepare_cached(
+                "UPDATE messages SET state = 'delivered'
+                 WHERE peer = ?1 AND direction = 'out' AND seq = ?2",
+            )?
+            .execute(params![peer, seq as i64])?;
         Ok(())
     }
 

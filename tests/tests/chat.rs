@@ -161,6 +161,27 @@ fn two_daemons_chat_through_a_rendezvous_and_survive_restarts() {
             .then_some(())
     });
 
+    // A line over the size limit in the middle of a pipe: refused with
+    // its line number and the limit; the lines after it still go, and
+    // the status says some were refused.
+    let long = "x".repeat(proto::wire::MAX_MESSAGE_BYTES + 1);
+    let piped = format!("before the long one\n{long}\nafter the long one\n");
+    let out = lab.ctl_stdin("a", &["send", "bob"], Some(piped.as_bytes()));
+    let err = out.fails_with(2);
+    assert!(err.contains("line 2: message of"), "{err}");
+    assert!(
+        err.contains(&format!("at most {} bytes", proto::wire::MAX_MESSAGE_BYTES)),
+        "{err}"
+    );
+    assert!(err.contains("2 messages sent to bob, 1 refused"), "{err}");
+    lab.wait_for("the line after the long one", WAIT, |lab| {
+        let texts = incoming_texts(lab, "b", "alice");
+        texts
+            .ends_with(&["before the long one".into(), "after the long one".into()])
+            .then_some(())
+    });
+    expect.extend(["before the long one".into(), "after the long one".into()]);
+
     // Ping, close, and what a closed session says.
     let ping = lab.ctl("a", &["--json", "ping", "bob"]).json();
     assert!(ping["rtt_ms"].as_f64().unwrap() >= 0.0);

@@ -39,6 +39,15 @@ pub(super) enum RidKind {
     Decline,
 }
 
+/// A `send` taken and not yet stored ([`Daemon::flush_sends`]).
+pub(super) struct PendingSend {
+    id: u64,
+    out: Reply,
+    peer: String,
+    text: String,
+    sent_ms: u64,
+}
+
 pub(super) struct Waiter {
     id: u64,
     out: Reply,
@@ -89,6 +98,62 @@ impl Daemon {
         }
     }
 
+    /// Stores the sends taken since the last call in one transaction
+    /// (one fsync: group commit), then hands them to the node and answers
+    /// each. If they cannot be stored, each is answered with the error
+    /// and none is sent.
+    pub(super) fn flush_sends(&mut self, now: Instant) {
+        if self.sends.is_empty() {
+            return;
+        }
+        let sends = std::mem::take(&mut self.sends);
+        let stored = (|| {
+            let batch = self.store.batch()?;
+            let seqs = sends
+                .iter()
+                .map(|s| batch.enqueue(&s.peer, s.sent_ms, &s.text))
+                .collect::<Result<Vec<u64>, _>>()?;
+            batch.commit()?;
+            Ok::<_, crate::store::StoreError>(seqs)
+        })();
+        let seqs = match stored {
+            Ok(seqs) => seqs,
+            Err(e) => {
+                tracing::error!(error = %e, messages = sends.len(), "STORE(SEND_NOT_STORED)");
+                for s in sends {
+                    let e = err(ErrorCode::Internal, format!("message not stored: {e}"));
+                    respond(&s.out, Response::err(s.id, e));
+                }
+                return;
+            }
+        };
+        for (s, seq) in sends.into_iter().zip(seqs) {
+            // Asked before the message joins the flow: its own packet
+            // must not count as unanswered yet.
+            let reachable = self.node.is_reachable(&s.peer);
+            let reason = (!reachable).then(|| self.why_unreachable(now, &s.peer));
+            self.node.send_message(
+                now,
+                &s.peer,
+                ChatMessage {
+                    seq,
+                    sent_ms: s.sent_ms,
+                    body: s.text.into_bytes(),
+                },
+            );
+            let sent = Sent {
+                peer: s.peer,
+                seq,
+                queued: !reachable,
+                reason,
+            };
+            respond(
+                &s.out,
+                Response::from_result(s.id, json(&sent).map(Option::unwrap_or_default)),
+            );
+        }
+    }
+
     pub(super) fn on_input(&mut self, now: Instant, input: Input) {
         match input {
             Input::Closed { conn } => {
@@ -96,6 +161,10 @@ impl Daemon {
             }
             Input::Request { conn, request, out } => {
                 let Request { id, command } = request;
+                if !matches!(command, Command::Send { .. }) {
+                    // Whatever comes after a send sees it stored.
+                    self.flush_sends(now);
+                }
                 tracing::debug!(conn, id, cmd = command.name(), "CONTROL(REQUEST)");
                 match self.command(now, conn, id, command, &out) {
                     Ok(None) => {} // a waiter answers later
@@ -314,30 +383,16 @@ impl Daemon {
                         format!("not connected to {peer}: run `p2pctl connect {peer}` first"),
                     ));
                 }
-                let sent_ms = now_ms();
-                let seq = self
-                    .store
-                    .enqueue(&peer, sent_ms, &text)
-                    .map_err(|e| err(ErrorCode::Internal, format!("message not stored: {e}")))?;
-                // Asked before the message joins the flow: its own
-                // packet must not count as unanswered yet.
-                let reachable = self.node.is_reachable(&peer);
-                let reason = (!reachable).then(|| self.why_unreachable(now, &peer));
-                self.node.send_message(
-                    now,
-                    &peer,
-                    ChatMessage {
-                        seq,
-                        sent_ms,
-                        body: text.into_bytes(),
-                    },
-                );
-                json(&Sent {
+                // Stored with the other sends of this burst, in one
+                // transaction, before any of them is answered.
+                self.sends.push(PendingSend {
+                    id,
+                    out: out.clone(),
                     peer,
-                    seq,
-                    queued: !reachable,
-                    reason,
-                })
+                    text,
+                    sent_ms: now_ms(),
+                });
+                Ok(None)
             }
             Command::History { peer, limit } => {
                 Self::check_name(&peer)?;

@@ -22,7 +22,7 @@ use crate::tcp::{TcpEvent, TcpEventKind, TcpLink};
 use crate::Config;
 use crate::{addrs, netwatch};
 use anyhow::Context;
-use control::{fail_error, request_error, Wait, Waiter};
+use control::{fail_error, request_error, PendingSend, Wait, Waiter};
 use proto::control::{
     check_text, AutoAcceptSet, Cancelled, Closed, Command, Connected, ControlError, Declined,
     Direction, ErrorCode, Event, LoggedIn, PeerInfo, PeersResult, PingResult, Registered, Request,
@@ -52,6 +52,9 @@ struct Daemon {
     /// The socket is IPv6 (dual-stack): IPv4 destinations go v4-mapped.
     udp_v6: bool,
     waiters: Vec<Waiter>,
+    /// Sends taken in this burst of input, stored together before the
+    /// node is drained.
+    sends: Vec<PendingSend>,
     watchers: HashMap<u64, Reply>,
     /// The TCP connection to the server the node asked for, while one is
     /// open or opening.
@@ -72,6 +75,9 @@ struct Daemon {
     offers_waiting: Option<(Instant, u64)>,
 }
 
+/// Most datagrams and most control requests taken in one burst, before
+/// the node is drained (and what they brought is stored).
+const BURST: usize = 1024;
 /// How often paused transfers look for room to go on.
 const RESUME_CHECK: Duration = Duration::from_secs(2);
 /// How often old transfer records are pruned (`--keep-transfers`).
@@ -182,6 +188,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         udp_v6: local.is_ipv6(),
         udp: Arc::new(udp),
         waiters: Vec::new(),
+        sends: Vec::new(),
         watchers: HashMap::new(),
         tcp: None,
         tcp_events,
@@ -245,6 +252,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     d.node.handle_timeout(now);
                 }
                 d.expire_waiters(now);
+            }
+        }
+        // Whatever else is ready joins this burst: its messages are
+        // stored in one transaction (one fsync) and acknowledged together
+        // (group commit). The burst ends when nothing more is waiting, so
+        // a lone message waits for nothing.
+        for _ in 0..BURST {
+            let mut took = false;
+            if let Ok((n, from)) = d.udp.try_recv_from(&mut buf) {
+                d.node.handle_datagram(Instant::now(), from, &buf[..n]);
+                took = true;
+            }
+            if let Ok(input) = inbox.try_recv() {
+                d.on_input(Instant::now(), input);
+                took = true;
+            }
+            // (Finished disk jobs give back the file handles they held.)
+            if let Ok(done) = jobs_inbox.try_recv() {
+                d.on_job(Instant::now(), done);
+                took = true;
+            }
+            if !took {
+                break;
             }
         }
         d.drain(Instant::now()).await?;
@@ -420,6 +450,7 @@ impl Daemon {
     /// message that is not on disk. The sender keeps it, and delivers it
     /// once the daemon runs again.
     async fn drain(&mut self, now: Instant) -> anyhow::Result<()> {
+        self.flush_sends(now);
         loop {
             let mut events = Vec::new();
             while let Some(e) = self.node.poll_event() {
