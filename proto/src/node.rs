@@ -1739,7 +1739,9 @@ impl<F: FileIo> Node<F> {
                         rtt,
                     }),
                     PeerEvent::Received(
-                        m @ (PeerToPeer::Flow { .. } | PeerToPeer::FlowAck { .. }),
+                        m @ (PeerToPeer::Flow { .. }
+                        | PeerToPeer::Frames { .. }
+                        | PeerToPeer::FlowAck { .. }),
                     ) => e.transfers.handle(now, m),
                     PeerEvent::Received(_) => {}
                 }

@@ -855,10 +855,16 @@ impl PeerSession {
             return false;
         };
         e.last_tx = now;
-        if matches!(msg, PeerToPeer::Flow { .. } | PeerToPeer::FlowAck { .. }) {
+        if matches!(
+            msg,
+            PeerToPeer::Flow { .. } | PeerToPeer::Frames { .. } | PeerToPeer::FlowAck { .. }
+        ) {
             e.last_data = Some(now);
         }
-        let wants_answer = matches!(msg, PeerToPeer::Flow { .. } | PeerToPeer::Ping { .. });
+        let wants_answer = matches!(
+            msg,
+            PeerToPeer::Flow { .. } | PeerToPeer::Frames { .. } | PeerToPeer::Ping { .. }
+        );
         if wants_answer && dst == e.dst {
             e.unanswered_since.get_or_insert(now);
         }
@@ -1565,7 +1571,9 @@ impl PeerSession {
                 self.up = false;
                 self.go_down("the peer closed the session")
             }
-            m @ (PeerToPeer::Flow { .. } | PeerToPeer::FlowAck { .. }) => {
+            m @ (PeerToPeer::Flow { .. }
+            | PeerToPeer::Frames { .. }
+            | PeerToPeer::FlowAck { .. }) => {
                 if let State::Established(e) = &mut self.state {
                     e.last_data = Some(now);
                 }

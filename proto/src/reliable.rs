@@ -27,10 +27,20 @@
 use crate::wire::FlowFrame;
 use std::collections::{BTreeMap, VecDeque};
 
-/// Most messages sent and not yet acknowledged.
-pub const SEND_WINDOW: usize = 64;
-/// How far ahead of the next expected message the receiver buffers.
-pub const RECV_WINDOW: u64 = 1024;
+/// Most messages sent and not yet acknowledged: enough for a round trip
+/// and a receiver's commit at 100,000 messages a second (the flow's
+/// congestion control paces the packets; this bounds the memory).
+pub const SEND_WINDOW: usize = 4096;
+/// How far ahead of the next expected message the receiver buffers (at
+/// most this many bodies, 4 MiB of them): never less than
+/// [`SEND_WINDOW`], or a sender's messages past it would be dropped.
+pub const RECV_WINDOW: u64 = SEND_WINDOW as u64;
+
+/// A [`FlowFrame::Chat`]'s bytes besides its body: type, `seq`,
+/// `base`, `sent_ms`, the body's length.
+pub const CHAT_FRAME_HEADER: usize = 1 + 8 + 8 + 8 + 2;
+/// A [`FlowFrame::ChatAck`]'s bytes.
+pub const CHAT_ACK_LEN: usize = 1 + 8;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChatMessage {
@@ -107,6 +117,18 @@ impl Reliable {
     #[must_use]
     pub fn poll_event(&mut self) -> Option<ReliableEvent> {
         self.events.pop_front()
+    }
+
+    /// The encoded length of the frame [`Reliable::poll_frame`] would
+    /// give now, if any.
+    pub fn next_len(&self) -> Option<usize> {
+        if self.ack_needed {
+            return Some(CHAT_ACK_LEN);
+        }
+        if self.sent.len() >= SEND_WINDOW {
+            return None;
+        }
+        self.queue.front().map(|m| CHAT_FRAME_HEADER + m.body.len())
     }
 
     /// Whether [`Reliable::poll_frame`] has something.

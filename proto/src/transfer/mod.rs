@@ -68,6 +68,18 @@ pub fn piece_size_for(size: u64) -> Option<u32> {
 /// A control frame's packet size, for the congestion window's
 /// arithmetic: they are small, but count them as full base packets.
 const CONTROL_SIZE: usize = pmtud::BASE;
+/// A chat frame's encoded length.
+fn chat_len(frame: &FlowFrame) -> usize {
+    match frame {
+        FlowFrame::Chat { body, .. } => crate::reliable::CHAT_FRAME_HEADER + body.len(),
+        _ => crate::reliable::CHAT_ACK_LEN,
+    }
+}
+
+/// A [`PeerToPeer::Frames`] header: type, epoch, packet number.
+const FRAMES_HEADER: usize = 1 + 4 + 8;
+/// What a chat packet adds to its frames on the wire.
+const CHAT_OVERHEAD: usize = FRAMES_HEADER + crate::wire::DATA_HEADER_LEN + 16;
 /// Probe timeouts in a row, at a size above the base, after which the
 /// large size is taken for a black hole.
 const BLACK_HOLE_PTOS: u32 = 2;
@@ -448,6 +460,8 @@ impl Incoming {
 /// What a flow packet carried, to act on its fate.
 enum Carried {
     Control(FlowFrame),
+    /// Chat frames sent together ([`PeerToPeer::Frames`]).
+    Frames(Vec<FlowFrame>),
     Data {
         id: u64,
         offset: u64,
@@ -856,6 +870,7 @@ impl PeerFlow {
         for (_, c) in std::mem::take(&mut self.carried) {
             match c {
                 Carried::Control(f) => self.control.push_back(f),
+                Carried::Frames(fs) => self.control.extend(fs),
                 Carried::Data { id, offset, len } => {
                     if let Some(t) = self.outgoing.get_mut(&id) {
                         t.resend.push_back((offset, len));
@@ -877,8 +892,11 @@ impl PeerFlow {
     /// ([`Reliable::restart`]).
     fn forget_chat_frames(&mut self) {
         self.control.retain(|f| !f.is_chat());
-        self.carried
-            .retain(|_, c| !matches!(c, Carried::Control(f) if f.is_chat()));
+        self.carried.retain(|_, c| match c {
+            Carried::Control(f) => !f.is_chat(),
+            Carried::Frames(fs) => !fs.iter().all(FlowFrame::is_chat),
+            _ => true,
+        });
     }
 
     /// Offers not yet answered and incoming transfers under way are
@@ -993,35 +1011,48 @@ impl PeerFlow {
                 self.flow.on_ack(now, &ack);
                 self.drain_flow(now);
             }
-            PeerToPeer::Flow { epoch, pn, frame } => {
-                if self.old_epochs.contains(&epoch) {
-                    return;
-                }
-                if self.peer_epoch != Some(epoch) {
-                    // The peer's flow is new (its session or its daemon
-                    // restarted): its numbers start again, and it may have
-                    // forgotten what we told it. Our own flow goes on (its
-                    // packets the peer lost are declared lost and sent
-                    // again); changing it too would make the peer restart
-                    // in turn, and so on.
-                    if let Some(old) = self.peer_epoch.replace(epoch) {
-                        self.old_epochs.push_back(old);
-                        if self.old_epochs.len() > 8 {
-                            self.old_epochs.pop_front();
-                        }
-                        self.flow.reset_receiving();
-                        self.announce();
-                        // It may have lost what it held of our messages:
-                        // all go again, from the chat's state alone.
-                        self.forget_chat_frames();
-                        self.chat.restart();
-                    }
-                }
-                if self.flow.on_received(now, pn, true) {
-                    self.on_frame(frame)
-                }
-            }
+            PeerToPeer::Flow { epoch, pn, frame } => self.on_flow(now, epoch, pn, [frame]),
+            PeerToPeer::Frames { epoch, pn, frames } => self.on_flow(now, epoch, pn, frames),
             _ => {}
+        }
+    }
+
+    /// Frames of a flow packet of the peer's: a new epoch first restarts
+    /// what the peer may have forgotten.
+    fn on_flow(
+        &mut self,
+        now: Instant,
+        epoch: u32,
+        pn: u64,
+        frames: impl IntoIterator<Item = FlowFrame>,
+    ) {
+        if self.old_epochs.contains(&epoch) {
+            return;
+        }
+        if self.peer_epoch != Some(epoch) {
+            // The peer's flow is new (its session or its daemon
+            // restarted): its numbers start again, and it may have
+            // forgotten what we told it. Our own flow goes on (its
+            // packets the peer lost are declared lost and sent
+            // again); changing it too would make the peer restart
+            // in turn, and so on.
+            if let Some(old) = self.peer_epoch.replace(epoch) {
+                self.old_epochs.push_back(old);
+                if self.old_epochs.len() > 8 {
+                    self.old_epochs.pop_front();
+                }
+                self.flow.reset_receiving();
+                self.announce();
+                // It may have lost what it held of our messages:
+                // all go again, from the chat's state alone.
+                self.forget_chat_frames();
+                self.chat.restart();
+            }
+        }
+        if self.flow.on_received(now, pn, true) {
+            for frame in frames {
+                self.on_frame(frame);
+            }
         }
     }
 
@@ -1053,7 +1084,7 @@ impl PeerFlow {
                             self.flow.set_mss(size);
                         }
                     }
-                    Some(Carried::Control(_)) | None => {}
+                    Some(Carried::Control(_) | Carried::Frames(_)) | None => {}
                 },
                 FlowEvent::Lost(pn) => match self.carried.remove(&pn) {
                     // What an ended transfer still owes the peer (its
@@ -1065,6 +1096,8 @@ impl PeerFlow {
                         self.control.push_back(f)
                     }
                     Some(Carried::Control(_)) => {}
+                    // (Chat: its frames go again one by one.)
+                    Some(Carried::Frames(fs)) => self.control.extend(fs),
                     Some(Carried::Probe) => self.pmtud.on_lost(now, pn),
                     Some(Carried::Data { id, offset, len }) => {
                         if let Some(t) = self.outgoing.get_mut(&id) {
@@ -1464,11 +1497,16 @@ impl PeerFlow {
         if self.flow.send_time(now, self.pmtud.current()) != Some(now) {
             return None;
         }
+        // (Chat frames sent again after a loss wait in `control`: they
+        // are packed together too.)
+        if self.control.front().is_some_and(FlowFrame::is_chat) {
+            return self.chat_packet(now);
+        }
         if let Some(frame) = self.control.pop_front() {
             return Some(self.send_frame(now, frame));
         }
-        if let Some(frame) = self.chat.poll_frame() {
-            return Some(self.send_frame(now, frame));
+        if self.chat.wants_to_send() {
+            return self.chat_packet(now);
         }
         let src = src?;
         // Round robin over active senders, starting after the last turn.
@@ -1487,6 +1525,52 @@ impl PeerFlow {
         }
         self.flow.set_app_limited();
         None
+    }
+
+    /// Chat frames, as many as one packet takes (one packet a message
+    /// would cost a datagram, a seal and an acknowledgement each).
+    fn chat_packet(&mut self, now: Instant) -> Option<PeerToPeer> {
+        // What the packet's inner message may hold after its header.
+        let room = self
+            .pmtud
+            .current()
+            .saturating_sub(crate::wire::DATA_HEADER_LEN + 16 + FRAMES_HEADER);
+        let mut frames = Vec::new();
+        let mut used = 0;
+        // First what goes again, then what is new.
+        while frames.len() < crate::wire::MAX_FRAMES {
+            match self.control.front().filter(|f| f.is_chat()).map(chat_len) {
+                Some(len) if frames.is_empty() || used + len <= room => {}
+                _ => break,
+            }
+            let frame = self.control.pop_front().expect("checked");
+            used += chat_len(&frame);
+            frames.push(frame);
+        }
+        while frames.len() < crate::wire::MAX_FRAMES {
+            match self.chat.next_len() {
+                Some(len) if frames.is_empty() || used + len <= room => {}
+                _ => break,
+            }
+            let Some(frame) = self.chat.poll_frame() else {
+                break;
+            };
+            used += chat_len(&frame);
+            frames.push(frame);
+        }
+        match frames.len() {
+            0 => None,
+            1 => frames.pop().map(|f| self.send_frame(now, f)),
+            _ => {
+                let pn = self.flow.on_sent(now, used + CHAT_OVERHEAD, true);
+                self.carried.insert(pn, Carried::Frames(frames.clone()));
+                Some(PeerToPeer::Frames {
+                    epoch: self.epoch,
+                    pn,
+                    frames,
+                })
+            }
+        }
     }
 
     fn send_frame(&mut self, now: Instant, frame: FlowFrame) -> PeerToPeer {
@@ -1606,6 +1690,7 @@ impl PeerFlow {
         };
         match self.carried.remove(&pn) {
             Some(Carried::Control(f)) => self.control.push_back(f),
+            Some(Carried::Frames(fs)) => self.control.extend(fs),
             Some(Carried::Data { id, offset, len }) => {
                 if let Some(t) = self.outgoing.get_mut(&id) {
                     t.resend.push_back((offset, len));

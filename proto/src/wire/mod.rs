@@ -9,7 +9,8 @@
 //! peer never crashes an older one.
 //!
 //! Type codes 0x10 to 0x1f of [`PeerToPeer`] belong to file transfer:
-//! 0x10 [`PeerToPeer::Flow`] carries a [`FlowFrame`], 0x11 acknowledges.
+//! 0x10 [`PeerToPeer::Flow`] carries a [`FlowFrame`], 0x11 acknowledges,
+//! 0x12 [`PeerToPeer::Frames`] carries several.
 
 mod client;
 mod peer;
@@ -75,7 +76,9 @@ impl Pattern {
 /// `ListUsers` asks for the names after a cursor, and `UserList` says
 /// the total in 32 bits; `FlowFrame::Pause` (a receiver's full disk);
 /// `Register` carries an invite token, `FailReason` 14 `InviteRequired`.
-pub const VERSION: u8 = 6;
+/// Version 7: [`PeerToPeer::Frames`], several flow frames (chat) in one
+/// packet.
+pub const VERSION: u8 = 7;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;
 

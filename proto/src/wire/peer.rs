@@ -27,6 +27,15 @@ pub enum PeerToPeer {
         pn: u64,
         frame: FlowFrame,
     },
+    /// Several frames in one packet of flow `epoch` (chat messages and
+    /// their acknowledgement, many to a packet): each is taken as if it
+    /// came alone under `pn`. Between 2 and [`MAX_FRAMES`] of them, to
+    /// the end of the packet.
+    Frames {
+        epoch: u32,
+        pn: u64,
+        frames: Vec<FlowFrame>,
+    },
     /// Which packets of flow `epoch` arrived: inclusive ranges of packet
     /// numbers, highest first, and how long the largest was held.
     FlowAck {
@@ -35,6 +44,9 @@ pub enum PeerToPeer {
         ranges: Vec<(u64, u64)>,
     },
 }
+
+/// Most frames in one [`PeerToPeer::Frames`] packet.
+pub const MAX_FRAMES: usize = 64;
 
 /// The frames a flow carries, one per [`PeerToPeer::Flow`] packet: chat
 /// messages and their acknowledgement, and file transfer. A transfer is
@@ -330,6 +342,9 @@ impl std::fmt::Debug for PeerToPeer {
             PeerToPeer::Flow { epoch, pn, frame } => {
                 write!(f, "Flow({epoch:x}/{pn}, {frame:?})")
             }
+            PeerToPeer::Frames { epoch, pn, frames } => {
+                write!(f, "Frames({epoch:x}/{pn}, {frames:?})")
+            }
             PeerToPeer::FlowAck {
                 epoch,
                 delay_us,
@@ -364,6 +379,12 @@ impl PeerToPeer {
                 w.u8(0x10).u32(*epoch).u64(*pn);
                 frame.encode(&mut w);
             }
+            PeerToPeer::Frames { epoch, pn, frames } => {
+                w.u8(0x12).u32(*epoch).u64(*pn);
+                for frame in frames {
+                    frame.encode(&mut w);
+                }
+            }
             PeerToPeer::FlowAck {
                 epoch,
                 delay_us,
@@ -392,6 +413,20 @@ impl PeerToPeer {
                 pn: r.u64()?,
                 frame: FlowFrame::decode(&mut r)?,
             },
+            0x12 => {
+                let (epoch, pn) = (r.u32()?, r.u64()?);
+                let mut frames = Vec::new();
+                while r.remaining() > 0 {
+                    if frames.len() == MAX_FRAMES {
+                        return Err(DecodeError::Invalid("frame count"));
+                    }
+                    frames.push(FlowFrame::decode(&mut r)?);
+                }
+                if frames.len() < 2 {
+                    return Err(DecodeError::Invalid("frame count"));
+                }
+                PeerToPeer::Frames { epoch, pn, frames }
+            }
             0x11 => PeerToPeer::FlowAck {
                 epoch: r.u32()?,
                 delay_us: r.u32()?,

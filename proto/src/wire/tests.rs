@@ -17,7 +17,7 @@ fn golden_packets() {
             reply: true
         }
         .encode()),
-        "0605010203040506070801"
+        "0705010203040506070801"
     );
     assert_eq!(
         hex(&Packet::SessionUnknown {
@@ -25,7 +25,7 @@ fn golden_packets() {
             token: [0xab; 16],
         }
         .encode()),
-        "0606deadbeef".to_owned() + &"ab".repeat(16)
+        "0706deadbeef".to_owned() + &"ab".repeat(16)
     );
     assert_eq!(
         hex(&Packet::ChannelUnknown {
@@ -33,7 +33,7 @@ fn golden_packets() {
             token: [0xcd; 16],
         }
         .encode()),
-        "060a0102030405060708".to_owned() + &"cd".repeat(16)
+        "070a0102030405060708".to_owned() + &"cd".repeat(16)
     );
     assert_eq!(
         hex(&Packet::Relay {
@@ -41,7 +41,7 @@ fn golden_packets() {
             payload: &[0x02, 0x06, 0xde, 0xad, 0xbe, 0xef]
         }
         .encode()),
-        "060701020304050607080206deadbeef"
+        "070701020304050607080206deadbeef"
     );
     assert_eq!(
         hex(&Packet::Data {
@@ -50,7 +50,7 @@ fn golden_packets() {
             ciphertext: &[0xaa; 16]
         }
         .encode()),
-        format!("060400000001{:016x}{}", 2, "aa".repeat(16))
+        format!("070400000001{:016x}{}", 2, "aa".repeat(16))
     );
     assert_eq!(
         hex(&PeerToPeer::Flow {
@@ -120,7 +120,7 @@ fn golden_packets() {
     assert_eq!(init.len(), MIN_INIT_LEN);
     assert_eq!(
         hex(&init[..13]),
-        "0601000000090100030102".to_owned() + "03c0"
+        "0701000000090100030102".to_owned() + "03c0"
     );
     assert_eq!(
         hex(&ClientToServer::Register {
@@ -388,6 +388,11 @@ fn every_frame() -> Vec<Vec<u8>> {
             frame,
         });
     }
+    to_peer.push(PeerToPeer::Frames {
+        epoch: 2,
+        pn: 4,
+        frames: frames.to_vec(),
+    });
     // Every variant has a sample.
     let packet_kind = |p: &Packet| match p {
         Packet::HandshakeInit { .. } => 0,
@@ -434,6 +439,7 @@ fn every_frame() -> Vec<Vec<u8>> {
         PeerToPeer::Close => 3,
         PeerToPeer::Flow { .. } => 4,
         PeerToPeer::FlowAck { .. } => 5,
+        PeerToPeer::Frames { .. } => 6,
     };
     let frame_kind = |f: &FlowFrame| match f {
         FlowFrame::Offer { .. } => 0,
@@ -458,7 +464,7 @@ fn every_frame() -> Vec<Vec<u8>> {
     all(&packets, packet_kind, 11);
     all(&to_server, client_kind, 9);
     all(&to_client, server_kind, 12);
-    all(&to_peer, peer_kind, 6);
+    all(&to_peer, peer_kind, 7);
     all(&frames, frame_kind, 12);
     let mut out: Vec<Vec<u8>> = packets.iter().map(Packet::encode).collect();
     out.extend(to_server.iter().map(ClientToServer::encode));
@@ -494,6 +500,11 @@ fn layout_is_frozen_per_version() {
         (
             6,
             "bb4408b52e4a1f4f863ac19cf33704f61fb06b8f8118472d432e963a6b6f5e48",
+        ),
+        // 7: `PeerToPeer::Frames`, several flow frames in one packet.
+        (
+            7,
+            "f414150be49d1353f3aabbff33b86b176d9dff0da7e5235e49b1f0370922a604",
         ),
     ];
     use sha2::{Digest, Sha256};
@@ -646,7 +657,22 @@ fn random_s2c_plain(rng: &mut impl Rng, id: &PublicIdentity) -> ServerToClient {
 }
 
 fn random_p2p(rng: &mut impl Rng) -> PeerToPeer {
-    match rng.gen_range(2..8) {
+    match rng.gen_range(2..9) {
+        8 => PeerToPeer::Frames {
+            epoch: rng.gen(),
+            pn: rng.gen(),
+            frames: (0..rng.gen_range(2..=8))
+                .map(|_| match rng.gen_bool(0.8) {
+                    true => FlowFrame::Chat {
+                        seq: rng.gen(),
+                        base: rng.gen(),
+                        sent_ms: rng.gen(),
+                        body: (0..rng.gen_range(0..100)).map(|_| rng.gen()).collect(),
+                    },
+                    false => FlowFrame::ChatAck { upto: rng.gen() },
+                })
+                .collect(),
+        },
         2 => PeerToPeer::Keepalive,
         3 => PeerToPeer::Ping { nonce: rng.gen() },
         4 => PeerToPeer::Pong { nonce: rng.gen() },
@@ -772,7 +798,18 @@ fn truncated_messages_are_errors_not_panics() {
                 let r = match kind {
                     0 => ClientToServer::decode(&b[..cut]).map(|_| ()),
                     1 => ServerToClient::decode(&b[..cut]).map(|_| ()),
-                    _ => PeerToPeer::decode(&b[..cut]).map(|_| ()),
+                    _ => match (PeerToPeer::decode(&b[..cut]), PeerToPeer::decode(b)) {
+                        // Frames run to the end of the packet (whose
+                        // seal protects its length): cut between two,
+                        // the first ones read, never more.
+                        (
+                            Ok(PeerToPeer::Frames { frames: got, .. }),
+                            Ok(PeerToPeer::Frames { frames: all, .. }),
+                        ) if got.len() < all.len() && all.starts_with(&got) => {
+                            Err(DecodeError::Truncated { needed: 0 })
+                        }
+                        (r, _) => r.map(|_| ()),
+                    },
                 };
                 assert!(r.is_err(), "a truncated message decoded");
             }
