@@ -56,12 +56,27 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        static CONFIG: std::sync::Once = std::sync::Once::new();
+        CONFIG.call_once(|| {
+            // No allocation statistics: they take a global mutex at every
+            // allocation (the daemon's hottest lock). Only possible before
+            // SQLite initializes; if it already has, nothing changes.
+            // SAFETY: a documented configuration call, made once, before
+            // this process opens any database.
+            unsafe {
+                rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0);
+            }
+        });
         let conn = Connection::open(path)?;
         Self::init(conn)
     }
 
     fn init(conn: Connection) -> Result<Self, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // One process owns the database (the daemon holds `p2pd.lock`):
+        // its locks are taken once, not around every transaction, and
+        // the WAL index lives in its memory.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -323,22 +338,31 @@ pub struct Batch<'a> {
 impl Batch<'_> {
     /// A message to `peer`, queued under the peer's next `seq` (returned).
     pub fn enqueue(&self, peer: &str, sent_ms: u64, body: &str) -> Result<u64, StoreError> {
+        self.enqueue_many(peer, &[(sent_ms, body)])
+    }
+
+    /// Messages to `peer`, queued in order under its next `seq`s; returns
+    /// the first. (The peer's row is written once for all of them.)
+    pub fn enqueue_many(&self, peer: &str, msgs: &[(u64, &str)]) -> Result<u64, StoreError> {
         self.tx
             .prepare_cached("INSERT OR IGNORE INTO contacts (name) VALUES (?1)")?
             .execute([peer])?;
-        let seq: i64 = self
+        let n = msgs.len() as i64;
+        let first: i64 = self
             .tx
             .prepare_cached(
-                "UPDATE contacts SET send_next = send_next + 1 WHERE name = ?1 RETURNING send_next - 1",
+                "UPDATE contacts SET send_next = send_next + ?2 WHERE name = ?1
+                 RETURNING send_next - ?2",
             )?
-            .query_row([peer], |r| r.get(0))?;
-        self.tx
-            .prepare_cached(
-                "INSERT INTO messages (peer, direction, seq, sent_ms, state, body)
-                 VALUES (?1, 'out', ?2, ?3, 'queued', ?4)",
-            )?
-            .execute(params![peer, seq, sent_ms as i64, body])?;
-        Ok(seq as u64)
+            .query_row(params![peer, n], |r| r.get(0))?;
+        let mut insert = self.tx.prepare_cached(
+            "INSERT INTO messages (peer, direction, seq, sent_ms, state, body)
+             VALUES (?1, 'out', ?2, ?3, 'queued', ?4)",
+        )?;
+        for (i, (sent_ms, body)) in msgs.iter().enumerate() {
+            insert.execute(params![peer, first + i as i64, *sent_ms as i64, body])?;
+        }
+        Ok(first as u64)
     }
 
     /// A message arrived in order: keep it and move the peer's receive
@@ -350,28 +374,43 @@ impl Batch<'_> {
         sent_ms: u64,
         body: &str,
     ) -> Result<(), StoreError> {
+        self.received_many(peer, &[(seq, sent_ms, body)])
+    }
+
+    /// Messages that arrived in order from `peer`: kept, and the peer's
+    /// receive position moved past the last, together.
+    pub fn received_many(&self, peer: &str, msgs: &[(u64, u64, &str)]) -> Result<(), StoreError> {
+        let Some(last) = msgs.iter().map(|m| m.0).max() else {
+            return Ok(());
+        };
         self.tx
             .prepare_cached("INSERT OR IGNORE INTO contacts (name) VALUES (?1)")?
             .execute([peer])?;
-        self.tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO messages (peer, direction, seq, sent_ms, state, body)
-                 VALUES (?1, 'in', ?2, ?3, 'received', ?4)",
-            )?
-            .execute(params![peer, seq as i64, sent_ms as i64, body])?;
+        let mut insert = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO messages (peer, direction, seq, sent_ms, state, body)
+             VALUES (?1, 'in', ?2, ?3, 'received', ?4)",
+        )?;
+        for (seq, sent_ms, body) in msgs {
+            insert.execute(params![peer, *seq as i64, *sent_ms as i64, body])?;
+        }
         self.tx
             .prepare_cached("UPDATE contacts SET recv_next = MAX(recv_next, ?2) WHERE name = ?1")?
-            .execute(params![peer, (seq + 1) as i64])?;
+            .execute(params![peer, (last + 1) as i64])?;
         Ok(())
     }
 
     pub fn delivered(&self, peer: &str, seq: u64) -> Result<(), StoreError> {
+        self.delivered_range(peer, seq, seq + 1)
+    }
+
+    /// Our messages to `peer` numbered `from..to` were delivered.
+    pub fn delivered_range(&self, peer: &str, from: u64, to: u64) -> Result<(), StoreError> {
         self.tx
             .prepare_cached(
                 "UPDATE messages SET state = 'delivered'
-                 WHERE peer = ?1 AND direction = 'out' AND seq = ?2",
+                 WHERE peer = ?1 AND direction = 'out' AND seq >= ?2 AND seq < ?3",
             )?
-            .execute(params![peer, seq as i64])?;
+            .execute(params![peer, from as i64, to as i64])?;
         Ok(())
     }
 

@@ -109,10 +109,14 @@ impl Daemon {
         let sends = std::mem::take(&mut self.sends);
         let stored = (|| {
             let batch = self.store.batch()?;
-            let seqs = sends
-                .iter()
-                .map(|s| batch.enqueue(&s.peer, s.sent_ms, &s.text))
-                .collect::<Result<Vec<u64>, _>>()?;
+            // Runs of sends to one peer, in order, written together.
+            let mut seqs = Vec::with_capacity(sends.len());
+            for run in sends.chunk_by(|a, b| a.peer == b.peer) {
+                let msgs: Vec<(u64, &str)> =
+                    run.iter().map(|s| (s.sent_ms, s.text.as_str())).collect();
+                let first = batch.enqueue_many(&run[0].peer, &msgs)?;
+                seqs.extend((0..run.len() as u64).map(|i| first + i));
+            }
             batch.commit()?;
             Ok::<_, crate::store::StoreError>(seqs)
         })();

@@ -14,6 +14,11 @@ impl Daemon {
         }
         let result = (|| {
             let batch = self.store.batch()?;
+            // Runs of one peer's messages are written together, and its
+            // acknowledgements as ranges of numbers.
+            let mut received: Vec<(u64, u64, std::borrow::Cow<str>)> = Vec::new();
+            let mut from: Option<&str> = None;
+            let mut acked: Option<(&str, u64, u64)> = None;
             for e in events {
                 match e {
                     NodeEvent::Delivered {
@@ -21,10 +26,27 @@ impl Daemon {
                         seq,
                         sent_ms,
                         body,
-                    } => batch.received(peer, *seq, *sent_ms, &String::from_utf8_lossy(body))?,
-                    NodeEvent::Acked { peer, seq } => batch.delivered(peer, *seq)?,
+                    } => {
+                        if from.is_some_and(|f| f != peer) {
+                            write_received(&batch, from.take(), &mut received)?;
+                        }
+                        from = Some(peer);
+                        received.push((*seq, *sent_ms, String::from_utf8_lossy(body)));
+                    }
+                    NodeEvent::Acked { peer, seq } => match &mut acked {
+                        Some((p, _, to)) if *p == peer && *to == *seq => *to += 1,
+                        _ => {
+                            if let Some((p, lo, hi)) = acked.replace((peer, *seq, *seq + 1)) {
+                                batch.delivered_range(p, lo, hi)?;
+                            }
+                        }
+                    },
                     _ => {}
                 }
+            }
+            write_received(&batch, from, &mut received)?;
+            if let Some((p, lo, hi)) = acked {
+                batch.delivered_range(p, lo, hi)?;
             }
             batch.commit()
         })();
@@ -309,4 +331,18 @@ impl Daemon {
             ok
         });
     }
+}
+
+/// Stores the messages gathered from `peer`, if any.
+fn write_received(
+    batch: &crate::store::Batch<'_>,
+    peer: Option<&str>,
+    msgs: &mut Vec<(u64, u64, std::borrow::Cow<str>)>,
+) -> Result<(), crate::store::StoreError> {
+    if let Some(peer) = peer {
+        let rows: Vec<(u64, u64, &str)> = msgs.iter().map(|(s, t, b)| (*s, *t, &**b)).collect();
+        batch.received_many(peer, &rows)?;
+    }
+    msgs.clear();
+    Ok(())
 }
