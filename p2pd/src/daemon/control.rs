@@ -39,6 +39,21 @@ pub(super) enum RidKind {
     Decline,
 }
 
+/// Writes `sends` in `batch`, runs of one peer's together, in order;
+/// returns their `seq`s.
+pub(super) fn store_sends(
+    batch: &crate::store::Batch<'_>,
+    sends: &[PendingSend],
+) -> Result<Vec<u64>, crate::store::StoreError> {
+    let mut seqs = Vec::with_capacity(sends.len());
+    for run in sends.chunk_by(|a, b| a.peer == b.peer) {
+        let msgs: Vec<(u64, &str)> = run.iter().map(|s| (s.sent_ms, s.text.as_str())).collect();
+        let first = batch.enqueue_many(&run[0].peer, &msgs)?;
+        seqs.extend((0..run.len() as u64).map(|i| first + i));
+    }
+    Ok(seqs)
+}
+
 /// A `send` taken and not yet stored ([`Daemon::flush_sends`]).
 pub(super) struct PendingSend {
     id: u64,
@@ -109,17 +124,21 @@ impl Daemon {
         let sends = std::mem::take(&mut self.sends);
         let stored = (|| {
             let batch = self.store.batch()?;
-            // Runs of sends to one peer, in order, written together.
-            let mut seqs = Vec::with_capacity(sends.len());
-            for run in sends.chunk_by(|a, b| a.peer == b.peer) {
-                let msgs: Vec<(u64, &str)> =
-                    run.iter().map(|s| (s.sent_ms, s.text.as_str())).collect();
-                let first = batch.enqueue_many(&run[0].peer, &msgs)?;
-                seqs.extend((0..run.len() as u64).map(|i| first + i));
-            }
+            let seqs = store_sends(&batch, &sends)?;
             batch.commit()?;
-            Ok::<_, crate::store::StoreError>(seqs)
+            Ok(seqs)
         })();
+        self.finish_sends(now, sends, stored);
+    }
+
+    /// Answers sends once their transaction ended: stored, they go to the
+    /// node; not stored, each gets the error and none goes.
+    pub(super) fn finish_sends(
+        &mut self,
+        now: Instant,
+        sends: Vec<PendingSend>,
+        stored: Result<Vec<u64>, crate::store::StoreError>,
+    ) {
         let seqs = match stored {
             Ok(seqs) => seqs,
             Err(e) => {

@@ -5,52 +5,51 @@
 use super::*;
 
 impl Daemon {
-    /// Writes what the events change, in one transaction.
-    pub(super) fn persist(&mut self, events: &[NodeEvent]) -> anyhow::Result<()> {
-        let writes =
-            |e: &NodeEvent| matches!(e, NodeEvent::Delivered { .. } | NodeEvent::Acked { .. });
-        if !events.iter().any(writes) {
+    /// Stores the sends taken in this burst and what the events change,
+    /// in one transaction (one fsync), then answers the sends.
+    ///
+    /// If the received messages or acknowledgements cannot be stored the
+    /// daemon stops with the error: an acknowledgement must never leave
+    /// for a message that is not on disk (the sender keeps it and delivers
+    /// it once the daemon runs again). If only the sends cannot be, they
+    /// fail and the daemon goes on.
+    pub(super) fn persist(
+        &mut self,
+        now: Instant,
+        sends: Vec<PendingSend>,
+        events: &[NodeEvent],
+    ) -> anyhow::Result<()> {
+        let writes = events
+            .iter()
+            .any(|e| matches!(e, NodeEvent::Delivered { .. } | NodeEvent::Acked { .. }));
+        if sends.is_empty() && !writes {
             return Ok(());
         }
-        let result = (|| {
+        let both = (|| {
             let batch = self.store.batch()?;
-            // Runs of one peer's messages are written together, and its
-            // acknowledgements as ranges of numbers.
-            let mut received: Vec<(u64, u64, std::borrow::Cow<str>)> = Vec::new();
-            let mut from: Option<&str> = None;
-            let mut acked: Option<(&str, u64, u64)> = None;
-            for e in events {
-                match e {
-                    NodeEvent::Delivered {
-                        peer,
-                        seq,
-                        sent_ms,
-                        body,
-                    } => {
-                        if from.is_some_and(|f| f != peer) {
-                            write_received(&batch, from.take(), &mut received)?;
-                        }
-                        from = Some(peer);
-                        received.push((*seq, *sent_ms, String::from_utf8_lossy(body)));
-                    }
-                    NodeEvent::Acked { peer, seq } => match &mut acked {
-                        Some((p, _, to)) if *p == peer && *to == *seq => *to += 1,
-                        _ => {
-                            if let Some((p, lo, hi)) = acked.replace((peer, *seq, *seq + 1)) {
-                                batch.delivered_range(p, lo, hi)?;
-                            }
-                        }
-                    },
-                    _ => {}
-                }
-            }
-            write_received(&batch, from, &mut received)?;
-            if let Some((p, lo, hi)) = acked {
-                batch.delivered_range(p, lo, hi)?;
-            }
-            batch.commit()
+            let seqs = control::store_sends(&batch, &sends)?;
+            write_events(&batch, events)?;
+            batch.commit()?;
+            Ok(seqs)
         })();
-        if let Err(e) = result {
+        let (stored, events_stored) = match both {
+            Ok(seqs) => (Ok(seqs), Ok(())),
+            // Was it the sends? The events alone, then.
+            Err(e) if writes && !sends.is_empty() => {
+                let alone = (|| {
+                    let batch = self.store.batch()?;
+                    write_events(&batch, events)?;
+                    batch.commit()
+                })();
+                (Err(e), alone)
+            }
+            Err(e) if writes => (Ok(Vec::new()), Err(e)),
+            Err(e) => (Err(e), Ok(())),
+        };
+        if !sends.is_empty() {
+            self.finish_sends(now, sends, stored);
+        }
+        if let Err(e) = events_stored {
             tracing::error!(error = %e, "STORE(WRITE_FAILED)");
             self.broadcast(Event::Error {
                 message: format!("p2pd is stopping: it could not store messages: {e}"),
@@ -331,6 +330,47 @@ impl Daemon {
             ok
         });
     }
+}
+
+/// Writes what `events` change: runs of one peer's messages together,
+/// and its acknowledgements as ranges of numbers.
+fn write_events(
+    batch: &crate::store::Batch<'_>,
+    events: &[NodeEvent],
+) -> Result<(), crate::store::StoreError> {
+    let mut received: Vec<(u64, u64, std::borrow::Cow<str>)> = Vec::new();
+    let mut from: Option<&str> = None;
+    let mut acked: Option<(&str, u64, u64)> = None;
+    for e in events {
+        match e {
+            NodeEvent::Delivered {
+                peer,
+                seq,
+                sent_ms,
+                body,
+            } => {
+                if from.is_some_and(|f| f != peer) {
+                    write_received(batch, from.take(), &mut received)?;
+                }
+                from = Some(peer);
+                received.push((*seq, *sent_ms, String::from_utf8_lossy(body)));
+            }
+            NodeEvent::Acked { peer, seq } => match &mut acked {
+                Some((p, _, to)) if *p == peer && *to == *seq => *to += 1,
+                _ => {
+                    if let Some((p, lo, hi)) = acked.replace((peer, *seq, *seq + 1)) {
+                        batch.delivered_range(p, lo, hi)?;
+                    }
+                }
+            },
+            _ => {}
+        }
+    }
+    write_received(batch, from, &mut received)?;
+    if let Some((p, lo, hi)) = acked {
+        batch.delivered_range(p, lo, hi)?;
+    }
+    Ok(())
 }
 
 /// Stores the messages gathered from `peer`, if any.

@@ -450,14 +450,14 @@ impl Daemon {
     /// message that is not on disk. The sender keeps it, and delivers it
     /// once the daemon runs again.
     async fn drain(&mut self, now: Instant) -> anyhow::Result<()> {
-        self.flush_sends(now);
         loop {
+            let sends = std::mem::take(&mut self.sends);
             let mut events = Vec::new();
             while let Some(e) = self.node.poll_event() {
                 events.push(e);
             }
-            if !events.is_empty() {
-                self.persist(&events)?;
+            if !sends.is_empty() || !events.is_empty() {
+                self.persist(now, sends, &events)?;
                 for e in events {
                     self.on_event(now, e);
                 }
