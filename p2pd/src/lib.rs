@@ -45,6 +45,7 @@ pub mod netwatch;
 pub mod sockets;
 pub mod store;
 pub mod tcp;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

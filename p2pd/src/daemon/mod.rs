@@ -38,7 +38,6 @@ use proto::{TransportCommand, Via};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -48,7 +47,7 @@ struct Daemon {
     /// The protocol, with the disk side of file transfers ([`Files`]).
     node: Node<Files>,
     store: Store,
-    udp: Arc<UdpSocket>,
+    udp: crate::udp::Udp,
     /// The socket is IPv6 (dual-stack): IPv4 destinations go v4-mapped.
     udp_v6: bool,
     waiters: Vec<Waiter>,
@@ -127,7 +126,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     node_config.client.server_key = config.server_key.or(pinned_server);
 
     let udp = bind_udp_again(&store, config.listen).await?;
+    // (P2PD_NO_GSO=1: one datagram per send call, for comparison.)
+    let gso = std::env::var_os("P2PD_NO_GSO").is_none();
+    let udp = crate::udp::Udp::new(udp, gso).context("cannot set up the UDP socket")?;
     let local = udp.local_addr()?;
+    tracing::info!(gso_segments = udp.max_segments(), "UDP(BATCHING)");
     let now = Instant::now();
     // The wall clock at `now`, for the link's IK timestamps (the machine
     // reads no clock itself).
@@ -186,7 +189,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         node,
         store,
         udp_v6: local.is_ipv6(),
-        udp: Arc::new(udp),
+        udp,
         waiters: Vec::new(),
         sends: Vec::new(),
         watchers: HashMap::new(),
@@ -214,19 +217,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
     tokio::pin!(shutdown);
-    // One byte more than the largest datagram, so a larger one is seen
-    // (and dropped as oversized) rather than cut to fit.
-    let mut buf = vec![0u8; proto::wire::MAX_DATAGRAM + 1];
     loop {
         let deadline = d.next_deadline();
-        let udp = d.udp.clone();
         tokio::select! {
             _ = &mut shutdown => break,
-            r = udp.recv_from(&mut buf) => match r {
-                Ok((n, from)) => d.node.handle_datagram(Instant::now(), from, &buf[..n]),
-                // An unconnected UDP socket can still report ICMP errors
-                // on some systems; they say nothing about our session.
-                Err(e) => tracing::debug!(error = %e, "UDP(RECV_ERROR)"),
+            r = d.udp.readable() => if r.is_ok() {
+                d.read_udp();
             },
             input = inbox.recv() => match input {
                 Some(input) => d.on_input(Instant::now(), input),
@@ -260,8 +256,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         // a lone message waits for nothing.
         for _ in 0..BURST {
             let mut took = false;
-            if let Ok((n, from)) = d.udp.try_recv_from(&mut buf) {
-                d.node.handle_datagram(Instant::now(), from, &buf[..n]);
+            if d.read_udp() > 0 {
                 took = true;
             }
             if let Ok(input) = inbox.try_recv() {
@@ -407,6 +402,13 @@ impl Daemon {
             .min()
     }
 
+    /// Hands the node what the UDP socket has waiting (one batch read).
+    fn read_udp(&mut self) -> usize {
+        let Daemon { udp, node, .. } = self;
+        let now = Instant::now();
+        udp.try_recv(|from, datagram| node.handle_datagram(now, from, datagram))
+    }
+
     fn on_tcp(&mut self, now: Instant, ev: TcpEvent) {
         if ev.generation != self.tcp_generation || self.tcp.is_none() {
             return; // from a link already replaced or dropped
@@ -466,14 +468,15 @@ impl Daemon {
             // File data is read as the flows let it go; an event that
             // comes of it stops the transmits until it is handled.
             let mut sent_any = false;
+            // UDP datagrams go together at the end: runs to one address in
+            // one system call where the kernel can.
+            let mut datagrams = Vec::new();
             while let Some(t) = self.node.poll_transmit(now) {
                 sent_any = true;
                 match t.via {
                     Via::Udp => {
                         let dst = addrs::for_socket(t.dst, self.udp_v6);
-                        if let Err(e) = self.udp.send_to(&t.payload, dst).await {
-                            tracing::debug!(dst = %t.dst, error = %e, "UDP(SEND_ERROR)");
-                        }
+                        datagrams.push((dst, t.payload));
                     }
                     Via::ServerTcp => match &self.tcp {
                         Some(tcp) => tcp.send(t.payload),
@@ -482,6 +485,7 @@ impl Daemon {
                     Via::Socket(id) => self.sockets.send(id, &t.payload, t.dst).await,
                 }
             }
+            self.udp.send_all(&datagrams).await;
             if !sent_any {
                 return Ok(());
             }
