@@ -495,7 +495,15 @@ pub struct PeerFlow {
     events: VecDeque<TransferEvent>,
     disk: VecDeque<DiskWork>,
     buf: Vec<u8>,
+    /// `Skipped` frames taken (each leaves a record with the owner), and
+    /// those dropped past [`MAX_SKIPPED`].
+    skipped: usize,
+    pub skipped_dropped: u64,
 }
+
+/// `Skipped` notices taken from one peer while this flow lives (the
+/// daemon's run): each becomes a record, so a peer cannot make more.
+pub const MAX_SKIPPED: usize = 10_000;
 
 impl PeerFlow {
     /// `seed` draws the flow epochs (fresh randomness in production);
@@ -520,6 +528,8 @@ impl PeerFlow {
             events: VecDeque::new(),
             disk: VecDeque::new(),
             buf: vec![0; MAX_FILE_DATA_LARGE],
+            skipped: 0,
+            skipped_dropped: 0,
         }
     }
 
@@ -1303,7 +1313,11 @@ impl PeerFlow {
                 group_files,
                 reason,
             } => {
-                if !self.incoming.contains_key(&id) && !self.outgoing.contains_key(&id) {
+                if self.skipped >= MAX_SKIPPED {
+                    self.skipped_dropped += 1;
+                    tracing::debug!(id = format_args!("{id:x}"), "TRANSFER(SKIPPED_DROPPED)");
+                } else if !self.incoming.contains_key(&id) && !self.outgoing.contains_key(&id) {
+                    self.skipped += 1;
                     if let Some(group) = Group::from_wire(group, group_files) {
                         self.events.push_back(TransferEvent::Skipped {
                             id: TransferId(id),

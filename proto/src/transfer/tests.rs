@@ -769,3 +769,26 @@ fn pending_offers_per_peer_are_capped_and_the_excess_refused() {
     frame(&mut t, now, next, offer(next, 10, 10));
     assert!(cancels(&mut t).iter().all(|(id, _)| *id != next));
 }
+
+#[test]
+fn skipped_notices_per_peer_are_capped() {
+    // Each "skipped" notice becomes a record at the receiver: past
+    // MAX_SKIPPED from one peer they are dropped and counted.
+    let now = Instant::now();
+    let mut t = PeerFlow::new(1, 0);
+    let skipped = |id: u64| FlowFrame::Skipped {
+        id,
+        path: format!("d/f{id}"),
+        group: 7,
+        group_files: 3,
+        reason: "unreadable".into(),
+    };
+    for id in 1..=MAX_SKIPPED as u64 + 5 {
+        frame(&mut t, now, id, skipped(id));
+    }
+    let taken = std::iter::from_fn(|| t.poll_event())
+        .filter(|e| matches!(e, TransferEvent::Skipped { .. }))
+        .count();
+    assert_eq!(taken, MAX_SKIPPED);
+    assert_eq!(t.skipped_dropped, 5);
+}
