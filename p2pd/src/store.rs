@@ -14,7 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::net::SocketAddr;
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -155,6 +155,23 @@ impl Store {
                  COMMIT;",
             )?;
         }
+        if version < 5 {
+            // Delivery is cumulative (the peer acknowledges everything
+            // below a number): one number per peer, not a write to every
+            // message delivered. An outgoing message's `state` column
+            // stays as written ('queued'); `send_acked` says what it is.
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE contacts ADD COLUMN send_acked INTEGER NOT NULL DEFAULT 0;
+                 UPDATE contacts SET send_acked = COALESCE(
+                     (SELECT MIN(seq) FROM messages
+                      WHERE peer = contacts.name AND direction = 'out' AND state = 'queued'),
+                     send_next);
+                 DROP INDEX IF EXISTS messages_outbox;
+                 PRAGMA user_version = 5;
+                 COMMIT;",
+            )?;
+        }
         // Indexes that keep every transfer query a lookup, not a scan, with
         // 100k records (`transfers` pages, id and directory prefixes,
         // counts of offers waiting); made on every open, once.
@@ -278,8 +295,9 @@ impl Store {
 
     pub fn outbox(&self) -> Result<Vec<Queued>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT peer, seq, sent_ms, body FROM messages
-             WHERE state = 'queued' ORDER BY peer, seq",
+            "SELECT m.peer, m.seq, m.sent_ms, m.body FROM contacts c
+             JOIN messages m ON m.peer = c.name AND m.direction = 'out' AND m.seq >= c.send_acked
+             ORDER BY m.peer, m.seq",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(Queued {
@@ -302,8 +320,12 @@ impl Store {
 
     pub fn history(&self, peer: &str, limit: u32) -> Result<Vec<HistoryEntry>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT direction, seq, sent_ms, state, body FROM messages
-             WHERE peer = ?1 ORDER BY id DESC LIMIT ?2",
+            "SELECT direction, seq, sent_ms,
+                 CASE WHEN direction = 'in' THEN 'received'
+                      WHEN seq < (SELECT send_acked FROM contacts WHERE name = ?1) THEN 'delivered'
+                      ELSE 'queued' END,
+                 body
+             FROM messages WHERE peer = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![peer, limit], |r| {
             let dir: String = r.get(0)?;
@@ -403,14 +425,13 @@ impl Batch<'_> {
         self.delivered_range(peer, seq, seq + 1)
     }
 
-    /// Our messages to `peer` numbered `from..to` were delivered.
+    /// Our messages to `peer` numbered `from..to` were delivered (and,
+    /// delivery being cumulative, every one before them).
     pub fn delivered_range(&self, peer: &str, from: u64, to: u64) -> Result<(), StoreError> {
+        debug_assert!(from < to);
         self.tx
-            .prepare_cached(
-                "UPDATE messages SET state = 'delivered'
-                 WHERE peer = ?1 AND direction = 'out' AND seq >= ?2 AND seq < ?3",
-            )?
-            .execute(params![peer, from as i64, to as i64])?;
+            .prepare_cached("UPDATE contacts SET send_acked = MAX(send_acked, ?2) WHERE name = ?1")?
+            .execute(params![peer, to as i64])?;
         Ok(())
     }
 
@@ -820,14 +841,25 @@ mod tests {
     }
 
     #[test]
-    fn a_version_2_database_gains_the_session_column() {
+    fn a_version_2_database_gains_its_new_columns() {
+        // Version 2's tables, with one message delivered and two queued:
+        // the later versions' columns appear, and the per-peer delivery
+        // mark (version 5) is where the first queued message is.
         let path = temp("v2");
         {
             let c = Connection::open(&path).unwrap();
             c.execute_batch(
                 "CREATE TABLE contacts (name TEXT PRIMARY KEY, identity BLOB,
                      send_next INTEGER NOT NULL DEFAULT 0, recv_next INTEGER NOT NULL DEFAULT 0);
-                 INSERT INTO contacts (name) VALUES ('bob');
+                 INSERT INTO contacts (name, send_next) VALUES ('bob', 3);
+                 CREATE TABLE messages (id INTEGER PRIMARY KEY, peer TEXT NOT NULL,
+                     direction TEXT NOT NULL, seq INTEGER NOT NULL, sent_ms INTEGER NOT NULL,
+                     state TEXT NOT NULL, body TEXT NOT NULL, UNIQUE (peer, direction, seq));
+                 CREATE INDEX messages_outbox ON messages(state) WHERE state = 'queued';
+                 INSERT INTO messages (peer, direction, seq, sent_ms, state, body) VALUES
+                     ('bob', 'out', 0, 1, 'delivered', 'zero'),
+                     ('bob', 'out', 1, 2, 'queued', 'one'),
+                     ('bob', 'out', 2, 3, 'queued', 'two');
                  PRAGMA user_version = 2;",
             )
             .unwrap();
@@ -836,6 +868,22 @@ mod tests {
         let c = s.contacts().unwrap();
         assert_eq!((c[0].name.as_str(), c[0].resume), ("bob", false));
         assert_eq!(c[0].endpoint, None);
+        let out: Vec<u64> = s.outbox().unwrap().iter().map(|q| q.seq).collect();
+        assert_eq!(out, [1, 2]);
+        let states: Vec<MessageState> = s
+            .history("bob", 10)
+            .unwrap()
+            .iter()
+            .map(|h| h.state)
+            .collect();
+        assert_eq!(
+            states,
+            [
+                MessageState::Delivered,
+                MessageState::Queued,
+                MessageState::Queued
+            ]
+        );
     }
 
     #[test]
