@@ -68,8 +68,10 @@ enum Cmd {
     Decline { name: String },
     /// Measure the round trip to a connected peer.
     Ping { name: String },
-    /// Send TEXT to NAME. Without TEXT, each line of standard input is one
-    /// message (empty lines are skipped).
+    /// Send TEXT to NAME (at most 1024 bytes of UTF-8 a message). Without
+    /// TEXT, each line of standard input is one message (empty lines are
+    /// skipped; a line over the limit is reported with its number and the
+    /// rest still go; the exit status says if any was refused).
     Send {
         name: String,
         /// The message; several words are joined with spaces.
