@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Chat throughput and latency on loopback with release builds: MESSAGES
 # lines piped into `p2pctl send bob` (100 B each, then 1 KiB: half as
-# many), counted as they arrive stored in bob's event stream; one message
+# many, then 64 KiB: a fiftieth), counted as they arrive stored in bob's event stream; one message
 # at a time from a connected client (latency); a p2pctl process's start.
 # See tests/src/bin/bench-chat.rs.
 #

@@ -8,6 +8,7 @@
 
 use proto::control::{ControlError, ErrorCode, Request, Response, MAX_REQUEST_LINE};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -17,6 +18,9 @@ use tokio::task::JoinSet;
 /// Lines queued to one connection; a watcher that falls this far behind
 /// is dropped rather than letting the daemon's memory grow.
 pub const CONNECTION_QUEUE: usize = 4096;
+/// Bytes queued to one connection at most (long messages make long
+/// lines), with the same consequence.
+pub const CONNECTION_QUEUE_BYTES: usize = 32 << 20;
 /// Lines already queued to a connection are written together, up to
 /// about this many bytes at once.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -48,20 +52,39 @@ pub enum Out {
 pub struct Reply {
     tx: mpsc::Sender<Out>,
     kick: Arc<Notify>,
+    /// Bytes of the lines queued and not yet written.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Reply {
     /// Queues a line for the connection. One that does not read fast
-    /// enough to keep [`CONNECTION_QUEUE`] lines from piling up is closed
-    /// with a notice, rather than left hanging with lines missing.
+    /// enough to keep [`CONNECTION_QUEUE`] lines (or
+    /// [`CONNECTION_QUEUE_BYTES`]) from piling up is closed with a notice,
+    /// rather than left hanging with lines missing.
     pub fn send(&self, line: Out) -> bool {
+        let len = line.len();
+        if self.queued.load(Ordering::Relaxed) + len > CONNECTION_QUEUE_BYTES {
+            self.kick.notify_one();
+            return false;
+        }
         match self.tx.try_send(line) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.queued.fetch_add(len, Ordering::Relaxed);
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.kick.notify_one();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+impl Out {
+    fn len(&self) -> usize {
+        match self {
+            Out::Response(l) | Out::Event(l) => l.len(),
         }
     }
 }
@@ -163,9 +186,11 @@ async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input
     let mut buf = Vec::new();
     let (out_tx, mut out_rx) = mpsc::channel::<Out>(CONNECTION_QUEUE);
     let kick = Arc::new(Notify::new());
+    let queued = Arc::new(AtomicUsize::new(0));
     let reply = Reply {
         tx: out_tx,
         kick: kick.clone(),
+        queued: queued.clone(),
     };
     // Requests handed to the daemon and not answered yet: after the client
     // stops writing, the connection stays until they are.
@@ -219,6 +244,7 @@ async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input
                 let mut lines = Vec::new();
                 let mut next = out;
                 while let Some(out) = next.take() {
+                    queued.fetch_sub(out.len(), Ordering::Relaxed);
                     let line = match out {
                         Out::Response(line) => {
                             pending = pending.saturating_sub(1);

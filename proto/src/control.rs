@@ -60,8 +60,9 @@ pub mod paths {
 }
 
 /// Longest request line the daemon reads; longer lines get a
-/// `bad_request` error and the connection is closed.
-pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// `bad_request` error and the connection is closed. Room for a `send`
+/// of the longest message with every byte escaped (`\u0001`: 6 bytes).
+pub const MAX_REQUEST_LINE: usize = 6 * crate::wire::MAX_MESSAGE_BYTES + 4096;
 
 /// A request line: `{"id": N, "cmd": "...", ...arguments}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,23 +24,28 @@
 //! This state belongs to the peer, not to one session: it lives across
 //! session restarts.
 
-use crate::wire::FlowFrame;
+use crate::wire::{FlowFrame, MAX_MESSAGE_BYTES};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Most messages sent and not yet acknowledged: enough for a round trip
 /// and a receiver's commit at 100,000 messages a second (the flow's
 /// congestion control paces the packets; this bounds the memory).
 pub const SEND_WINDOW: usize = 4096;
+/// Most bytes of message bodies sent and not yet acknowledged (and so
+/// what a receiver holds at most of messages not yet delivered in order).
+/// One message of any size always goes.
+pub const WINDOW_BYTES: usize = 8 << 20;
 /// How far ahead of the next expected message the receiver buffers (at
-/// most this many bodies, 4 MiB of them): never less than
-/// [`SEND_WINDOW`], or a sender's messages past it would be dropped.
+/// most this many, and [`WINDOW_BYTES`] of their bodies): never less
+/// than [`SEND_WINDOW`], or a sender's messages past it would be dropped.
 pub const RECV_WINDOW: u64 = SEND_WINDOW as u64;
-
-/// A [`FlowFrame::Chat`]'s bytes besides its body: type, `seq`,
-/// `base`, `sent_ms`, the body's length.
-pub const CHAT_FRAME_HEADER: usize = 1 + 8 + 8 + 8 + 2;
+/// A [`FlowFrame::Chat`]'s bytes besides its body: type, `seq`, `base`,
+/// `sent_ms`, `offset`, `total`, the body's length.
+pub const CHAT_FRAME_HEADER: usize = 1 + 8 + 8 + 8 + 4 + 4 + 2;
 /// A [`FlowFrame::ChatAck`]'s bytes.
 pub const CHAT_ACK_LEN: usize = 1 + 8;
+/// A message goes in parts of at least this many bytes (but its last).
+const MIN_PART: usize = 256;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChatMessage {
@@ -51,7 +56,7 @@ pub struct ChatMessage {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReliableEvent {
-    /// A message arrived, in order and for the first time.
+    /// A message arrived, whole, in order and for the first time.
     Delivered {
         seq: u64,
         sent_ms: u64,
@@ -61,17 +66,59 @@ pub enum ReliableEvent {
     Acked { seq: u64 },
 }
 
+/// A message arriving in parts.
+struct Partial {
+    sent_ms: u64,
+    body: Vec<u8>,
+    /// Byte ranges received, sorted and merged.
+    have: Vec<(usize, usize)>,
+}
+
+impl Partial {
+    fn complete(&self) -> bool {
+        self.have == [(0, self.body.len())] || self.body.is_empty()
+    }
+
+    /// Copies a part in; false if it brought nothing new.
+    fn add(&mut self, offset: usize, part: &[u8]) -> bool {
+        let (s, e) = (offset, offset + part.len());
+        if self.have.iter().any(|&(a, b)| a <= s && e <= b) {
+            return false;
+        }
+        self.body[s..e].copy_from_slice(part);
+        self.have.push((s, e));
+        self.have.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.have.len());
+        for &(a, b) in &self.have {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        self.have = merged;
+        true
+    }
+}
+
 pub struct Reliable {
     /// Not sent yet (or to be sent again), in `seq` order.
     queue: VecDeque<ChatMessage>,
-    /// Sent, waiting for `upto` to pass them.
+    /// Sent (or being sent), waiting for `upto` to pass them.
     sent: BTreeMap<u64, ChatMessage>,
+    /// Bytes of the bodies in `sent`.
+    sent_bytes: usize,
+    /// The message of `sent` going out in parts, and how much went.
+    sending: Option<(u64, usize)>,
     recv_next: u64,
-    recv_buf: BTreeMap<u64, (u64, Vec<u8>)>,
+    recv_buf: BTreeMap<u64, Partial>,
+    /// Bytes of the bodies in `recv_buf`.
+    recv_bytes: usize,
     ack_needed: bool,
     events: VecDeque<ReliableEvent>,
     /// Counter: duplicates received.
     pub duplicates: u64,
+    /// Counter: parts dropped as malformed or past the window.
+    pub dropped: u64,
 }
 
 impl Reliable {
@@ -81,11 +128,15 @@ impl Reliable {
         Self {
             queue: VecDeque::new(),
             sent: BTreeMap::new(),
+            sent_bytes: 0,
+            sending: None,
             recv_next,
             recv_buf: BTreeMap::new(),
+            recv_bytes: 0,
             ack_needed: false,
             events: VecDeque::new(),
             duplicates: 0,
+            dropped: 0,
         }
     }
 
@@ -119,44 +170,73 @@ impl Reliable {
         self.events.pop_front()
     }
 
-    /// The encoded length of the frame [`Reliable::poll_frame`] would
-    /// give now, if any.
-    pub fn next_len(&self) -> Option<usize> {
-        if self.ack_needed {
-            return Some(CHAT_ACK_LEN);
-        }
-        if self.sent.len() >= SEND_WINDOW {
-            return None;
-        }
-        self.queue.front().map(|m| CHAT_FRAME_HEADER + m.body.len())
+    /// Whether the window lets the next queued message start.
+    fn may_start(&self) -> bool {
+        let Some(next) = self.queue.front() else {
+            return false;
+        };
+        self.sent.is_empty()
+            || (self.sent.len() < SEND_WINDOW && self.sent_bytes + next.body.len() <= WINDOW_BYTES)
     }
 
     /// Whether [`Reliable::poll_frame`] has something.
     pub fn wants_to_send(&self) -> bool {
-        self.ack_needed || (!self.queue.is_empty() && self.sent.len() < SEND_WINDOW)
+        self.ack_needed || self.sending.is_some() || self.may_start()
     }
 
-    /// The next frame to send: the acknowledgement first, then a message
-    /// within the window.
-    pub fn poll_frame(&mut self) -> Option<FlowFrame> {
+    /// Bytes still to send of queued and partly sent messages.
+    pub fn bytes_waiting(&self) -> usize {
+        let partial = self
+            .sending
+            .and_then(|(seq, done)| self.sent.get(&seq).map(|m| m.body.len() - done))
+            .unwrap_or(0);
+        partial + self.queue.iter().map(|m| m.body.len()).sum::<usize>()
+    }
+
+    /// The next frame to send, of at most `room` bytes encoded: the
+    /// acknowledgement first, then a message (or its next part) within the
+    /// window. A message larger than `room` goes in parts.
+    pub fn poll_frame(&mut self, room: usize) -> Option<FlowFrame> {
         if self.ack_needed {
+            if room < CHAT_ACK_LEN {
+                return None;
+            }
             self.ack_needed = false;
             return Some(FlowFrame::ChatAck {
                 upto: self.recv_next,
             });
         }
-        if self.sent.len() >= SEND_WINDOW {
+        let most = room.checked_sub(CHAT_FRAME_HEADER)?;
+        let base = self.base();
+        if self.sending.is_none() {
+            if !self.may_start() {
+                return None;
+            }
+            let msg = self.queue.front().expect("may_start");
+            if most < msg.body.len().min(MIN_PART) {
+                return None;
+            }
+            let msg = self.queue.pop_front().expect("checked");
+            self.sent_bytes += msg.body.len();
+            self.sending = Some((msg.seq, 0));
+            self.sent.insert(msg.seq, msg);
+        }
+        let (seq, done) = self.sending.expect("set above");
+        let msg = &self.sent[&seq];
+        let left = msg.body.len() - done;
+        if most < left.min(MIN_PART) {
             return None;
         }
-        let base = self.base();
-        let msg = self.queue.pop_front()?;
+        let n = left.min(most);
         let frame = FlowFrame::Chat {
-            seq: msg.seq,
-            base: base.min(msg.seq),
+            seq,
+            base: base.min(seq),
             sent_ms: msg.sent_ms,
-            body: msg.body.clone(),
+            offset: done as u32,
+            total: msg.body.len() as u32,
+            body: msg.body[done..done + n].to_vec(),
         };
-        self.sent.insert(msg.seq, msg);
+        self.sending = (done + n < msg.body.len()).then_some((seq, done + n));
         Some(frame)
     }
 
@@ -167,30 +247,80 @@ impl Reliable {
             std::mem::take(&mut self.sent).into_values().collect();
         again.extend(self.queue.drain(..));
         self.queue = again;
+        self.sent_bytes = 0;
+        self.sending = None;
         self.ack_needed = self.recv_next > 0;
     }
 
-    pub fn handle_message(&mut self, seq: u64, base: u64, sent_ms: u64, body: Vec<u8>) {
+    /// A part (or the whole) of message `seq`: `body` is its bytes from
+    /// `offset`, of `total`.
+    pub fn handle_message(
+        &mut self,
+        seq: u64,
+        base: u64,
+        sent_ms: u64,
+        (offset, total): (u32, u32),
+        body: Vec<u8>,
+    ) {
         self.ack_needed = true;
         if base > self.recv_next {
             // The sender saw everything below `base` acknowledged: we
             // delivered it before losing our state. Skip ahead.
             self.recv_next = base;
-            self.recv_buf = self.recv_buf.split_off(&base);
+            let kept = self.recv_buf.split_off(&base);
+            for p in std::mem::replace(&mut self.recv_buf, kept).into_values() {
+                self.recv_bytes -= p.body.len();
+            }
         }
-        if seq < self.recv_next || self.recv_buf.contains_key(&seq) {
+        let (offset, total) = (offset as usize, total as usize);
+        if seq < self.recv_next {
             self.duplicates += 1;
             return;
         }
-        if seq >= self.recv_next + RECV_WINDOW {
+        if seq >= self.recv_next + RECV_WINDOW
+            || total > MAX_MESSAGE_BYTES
+            || offset + body.len() > total
+        {
+            self.dropped += 1;
             return;
         }
-        self.recv_buf.insert(seq, (sent_ms, body));
-        while let Some((sent_ms, body)) = self.recv_buf.remove(&self.recv_next) {
+        let entry = match self.recv_buf.get_mut(&seq) {
+            Some(p) if p.body.len() == total => p,
+            // A part that disagrees with the others on the size.
+            Some(_) => {
+                self.dropped += 1;
+                return;
+            }
+            None => {
+                // Past the byte window only the next message in order is
+                // taken (a sender within its window never goes there).
+                if self.recv_bytes + total > WINDOW_BYTES && seq != self.recv_next {
+                    self.dropped += 1;
+                    return;
+                }
+                self.recv_bytes += total;
+                self.recv_buf.entry(seq).or_insert(Partial {
+                    sent_ms,
+                    body: vec![0; total],
+                    have: Vec::new(),
+                })
+            }
+        };
+        if !entry.add(offset, &body) && !body.is_empty() {
+            self.duplicates += 1;
+            return;
+        }
+        while self
+            .recv_buf
+            .get(&self.recv_next)
+            .is_some_and(Partial::complete)
+        {
+            let p = self.recv_buf.remove(&self.recv_next).expect("checked");
+            self.recv_bytes -= p.body.len();
             self.events.push_back(ReliableEvent::Delivered {
                 seq: self.recv_next,
-                sent_ms,
-                body,
+                sent_ms: p.sent_ms,
+                body: p.body,
             });
             self.recv_next += 1;
         }
@@ -199,7 +329,14 @@ impl Reliable {
     pub fn handle_ack(&mut self, upto: u64) {
         let mut acked: Vec<u64> = self.sent.range(..upto).map(|(s, _)| *s).collect();
         for seq in &acked {
-            self.sent.remove(seq);
+            if let Some(m) = self.sent.remove(seq) {
+                self.sent_bytes -= m.body.len();
+            }
+            if self.sending.is_some_and(|(s, _)| s == *seq) {
+                // (Only a peer that lost count acknowledges a message it
+                // has not had whole.)
+                self.sending = None;
+            }
         }
         // Queued again after a restart, and acknowledged meanwhile.
         while self.queue.front().is_some_and(|m| m.seq < upto) {
@@ -215,6 +352,9 @@ impl Reliable {
 mod tests {
     use super::*;
 
+    /// A base-size packet's room for frames.
+    const ROOM: usize = 1150;
+
     fn out(seq: u64) -> ChatMessage {
         ChatMessage {
             seq,
@@ -229,8 +369,10 @@ mod tests {
                 seq,
                 base,
                 sent_ms,
+                offset,
+                total,
                 body,
-            } => r.handle_message(seq, base, sent_ms, body),
+            } => r.handle_message(seq, base, sent_ms, (offset, total), body),
             FlowFrame::ChatAck { upto } => r.handle_ack(upto),
             _ => unreachable!(),
         }
@@ -252,7 +394,7 @@ mod tests {
         for s in 0..5 {
             tx.push(out(s));
         }
-        let mut frames: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
+        let mut frames: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame(ROOM)).collect();
         assert_eq!(frames.len(), 5);
         frames.reverse();
         frames.push(frames[0].clone());
@@ -261,7 +403,7 @@ mod tests {
         }
         assert_eq!(delivered(&mut rx), vec![0, 1, 2, 3, 4]);
         assert_eq!(rx.duplicates, 1);
-        let ack = rx.poll_frame().expect("an acknowledgement");
+        let ack = rx.poll_frame(ROOM).expect("an acknowledgement");
         assert_eq!(ack, FlowFrame::ChatAck { upto: 5 });
         apply(&mut tx, ack);
         assert_eq!(tx.pending(), 0);
@@ -275,10 +417,10 @@ mod tests {
         for s in 0..(SEND_WINDOW as u64 + 10) {
             tx.push(out(s));
         }
-        let sent = std::iter::from_fn(|| tx.poll_frame()).count();
+        let sent = std::iter::from_fn(|| tx.poll_frame(ROOM)).count();
         assert_eq!(sent, SEND_WINDOW);
         tx.handle_ack(3);
-        assert_eq!(std::iter::from_fn(|| tx.poll_frame()).count(), 3);
+        assert_eq!(std::iter::from_fn(|| tx.poll_frame(ROOM)).count(), 3);
     }
 
     #[test]
@@ -287,18 +429,18 @@ mod tests {
         for s in 0..4 {
             tx.push(out(s));
         }
-        let frames: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
+        let frames: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame(ROOM)).collect();
         // 0 arrives and is acknowledged; 2 and 3 arrive early and are held
         // in memory; then the receiver restarts and loses them.
         apply(&mut rx, frames[0].clone());
         apply(&mut rx, frames[2].clone());
         apply(&mut rx, frames[3].clone());
         assert_eq!(delivered(&mut rx), vec![0]);
-        apply(&mut tx, rx.poll_frame().unwrap());
+        apply(&mut tx, rx.poll_frame(ROOM).unwrap());
         let mut rx = Reliable::new(rx.recv_next());
         tx.restart();
         tx.push(out(4));
-        let again: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame()).collect();
+        let again: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame(ROOM)).collect();
         let seqs: Vec<u64> = again
             .iter()
             .map(|f| match f {
@@ -321,7 +463,7 @@ mod tests {
         }
         tx.handle_ack(2); // acknowledged before the receiver lost it all
         let mut rx = Reliable::new(0);
-        while let Some(f) = tx.poll_frame() {
+        while let Some(f) = tx.poll_frame(ROOM) {
             apply(&mut rx, f);
         }
         assert_eq!(delivered(&mut rx), vec![2]);
@@ -333,7 +475,7 @@ mod tests {
         for s in 0..3 {
             tx.push(out(s));
         }
-        while tx.poll_frame().is_some() {}
+        while tx.poll_frame(ROOM).is_some() {}
         tx.restart();
         tx.handle_ack(2);
         assert_eq!(tx.pending(), 1);
@@ -345,5 +487,91 @@ mod tests {
                 ReliableEvent::Acked { seq: 1 }
             ]
         );
+    }
+
+    #[test]
+    fn a_long_message_goes_in_parts_and_arrives_whole() {
+        // 64 KiB in parts of a packet's room, delivered whole once, in
+        // whatever order the parts arrive, duplicates and all; a small
+        // message after it waits for it.
+        let (mut tx, mut rx) = (Reliable::new(0), Reliable::new(0));
+        let long: Vec<u8> = (0..MAX_MESSAGE_BYTES).map(|i| (i % 251) as u8).collect();
+        tx.push(ChatMessage {
+            seq: 0,
+            sent_ms: 7,
+            body: long.clone(),
+        });
+        tx.push(out(1));
+        let mut frames: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame(ROOM)).collect();
+        assert!(frames.len() > 50, "{} frames", frames.len());
+        assert!(frames.iter().all(
+            |f| matches!(f, FlowFrame::Chat { body, .. } if body.len() + CHAT_FRAME_HEADER <= ROOM)
+        ));
+        let dup = frames[3].clone();
+        frames.push(dup);
+        frames.reverse();
+        for f in frames {
+            apply(&mut rx, f);
+        }
+        let mut got = Vec::new();
+        while let Some(ReliableEvent::Delivered { seq, body, .. }) = rx.poll_event() {
+            got.push((seq, body));
+        }
+        assert_eq!(got, vec![(0, long), (1, b"1".to_vec())]);
+        assert_eq!(rx.duplicates, 1);
+        assert_eq!(rx.recv_bytes, 0);
+    }
+
+    #[test]
+    fn parts_sent_again_after_a_restart_fill_the_same_message() {
+        // Half a long message arrives, the sender restarts its flow (all
+        // goes again, cut elsewhere): the message is delivered once.
+        let (mut tx, mut rx) = (Reliable::new(0), Reliable::new(0));
+        let long = vec![9u8; 10_000];
+        tx.push(ChatMessage {
+            seq: 0,
+            sent_ms: 0,
+            body: long.clone(),
+        });
+        let first: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame(ROOM)).collect();
+        for f in first.iter().take(first.len() / 2).cloned() {
+            apply(&mut rx, f);
+        }
+        tx.restart();
+        while let Some(f) = tx.poll_frame(700) {
+            apply(&mut rx, f);
+        }
+        assert_eq!(delivered(&mut rx), vec![0]);
+    }
+
+    #[test]
+    fn the_byte_window_bounds_what_is_unacknowledged_and_held() {
+        // Messages of 64 KiB: at most WINDOW_BYTES of them in flight; a
+        // receiver holds no more than that of messages not yet in order,
+        // whatever a sender sends.
+        let mut tx = Reliable::new(0);
+        for seq in 0..1_000 {
+            tx.push(ChatMessage {
+                seq,
+                sent_ms: 0,
+                body: vec![1; MAX_MESSAGE_BYTES],
+            });
+        }
+        let frames: Vec<FlowFrame> = std::iter::from_fn(|| tx.poll_frame(60_000)).collect();
+        let started: std::collections::BTreeSet<u64> = frames
+            .iter()
+            .filter_map(|f| match f {
+                FlowFrame::Chat { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started.len(), WINDOW_BYTES / MAX_MESSAGE_BYTES);
+        // A hostile sender: message 0 never comes, the rest do.
+        let mut rx = Reliable::new(0);
+        for seq in 1..1_000u64 {
+            rx.handle_message(seq, 0, 0, (0, MAX_MESSAGE_BYTES as u32), vec![1; 100]);
+        }
+        assert!(rx.recv_bytes <= WINDOW_BYTES, "{}", rx.recv_bytes);
+        assert!(rx.dropped > 0);
     }
 }

@@ -51,7 +51,7 @@ fn garbage_gets_errors_and_the_daemons_keep_working() {
         b"{\"id\":9,\"cmd\":\"send\",\"peer\":\"../etc\",\"text\":\"x\"}",
     );
     assert_eq!(r["error"]["code"], "invalid_argument", "{r}");
-    let long = "x".repeat(2000);
+    let long = "x".repeat(proto::wire::MAX_MESSAGE_BYTES + 1);
     let line = format!("{{\"id\":10,\"cmd\":\"send\",\"peer\":\"bob\",\"text\":\"{long}\"}}");
     let r = request(&mut stream, &mut reader, line.as_bytes());
     assert_eq!(r["error"]["code"], "invalid_argument", "{r}");
@@ -59,7 +59,7 @@ fn garbage_gets_errors_and_the_daemons_keep_working() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["result"]["name"], "alice");
     // An endless line is refused, and the daemon still answers others.
-    let huge = vec![b'a'; 100 * 1024];
+    let huge = vec![b'a'; proto::control::MAX_REQUEST_LINE + 100];
     stream.write_all(&huge).unwrap();
     let mut answer = String::new();
     reader.read_line(&mut answer).unwrap();

@@ -68,6 +68,9 @@ pub fn piece_size_for(size: u64) -> Option<u32> {
 /// A control frame's packet size, for the congestion window's
 /// arithmetic: they are small, but count them as full base packets.
 const CONTROL_SIZE: usize = pmtud::BASE;
+/// Chat bytes waiting that make a larger packet worth probing for.
+const CHAT_PROBE_BYTES: usize = 64 * 1024;
+
 /// A chat frame's encoded length.
 fn chat_len(frame: &FlowFrame) -> usize {
     match frame {
@@ -1332,8 +1335,12 @@ impl PeerFlow {
                 seq,
                 base,
                 sent_ms,
+                offset,
+                total,
                 body,
-            } => self.chat.handle_message(seq, base, sent_ms, body),
+            } => self
+                .chat
+                .handle_message(seq, base, sent_ms, (offset, total), body),
             FlowFrame::ChatAck { upto } => self.chat.handle_ack(upto),
             FlowFrame::Done { id } => {
                 if let Some(t) = self.outgoing.get_mut(&id) {
@@ -1451,9 +1458,11 @@ impl PeerFlow {
     /// Whether file data waits to be sent (what makes a larger packet
     /// worth probing for).
     fn data_waiting(&self) -> bool {
-        self.outgoing
-            .values()
-            .any(|t| t.phase == Phase::Active && (!t.todo.is_empty() || !t.resend.is_empty()))
+        self.chat.bytes_waiting() >= CHAT_PROBE_BYTES
+            || self
+                .outgoing
+                .values()
+                .any(|t| t.phase == Phase::Active && (!t.todo.is_empty() || !t.resend.is_empty()))
     }
 
     fn wants_to_send(&self) -> bool {
@@ -1561,30 +1570,37 @@ impl PeerFlow {
             used += chat_len(&frame);
             frames.push(frame);
         }
+        // Then new frames, a long message's parts cut to what is left.
         while frames.len() < crate::wire::MAX_FRAMES {
-            match self.chat.next_len() {
-                Some(len) if frames.is_empty() || used + len <= room => {}
-                _ => break,
-            }
-            let Some(frame) = self.chat.poll_frame() else {
+            let Some(frame) = self.chat.poll_frame(room.saturating_sub(used)) else {
                 break;
             };
             used += chat_len(&frame);
             frames.push(frame);
         }
-        match frames.len() {
-            0 => None,
-            1 => frames.pop().map(|f| self.send_frame(now, f)),
+        if frames.is_empty() {
+            return None;
+        }
+        let pn = self.flow.on_sent(now, used + CHAT_OVERHEAD, true);
+        Some(match frames.len() {
+            1 => {
+                let frame = frames.pop().expect("one");
+                self.carried.insert(pn, Carried::Control(frame.clone()));
+                PeerToPeer::Flow {
+                    epoch: self.epoch,
+                    pn,
+                    frame,
+                }
+            }
             _ => {
-                let pn = self.flow.on_sent(now, used + CHAT_OVERHEAD, true);
                 self.carried.insert(pn, Carried::Frames(frames.clone()));
-                Some(PeerToPeer::Frames {
+                PeerToPeer::Frames {
                     epoch: self.epoch,
                     pn,
                     frames,
-                })
+                }
             }
-        }
+        })
     }
 
     fn send_frame(&mut self, now: Instant, frame: FlowFrame) -> PeerToPeer {

@@ -77,7 +77,8 @@ impl Pattern {
 /// the total in 32 bits; `FlowFrame::Pause` (a receiver's full disk);
 /// `Register` carries an invite token, `FailReason` 14 `InviteRequired`.
 /// Version 7: [`PeerToPeer::Frames`], several flow frames (chat) in one
-/// packet.
+/// packet; chat messages of up to 64 KiB, in parts (`FlowFrame::Chat`
+/// carries `offset` and `total`).
 pub const VERSION: u8 = 7;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;
@@ -138,9 +139,9 @@ pub const DATA_HEADER_LEN: usize = 1 + 1 + 4 + 8;
 /// Room for the inner message of a data packet: the packet minus its
 /// header and the AEAD tag.
 pub const MAX_INNER: usize = MAX_PACKET - DATA_HEADER_LEN - 16;
-/// The longest chat message body, in bytes: what fits in one base-size
-/// packet with the [`FlowFrame::Chat`] and flow headers.
-pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// The longest chat message body, in bytes (64 KiB): a message longer
+/// than a packet holds goes in parts ([`FlowFrame::Chat`]'s `offset`).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Longest user name, in bytes.
 pub const MAX_NAME: usize = 32;
 /// Longest invite token, in bytes.

@@ -99,6 +99,11 @@ pub enum FlowFrame {
         seq: u64,
         base: u64,
         sent_ms: u64,
+        /// Where `body` starts in the message, and the message's whole
+        /// length (at most [`MAX_MESSAGE_BYTES`]): a long message comes
+        /// in parts, each in order of `offset`.
+        offset: u32,
+        total: u32,
         body: Vec<u8>,
     },
     /// Every chat message below `upto` was delivered and stored.
@@ -163,8 +168,17 @@ impl std::fmt::Debug for FlowFrame {
             FlowFrame::Padding { len } => write!(f, "Padding({len})"),
             // Message bodies never reach a log.
             FlowFrame::Chat {
-                seq, base, body, ..
-            } => write!(f, "Chat({seq}, base {base}, {} bytes)", body.len()),
+                seq,
+                base,
+                offset,
+                total,
+                body,
+                ..
+            } => write!(
+                f,
+                "Chat({seq}, base {base}, {} bytes at {offset} of {total})",
+                body.len()
+            ),
             FlowFrame::ChatAck { upto } => write!(f, "ChatAck({upto})"),
             FlowFrame::Skipped { id, group, .. } => write!(f, "Skipped({id:x}, group {group:x})"),
             FlowFrame::Pause { id, .. } => write!(f, "Pause({id:x})"),
@@ -245,9 +259,17 @@ impl FlowFrame {
                 seq,
                 base,
                 sent_ms,
+                offset,
+                total,
                 body,
             } => {
-                w.u8(9).u64(*seq).u64(*base).u64(*sent_ms).bytes16(body);
+                w.u8(9)
+                    .u64(*seq)
+                    .u64(*base)
+                    .u64(*sent_ms)
+                    .u32(*offset)
+                    .u32(*total)
+                    .bytes16(body);
             }
             FlowFrame::ChatAck { upto } => {
                 w.u8(10).u64(*upto);
@@ -309,12 +331,24 @@ impl FlowFrame {
             8 => FlowFrame::Padding {
                 len: r.bytes16(MAX_DATAGRAM)?.len() as u16,
             },
-            9 => FlowFrame::Chat {
-                seq: r.u64()?,
-                base: r.u64()?,
-                sent_ms: r.u64()?,
-                body: r.bytes16(MAX_MESSAGE_BYTES)?.to_vec(),
-            },
+            9 => {
+                let (seq, base, sent_ms) = (r.u64()?, r.u64()?, r.u64()?);
+                let (offset, total) = (r.u32()?, r.u32()?);
+                let body = r.bytes16(MAX_DATAGRAM)?.to_vec();
+                if total as usize > MAX_MESSAGE_BYTES
+                    || offset as usize + body.len() > total as usize
+                {
+                    return Err(DecodeError::Invalid("chat part"));
+                }
+                FlowFrame::Chat {
+                    seq,
+                    base,
+                    sent_ms,
+                    offset,
+                    total,
+                    body,
+                }
+            }
             10 => FlowFrame::ChatAck { upto: r.u64()? },
             11 => FlowFrame::Skipped {
                 id: r.u64()?,

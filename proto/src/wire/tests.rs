@@ -148,12 +148,15 @@ fn golden_packets() {
                 seq: 4,
                 base: 3,
                 sent_ms: 2,
+                offset: 0,
+                total: 2,
                 body: b"hi".to_vec()
             }
         }
         .encode()),
         "10000000020000000000000001090000000000000004".to_owned()
-            + "0000000000000003000000000000000200026869"
+            + "00000000000000030000000000000002"
+            + "000000000000000200026869"
     );
     assert_eq!(
         hex(&ServerToClient::Failed {
@@ -355,6 +358,8 @@ fn every_frame() -> Vec<Vec<u8>> {
             seq: 5,
             base: 4,
             sent_ms: 1_700_000_000_000,
+            offset: 1000,
+            total: 1002,
             body: b"hi".to_vec(),
         },
         FlowFrame::ChatAck { upto: 5 },
@@ -501,10 +506,11 @@ fn layout_is_frozen_per_version() {
             6,
             "bb4408b52e4a1f4f863ac19cf33704f61fb06b8f8118472d432e963a6b6f5e48",
         ),
-        // 7: `PeerToPeer::Frames`, several flow frames in one packet.
+        // 7: `PeerToPeer::Frames`, several flow frames in one packet;
+        // chat messages in parts (`offset`, `total`).
         (
             7,
-            "f414150be49d1353f3aabbff33b86b176d9dff0da7e5235e49b1f0370922a604",
+            "a0f874a06068f48f0479d4c623869016c4330100082c4fd0bca879bd116ad1f4",
         ),
     ];
     use sha2::{Digest, Sha256};
@@ -667,6 +673,8 @@ fn random_p2p(rng: &mut impl Rng) -> PeerToPeer {
                         seq: rng.gen(),
                         base: rng.gen(),
                         sent_ms: rng.gen(),
+                        offset: 0,
+                        total: 99,
                         body: (0..rng.gen_range(0..100)).map(|_| rng.gen()).collect(),
                     },
                     false => FlowFrame::ChatAck { upto: rng.gen() },
@@ -742,12 +750,15 @@ fn random_frame(rng: &mut impl Rng) -> FlowFrame {
             len: rng.gen_range(0..1000),
         },
         7 => {
-            let mut body = vec![0u8; rng.gen_range(0..=MAX_MESSAGE_BYTES)];
+            let mut body = vec![0u8; rng.gen_range(0..=1000)];
             rng.fill_bytes(&mut body);
+            let total = rng.gen_range(body.len()..=MAX_MESSAGE_BYTES) as u32;
             FlowFrame::Chat {
                 seq: rng.gen(),
                 base: rng.gen(),
                 sent_ms: rng.gen(),
+                offset: rng.gen_range(0..=total - body.len() as u32),
+                total,
                 body,
             }
         }
@@ -883,16 +894,21 @@ fn bad_packets_get_specific_errors() {
         PeerToPeer::decode(&data),
         Err(DecodeError::Oversized { .. })
     ));
-    let mut big = vec![0x10];
-    big.extend_from_slice(&[0; 12]);
-    big.push(9);
-    big.extend_from_slice(&[0; 24]);
-    big.extend_from_slice(&((MAX_MESSAGE_BYTES + 1) as u16).to_be_bytes());
-    big.extend(std::iter::repeat_n(0, MAX_MESSAGE_BYTES + 1));
-    assert!(matches!(
-        PeerToPeer::decode(&big),
-        Err(DecodeError::Oversized { .. })
-    ));
+    // A chat part past its message's end, or of a message over the limit.
+    for (offset, total) in [(10u32, 11u32), (0, MAX_MESSAGE_BYTES as u32 + 1)] {
+        let mut part = vec![0x10];
+        part.extend_from_slice(&[0; 12]);
+        part.push(9);
+        part.extend_from_slice(&[0; 24]);
+        part.extend_from_slice(&offset.to_be_bytes());
+        part.extend_from_slice(&total.to_be_bytes());
+        part.extend_from_slice(&2u16.to_be_bytes());
+        part.extend_from_slice(b"hi");
+        assert!(matches!(
+            PeerToPeer::decode(&part),
+            Err(DecodeError::Invalid("chat part"))
+        ));
+    }
 }
 
 #[test]

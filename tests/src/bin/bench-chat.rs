@@ -3,7 +3,8 @@
 //!
 //!     bench-chat SOCK_A SOCK_B PID_A PID_B P2PCTL [MESSAGES]
 //!
-//! Throughput, per message size: MESSAGES lines piped into `p2pctl send
+//! Throughput, per message size (100 B, 1 KiB, 64 KiB: MESSAGES, half
+//! as many, a fiftieth): lines piped into `p2pctl send
 //! bob` (a real process), counted as they arrive in bob's event stream
 //! (an event is written after the message is stored): messages and bytes
 //! a second end to end, when `p2pctl` was done, CPU per 1,000 messages
@@ -228,8 +229,8 @@ fn main() {
     println!();
     println!("| size | arrived | end to end | | p2pctl done / all arrived | daemon CPU per 1k msgs (alice / bob) | RSS after (alice / bob) |");
     println!("|---|---|---|---|---|---|---|");
-    for size in [100, proto::wire::MAX_MESSAGE_BYTES] {
-        let count = if size > 1000 { n / 2 } else { n };
+    let long = proto::wire::MAX_MESSAGE_BYTES;
+    for (size, count) in [(100, n), (1024, n / 2), (long, (n / 50).max(100))] {
         throughput(&a, &b, &p2pctl, &sock_a, &events, count, size);
     }
     println!();
