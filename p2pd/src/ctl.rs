@@ -204,7 +204,7 @@ async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input
         tokio::select! {
             line = next_line(&mut rd, &mut buf), if reading => match line {
                 Ok(Some(bytes)) => {
-                    let line = String::from_utf8_lossy(&bytes);
+                    let line = proto::control::utf8(&bytes);
                     if line.trim().is_empty() {
                         continue;
                     }

@@ -209,6 +209,16 @@ pub fn is_hidden_format(c: char) -> bool {
     )
 }
 
+/// `bytes` as text: borrowed when they are valid UTF-8 (checked at the
+/// standard library's speed, many times `from_utf8_lossy`'s on long
+/// text), else with U+FFFD for what is not.
+pub fn utf8(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
 /// Checks a chat message's text as `send` takes it: not empty, at most
 /// [`crate::wire::MAX_MESSAGE_BYTES`] bytes of UTF-8.
 pub fn check_text(text: &str) -> Result<(), ControlError> {

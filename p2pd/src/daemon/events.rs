@@ -285,7 +285,7 @@ impl Daemon {
                 peer,
                 seq,
                 sent_ms,
-                text: String::from_utf8_lossy(&body).into_owned(),
+                text: proto::control::utf8(&body).into_owned(),
             }),
             NodeEvent::Acked { peer, seq } => self.broadcast(Event::Delivered { peer, seq }),
             NodeEvent::Transfer { peer, event } => self.on_transfer(now, peer, event),
@@ -353,7 +353,7 @@ fn write_events(
                     write_received(batch, from.take(), &mut received)?;
                 }
                 from = Some(peer);
-                received.push((*seq, *sent_ms, String::from_utf8_lossy(body)));
+                received.push((*seq, *sent_ms, proto::control::utf8(body)));
             }
             NodeEvent::Acked { peer, seq } => match &mut acked {
                 Some((p, _, to)) if *p == peer && *to == *seq => *to += 1,

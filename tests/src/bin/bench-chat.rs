@@ -96,7 +96,7 @@ fn throughput(
     a: &Daemon,
     b: &Daemon,
     p2pctl: &Path,
-    sock_a: &Path,
+    (sock_a, sock_b): (&Path, &Path),
     events: &mpsc::Receiver<Instant>,
     n: usize,
     size: usize,
@@ -132,6 +132,20 @@ fn throughput(
     }
     let status = child.wait().expect("p2pctl ran");
     let _ = writer.join();
+    if got < n {
+        // The event stream ended early (a watcher that falls 32 MiB
+        // behind is closed by the daemon): count what bob stored.
+        let out = Process::new(p2pctl)
+            .arg("--socket")
+            .arg(sock_b)
+            .args(["--json", "history", "alice", "-n", &n.to_string()])
+            .output()
+            .expect("history");
+        let stored = String::from_utf8_lossy(&out.stdout)
+            .matches(r#""direction":"in""#)
+            .count();
+        println!("(the event stream stopped after {got} of {n}; bob's history holds {stored} messages from alice in all)");
+    }
     let secs = (last - t0).as_secs_f64();
     let (used_a, used_b) = (a.cpu() - cpu_a, b.cpu() - cpu_b);
     let ((rss_a, peak_a), (rss_b, peak_b)) = (a.rss(), b.rss());
@@ -241,7 +255,15 @@ fn main() {
             513..=4096 => n / 2,
             _ => (n / 50).max(100),
         };
-        throughput(&a, &b, &p2pctl, &sock_a, &events, count, size);
+        throughput(
+            &a,
+            &b,
+            &p2pctl,
+            (sock_a.as_path(), sock_b.as_path()),
+            &events,
+            count,
+            size,
+        );
     }
     println!();
     latency(&sock_a, &events, 2000);
