@@ -71,6 +71,44 @@ const CONTROL_SIZE: usize = pmtud::BASE;
 /// Chat bytes waiting that make a larger packet worth probing for.
 const CHAT_PROBE_BYTES: usize = 64 * 1024;
 
+/// A chat part cut to at most `room` bytes encoded: the head, and the
+/// rest as a part of its own (none if it fit, or is not a part).
+fn cut_part(frame: FlowFrame, room: usize) -> (FlowFrame, Option<FlowFrame>) {
+    let most = room
+        .saturating_sub(crate::reliable::CHAT_FRAME_HEADER)
+        .max(1);
+    match frame {
+        FlowFrame::Chat {
+            seq,
+            base,
+            sent_ms,
+            offset,
+            total,
+            mut body,
+        } if body.len() > most => {
+            let rest = body.split_off(most);
+            let tail = FlowFrame::Chat {
+                seq,
+                base,
+                sent_ms,
+                offset: offset + most as u32,
+                total,
+                body: rest,
+            };
+            let head = FlowFrame::Chat {
+                seq,
+                base,
+                sent_ms,
+                offset,
+                total,
+                body,
+            };
+            (head, Some(tail))
+        }
+        other => (other, None),
+    }
+}
+
 /// A chat frame's encoded length.
 fn chat_len(frame: &FlowFrame) -> usize {
     match frame {
@@ -1560,10 +1598,22 @@ impl PeerFlow {
             .saturating_sub(crate::wire::DATA_HEADER_LEN + 16 + FRAMES_HEADER);
         let mut frames = Vec::new();
         let mut used = 0;
-        // First what goes again, then what is new.
+        // First what goes again, then what is new. A part sent in a
+        // larger packet than the path now carries (a black hole, the
+        // relay) is cut again to fit.
         while frames.len() < crate::wire::MAX_FRAMES {
             match self.control.front().filter(|f| f.is_chat()).map(chat_len) {
-                Some(len) if frames.is_empty() || used + len <= room => {}
+                Some(len) if used + len <= room => {}
+                Some(_) if frames.is_empty() => {
+                    let frame = self.control.pop_front().expect("checked");
+                    let (head, tail) = cut_part(frame, room);
+                    if let Some(tail) = tail {
+                        self.control.push_front(tail);
+                    }
+                    used += chat_len(&head);
+                    frames.push(head);
+                    break;
+                }
                 _ => break,
             }
             let frame = self.control.pop_front().expect("checked");
