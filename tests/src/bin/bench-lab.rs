@@ -12,7 +12,12 @@
 //! than that (`tc tbf`), and a TCP flow from alice's host to the public
 //! segment shares that bottleneck while the file goes: the figures show
 //! how the two split it. `BENCH_QUEUE_MS` sets the bottleneck's queue
-//! (default 100 ms at that rate); `BENCH_NO_TCP=1` leaves the TCP flow out.
+//! (default 100 ms at that rate); `BENCH_NO_TCP=1` leaves the TCP flow out;
+//! `BENCH_SHARE_CC` is its congestion control (default `cubic`).
+//! Without `RATE`, kernel TCP then sends the same bytes from alice's host
+//! to bob's over the same links (through a port forwarded on bob's
+//! router), with each congestion control in `BENCH_TCP_CC` (default
+//! `bbr`; `bbr,cubic` for both, `none` for neither), for the ratio.
 //! `BENCH_RELAY=1` puts both hosts behind symmetric NATs: the file goes
 //! through the rendezvous server's relay (its per-user rate limit, 2 MB/s
 //! by default, then bounds it).
@@ -145,9 +150,111 @@ fn main() {
             100.0 * tcp / (file + tcp)
         );
     }
+    // The same bytes by kernel TCP over the same two impaired links
+    // (alice's host to bob's, through a port forwarded on bob's router),
+    // with each congestion controller in BENCH_TCP_CC (default "bbr";
+    // "none" skips it). Not with a bottleneck: that run measures shares.
+    let ccs = std::env::var("BENCH_TCP_CC").unwrap_or_else(|_| "bbr".into());
+    if rate.is_none() && ccs != "none" {
+        exec_nft_forward(&rb, hb.v4);
+        for cc in ccs.split(',') {
+            let took = tcp_transfer(&ha.ns, &hb.ns, rb.wan, size_mib * 1024 * 1024, cc);
+            let tcp = bytes * 8.0 / took.as_secs_f64() / 1e6;
+            let file = bytes * 8.0 / secs / 1e6;
+            println!(
+                "kernel TCP ({cc}), the same {size_mib} MiB on the same path: {:.2} s, {tcp:.1} Mbit/s; the file went {:.2}x as fast",
+                took.as_secs_f64(),
+                file / tcp
+            );
+        }
+    }
     if !same {
         std::process::exit(1);
     }
+}
+
+/// A TCP connection to `to` with congestion control `cc`.
+fn tcp_connect(to: std::net::SocketAddr, cc: &str) -> std::net::TcpStream {
+    use std::os::fd::AsRawFd;
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    // SAFETY: setsockopt with a byte string and its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "congestion control {cc} not available");
+    sock.connect(&to.into()).expect("connect");
+    sock.into()
+}
+
+/// Forwards TCP port 5201 on `router`'s WAN to `to` on its LAN.
+fn exec_nft_forward(router: &e2e::natlab::Router, to: std::net::Ipv4Addr) {
+    use e2e::natlab::exec;
+    exec(
+        &router.ns,
+        &[
+            "nft", "insert", "rule", "inet", "firewall", "forward", "tcp", "dport", "5201",
+            "accept",
+        ],
+    );
+    exec(
+        &router.ns,
+        &[
+            "nft",
+            &format!(
+                "add table ip fwd5201; add chain ip fwd5201 pre {{ type nat hook prerouting priority dstnat; }}; add rule ip fwd5201 pre iifname \"wan\" tcp dport 5201 dnat to {to}"
+            ),
+        ],
+    );
+}
+
+/// Sends `len` bytes by TCP from namespace `from` to a listener in `to`
+/// reached at `addr`:5201, with congestion control `cc`; the time from
+/// connecting until the last byte arrived.
+fn tcp_transfer(from: &str, to: &str, addr: std::net::Ipv4Addr, len: usize, cc: &str) -> Duration {
+    use std::io::{Read, Write};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let to = to.to_owned();
+    let server = std::thread::spawn(move || {
+        enter(&to);
+        let l = std::net::TcpListener::bind(("0.0.0.0", 5201)).expect("listen");
+        let _ = ready_tx.send(());
+        let (mut c, _) = l.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0;
+        while got < len {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        Instant::now()
+    });
+    let _ = ready_rx.recv();
+    let from = from.to_owned();
+    let cc = cc.to_owned();
+    let client = std::thread::spawn(move || {
+        enter(&from);
+        let start = Instant::now();
+        let mut c = tcp_connect(std::net::SocketAddr::from((addr, 5201)), &cc);
+        let buf = vec![0x5au8; 1 << 16];
+        let mut sent = 0;
+        while sent < len {
+            let n = (len - sent).min(buf.len());
+            c.write_all(&buf[..n]).expect("send");
+            sent += n;
+        }
+        start
+    });
+    let start = client.join().expect("client");
+    let end = server.join().expect("server");
+    end - start
 }
 
 /// A bulk TCP flow from namespace `from` to a listener in namespace `to`
@@ -199,7 +306,8 @@ impl TcpFlow {
         let s = stop.clone();
         let client = std::thread::spawn(move || {
             enter(&from);
-            let mut c = std::net::TcpStream::connect((SERVER_V4, 5201)).expect("connect");
+            let cc = std::env::var("BENCH_SHARE_CC").unwrap_or_else(|_| "cubic".into());
+            let mut c = tcp_connect(std::net::SocketAddr::from((SERVER_V4, 5201)), &cc);
             let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
             let buf = vec![0x5au8; 1 << 16];
             while !s.load(Ordering::SeqCst) {
