@@ -2,7 +2,9 @@
 # File transfer throughput on loopback with release builds: one file of
 # SIZE MiB (default 1024) from alice's daemon to bob's, through
 # `p2pctl send-file` / `accept-file`; prints MB/s, each daemon's CPU time
-# and peak memory (VmHWM). Linux: it reads /proc.
+# and peak memory (VmHWM), and, with BENCH_ALLOCS=1 as root with perf, the
+# heap allocations each daemon made during the transfer. Linux: it reads
+# /proc.
 #
 #   ./scripts/bench-files.sh [SIZE_MIB]
 set -euo pipefail
@@ -22,8 +24,23 @@ for _ in $(seq 600); do
     sleep 0.05
 done
 t1=$(now)
+# Heap allocations during the transfer, with BENCH_ALLOCS=1 where perf can
+# count them (root, uprobes on libc's malloc/calloc/realloc): a perf stat
+# per daemon. Counting slows the daemons: such a run's speed is not the
+# figure.
+ALLOCS=()
+if [[ -n "${BENCH_ALLOCS:-}" && $EUID -eq 0 ]] && command -v perf >/dev/null; then
+    LIBC="$(ldd "$BIN/p2pd" | awk '/libc.so/ {print $3}')"
+    for f in malloc calloc realloc; do perf probe -q -x "$LIBC" "$f" 2>/dev/null || true; done
+    for i in 1 2; do
+        perf stat -x, -e probe_libc:malloc,probe_libc:calloc,probe_libc:realloc \
+            -p "${PIDS[$i]}" -o "$DIR/allocs.$i" 2>/dev/null & ALLOCS+=($!)
+    done
+    sleep 0.2
+fi
 b accept-file "$ID" --to "$DIR/inbox" >/dev/null
 t2=$(now)
+for p in "${ALLOCS[@]}"; do kill -INT "$p"; wait "$p" 2>/dev/null || true; done
 cmp "$DIR/file.bin" "$DIR/inbox/file.bin"
 cpu() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
 hwm() { awk '/VmHWM/ {print $2/1024 " MiB"}' "/proc/$1/status"; }
@@ -37,3 +54,14 @@ print(f"transfer:        {t2-t1:.2f} s  ({mb/(t2-t1):.1f} MB/s, accept to verifi
 PY
 echo "daemon CPU (s):  alice $(cpu "${PIDS[1]}"), bob $(cpu "${PIDS[2]}")"
 echo "peak memory:     alice $(hwm "${PIDS[1]}"), bob $(hwm "${PIDS[2]}")"
+allocs() { awk -F, '$1 ~ /^[0-9]+$/ {n += $1} END {print n + 0}' "$DIR/allocs.$1" 2>/dev/null; }
+if [[ ${#ALLOCS[@]} -gt 0 ]]; then
+    python3 - "$SIZE" "$(allocs 1)" "$(allocs 2)" <<'PY'
+import sys
+size, a, b = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+mb = size * 1024 * 1024 / 1e6
+print(f"allocations:     alice {a} ({a/mb:.1f} per MB), bob {b} ({b/mb:.1f} per MB) during the transfer (malloc, calloc, realloc)")
+PY
+else
+    echo "allocations:     not counted (BENCH_ALLOCS=1, as root, with perf)"
+fi

@@ -208,7 +208,7 @@ async fn connection(conn: u64, stream: UnixStream, to_daemon: mpsc::Sender<Input
                     if line.trim().is_empty() {
                         continue;
                     }
-                    match serde_json::from_str::<Request>(&line) {
+                    match Request::parse(&line) {
                         Ok(request) => {
                             watching |= matches!(request.command, proto::control::Command::Watch);
                             pending += 1;

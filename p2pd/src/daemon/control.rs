@@ -170,10 +170,10 @@ impl Daemon {
                 queued: !reachable,
                 reason,
             };
-            respond(
-                &s.out,
-                Response::from_result(s.id, json(&sent).map(Option::unwrap_or_default)),
-            );
+            if let Ok(line) = Response::ok_line(s.id, &sent) {
+                // (A client that stopped reading loses its answers.)
+                let _ = s.out.send(Out::Response(line));
+            }
         }
     }
 

@@ -8,7 +8,9 @@
 //! bob` (a real process), counted as they arrive in bob's event stream
 //! (an event is written after the message is stored): messages and bytes
 //! a second end to end, when `p2pctl` was done, CPU per 1,000 messages
-//! and RSS of each daemon. Latency: one message at a time from a client
+//! and RSS of each daemon, and (BENCH_ALLOCS=1, as root, with perf: a run
+//! of its own, since counting slows the daemons) the heap allocations
+//! each made per message. Latency: one message at a time from a client
 //! already connected to alice's socket, until bob's event stream shows
 //! it (p50, p99). Then how long a `p2pctl` process takes to start.
 
@@ -49,6 +51,71 @@ impl Daemon {
                 / 1024.0
         };
         (kb("VmRSS:"), kb("VmHWM:"))
+    }
+}
+
+/// Heap allocations of the daemons while it lives, where perf can count
+/// them (root, uprobes on libc's malloc, calloc and realloc).
+struct Allocs {
+    stats: Vec<(std::process::Child, PathBuf)>,
+}
+
+impl Allocs {
+    fn start(pids: &[u32]) -> Option<Allocs> {
+        // (Opt-in: a uprobe on every allocation slows the daemons down
+        // several times, so the other figures of such a run are not
+        // comparable.)
+        std::env::var_os("BENCH_ALLOCS")?;
+        let probe = |f: &str| {
+            Process::new("perf")
+                .args(["probe", "-q", "-x", "/lib/x86_64-linux-gnu/libc.so.6", f])
+                .stderr(Stdio::null())
+                .status()
+        };
+        for f in ["malloc", "calloc", "realloc"] {
+            probe(f).ok()?;
+        }
+        let mut stats = Vec::new();
+        for pid in pids {
+            let out = std::env::temp_dir().join(format!("bench-chat-allocs.{pid}"));
+            let child = Process::new("perf")
+                .args([
+                    "stat",
+                    "-x,",
+                    "-e",
+                    "probe_libc:malloc,probe_libc:calloc,probe_libc:realloc",
+                ])
+                .args(["-p", &pid.to_string(), "-o"])
+                .arg(&out)
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            stats.push((child, out));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // A perf that could not attach has exited already.
+        let mut all = Allocs { stats };
+        all.stats
+            .iter_mut()
+            .all(|(c, _)| matches!(c.try_wait(), Ok(None)))
+            .then_some(all)
+    }
+
+    /// Allocations per daemon, in the order given.
+    fn stop(self) -> Vec<u64> {
+        self.stats
+            .into_iter()
+            .map(|(mut child, out)| {
+                // SAFETY: a signal to our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                let _ = child.wait();
+                let text = std::fs::read_to_string(&out).unwrap_or_default();
+                let _ = std::fs::remove_file(&out);
+                text.lines()
+                    .filter_map(|l| l.split(',').next()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .collect()
     }
 }
 
@@ -105,6 +172,7 @@ fn throughput(
     let input: Vec<u8> = (0..n)
         .flat_map(|i| format!("{}\n", text(i, size)).into_bytes())
         .collect();
+    let allocs = Allocs::start(&[a.pid, b.pid]);
     let (cpu_a, cpu_b) = (a.cpu(), b.cpu());
     let t0 = Instant::now();
     let mut child = Process::new(p2pctl)
@@ -132,6 +200,14 @@ fn throughput(
     }
     let status = child.wait().expect("p2pctl ran");
     let _ = writer.join();
+    let allocs = match allocs.map(Allocs::stop).as_deref() {
+        Some([a, b]) => format!(
+            " {:.1} / {:.1} |",
+            *a as f64 / n as f64,
+            *b as f64 / n as f64
+        ),
+        _ => " (BENCH_ALLOCS=1, as root, with perf) |".into(),
+    };
     if got < n {
         // The event stream ended early (a watcher that falls 32 MiB
         // behind is closed by the daemon): count what bob stored.
@@ -150,7 +226,7 @@ fn throughput(
     let (used_a, used_b) = (a.cpu() - cpu_a, b.cpu() - cpu_b);
     let ((rss_a, peak_a), (rss_b, peak_b)) = (a.rss(), b.rss());
     println!(
-        "| {size} B | {got}/{n} | {:.0} msg/s | {:.1} MB/s | {:.0} / {:.0} ms | {:.1} / {:.1} ms | {:.0} / {:.0} MiB (peak {:.0} / {:.0}) |{}",
+        "| {size} B | {got}/{n} | {:.0} msg/s | {:.1} MB/s | {:.0} / {:.0} ms | {:.1} / {:.1} ms | {:.0} / {:.0} MiB (peak {:.0} / {:.0}) |{allocs}{}",
         got as f64 / secs,
         (got * size) as f64 / secs / 1e6,
         secs * 1e3,
@@ -241,8 +317,8 @@ fn main() {
     let events = watch(&sock_b);
     println!("durability: each message is in SQLite (WAL, synchronous=FULL) when `send` answers, and in bob's when its event shows and its acknowledgement leaves; one fsync per burst of messages (group commit)");
     println!();
-    println!("| size | arrived | end to end | | p2pctl done / all arrived | daemon CPU per 1k msgs (alice / bob) | RSS after (alice / bob) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| size | arrived | end to end | | p2pctl done / all arrived | daemon CPU per 1k msgs (alice / bob) | RSS after (alice / bob) | allocations per message (alice / bob) |");
+    println!("|---|---|---|---|---|---|---|---|");
     // (BENCH_CHAT_SIZES=100,1024 leaves the 64 KiB run out: a daemon
     // older than long messages refuses them.)
     let sizes: Vec<usize> = std::env::var("BENCH_CHAT_SIZES")
