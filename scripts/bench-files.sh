@@ -51,6 +51,7 @@ mb = size * 1024 * 1024 / 1e6
 print(f"file:            {size} MiB, byte-identical at the receiver")
 print(f"hash and offer:  {t1-t0:.2f} s")
 print(f"transfer:        {t2-t1:.2f} s  ({mb/(t2-t1):.1f} MB/s, accept to verified and named)")
+print(f"end to end:      {t2-t0:.2f} s  ({mb/(t2-t0):.1f} MB/s, send-file to verified: hashing, offer, accept, transfer)")
 PY
 echo "daemon CPU (s):  alice $(cpu "${PIDS[1]}"), bob $(cpu "${PIDS[2]}")"
 echo "peak memory:     alice $(hwm "${PIDS[1]}"), bob $(hwm "${PIDS[2]}")"

@@ -18,7 +18,6 @@
 //! link that fails rather than replace an existing file.
 
 use proto::{FileIo, FileSource, TransferId};
-use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
@@ -618,7 +617,7 @@ impl FileSource for Files {
 }
 
 /// What hashing a file found: size, modification time (ns), the file's
-/// hash (`proto::file_hash`) and the SHA-256 of each piece.
+/// hash (`proto::file_hash`) and the hash of each piece (`proto::piece_hash`).
 pub type Hashed = (u64, i64, [u8; 32], Vec<[u8; 32]>);
 
 /// Size, modification time, the file's hash and each piece's, in one
@@ -644,7 +643,7 @@ pub fn hash_file(path: &Path, piece_size: u32) -> std::io::Result<Hashed> {
         if n == 0 {
             break;
         }
-        pieces.push(Sha256::digest(&buf[..n]).into());
+        pieces.push(proto::piece_hash(&buf[..n]));
         size += n as u64;
         if n < buf.len() {
             break;
@@ -666,7 +665,7 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 fn read_hash(file: &File, offset: u64, len: u64) -> std::io::Result<[u8; 32]> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset)?;
-    Ok(Sha256::digest(&buf).into())
+    Ok(proto::piece_hash(&buf))
 }
 
 /// The last step of a verified file (its pieces were checked against

@@ -14,7 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::net::SocketAddr;
 use std::path::Path;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -172,9 +172,6 @@ impl Store {
                  COMMIT;",
             )?;
         }
-        // Indexes that keep every transfer query a lookup, not a scan, with
-        // 100k records (`transfers` pages, id and directory prefixes,
-        // counts of offers waiting); made on every open, once.
         let has_transfers = conn
             .query_row(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'transfers'",
@@ -183,6 +180,23 @@ impl Store {
             )
             .optional()?
             .is_some();
+        if version < 6 {
+            // Pieces are checked with BLAKE3 from wire version 7 on: a
+            // transfer under way holds SHA-256 piece hashes that no peer
+            // of this version matches. It ends, saying so.
+            let ended = match has_transfers {
+                true => {
+                    "UPDATE transfers SET state = 'ended',
+                         reason = 'p2pd was upgraded (pieces are checked with BLAKE3 now): send the file again'
+                     WHERE state NOT IN ('done', 'ended');"
+                }
+                false => "",
+            };
+            conn.execute_batch(&format!("BEGIN; {ended} PRAGMA user_version = 6; COMMIT;"))?;
+        }
+        // Indexes that keep every transfer query a lookup, not a scan, with
+        // 100k records (`transfers` pages, id and directory prefixes,
+        // counts of offers waiting); made on every open, once.
         if has_transfers {
             conn.execute_batch(
                 "CREATE INDEX IF NOT EXISTS transfers_created ON transfers (created_ms DESC, id);
@@ -954,6 +968,30 @@ mod transfer_index_tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         Store::open(&d.join("p2pd.db")).unwrap()
+    }
+
+    #[test]
+    fn transfers_under_way_end_when_pieces_change_hash() {
+        // A version-5 database with one transfer done and one under way:
+        // after the upgrade the one under way has ended, saying why.
+        let path = store("v5-dir")
+            .conn
+            .path()
+            .map(std::path::PathBuf::from)
+            .unwrap();
+        {
+            let s = Store::open(&path).unwrap();
+            s.insert_transfer(&row(1, 0, TransferState::Done, 1))
+                .unwrap();
+            s.insert_transfer(&row(2, 0, TransferState::Active, 2))
+                .unwrap();
+            s.conn.pragma_update(None, "user_version", 5).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let t = |id| s.transfer(id).unwrap().unwrap();
+        assert_eq!(t(1).state, TransferState::Done);
+        assert_eq!(t(2).state, TransferState::Ended);
+        assert!(t(2).reason.unwrap().contains("BLAKE3"));
     }
 
     #[test]

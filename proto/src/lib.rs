@@ -84,9 +84,9 @@ pub use server::{
     RelayConfig, Server, ServerConfig, ServerStats, StoreError,
 };
 pub use transfer::{
-    file_hash, piece_size_for, FileDesc, FileIo, FileSource, Group, GroupId, NoFiles, Phase,
-    TransferEvent, TransferId, TransferStatus, MAX_PENDING_OFFERS, MAX_PIECES, MIN_PIECE_SIZE,
-    PIECE_SIZE,
+    file_hash, piece_hash, piece_size_for, FileDesc, FileIo, FileSource, Group, GroupId, NoFiles,
+    Phase, TransferEvent, TransferId, TransferStatus, MAX_PENDING_OFFERS, MAX_PIECES,
+    MIN_PIECE_SIZE, PIECE_SIZE,
 };
 pub use transport::{TransportCommand, Via};
 

@@ -4,7 +4,6 @@
 
 use super::*;
 use rand::{Rng, RngCore, SeedableRng};
-use sha2::{Digest, Sha256};
 
 #[derive(Clone, Copy)]
 struct Link {
@@ -98,7 +97,7 @@ impl Side {
     fn offer(&mut self, id: u64, data: Vec<u8>) {
         let pieces: Vec<[u8; 32]> = data
             .chunks(PIECE_SIZE as usize)
-            .map(|c| Sha256::digest(c).into())
+            .map(piece_hash)
             .collect();
         let hash = file_hash(&pieces);
         self.t.offer(desc(id, data.len() as u64, hash), pieces);
@@ -151,7 +150,7 @@ impl Side {
             } => {
                 let f = &self.disk[&id.0];
                 let o = *offset as usize;
-                let got: [u8; 32] = Sha256::digest(&f[o..o + *len as usize]).into();
+                let got: [u8; 32] = piece_hash(&f[o..o + *len as usize]);
                 let ok = &got == hash;
                 if ok {
                     let n = f.len().div_ceil(PIECE_SIZE as usize);
@@ -386,7 +385,7 @@ fn receiver_restart(new_session: bool) {
     let disk = sim.b.disk.remove(&5).unwrap();
     let pieces: Vec<[u8; 32]> = data
         .chunks(PIECE_SIZE as usize)
-        .map(|c| Sha256::digest(c).into())
+        .map(piece_hash)
         .collect();
     let (size, hash) = (data.len() as u64, file_hash(&pieces));
     sim.b = Side::new();
@@ -522,7 +521,7 @@ fn piece_hashes_that_do_not_match_the_offer_end_the_transfer() {
     let data = random_file(&mut sim.rng, 2 * PIECE_SIZE as usize);
     let pieces: Vec<[u8; 32]> = data
         .chunks(PIECE_SIZE as usize)
-        .map(|c| Sha256::digest(c).into())
+        .map(piece_hash)
         .collect();
     // Offered under the hash of other pieces.
     let mut other = pieces.clone();

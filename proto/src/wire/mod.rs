@@ -78,7 +78,8 @@ impl Pattern {
 /// `Register` carries an invite token, `FailReason` 14 `InviteRequired`.
 /// Version 7: [`PeerToPeer::Frames`], several flow frames (chat) in one
 /// packet; chat messages of up to 64 KiB, in parts (`FlowFrame::Chat`
-/// carries `offset` and `total`).
+/// carries `offset` and `total`); pieces and a file's hash are BLAKE3
+/// (no frame changed for that: the layout test cannot see it).
 pub const VERSION: u8 = 7;
 /// Packet type 0 is reserved in every version for [`version_refusal`].
 pub const VERSION_REFUSAL_TYPE: u8 = 0;
