@@ -68,7 +68,7 @@ enum Cmd {
     Decline { name: String },
     /// Measure the round trip to a connected peer.
     Ping { name: String },
-    /// Send TEXT to NAME (at most 1024 bytes of UTF-8 a message). Without
+    /// Send TEXT to NAME (at most 65536 bytes of UTF-8 a message). Without
     /// TEXT, each line of standard input is one message (empty lines are
     /// skipped; a line over the limit is reported with its number and the
     /// rest still go; the exit status says if any was refused).
@@ -205,7 +205,7 @@ fn main() -> ExitCode {
 }
 
 struct Conn {
-    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    lines: Answers,
     wr: tokio::net::unix::OwnedWriteHalf,
     next_id: u64,
 }
@@ -246,33 +246,12 @@ impl Conn {
 
     /// The next line from the daemon, parsed as JSON.
     async fn next(&mut self) -> Result<Value, Failure> {
-        let line = self
-            .lines
-            .next_line()
-            .await
-            .map_err(io_failure)?
-            .ok_or_else(|| Failure {
-                code: 1,
-                message: "p2pd closed the connection (did it stop?)".into(),
-            })?;
-        serde_json::from_str(&line).map_err(|e| Failure {
-            code: 1,
-            message: format!("unreadable answer from p2pd: {e}"),
-        })
+        next_value(&mut self.lines).await
     }
 
     /// The response to request `id`, skipping event lines.
     async fn response(&mut self) -> Result<Response, Failure> {
-        loop {
-            let v = self.next().await?;
-            if v.get("event").is_some() {
-                continue;
-            }
-            return serde_json::from_value(v).map_err(|e| Failure {
-                code: 1,
-                message: format!("unreadable answer from p2pd: {e}"),
-            });
-        }
+        next_response(&mut self.lines).await
     }
 
     /// Sends one command and waits for its result.
@@ -291,6 +270,38 @@ impl Conn {
         let v = self.call(command).await?;
         let t = typed(&v)?;
         Ok((v, t))
+    }
+}
+
+type Answers = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+
+/// The next line from the daemon, parsed as JSON.
+async fn next_value(lines: &mut Answers) -> Result<Value, Failure> {
+    let line = lines
+        .next_line()
+        .await
+        .map_err(io_failure)?
+        .ok_or_else(|| Failure {
+            code: 1,
+            message: "p2pd closed the connection (did it stop?)".into(),
+        })?;
+    serde_json::from_str(&line).map_err(|e| Failure {
+        code: 1,
+        message: format!("unreadable answer from p2pd: {e}"),
+    })
+}
+
+/// The next response, skipping event lines.
+async fn next_response(lines: &mut Answers) -> Result<Response, Failure> {
+    loop {
+        let v = next_value(lines).await?;
+        if v.get("event").is_some() {
+            continue;
+        }
+        return serde_json::from_value(v).map_err(|e| Failure {
+            code: 1,
+            message: format!("unreadable answer from p2pd: {e}"),
+        });
     }
 }
 
@@ -965,17 +976,16 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
         let reading = !eof && !stop && in_flight < WINDOW;
         // Written when stdin has nothing more at hand (or the window is
         // full): a slow writer's lines go at once, a fast one's together.
+        // (Written inside the select, so answers are read meanwhile: the
+        // daemon may be waiting for us to read before it reads more.)
         let at_hand = stdin.get_ref().buffer().contains(&b'\n');
-        if !pending.is_empty() && (!reading || !at_hand || pending.len() >= 64 * 1024) {
-            conn.wr.write_all(&pending).await.map_err(io_failure)?;
-            pending.clear();
-        }
-        if !reading && in_flight == 0 {
+        let flush = !pending.is_empty() && (!reading || !at_hand || pending.len() >= 64 * 1024);
+        if !reading && in_flight == 0 && pending.is_empty() {
             break;
         }
         tokio::select! {
             biased;
-            r = conn.response(), if in_flight > 0 => {
+            r = next_response(&mut conn.lines), if in_flight > 0 => {
                 let r = r?;
                 in_flight -= 1;
                 let at = line_of.remove(&r.id).unwrap_or(0);
@@ -999,7 +1009,14 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
                     }
                 }
             }
-            line = stdin.next_line(), if reading => match line {
+            n = conn.wr.write(&pending), if flush => {
+                let n = n.map_err(io_failure)?;
+                if n == 0 {
+                    return Err(io_failure(std::io::ErrorKind::WriteZero.into()));
+                }
+                pending.drain(..n);
+            }
+            line = stdin.next_line(), if reading && !flush => match line {
                 Ok(Some(line)) => {
                     line_no += 1;
                     if line.trim().is_empty() {
@@ -1032,10 +1049,12 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
                 Ok(None) => eof = true,
                 Err(e) => {
                     stop = true;
-                    first_error.get_or_insert(Failure {
+                    let f = Failure {
                         code: 1,
-                        message: format!("cannot read standard input: {e}"),
-                    });
+                        message: format!("cannot read standard input after line {line_no}: {e}"),
+                    };
+                    eprintln!("p2pctl: {}", f.message);
+                    first_error.get_or_insert(f);
                 }
             },
         }
@@ -1043,7 +1062,7 @@ async fn send_stdin(conn: &mut Conn, name: &str, json: bool) -> Result<(), Failu
     let noun = if sent == 1 { "message" } else { "messages" };
     if let Some(mut f) = first_error {
         let how = if stop {
-            "; reading stopped at that refusal (lines already sent went out)"
+            "; reading stopped there (lines already sent went out)"
         } else {
             ""
         };

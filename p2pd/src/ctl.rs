@@ -63,7 +63,9 @@ impl Reply {
     /// rather than left hanging with lines missing.
     pub fn send(&self, line: Out) -> bool {
         let len = line.len();
-        if self.queued.load(Ordering::Relaxed) + len > CONNECTION_QUEUE_BYTES {
+        let queued = self.queued.load(Ordering::Relaxed);
+        // (One line alone always goes, however long: a long history.)
+        if queued > 0 && queued + len > CONNECTION_QUEUE_BYTES {
             self.kick.notify_one();
             return false;
         }

@@ -83,8 +83,9 @@ impl Udp {
     }
 
     /// Reads what is waiting (one `recvmmsg`), giving each datagram and
-    /// its source to `f`. Returns how many; 0 when nothing was waiting.
-    pub fn try_recv(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) -> usize {
+    /// its source to `f`. Returns how many datagrams and bytes; none when
+    /// nothing was waiting.
+    pub fn try_recv(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) -> (usize, usize) {
         let Udp {
             socket,
             state,
@@ -105,11 +106,13 @@ impl Udp {
                 if e.kind() != std::io::ErrorKind::WouldBlock {
                     tracing::debug!(error = %e, "UDP(RECV_ERROR)");
                 }
-                return 0;
+                return (0, 0);
             }
         };
         let mut datagrams = 0;
+        let mut bytes = 0;
         for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+            bytes += m.len;
             // A GRO read holds datagrams of `stride` bytes (the last may
             // be shorter), all from one source.
             let stride = m.stride.max(1);
@@ -119,7 +122,7 @@ impl Udp {
             }
         }
         self.stats.received += datagrams as u64;
-        datagrams
+        (datagrams, bytes)
     }
 
     /// Sends `datagrams` in order, as few system calls as the kernel
@@ -132,9 +135,12 @@ impl Udp {
             let size = first.len();
             // The run: same address, same size, but the last may be
             // shorter; at most `max_segments`.
+            // (What the kernel takes can drop to one at run time: quinn-udp
+            // turns GSO off after an error it blames on it.)
+            let max_segments = self.max_segments.min(self.state.max_gso_segments().max(1));
             let mut end = i + 1;
             while end < datagrams.len()
-                && end - i < self.max_segments
+                && end - i < max_segments
                 && (end - i + 1) * size <= MAX_GSO_BYTES
                 && datagrams[end].0 == *dst
                 && datagrams[end - 1].1.len() == size
@@ -168,6 +174,31 @@ impl Udp {
             self.stats.send_calls += 1;
             match sent {
                 Ok(()) => self.stats.sent += (end - i) as u64,
+                // A run refused as a whole (a device without segmentation
+                // offload, a probe too large for the path leading it):
+                // each datagram goes alone, and only those the path
+                // refuses are lost.
+                Err(e) if end - i > 1 => {
+                    tracing::debug!(dst = %dst, error = %e, segments = end - i, "UDP(GSO_SEND_ERROR)");
+                    for (dst, d) in &datagrams[i..end] {
+                        let one = Transmit {
+                            destination: *dst,
+                            ecn: None,
+                            contents: d,
+                            segment_size: None,
+                            src_ip: None,
+                        };
+                        let (socket, state) = (&self.socket, &self.state);
+                        let r = socket
+                            .async_io(Interest::WRITABLE, || state.try_send(socket.into(), &one))
+                            .await;
+                        self.stats.send_calls += 1;
+                        match r {
+                            Ok(()) => self.stats.sent += 1,
+                            Err(e) => tracing::debug!(dst = %dst, error = %e, "UDP(SEND_ERROR)"),
+                        }
+                    }
+                }
                 Err(e) => tracing::debug!(dst = %dst, error = %e, "UDP(SEND_ERROR)"),
             }
             i = end;
@@ -187,7 +218,7 @@ mod tests {
                 .await
                 .expect("datagrams in time")
                 .unwrap();
-            receiver.try_recv(|_, d| got.push(d.to_vec()));
+            let _ = receiver.try_recv(|_, d| got.push(d.to_vec()));
         }
         got
     }

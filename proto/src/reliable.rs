@@ -46,6 +46,10 @@ pub const CHAT_FRAME_HEADER: usize = 1 + 8 + 8 + 8 + 4 + 4 + 2;
 pub const CHAT_ACK_LEN: usize = 1 + 8;
 /// A message goes in parts of at least this many bytes (but its last).
 const MIN_PART: usize = 256;
+/// Separate ranges of a message held at most while its parts arrive (an
+/// honest sender's losses make a few; more is a peer cutting a message
+/// into crumbs to cost us time and memory).
+const MAX_GAPS: usize = 256;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChatMessage {
@@ -79,24 +83,45 @@ impl Partial {
         self.have == [(0, self.body.len())] || self.body.is_empty()
     }
 
-    /// Copies a part in; false if it brought nothing new.
-    fn add(&mut self, offset: usize, part: &[u8]) -> bool {
+    /// Copies a part in: `Some(false)` if it brought nothing new, `None`
+    /// if it would leave more than [`MAX_GAPS`] separate ranges (a peer
+    /// cutting a message into crumbs: the part is dropped).
+    fn add(&mut self, offset: usize, part: &[u8]) -> Option<bool> {
         let (s, e) = (offset, offset + part.len());
-        if self.have.iter().any(|&(a, b)| a <= s && e <= b) {
-            return false;
-        }
-        self.body[s..e].copy_from_slice(part);
-        self.have.push((s, e));
-        self.have.sort_unstable();
-        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.have.len());
-        for &(a, b) in &self.have {
-            match merged.last_mut() {
-                Some(last) if a <= last.1 => last.1 = last.1.max(b),
-                _ => merged.push((a, b)),
+        // Parts come in order, mostly: the one that extends the last range.
+        if let Some(last) = self.have.last_mut() {
+            if last.0 <= s && s <= last.1 {
+                if e <= last.1 {
+                    return Some(false);
+                }
+                self.body[s..e].copy_from_slice(part);
+                last.1 = e;
+                return Some(true);
             }
         }
-        self.have = merged;
-        true
+        // Else where it goes among the sorted ranges (binary search).
+        let i = self.have.partition_point(|&(a, _)| a <= s);
+        if i > 0 && self.have[i - 1].0 <= s && e <= self.have[i - 1].1 {
+            return Some(false);
+        }
+        if self.have.len() >= MAX_GAPS {
+            return None;
+        }
+        self.body[s..e].copy_from_slice(part);
+        self.have.insert(i, (s, e));
+        // Merge with the neighbours it now touches.
+        let mut j = i.saturating_sub(1);
+        while j + 1 < self.have.len() {
+            if self.have[j + 1].0 <= self.have[j].1 {
+                self.have[j].1 = self.have[j].1.max(self.have[j + 1].1);
+                self.have.remove(j + 1);
+            } else if j >= i {
+                break;
+            } else {
+                j += 1;
+            }
+        }
+        Some(true)
     }
 }
 
@@ -263,7 +288,7 @@ impl Reliable {
         body: Vec<u8>,
     ) {
         self.ack_needed = true;
-        if base > self.recv_next {
+        if base > self.recv_next && base <= i64::MAX as u64 {
             // The sender saw everything below `base` acknowledged: we
             // delivered it before losing our state. Skip ahead.
             self.recv_next = base;
@@ -273,11 +298,17 @@ impl Reliable {
             }
         }
         let (offset, total) = (offset as usize, total as usize);
+        // (Numbers past i64's range are a peer's nonsense: the store keeps
+        // them as SQLite integers, and +1 must not overflow.)
+        if seq > i64::MAX as u64 {
+            self.dropped += 1;
+            return;
+        }
         if seq < self.recv_next {
             self.duplicates += 1;
             return;
         }
-        if seq >= self.recv_next + RECV_WINDOW
+        if seq >= self.recv_next.saturating_add(RECV_WINDOW)
             || total > MAX_MESSAGE_BYTES
             || offset + body.len() > total
         {
@@ -306,9 +337,17 @@ impl Reliable {
                 })
             }
         };
-        if !entry.add(offset, &body) && !body.is_empty() {
-            self.duplicates += 1;
-            return;
+        match entry.add(offset, &body) {
+            Some(true) => {}
+            Some(false) if body.is_empty() => {}
+            Some(false) => {
+                self.duplicates += 1;
+                return;
+            }
+            None => {
+                self.dropped += 1;
+                return;
+            }
         }
         while self
             .recv_buf
@@ -573,5 +612,50 @@ mod tests {
         }
         assert!(rx.recv_bytes <= WINDOW_BYTES, "{}", rx.recv_bytes);
         assert!(rx.dropped > 0);
+    }
+
+    #[test]
+    fn parts_in_any_order_and_overlap_make_the_message_and_crumbs_are_refused() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let body: Vec<u8> = (0..20_000).map(|i| (i % 253) as u8).collect();
+        for _ in 0..50 {
+            let mut p = Partial {
+                sent_ms: 0,
+                body: vec![0; body.len()],
+                have: Vec::new(),
+            };
+            // Parts of random sizes covering it all, shuffled, with
+            // overlapping extras.
+            let mut parts = Vec::new();
+            let mut at = 0;
+            while at < body.len() {
+                let n = rng.gen_range(1..3000).min(body.len() - at);
+                parts.push((at, at + n));
+                at += n;
+            }
+            for _ in 0..10 {
+                let a = rng.gen_range(0..body.len());
+                parts.push((a, (a + rng.gen_range(1..4000)).min(body.len())));
+            }
+            for i in (1..parts.len()).rev() {
+                parts.swap(i, rng.gen_range(0..=i));
+            }
+            for (a, b) in parts {
+                assert!(p.add(a, &body[a..b]).is_some());
+                assert!(p.have.windows(2).all(|w| w[0].1 < w[1].0), "{:?}", p.have);
+            }
+            assert!(p.complete());
+            assert_eq!(p.body, body);
+        }
+        // A peer's crumbs: one byte at every other offset.
+        let mut p = Partial {
+            sent_ms: 0,
+            body: vec![0; 4096],
+            have: Vec::new(),
+        };
+        let refused = (0..2048).filter(|i| p.add(i * 2, &[1]).is_none()).count();
+        assert_eq!(p.have.len(), MAX_GAPS);
+        assert_eq!(refused, 2048 - MAX_GAPS);
     }
 }

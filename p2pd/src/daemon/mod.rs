@@ -77,6 +77,8 @@ struct Daemon {
 /// Most datagrams and most control requests taken in one burst, before
 /// the node is drained (and what they brought is stored).
 const BURST: usize = 1024;
+/// Most bytes of datagrams read in one burst.
+const BURST_BYTES: usize = 8 << 20;
 /// How often paused transfers look for room to go on.
 const RESUME_CHECK: Duration = Duration::from_secs(2);
 /// How often old transfer records are pruned (`--keep-transfers`).
@@ -222,7 +224,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::select! {
             _ = &mut shutdown => break,
             r = d.udp.readable() => if r.is_ok() {
-                d.read_udp();
+                let _ = d.read_udp();
             },
             input = inbox.recv() => match input {
                 Some(input) => d.on_input(Instant::now(), input),
@@ -254,10 +256,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         // stored in one transaction (one fsync) and acknowledged together
         // (group commit). The burst ends when nothing more is waiting, so
         // a lone message waits for nothing.
+        let mut read = 0;
         for _ in 0..BURST {
             let mut took = false;
-            if d.read_udp() > 0 {
-                took = true;
+            // (Bounded in bytes too: what peers send in order is held as
+            // events until the drain, whatever their windows say.)
+            if read < BURST_BYTES {
+                let (n, bytes) = d.read_udp();
+                read += bytes;
+                took |= n > 0;
             }
             if let Ok(input) = inbox.try_recv() {
                 d.on_input(Instant::now(), input);
@@ -402,8 +409,9 @@ impl Daemon {
             .min()
     }
 
-    /// Hands the node what the UDP socket has waiting (one batch read).
-    fn read_udp(&mut self) -> usize {
+    /// Hands the node what the UDP socket has waiting (one batch read):
+    /// how many datagrams, and bytes.
+    fn read_udp(&mut self) -> (usize, usize) {
         let Daemon { udp, node, .. } = self;
         let now = Instant::now();
         udp.try_recv(|from, datagram| node.handle_datagram(now, from, datagram))

@@ -95,10 +95,7 @@ impl Side {
     }
 
     fn offer(&mut self, id: u64, data: Vec<u8>) {
-        let pieces: Vec<[u8; 32]> = data
-            .chunks(PIECE_SIZE as usize)
-            .map(piece_hash)
-            .collect();
+        let pieces: Vec<[u8; 32]> = data.chunks(PIECE_SIZE as usize).map(piece_hash).collect();
         let hash = file_hash(&pieces);
         self.t.offer(desc(id, data.len() as u64, hash), pieces);
         self.sources.insert(id, data);
@@ -383,10 +380,7 @@ fn receiver_restart(new_session: bool) {
     // the verified pieces it stored stay. Packets in flight are lost.
     let have = sim.b.verified[&5].clone();
     let disk = sim.b.disk.remove(&5).unwrap();
-    let pieces: Vec<[u8; 32]> = data
-        .chunks(PIECE_SIZE as usize)
-        .map(piece_hash)
-        .collect();
+    let pieces: Vec<[u8; 32]> = data.chunks(PIECE_SIZE as usize).map(piece_hash).collect();
     let (size, hash) = (data.len() as u64, file_hash(&pieces));
     sim.b = Side::new();
     sim.b.disk.insert(5, disk);
@@ -519,10 +513,7 @@ fn an_offer_too_large_to_track_is_refused_not_allocated() {
 fn piece_hashes_that_do_not_match_the_offer_end_the_transfer() {
     let mut sim = Sim::new(9, CLEAN);
     let data = random_file(&mut sim.rng, 2 * PIECE_SIZE as usize);
-    let pieces: Vec<[u8; 32]> = data
-        .chunks(PIECE_SIZE as usize)
-        .map(piece_hash)
-        .collect();
+    let pieces: Vec<[u8; 32]> = data.chunks(PIECE_SIZE as usize).map(piece_hash).collect();
     // Offered under the hash of other pieces.
     let mut other = pieces.clone();
     other[1][0] ^= 1;
