@@ -66,3 +66,67 @@ PY
 else
     echo "allocations:     not counted (BENCH_ALLOCS=1, as root, with perf)"
 fi
+
+# Side by side with scp, where an sshd can be started here (root, Debian's
+# openssh-server): this project (send-file to the verified, synced file),
+# then scp (aes128-gcm, then a sync of the copy), then the project again,
+# ... (BENCH_RUNS pairs, default 3, each on new random bytes; BENCH_SCP=0
+# skips it).
+if [[ "${BENCH_SCP:-1}" != 0 && $EUID -eq 0 && -x /usr/sbin/sshd ]] && command -v scp >/dev/null; then
+    S="$DIR/ssh"
+    mkdir -p "$S" /run/sshd
+    ssh-keygen -q -t ed25519 -N '' -f "$S/host"
+    ssh-keygen -q -t ed25519 -N '' -f "$S/user"
+    cp "$S/user.pub" "$S/authorized_keys"
+    PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    /usr/sbin/sshd -D -f /dev/null -p "$PORT" -h "$S/host" -o ListenAddress=127.0.0.1 \
+        -o AuthorizedKeysFile="$S/authorized_keys" -o StrictModes=no -o UsePAM=no \
+        -o PermitRootLogin=prohibit-password -o PidFile=none \
+        -o "Subsystem=sftp internal-sftp" 2>"$S/sshd.log" & PIDS+=($!)
+    sleep 0.5
+    SCP=(scp -q -c aes128-gcm@openssh.com -i "$S/user" -o StrictHostKeyChecking=no
+        -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -P "$PORT")
+    since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$(now)"; }
+    project() {
+        local t0 id=""
+        t0=$(now)
+        a send-file bob "$DIR/file.bin" --no-wait >/dev/null
+        for _ in $(seq 600); do
+            id="$(b transfers | awk '/offered/ {print $1; exit}')"
+            [[ -n "$id" ]] && break
+            sleep 0.02
+        done
+        b accept-file "$id" --to "$DIR/inbox.$1" >/dev/null
+        local took
+        took="$(since "$t0")"
+        cmp "$DIR/file.bin" "$DIR/inbox.$1/file.bin" || return 1
+        rm -rf "$DIR/inbox.$1"
+        echo "$took"
+    }
+    viascp() {
+        local t0
+        t0=$(now)
+        "${SCP[@]}" "$DIR/file.bin" "root@127.0.0.1:$DIR/scp.bin" || return 1
+        sync "$DIR/scp.bin"
+        local took
+        took="$(since "$t0")"
+        cmp "$DIR/file.bin" "$DIR/scp.bin" || return 1
+        rm -f "$DIR/scp.bin"
+        echo "$took"
+    }
+    echo "side by side with scp (aes128-gcm, loopback), end to end, interleaved:"
+    for i in $(seq "${BENCH_RUNS:-3}"); do
+        # New bytes each pair (a file the receiver already has would not
+        # be sent again).
+        head -c "$((SIZE * 1024 * 1024))" /dev/urandom > "$DIR/file.bin"
+        sync "$DIR/file.bin"
+        A="$(project "$i")"
+        B="$(viascp)"
+        python3 - "$SIZE" "$i" "$A" "$B" <<'PY'
+import sys
+size, i, a, b = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+mb = size * 1024 * 1024 / 1e6
+print(f"  pair {i}: this project {a:.2f} s ({mb/a:.0f} MB/s), scp {b:.2f} s ({mb/b:.0f} MB/s): {b/a:.2f}x scp's speed")
+PY
+    done
+fi
